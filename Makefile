@@ -1,0 +1,29 @@
+# The two commands of the README: `make demo` and `make test`. Both create or reuse .venv.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ENV := source scripts/env.sh &&
+
+.PHONY: setup demo test test-all lint bench clean
+
+setup:
+	@bash scripts/setup_env.sh
+
+demo: setup
+	$(ENV) $(PY) -m rlhf run.output_dir=outputs/demo
+
+test: setup
+	$(ENV) $(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-all: setup
+	$(ENV) $(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check rlhf tests benchmarks
+	$(VENV)/bin/ruff format --check rlhf tests benchmarks
+
+bench: setup
+	$(ENV) $(PY) -m benchmarks.run_all
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,57 @@
+"""Hydra entry point: compose config → validate and prepare → start Ray → train → close.
+
+`rlhf stage=grpo model.path=... data.train=...` (or `python -m rlhf ...`); `-m` runs sweeps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from rlhf.config import RLHFConfig, register_configs
+from rlhf.errors import RLHFError
+
+logger = logging.getLogger("rlhf")
+register_configs()
+
+
+def train(cfg: RLHFConfig) -> dict[str, float]:
+    """Run one training job; user errors surface before any Ray actor starts."""
+    from rlhf.trainers.prepare import prepare
+    from rlhf.trainers.rl import RLTrainer
+    from rlhf.utils.ray_session import ray_session
+
+    prepared = prepare(cfg)
+    prepared.output_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.structured(cfg), prepared.output_dir / "config.yaml")
+    with ray_session(cfg.cluster):
+        trainer = RLTrainer(prepared)
+        try:
+            return trainer.fit()
+        finally:
+            trainer.close()
+
+
+@hydra.main(config_path="conf", config_name="config", version_base=None)
+def _hydra_main(raw: DictConfig) -> float | None:
+    cfg: RLHFConfig = OmegaConf.to_object(raw)  # type: ignore[assignment]
+    try:
+        final = train(cfg)
+    except RLHFError as error:
+        logger.error("%s: %s", type(error).__name__, error)
+        if os.environ.get("RLHF_FULL_ERROR"):
+            raise
+        sys.exit(2)
+    return final.get("reward/mean")
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""The typed container in which RL batches cross process boundaries.
+
+Layout (see rlhf/algorithms/__init__.py for the logprob alignment):
+  prompt_ids      [B, P]  left-padded prompt tokens
+  prompt_mask     [B, P]  1 where a real prompt token sits
+  response_ids    [B, R]  right-padded response tokens
+  response_mask   [B, R]  1 where a real response token sits (the `mask` of every loss)
+Optional per-token fields are [B, R]; per-sequence fields are [B].
+The full sequence fed to a model is cat(prompt_ids, response_ids) with attention mask
+cat(prompt_mask, response_mask); response token j sits at position P + j.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+_PER_TOKEN = ("rollout_logprobs", "old_logprobs", "ref_logprobs", "values", "advantages", "returns", "token_rewards")
+_PER_SEQUENCE = ("scores", "group_ids")
+
+
+@dataclass
+class RolloutBatch:
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    response_ids: Tensor
+    response_mask: Tensor
+    # per-token [B, R], filled phase by phase
+    rollout_logprobs: Tensor | None = None
+    old_logprobs: Tensor | None = None
+    ref_logprobs: Tensor | None = None
+    values: Tensor | None = None
+    advantages: Tensor | None = None
+    returns: Tensor | None = None
+    token_rewards: Tensor | None = None
+    # per-sequence [B]
+    scores: Tensor | None = None
+    group_ids: Tensor | None = None
+    # one entry per row (e.g. the reference answer), never tensors
+    metadata: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        b, p = self.prompt_ids.shape
+        r = self.response_ids.shape[1]
+        if self.prompt_mask.shape != (b, p):
+            raise ValueError(f"prompt_mask shape {tuple(self.prompt_mask.shape)} != {(b, p)}")
+        if self.response_ids.shape[0] != b or self.response_mask.shape != (b, r):
+            raise ValueError(
+                f"response_ids {tuple(self.response_ids.shape)} / response_mask "
+                f"{tuple(self.response_mask.shape)} do not match batch {b} × response length {r}"
+            )
+        for name in _PER_TOKEN:
+            value = getattr(self, name)
+            if value is not None and value.shape != (b, r):
+                raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {(b, r)}")
+        for name in _PER_SEQUENCE:
+            value = getattr(self, name)
+            if value is not None and value.shape != (b,):
+                raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {(b,)}")
+        if self.metadata and len(self.metadata) != b:
+            raise ValueError(f"metadata has {len(self.metadata)} rows, expected {b}")
+
+    def __len__(self) -> int:
+        return self.prompt_ids.shape[0]
+
+    @property
+    def prompt_length(self) -> int:
+        return self.prompt_ids.shape[1]
+
+    @property
+    def input_ids(self) -> Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+    @property
+    def position_ids(self) -> Tensor:
+        """Positions that skip left padding, so a padded row sees the same positions as unpadded."""
+        return (self.attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+    def replace(self, **changes: Any) -> RolloutBatch:
+        return dataclasses.replace(self, **changes)
+
+    def select(self, index: Tensor | list[int] | slice) -> RolloutBatch:
+        """Rows at `index` (a slice, a list of ints or an index tensor)."""
+        if isinstance(index, slice):
+            rows = list(range(len(self)))[index]
+        elif isinstance(index, Tensor):
+            rows = index.tolist()
+        else:
+            rows = list(index)
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor):
+                values[f.name] = v.index_select(0, idx)
+            elif f.name == "metadata":
+                values[f.name] = [v[i] for i in rows] if v else []
+            else:
+                values[f.name] = v
+        return RolloutBatch(**values)
+
+    def split(self, n: int) -> list[RolloutBatch]:
+        """n contiguous shards of equal size; the batch size must divide by n."""
+        if n <= 0 or len(self) % n:
+            raise ValueError(f"cannot split a batch of {len(self)} rows into {n} equal shards")
+        size = len(self) // n
+        return [self.select(slice(i * size, (i + 1) * size)) for i in range(n)]
+
+    def chunks(self, size: int) -> list[RolloutBatch]:
+        """Consecutive pieces of at most `size` rows (the last may be shorter)."""
+        return [self.select(slice(i, i + size)) for i in range(0, len(self), size)]
+
+    @staticmethod
+    def concat(batches: list[RolloutBatch]) -> RolloutBatch:
+        """Stack batches row-wise, re-padding prompts on the left and responses on the right."""
+        if not batches:
+            raise ValueError("concat needs at least one batch")
+        p = max(b.prompt_length for b in batches)
+        r = max(b.response_ids.shape[1] for b in batches)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(RolloutBatch):
+            parts = [getattr(b, f.name) for b in batches]
+            if f.name == "metadata":
+                values[f.name] = [row for part in parts for row in part] if all(parts) else []
+            elif any(x is None for x in parts):
+                values[f.name] = None
+            elif f.name in ("prompt_ids", "prompt_mask"):
+                values[f.name] = torch.cat([_pad(x, p, left=True) for x in parts])
+            elif f.name in _PER_SEQUENCE:
+                values[f.name] = torch.cat(parts)
+            else:
+                values[f.name] = torch.cat([_pad(x, r, left=False) for x in parts])
+        return RolloutBatch(**values)
+
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        return self.replace(
+            **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), Tensor)}
+        )
+
+
+def _pad(x: Tensor, length: int, *, left: bool) -> Tensor:
+    missing = length - x.shape[1]
+    if missing == 0:
+        return x
+    pad = torch.zeros(x.shape[0], missing, dtype=x.dtype, device=x.device)
+    return torch.cat([pad, x] if left else [x, pad], dim=1)
+
+
+def pad_sequences(rows: list[list[int]], *, pad_id: int, left: bool, dtype=torch.long) -> tuple[Tensor, Tensor]:
+    """Pad ragged token lists into (ids [B, L], mask [B, L])."""
+    length = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), length), pad_id, dtype=dtype)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if not row:
+            continue
+        sl = slice(length - len(row), length) if left else slice(0, len(row))
+        ids[i, sl] = torch.as_tensor(row, dtype=dtype)
+        mask[i, sl] = 1
+    return ids, mask

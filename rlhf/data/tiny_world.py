@@ -1,0 +1,415 @@
+"""The tiny world: a small synthetic task family with checkable answers, for tests and the demo.
+
+Every stage of the framework (PT, SFT, RM, DPO, KTO, PPO/GRPO, evaluation) needs data, a
+tokenizer and a model that runs in seconds on a laptop, with a reward a rule can compute. The
+tiny world provides all of them offline, deterministically from a seed:
+
+  task       prompt          answer   difficulty
+  add_1d     "3+4="          "7"      easy     a, b in 0..9
+  sub_1d     "9-5="          "4"      easy     0 <= b <= a <= 9
+  add_2d     "47+5="         "52"     medium   a in 10..99, b in 0..9
+  sub_2d     "47-5="         "42"     medium   a in 10..99, b in 0..9
+  reverse    "reverse abd="  "dba"    medium   3 or 4 letters from "abcde"
+  add_2d2d   "47+35="        "82"     hard     a, b in 10..99
+
+Each task's problems are enumerated, shuffled with the seed, and split into a held-out eval set
+and a train set, so eval prompts never appear in any train file. A warmed-up tiny model
+(rlhf.models.warmup) solves the easy tasks often and the hard one rarely, which leaves GRPO
+room to raise accuracy.
+
+`materialize_tiny_world` writes everything to a directory; `tiny_world_dir` does so once under
+the cache (`${RLHF_CACHE:-~/.cache/rlhf}/tiny_world/<version-hash>`) and reuses it. Layout:
+
+  data/{pretrain,sft,preference,kto,rl}_{train,eval}.jsonl, data/manifest.json
+  tokenizer/                        Hugging Face tokenizer dir (rlhf.data.tokenizer)
+  models/<arch>/policy-init/        random-init tiny model + tokenizer (arch: qwen2, llama)
+  models/<arch>/policy-sft/         the same after a short supervised warm-up (+ warmup.json)
+
+Each part is written to a temporary directory and renamed into place when complete, under a
+file lock, so concurrent processes build it once and a crash never leaves half a part behind.
+Bump TINY_WORLD_VERSION whenever the output of any generator here, the tokenizer or the warm-up
+changes, so stale caches are not reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+from rlhf.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+TINY_WORLD_VERSION = 1
+DATA_KINDS = ("pretrain", "sft", "preference", "kto", "rl")
+SPLITS = ("train", "eval")
+TINY_ARCHS = ("qwen2", "llama")  # rlhf.models.tiny.TINY_ARCHITECTURES, without importing torch here
+CHECKPOINT_NAMES = ("policy-init", "policy-sft")
+
+EVAL_PER_TASK = 32  # at most this many held-out problems per task (and at most a fifth of it)
+TRAIN_PER_TASK = 800  # at most this many train problems per task, so no task dominates
+PRETRAIN_LINES_PER_DOC = 8
+REVERSE_ALPHABET = "abcde"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One task instance: the prompt text and the reference answer (both plain strings)."""
+
+    task: str
+    difficulty: str
+    prompt: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class TinyTask:
+    name: str
+    difficulty: str
+    pairs: Callable[[], list[tuple[str, str]]]  # every (prompt, answer) of the task, in a fixed order
+
+
+def _arith(symbol: str, pairs: Iterator[tuple[int, int]]) -> list[tuple[str, str]]:
+    op = (lambda a, b: a + b) if symbol == "+" else (lambda a, b: a - b)
+    return [(f"{a}{symbol}{b}=", str(op(a, b))) for a, b in pairs]
+
+
+def _reverse_problems() -> list[tuple[str, str]]:
+    words = ["".join(p) for n in (3, 4) for p in product(REVERSE_ALPHABET, repeat=n)]
+    return [(f"reverse {w}=", w[::-1]) for w in words]
+
+
+TASKS: tuple[TinyTask, ...] = (
+    TinyTask("add_1d", "easy", lambda: _arith("+", product(range(10), range(10)))),
+    TinyTask("sub_1d", "easy", lambda: _arith("-", ((a, b) for a in range(10) for b in range(a + 1)))),
+    TinyTask("add_2d", "medium", lambda: _arith("+", product(range(10, 100), range(10)))),
+    TinyTask("sub_2d", "medium", lambda: _arith("-", product(range(10, 100), range(10)))),
+    TinyTask("reverse", "medium", _reverse_problems),
+    TinyTask("add_2d2d", "hard", lambda: _arith("+", product(range(10, 100), range(10, 100)))),
+)
+
+
+def _rng(seed: int, *parts: str) -> random.Random:
+    # A string seed is hashed with SHA-512 by `random`, so this is stable across processes
+    # (unlike hash(), which PYTHONHASHSEED randomises).
+    return random.Random(":".join([str(seed), *parts]))
+
+
+def split_problems(seed: int = 0) -> dict[str, list[Problem]]:
+    """All problems of every task, split into {"train": [...], "eval": [...]}, disjoint by prompt."""
+    splits: dict[str, list[Problem]] = {"train": [], "eval": []}
+    for task in TASKS:
+        pairs = task.pairs()
+        _rng(seed, "split", task.name).shuffle(pairs)
+        n_eval = min(EVAL_PER_TASK, len(pairs) // 5)
+        problems = [Problem(task.name, task.difficulty, p, a) for p, a in pairs]
+        splits["eval"] += problems[:n_eval]
+        splits["train"] += problems[n_eval : n_eval + TRAIN_PER_TASK]
+    for name, problems in splits.items():
+        _rng(seed, "order", name).shuffle(problems)
+    return splits
+
+
+# ---------------------------------------------------------------------------------------------
+# Answer checking
+
+
+_SPECIAL_TOKEN = re.compile(r"<\|[^|<>]*\|>")
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+_ANSWER_MARKER = re.compile(r"####|answer\s*(?:is|:)", re.IGNORECASE)
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_WORD = re.compile(r"[A-Za-z]+")
+
+
+def is_numeric_answer(answer: str) -> bool:
+    return _NUMBER.fullmatch(answer.strip()) is not None
+
+
+def extract_answer(response_text: str, *, numeric: bool) -> str | None:
+    """The final answer in a response: a number if `numeric`, else a word of letters.
+
+    Looks, in order, inside the last `\\boxed{...}`, after the last "####" / "answer is" /
+    "answer:" marker (first candidate after it), and otherwise takes the last candidate in the
+    text, so "3+4=7", "7", " 7.", "The answer is 7" and "\\boxed{7}" all give "7".
+    Chat special tokens such as "<|end|>" are ignored. None when nothing answer-shaped is found.
+    """
+    pattern = _NUMBER if numeric else _WORD
+    text = _SPECIAL_TOKEN.sub(" ", response_text)
+    boxed = _BOXED.findall(text)
+    if boxed:
+        found = pattern.findall(boxed[-1])
+        return found[-1] if found else None
+    markers = list(_ANSWER_MARKER.finditer(text))
+    if markers:
+        found = pattern.findall(text[markers[-1].end() :])
+        if found:
+            return found[0]
+    found = pattern.findall(text)
+    return found[-1] if found else None
+
+
+def check_answer(response_text: str, answer: str) -> bool:
+    """True when the response's final answer equals the reference `answer`.
+
+    Numeric answers compare as numbers ("7.0" == "7"); other answers compare as words,
+    case-insensitively. See `extract_answer` for what counts as the final answer.
+    """
+    numeric = is_numeric_answer(answer)
+    found = extract_answer(response_text, numeric=numeric)
+    if found is None:
+        return False
+    if not numeric:
+        return found.lower() == answer.strip().lower()
+    try:
+        return Decimal(found) == Decimal(answer.strip())
+    except InvalidOperation:
+        return False
+
+
+def wrong_answer(problem: Problem, rng: random.Random) -> str:
+    """A plausible wrong answer (off by a little, or one letter changed) for preference/KTO data."""
+    if is_numeric_answer(problem.answer):
+        value = int(problem.answer)
+        candidates = [value + d for d in (-10, -2, -1, 1, 2, 10) if value + d >= 0]
+        return str(rng.choice(candidates))
+    letters = list(problem.answer)
+    i = rng.randrange(len(letters))
+    letters[i] = rng.choice([c for c in REVERSE_ALPHABET if c != letters[i]])
+    return "".join(letters)
+
+
+# ---------------------------------------------------------------------------------------------
+# Row generators, one per data format (all rows are JSON-serialisable dicts)
+
+
+def pretrain_rows(problems: Sequence[Problem], *, seed: int = 0) -> list[dict[str, Any]]:
+    """Plain-text documents of a few solved problems each: {"text": "3+4=7\\n12-5=7\\n..."}."""
+    lines = [p.prompt + p.answer for p in problems]
+    _rng(seed, "pretrain").shuffle(lines)
+    n = PRETRAIN_LINES_PER_DOC
+    return [{"text": "\n".join(lines[i : i + n]) + "\n"} for i in range(0, len(lines), n)]
+
+
+def sft_rows(problems: Sequence[Problem]) -> list[dict[str, Any]]:
+    """Prompt/response pairs, with the same pair as chat `messages` for chat-format SFT."""
+    return [
+        {
+            "prompt": p.prompt,
+            "response": p.answer,
+            "messages": [{"role": "user", "content": p.prompt}, {"role": "assistant", "content": p.answer}],
+            "task": p.task,
+        }
+        for p in problems
+    ]
+
+
+def preference_rows(problems: Sequence[Problem], *, seed: int = 0) -> list[dict[str, Any]]:
+    """Preference pairs: `chosen` is the correct answer, `rejected` a plausible wrong one."""
+    rng = _rng(seed, "preference")
+    return [{"prompt": p.prompt, "chosen": p.answer, "rejected": wrong_answer(p, rng), "task": p.task} for p in problems]
+
+
+def kto_rows(problems: Sequence[Problem], *, seed: int = 0) -> list[dict[str, Any]]:
+    """KTO examples: a completion and whether it is desirable (correct); about half are."""
+    rng = _rng(seed, "kto")
+    rows = []
+    for p in problems:
+        label = rng.random() < 0.5
+        completion = p.answer if label else wrong_answer(p, rng)
+        rows.append({"prompt": p.prompt, "completion": completion, "label": label, "task": p.task})
+    return rows
+
+
+def rl_rows(problems: Sequence[Problem]) -> list[dict[str, Any]]:
+    """RL prompts with the reference answer that the `tiny_world` reward checks against."""
+    return [{"prompt": p.prompt, "answer": p.answer, "task": p.task, "difficulty": p.difficulty} for p in problems]
+
+
+def generate_rows(kind: str, split: str = "train", *, seed: int = 0) -> list[dict[str, Any]]:
+    """Rows of one data `kind` (see DATA_KINDS) and `split` ("train" or "eval"), in memory."""
+    if kind not in DATA_KINDS or split not in SPLITS:
+        raise DataError(f"unknown tiny-world data {kind!r}/{split!r}; kinds: {', '.join(DATA_KINDS)}; splits: train, eval")
+    problems = split_problems(seed)[split]
+    if kind == "pretrain":
+        return pretrain_rows(problems, seed=seed)
+    if kind == "sft":
+        return sft_rows(problems)
+    if kind == "preference":
+        return preference_rows(problems, seed=seed)
+    if kind == "kto":
+        return kto_rows(problems, seed=seed)
+    return rl_rows(problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# On-disk tiny world
+
+
+@dataclass(frozen=True)
+class TinyWorldPaths:
+    """Where the parts of a materialized tiny world live."""
+
+    root: Path
+    seed: int
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.root / "tokenizer"
+
+    def data(self, kind: str, split: str = "train") -> Path:
+        """The jsonl file of one data kind and split, e.g. data("rl", "eval")."""
+        if kind not in DATA_KINDS or split not in SPLITS:
+            raise DataError(f"unknown tiny-world data {kind!r}/{split!r}; kinds: {', '.join(DATA_KINDS)}; splits: train, eval")
+        return self.data_dir / f"{kind}_{split}.jsonl"
+
+    def checkpoint(self, arch: str = "qwen2", name: str = "policy-sft") -> Path:
+        """A model checkpoint dir: arch in TINY_ARCHS, name in CHECKPOINT_NAMES."""
+        if arch not in TINY_ARCHS or name not in CHECKPOINT_NAMES:
+            raise DataError(
+                f"unknown tiny-world checkpoint {arch!r}/{name!r}; archs: {', '.join(TINY_ARCHS)}; "
+                f"names: {', '.join(CHECKPOINT_NAMES)}"
+            )
+        return self.root / "models" / arch / name
+
+
+def cache_root() -> Path:
+    """`$RLHF_CACHE`, or ~/.cache/rlhf."""
+    return Path(os.environ.get("RLHF_CACHE") or "~/.cache/rlhf").expanduser()
+
+
+def tiny_world_hash(seed: int = 0) -> str:
+    """Names the cache dir: changes with the seed and with TINY_WORLD_VERSION."""
+    key = json.dumps({"version": TINY_WORLD_VERSION, "seed": seed}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def tiny_world_dir(seed: int = 0, *, archs: Sequence[str] = TINY_ARCHS) -> TinyWorldPaths:
+    """The cached tiny world for `seed`, built on first use (data, tokenizer, checkpoints of `archs`).
+
+    Pass archs=() when only the data and tokenizer are needed: that part builds in about a second,
+    while each arch's warm-up takes several seconds.
+    """
+    return materialize_tiny_world(cache_root() / "tiny_world" / tiny_world_hash(seed), seed=seed, archs=archs)
+
+
+def materialize_tiny_world(out_dir: str | Path, *, seed: int = 0, archs: Sequence[str] = TINY_ARCHS) -> TinyWorldPaths:
+    """Write the tiny world under `out_dir`; parts already there are kept (idempotent)."""
+    paths = TinyWorldPaths(Path(out_dir).expanduser(), seed)
+    unknown = [a for a in archs if a not in TINY_ARCHS]
+    if unknown:
+        raise DataError(f"unknown tiny-world arch {unknown[0]!r}; known: {', '.join(TINY_ARCHS)}")
+    paths.root.mkdir(parents=True, exist_ok=True)
+    with _locked(paths.root / ".lock"):
+        _build_once(paths.data_dir, lambda tmp: _write_data(tmp, seed))
+        _check_manifest(paths)
+        _build_once(paths.tokenizer_dir, lambda tmp: _write_tokenizer(tmp, paths))
+        for arch in archs:
+            _build_once(paths.root / "models" / arch, lambda tmp, arch=arch: _write_checkpoints(tmp, paths, arch))
+    return paths
+
+
+def _write_data(tmp: Path, seed: int) -> None:
+    counts = {}
+    for kind in DATA_KINDS:
+        for split in SPLITS:
+            rows = generate_rows(kind, split, seed=seed)
+            write_jsonl(tmp / f"{kind}_{split}.jsonl", rows)
+            counts[f"{kind}_{split}"] = len(rows)
+    manifest = {
+        "version": TINY_WORLD_VERSION,
+        "seed": seed,
+        "tasks": {t.name: t.difficulty for t in TASKS},
+        "rows": counts,
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _check_manifest(paths: TinyWorldPaths) -> None:
+    manifest = json.loads((paths.data_dir / "manifest.json").read_text())
+    if (manifest.get("version"), manifest.get("seed")) != (TINY_WORLD_VERSION, paths.seed):
+        raise DataError(
+            f"{paths.root} holds a tiny world of version {manifest.get('version')} / seed {manifest.get('seed')}, "
+            f"not version {TINY_WORLD_VERSION} / seed {paths.seed}; pick another directory or delete this one"
+        )
+
+
+def _write_tokenizer(tmp: Path, paths: TinyWorldPaths) -> None:
+    from rlhf.data.tokenizer import save_tiny_tokenizer, train_tiny_tokenizer
+
+    texts = [row["text"] for row in read_jsonl(paths.data("pretrain", "train"))]
+    save_tiny_tokenizer(train_tiny_tokenizer(texts), tmp)
+
+
+def _write_checkpoints(tmp: Path, paths: TinyWorldPaths, arch: str) -> None:
+    # Imported here: the data package must not pull in torch and the models package at import time.
+    from transformers import AutoTokenizer
+
+    from rlhf.models.warmup import build_tiny_checkpoints
+
+    tokenizer = AutoTokenizer.from_pretrained(paths.tokenizer_dir)
+    build_tiny_checkpoints(
+        tmp,
+        tokenizer,
+        arch=arch,
+        seed=paths.seed,
+        sft_rows=read_jsonl(paths.data("sft", "train")),
+        eval_rows=read_jsonl(paths.data("rl", "eval")),
+    )
+
+
+def _build_once(target: Path, build: Callable[[Path], None]) -> None:
+    """Run `build` into a temp dir next to `target` and rename it into place, unless target exists."""
+    if target.exists():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        logger.info("building tiny world part %s", target)
+        build(tmp)
+        os.rename(tmp, target)
+    except OSError:
+        if not target.exists():
+            raise
+        # Another process renamed its copy first (only possible without the lock, e.g. on NFS).
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def write_jsonl(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a jsonl file we wrote ourselves (user files go through rlhf.data.sources)."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

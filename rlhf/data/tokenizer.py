@@ -1,0 +1,120 @@
+"""A small tokenizer trained offline on the tiny-world corpus, and chat-template helpers.
+
+The tiny world (rlhf.data.tiny_world) needs a tokenizer without a model hub: this one is a
+byte-level BPE trained in well under a second with the `tokenizers` library and saved as an
+ordinary Hugging Face tokenizer directory, so every consumer (transformers, vLLM, our data
+pipeline) loads it with `AutoTokenizer.from_pretrained(dir)` like any real checkpoint's.
+
+Properties the tests and the tiny models rely on:
+  - every letter and every digit is its own token (no merge contains one), so answers tokenize
+    the same wherever they appear and "reverse abc" is a per-token task;
+  - byte-level, so any text encodes (no unknown token) and decodes back exactly;
+  - fewer than 512 tokens;
+  - special tokens: pad, bos, eos (which also ends every chat turn) and one marker per chat role;
+  - a chat template where rendering the prompt with `add_generation_prompt=True`, then the
+    assistant's content, then eos, gives exactly the rendering of the whole conversation. So
+    response tokens can be found by length, and a generation that stops at eos is a full turn.
+  - no special token is added by plain `tokenizer(text)`: BOS comes only from the chat template
+    (the Qwen convention), so a prompt never gets two of them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+logger = logging.getLogger(__name__)
+
+PAD_TOKEN = "<|pad|>"
+BOS_TOKEN = "<|bos|>"
+EOS_TOKEN = "<|end|>"
+ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, *ROLE_TOKENS.values())
+
+# <|bos|><|user|>\n3+4=<|end|><|assistant|>\n7<|end|>
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('the tiny chat template knows the roles system, user and assistant, not ' + message['role']) }}"
+    "{% endif %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+DEFAULT_VOCAB_SIZE = 320
+
+
+def train_tiny_tokenizer(texts: Iterable[str], *, vocab_size: int = DEFAULT_VOCAB_SIZE) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on `texts` and wrap it as a Hugging Face fast tokenizer.
+
+    Deterministic for the same texts: the BPE trainer breaks count ties by token order.
+    `vocab_size` counts the 256 byte tokens and the special tokens, so it must stay above 262
+    to learn any merge; it is capped below 512 to keep the tiny models' embeddings small.
+    """
+    if not 256 + len(SPECIAL_TOKENS) <= vocab_size < 512:
+        raise ValueError(f"vocab_size must be in [{256 + len(SPECIAL_TOKENS)}, 512), got {vocab_size}")
+    backend = Tokenizer(models.BPE())
+    # Each letter and digit is a pre-token of its own, so no merge contains one: arithmetic and
+    # string tasks see one token per character. Merges only join runs of spaces and punctuation.
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"[\p{L}\p{N}]"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        additional_special_tokens=list(ROLE_TOKENS.values()),
+        model_max_length=512,
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    logger.debug("trained tiny tokenizer with %d tokens", len(tokenizer))
+    return tokenizer
+
+
+def save_tiny_tokenizer(tokenizer: PreTrainedTokenizerBase, path: str | Path) -> Path:
+    """Save as a normal tokenizer directory (tokenizer.json, tokenizer_config.json with the template)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def as_messages(prompt: str | Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A plain-text prompt becomes one user turn; a message list is returned as a list."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return list(prompt)
+
+
+def render_chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | Sequence[dict[str, Any]]) -> str:
+    """The prompt as text, rendered with the tokenizer's chat template, ready for the assistant's turn."""
+    rendered = tokenizer.apply_chat_template(as_messages(prompt), add_generation_prompt=True, tokenize=False)
+    assert isinstance(rendered, str)
+    return rendered
+
+
+def encode_chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | Sequence[dict[str, Any]]) -> list[int]:
+    """Token ids of the rendered chat prompt (special tokens come from the template, none are added)."""
+    return tokenizer(render_chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]

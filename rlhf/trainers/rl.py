@@ -1,0 +1,325 @@
+"""The RL controller: generate → score → logprobs/values → advantages → update → sync.
+
+One class serves PPO and the GRPO family; every config branch is decided once in __init__
+(registry lookups, which roles exist), so `step()` reads like DESIGN.md §1.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from rlhf.algorithms import ADVANTAGE_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_in_reward, masked_mean
+from rlhf.config import uses_critic, uses_reference
+from rlhf.data.batch import RolloutBatch, pad_sequences
+from rlhf.data.stream import PromptBatch
+from rlhf.trainers.checkpointing import CheckpointManager, read_state
+from rlhf.trainers.prepare import EncodedPrompts, PreparedRun
+from rlhf.utils.metrics import MetricsSink, PhaseTimer
+from rlhf.utils.ray_session import runtime_env_vars
+from rlhf.workers.critic import CriticWorker
+from rlhf.workers.group import WorkerGroup
+from rlhf.workers.policy import PolicyWorker
+from rlhf.workers.reference import ReferenceWorker
+from rlhf.workers.reward import RewardWorker
+from rlhf.workers.rollout import RolloutGroup
+
+logger = logging.getLogger(__name__)
+
+
+class RLTrainer:
+    def __init__(self, run: PreparedRun):
+        cfg = run.cfg
+        self.cfg, self.run = cfg, run
+        self.tokenizer = run.tokenizer
+        self.n = cfg.rollout.n_samples_per_prompt
+        self.estimate_advantages = ADVANTAGE_ESTIMATORS.get(cfg.algorithm.advantage)
+        self.kl_in_reward = cfg.algorithm.kl_coef > 0 and not cfg.algorithm.use_kl_loss
+        self.kl_ctl = (
+            AdaptiveKLController(cfg.algorithm.kl_coef, cfg.algorithm.kl_target, cfg.algorithm.kl_horizon)
+            if cfg.algorithm.kl_target is not None
+            else FixedKLController(cfg.algorithm.kl_coef)
+        )
+        self.checkpoints = CheckpointManager(run.output_dir / "checkpoints", keep_last=cfg.run.keep_last)
+        self.metrics = MetricsSink(run.output_dir, tensorboard=cfg.run.tensorboard)
+        self.step_done = 0
+        self._start_roles()
+
+    # ------------------------------------------------------------------ set-up
+    def _group(self, worker_cls, role: str, num_workers: int, resources, **init_kwargs) -> WorkerGroup:
+        return WorkerGroup(
+            worker_cls,
+            role=role,
+            num_workers=num_workers,
+            resources=resources,
+            placement_strategy=self.cfg.cluster.placement_strategy,
+            init_kwargs=init_kwargs,
+            env_vars=runtime_env_vars(self.cfg.cluster),
+        )
+
+    def _start_roles(self) -> None:
+        cfg, path = self.cfg, self.run.model_path
+        common = dict(model_cfg=cfg.model, algo_cfg=cfg.algorithm, cluster_cfg=cfg.cluster, seed=cfg.run.seed)
+        self.policy = self._group(PolicyWorker, "policy", cfg.policy.num_workers, cfg.cluster.policy,
+                                  train_cfg=cfg.policy, **common)
+        self.reference = (
+            self._group(ReferenceWorker, "reference", 1, cfg.cluster.reference, **common) if uses_reference(cfg) else None
+        )
+        self.critic = (
+            self._group(CriticWorker, "critic", cfg.critic.num_workers, cfg.cluster.critic, train_cfg=cfg.critic, **common)
+            if uses_critic(cfg)
+            else None
+        )
+        self.reward_model = (
+            self._group(RewardWorker, "reward", cfg.reward.num_workers, cfg.cluster.reward, **common)
+            if cfg.reward.model_path
+            else None
+        )
+        self.rollout = RolloutGroup(path, cfg.model, cfg.rollout, cfg.cluster, seed=cfg.run.seed)
+        pending = [self.policy.run(PolicyWorker.init_model, path)]
+        if self.reference:
+            pending.append(self.reference.run(ReferenceWorker.init_model, path))
+        if self.critic:
+            pending.append(self.critic.run(CriticWorker.init_model, cfg.critic_model_path or path))
+        if self.reward_model:
+            pending.append(self.reward_model.run(RewardWorker.init_model, cfg.reward.model_path))
+        for group, p in zip([g for g in self.groups() if g is not None], pending):
+            group.wait(p)
+        host, port = self.policy.call(PolicyWorker.weight_sync_endpoint)
+        world = 1 + self.rollout.num_ranks
+        timeout = cfg.cluster.collective_timeout_s
+        backend = "nccl" if cfg.cluster.device == "cuda" else "gloo"
+        sender = self.policy.run(PolicyWorker.init_weight_sync, host, port, world, backend, timeout)
+        self.rollout.init_weight_sync(host, port, backend, timeout)
+        self.policy.wait(sender)
+
+    def groups(self) -> list[WorkerGroup | None]:
+        return [self.policy, self.reference, self.critic, self.reward_model]
+
+    # ------------------------------------------------------------------ one step
+    def step(self, step: int) -> dict[str, float]:
+        timer = PhaseTimer()
+        with timer("step"):
+            prompts = self.run.train.next_batch()
+            with timer("generate"):
+                batch, rollout_stats = self.generate(prompts, step)
+            with timer("score"):
+                batch, reward_stats = self.score(batch)
+            with timer("logprobs"):
+                batch = self.logprobs(batch)
+            if self.critic:
+                with timer("values"):
+                    batch = batch.replace(values=self.critic.call(CriticWorker.compute_values, batch))
+            with timer("advantages"):
+                batch, adv_stats = self.advantages(batch)
+            with timer("update"):
+                train_stats = self.update(batch)
+            with timer("sync"):
+                self.sync()
+        tokens = float(batch.response_mask.sum())
+        perf = {"perf/tokens_per_s": tokens / timer.seconds["generate"], "perf/samples_per_s": len(batch) / timer.seconds["step"]}
+        return {**rollout_stats, **reward_stats, **adv_stats, **train_stats, **timer.metrics(), **perf}
+
+    def generate(self, prompts: PromptBatch, step: int, *, n: int | None = None, eval_mode: bool = False):
+        n = n or self.n
+        sampling = self.cfg.rollout.eval_sampling if eval_mode else self.cfg.rollout.sampling
+        outputs = self.rollout.generate(prompts.token_ids, sampling, n=n, seed=sample_seed(self.cfg.run.seed, step))
+        batch = build_rollout_batch(prompts, outputs, pad_id=self.tokenizer.pad_token_id)
+        lengths = batch.response_mask.sum(-1).float()
+        truncated = torch.tensor([g.finish_reason == "length" for gens in outputs for g in gens], dtype=torch.float)
+        stats = {
+            "rollout/response_length": lengths.mean(),
+            "rollout/response_length_max": lengths.max(),
+            "rollout/truncated_frac": truncated.mean(),
+        }
+        return batch, stats
+
+    def score(self, batch: RolloutBatch) -> tuple[RolloutBatch, dict[str, Any]]:
+        scores = torch.zeros(len(batch))
+        stats: dict[str, Any] = {}
+        if self.run.reward_fn is not None:
+            prompts = [row["prompt_text"] for row in batch.metadata]
+            responses = self.tokenizer.batch_decode(
+                [ids[: int(m.sum())] for ids, m in zip(batch.response_ids.tolist(), batch.response_mask)],
+                skip_special_tokens=True,
+            )
+            rule = torch.tensor(self.run.reward_fn(prompts, responses, batch.metadata), dtype=torch.float)
+            stats["reward/rule_mean"] = rule.mean()
+            scores += rule
+        if self.reward_model is not None:
+            model_scores = self.reward_model.call(RewardWorker.score, batch)
+            stats["reward/model_mean"] = model_scores.mean()
+            scores += model_scores
+        stats.update({"reward/mean": scores.mean(), "reward/std": scores.std(), "reward/max": scores.max()})
+        return batch.replace(scores=scores), stats
+
+    def logprobs(self, batch: RolloutBatch) -> RolloutBatch:
+        old = self.policy.run(PolicyWorker.compute_logprobs, batch)
+        ref = self.reference.run(ReferenceWorker.compute_logprobs, batch) if self.reference else None
+        batch = batch.replace(old_logprobs=self.policy.wait(old))
+        if ref is not None:
+            batch = batch.replace(ref_logprobs=self.reference.wait(ref))
+        return batch
+
+    def advantages(self, batch: RolloutBatch) -> tuple[RolloutBatch, dict[str, Any]]:
+        algo = self.cfg.algorithm
+        kl_coef = self.kl_ctl.value if self.kl_in_reward else 0.0
+        ref = batch.ref_logprobs if batch.ref_logprobs is not None else batch.old_logprobs
+        token_rewards = kl_in_reward(
+            batch.scores, batch.old_logprobs, ref, batch.response_mask, kl_coef=kl_coef, kind=algo.kl_estimator
+        )
+        advantages, returns = self.estimate_advantages(
+            token_rewards=token_rewards,
+            scores=batch.scores,
+            values=batch.values,
+            mask=batch.response_mask,
+            group_ids=batch.group_ids,
+            gamma=algo.gamma,
+            lam=algo.lam,
+            norm_by_std=algo.norm_adv_by_std,
+        )
+        stats: dict[str, Any] = {"policy/advantage_mean": masked_mean(advantages, batch.response_mask)}
+        if batch.ref_logprobs is not None:
+            kl = masked_mean(batch.old_logprobs - batch.ref_logprobs, batch.response_mask)
+            self.kl_ctl.update(float(kl), len(batch))
+            stats.update({"reward/kl_to_ref": kl, "reward/kl_coef": self.kl_ctl.value})
+        return batch.replace(token_rewards=token_rewards, advantages=advantages, returns=returns), stats
+
+    def update(self, batch: RolloutBatch) -> dict[str, float]:
+        pending = [(self.policy, self.policy.run(PolicyWorker.update, batch))]
+        if self.critic:
+            pending.append((self.critic, self.critic.run(CriticWorker.update, batch)))
+        stats: dict[str, float] = {}
+        for group, p in pending:
+            stats.update(group.wait(p))
+        return stats
+
+    def sync(self) -> None:
+        """Stream the new policy weights into every rollout engine (bucketed, one collective)."""
+        sender = self.policy.run(PolicyWorker.sync_weights)
+        receivers = self.rollout.receive_weights_async()
+        self.policy.wait(sender)
+        self.rollout.wait(receivers)
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict[str, float]:
+        run_cfg = self.cfg.run
+        self.resume()
+        last: dict[str, float] = {}
+        progress = make_progress(range(self.step_done, run_cfg.total_steps), run_cfg, initial=self.step_done)
+        for step in progress:
+            metrics = self.step(step)
+            self.step_done = step + 1
+            if run_cfg.eval_every and self.step_done % run_cfg.eval_every == 0:
+                metrics.update(self.evaluate())
+            last = self.metrics.log(self.step_done, metrics)
+            if hasattr(progress, "set_postfix"):
+                progress.set_postfix(reward=f"{last['reward/mean']:.3f}")
+            if run_cfg.save_every and self.step_done % run_cfg.save_every == 0:
+                self.save_checkpoint()
+        if not run_cfg.eval_every or self.step_done % run_cfg.eval_every:
+            last.update(self.metrics.log(self.step_done, self.evaluate()))
+        self.save_final()
+        return last
+
+    def evaluate(self) -> dict[str, Any]:
+        """Greedy accuracy and mean reward on the held-out prompts."""
+        ev: EncodedPrompts | None = self.run.eval
+        if ev is None or self.run.reward_fn is None:
+            return {}
+        prompts = PromptBatch(ev.token_ids, ev.texts, ev.metadata)
+        batch, stats = self.generate(prompts, step=0, n=1, eval_mode=True)
+        batch, reward_stats = self.score(batch)
+        return {
+            "eval/reward_mean": reward_stats["reward/mean"],
+            "eval/accuracy": (batch.scores >= 1.0).float().mean(),
+            "eval/response_length": stats["rollout/response_length"],
+        }
+
+    def save_checkpoint(self) -> Path:
+        state = {
+            "step": self.step_done,
+            "prompt_stream": self.run.train.state(),
+            "kl_coef": self.kl_ctl.value,
+            "python_rng": repr(random.getstate()),
+            "config": OmegaConf.to_container(OmegaConf.structured(self.cfg)),
+        }
+        with self.checkpoints.write(self.step_done, state) as tmp:
+            pending = [(self.policy, self.policy.run(PolicyWorker.save_checkpoint, str(tmp / "policy")))]
+            if self.critic:
+                pending.append((self.critic, self.critic.run(CriticWorker.save_checkpoint, str(tmp / "critic"))))
+            for group, p in pending:
+                group.wait(p)
+        return tmp
+
+    def resume(self) -> None:
+        checkpoint = self.checkpoints.resolve_resume(self.cfg.run.resume)
+        if checkpoint is None:
+            return
+        state = read_state(checkpoint)
+        logger.info("resuming from %s (step %d)", checkpoint, state["step"])
+        pending = [(self.policy, self.policy.run(PolicyWorker.load_checkpoint, str(checkpoint / "policy")))]
+        if self.critic:
+            pending.append((self.critic, self.critic.run(CriticWorker.load_checkpoint, str(checkpoint / "critic"))))
+        for group, p in pending:
+            group.wait(p)
+        self.step_done = int(state["step"])
+        self.run.train.load_state(state["prompt_stream"])
+        self.kl_ctl.value = float(state["kl_coef"])
+        self.sync()
+
+    def save_final(self) -> Path:
+        final = self.run.output_dir / "final"
+        self.policy.call(PolicyWorker.save_hf, str(final))
+        self.tokenizer.save_pretrained(final)
+        logger.info("final model saved to %s", final)
+        return final
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.rollout.shutdown()
+        for group in self.groups():
+            if group is not None:
+                group.shutdown()
+
+
+def build_rollout_batch(prompts: PromptBatch, outputs, *, pad_id: int) -> RolloutBatch:
+    """Rows are prompt-major: sample j of prompt i is row i * n + j, with group id i."""
+    prompt_rows, response_rows, logprob_rows, group_ids, metadata = [], [], [], [], []
+    for i, generations in enumerate(outputs):
+        for gen in generations:
+            prompt_rows.append(prompts.token_ids[i])
+            response_rows.append(list(gen.token_ids))
+            logprob_rows.append(list(gen.logprobs))
+            group_ids.append(i)
+            metadata.append({**prompts.metadata[i], "prompt_text": prompts.texts[i]})
+    prompt_ids, prompt_mask = pad_sequences(prompt_rows, pad_id=pad_id, left=True)
+    response_ids, response_mask = pad_sequences(response_rows, pad_id=pad_id, left=False)
+    rollout_logprobs, _ = pad_sequences(logprob_rows, pad_id=0, left=False, dtype=torch.float)
+    return RolloutBatch(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response_ids=response_ids,
+        response_mask=response_mask,
+        rollout_logprobs=rollout_logprobs,
+        group_ids=torch.tensor(group_ids),
+        metadata=metadata,
+    )
+
+
+def sample_seed(seed: int, step: int) -> int:
+    """A distinct, reproducible sampling seed per step (exact resume replays the same samples)."""
+    return (seed * 1_000_003 + step) % (2**31 - 1)
+
+
+def make_progress(steps, run_cfg, *, initial: int):
+    if not run_cfg.progress_bar:
+        return steps
+    from tqdm.auto import tqdm
+
+    return tqdm(steps, total=run_cfg.total_steps, initial=initial, desc="rl", unit="step", dynamic_ncols=True)

@@ -1,0 +1,54 @@
+"""Start (or join) the Ray cluster for one run, with the environment every actor needs."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from rlhf.config import ClusterConfig
+
+logger = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RLHF_CACHE", Path.home() / ".cache" / "rlhf"))
+
+
+def runtime_env_vars(cluster: ClusterConfig) -> dict[str, str]:
+    """Variables that must be set before torch/deepspeed/vllm import in every actor."""
+    env = {
+        "TOKENIZERS_PARALLELISM": "false",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions")),
+        "RLHF_CACHE": str(cache_dir()),
+    }
+    if cluster.device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+        env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
+    for key in ("RAY_AUTH_MODE", "HF_HOME", "HF_HUB_OFFLINE", "VLLM_CACHE_ROOT"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return env
+
+
+@contextmanager
+def ray_session(cluster: ClusterConfig) -> Iterator[None]:
+    """ray.init for this run (joining `cluster.address` or RAY_ADDRESS if set), shut down after."""
+    import ray
+
+    env = runtime_env_vars(cluster)
+    os.environ.update(env)
+    started_here = not ray.is_initialized()
+    if started_here:
+        address = cluster.address or os.environ.get("RAY_ADDRESS")
+        kwargs = {} if address else {"num_cpus": cluster.num_cpus, "num_gpus": cluster.num_gpus}
+        ray.init(address=address, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True, **kwargs)
+        logger.info("ray cluster resources: %s", ray.cluster_resources())
+    try:
+        yield
+    finally:
+        if started_here:
+            ray.shutdown()
