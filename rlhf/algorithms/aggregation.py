@@ -91,9 +91,7 @@ def _seq_mean_token_sum(loss_mat, mask, *, global_tokens=None, global_seqs=None,
 
 
 @LOSS_AGGREGATIONS.register("seq_mean_token_sum_norm")
-def _seq_mean_token_sum_norm(
-    loss_mat, mask, *, global_tokens=None, global_seqs=None, constant_normalizer=None
-):
+def _seq_mean_token_sum_norm(loss_mat, mask, *, global_tokens=None, global_seqs=None, constant_normalizer=None):
     if constant_normalizer is None:
         # No silent default: the padded width differs between shards, so it would break invariance.
         raise ConfigError(

@@ -82,9 +82,7 @@ def _clipped_surrogate(
     return loss, is_clipped, is_dual_clipped
 
 
-def _policy_stats(
-    loss: Tensor, log_ratio: Tensor, is_clipped: Tensor, is_dual_clipped: Tensor, mask: Tensor
-) -> Stats:
+def _policy_stats(loss: Tensor, log_ratio: Tensor, is_clipped: Tensor, is_dual_clipped: Tensor, mask: Tensor) -> Stats:
     log_ratio = log_ratio.detach()
     approx_kl = torch.exp(log_ratio) - 1.0 - log_ratio
     stats = {

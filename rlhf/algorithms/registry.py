@@ -7,7 +7,8 @@ names listed, close matches first.
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 from rlhf.errors import ConfigError
 
