@@ -15,13 +15,17 @@ still gives the engine a single rank, and the engine forwards what it receives t
 design for large models and would only change the world size the controller computes.
 
 Wire format of one `send`, per bucket (every bucket holds tensors of a single dtype):
-  1. int64[1]          length L of the header in bytes (-1 marks the end of the stream)
+  1. int64[1]          length L of the header in bytes (-1: end of stream; -2: rank 0 aborted)
   2. uint8[L]          JSON header: {"dtype": ..., "numel": ..., "entries": [[name, shape, offset], ...]}
   3. uint8[numel * itemsize]  the flat bucket, tensors packed back to back in entry order
 Before the first bucket the ranks shake hands through the store (receivers check in, rank 0
 announces the stream), so a missing peer raises `WeightSyncError` after `timeout_s` on every
 backend instead of hanging in a collective. A tensor larger than `bucket_bytes` travels alone.
 Buffers go over the wire as bytes, so any dtype works on gloo and NCCL alike.
+
+NCCL needs every rank on a GPU of its own: two ranks on one device fail at join with
+"Duplicate GPU detected" (measured, NCCL 2.28 on one H100). A trainer and an engine colocated on
+one GPU (cluster single_gpu) must use "gloo", which stages the buckets through host memory.
 """
 
 from __future__ import annotations
@@ -29,49 +33,27 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from rlhf.errors import WeightSyncError
+from rlhf.utils.distributed import free_port, node_ip
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["BACKENDS", "SyncStats", "WeightSyncGroup", "free_port", "node_ip"]
+
 BACKENDS = ("gloo", "nccl")
 _END_OF_STREAM = -1
+_ABORTED = -2
 _STORE_PREFIX = "rlhf_weight_sync"
 _POLL_S = 0.005
-
-
-def free_port() -> int:
-    """A TCP port that is free on this node right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
-
-
-def node_ip() -> str:
-    """This node's IP address as other nodes reach it (falls back to 127.0.0.1)."""
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return ray.util.get_node_ip_address()
-    except ImportError:
-        pass
-    try:
-        # A UDP "connect" sends nothing; it only asks the kernel which interface routes outwards.
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.connect(("10.255.255.255", 1))
-            return sock.getsockname()[0]
-    except OSError:
-        return "127.0.0.1"
 
 
 @dataclass
@@ -95,7 +77,15 @@ class SyncStats:
 class WeightSyncGroup:
     """One member of the weight-sync group; rank 0 sends, the other ranks receive."""
 
-    def __init__(self, store: dist.Store, pg: dist.ProcessGroup, rank: int, world_size: int, device: torch.device, timeout_s: float):
+    def __init__(
+        self,
+        store: dist.Store,
+        pg: dist.ProcessGroup,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        timeout_s: float,
+    ):
         self._store = store
         self._pg = pg
         self.rank = rank
@@ -108,7 +98,7 @@ class WeightSyncGroup:
     @classmethod
     def create(
         cls, host: str, port: int, rank: int, world_size: int, backend: str = "gloo", timeout_s: float = 600.0
-    ) -> "WeightSyncGroup":
+    ) -> WeightSyncGroup:
         """Join the group; blocks until all `world_size` ranks have joined (rank 0 hosts the store).
 
         Args:
@@ -157,26 +147,24 @@ class WeightSyncGroup:
         self._wait_for_receivers()
         self._store.set(f"begin/{self._round}", "1")
         stats = SyncStats()
-        pending: dict[torch.dtype, list[tuple[str, Tensor]]] = {}
-        pending_bytes: dict[torch.dtype, int] = {}
-        for name, tensor in named_tensors:
-            size = tensor.numel() * tensor.element_size()
-            bucket = pending.setdefault(tensor.dtype, [])
-            if bucket and pending_bytes[tensor.dtype] + size > bucket_bytes:
-                self._send_bucket(bucket, stats)
-                bucket.clear()
-                pending_bytes[tensor.dtype] = 0
-            bucket.append((name, tensor))
-            pending_bytes[tensor.dtype] = pending_bytes.get(tensor.dtype, 0) + size
-        for bucket in pending.values():
-            if bucket:
-                self._send_bucket(bucket, stats)
-        self._broadcast(torch.tensor([_END_OF_STREAM], dtype=torch.int64, device=self.device), "the end-of-stream marker")
+        try:
+            self._send_buckets(named_tensors, bucket_bytes, stats)
+        except WeightSyncError:
+            raise  # the transport itself failed: the receivers see it too
+        except BaseException:
+            # The tensors' producer failed between buckets: release the receivers now, not at their timeout.
+            self._broadcast(self._marker(_ABORTED), "the abort marker")
+            raise
+        self._broadcast(self._marker(_END_OF_STREAM), "the end-of-stream marker")
         stats.seconds = time.perf_counter() - start
         self.last_stats = stats
         logger.info(
             "weight sync sent %d tensors, %.1f MiB in %d buckets, %.3fs (%.2f GiB/s)",
-            stats.num_tensors, stats.num_bytes / 2**20, stats.num_buckets, stats.seconds, stats.gib_per_s,
+            stats.num_tensors,
+            stats.num_bytes / 2**20,
+            stats.num_buckets,
+            stats.seconds,
+            stats.gib_per_s,
         )
         return stats
 
@@ -199,6 +187,11 @@ class WeightSyncGroup:
             n = int(length.item())
             if n == _END_OF_STREAM:
                 break
+            if n == _ABORTED:
+                raise WeightSyncError(
+                    f"weight sync rank {self.rank}: rank 0 aborted the stream after {stats.num_tensors} tensors "
+                    f"(its error is in the trainer's traceback); the engine holds a mix of old and new weights"
+                )
             raw = torch.empty(n, dtype=torch.uint8, device=self.device)
             self._broadcast(raw, "a bucket header")
             header = json.loads(bytes(raw.cpu().numpy()).decode())
@@ -226,6 +219,26 @@ class WeightSyncGroup:
 
     # -- internals ---------------------------------------------------------------------------
 
+    def _send_buckets(self, named_tensors: Iterable[tuple[str, Tensor]], bucket_bytes: int, stats: SyncStats) -> None:
+        """Pack tensors into one open bucket per dtype; send a bucket when the next tensor would overflow it."""
+        pending: dict[torch.dtype, list[tuple[str, Tensor]]] = {}
+        pending_bytes: dict[torch.dtype, int] = {}
+        for name, tensor in named_tensors:
+            size = tensor.numel() * tensor.element_size()
+            bucket = pending.setdefault(tensor.dtype, [])
+            if bucket and pending_bytes[tensor.dtype] + size > bucket_bytes:
+                self._send_bucket(bucket, stats)
+                bucket.clear()
+                pending_bytes[tensor.dtype] = 0
+            bucket.append((name, tensor))
+            pending_bytes[tensor.dtype] = pending_bytes.get(tensor.dtype, 0) + size
+        for bucket in pending.values():
+            if bucket:
+                self._send_bucket(bucket, stats)
+
+    def _marker(self, value: int) -> Tensor:
+        return torch.tensor([value], dtype=torch.int64, device=self.device)
+
     def _send_bucket(self, bucket: list[tuple[str, Tensor]], stats: SyncStats) -> None:
         dtype = bucket[0][1].dtype
         entries, offset = [], 0
@@ -237,7 +250,7 @@ class WeightSyncGroup:
             flat[start : start + tensor.numel()].copy_(tensor.detach().reshape(-1))
         header = json.dumps({"dtype": str(dtype).removeprefix("torch."), "numel": offset, "entries": entries}).encode()
         header_tensor = torch.frombuffer(bytearray(header), dtype=torch.uint8).to(self.device)
-        self._broadcast(torch.tensor([len(header)], dtype=torch.int64, device=self.device), "a bucket header length")
+        self._broadcast(self._marker(len(header)), "a bucket header length")
         self._broadcast(header_tensor, "a bucket header")
         self._broadcast(flat.view(torch.uint8), "a bucket")
         stats.num_buckets += 1
@@ -255,8 +268,8 @@ class WeightSyncGroup:
             self._pg.broadcast([tensor], opts).wait()
         except Exception as e:
             raise WeightSyncError(
-                f"weight sync rank {self.rank}/{self.world_size}: broadcast of {what} failed or timed out "
-                f"after {self.timeout_s:g}s: {e}. A peer probably died or stopped calling send/receive."
+                f"weight sync rank {self.rank}/{self.world_size}: broadcast of {what} failed (timeout "
+                f"{self.timeout_s:g}s): {e}. On a timeout, a peer died or stopped calling send/receive."
             ) from e
 
     def _wait_for_receivers(self) -> None:
@@ -291,12 +304,18 @@ def _gloo_group(store: dist.Store, rank: int, world_size: int, timeout: timedelt
     opts = dist.ProcessGroupGloo._Options()
     opts._timeout = timeout
     iface = os.environ.get("GLOO_SOCKET_IFNAME")
-    device = dist.ProcessGroupGloo.create_device(interface=iface) if iface else dist.ProcessGroupGloo.create_device(hostname=node_ip())
+    device = (
+        dist.ProcessGroupGloo.create_device(interface=iface)
+        if iface
+        else dist.ProcessGroupGloo.create_device(hostname=node_ip())
+    )
     opts._devices = [device]
     return dist.ProcessGroupGloo(store, rank, world_size, opts)
 
 
-def _nccl_group(store: dist.Store, rank: int, world_size: int, timeout: timedelta) -> tuple[dist.ProcessGroup, torch.device]:
+def _nccl_group(
+    store: dist.Store, rank: int, world_size: int, timeout: timedelta
+) -> tuple[dist.ProcessGroup, torch.device]:
     if not torch.cuda.is_available() or not dist.is_nccl_available():
         raise WeightSyncError("weight sync backend 'nccl' needs CUDA and an NCCL build of torch; use 'gloo' on CPU")
     opts = dist.ProcessGroupNCCL.Options()

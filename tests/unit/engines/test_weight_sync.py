@@ -33,15 +33,22 @@ def _named_tensors(seed: int) -> list[tuple[str, torch.Tensor]]:
 
 def _receiver(port: int, rounds: int, results: mp.Queue) -> None:
     try:
-        group = WeightSyncGroup.create("127.0.0.1", port, rank=1, world_size=2, backend="gloo", timeout_s=_JOIN_TIMEOUT_S)
+        group = WeightSyncGroup.create(
+            "127.0.0.1", port, rank=1, world_size=2, backend="gloo", timeout_s=_JOIN_TIMEOUT_S
+        )
         for seed in range(rounds):
             expected = dict(_named_tensors(seed))
             received = list(group.receive())
             mismatched = [
-                name for name, t in received
-                if t.dtype != expected[name].dtype or t.shape != expected[name].shape or not torch.equal(t, expected[name])
+                name
+                for name, t in received
+                if t.dtype != expected[name].dtype
+                or t.shape != expected[name].shape
+                or not torch.equal(t, expected[name])
             ]
-            results.put(("round", sorted(n for n, _ in received) == sorted(expected), mismatched, group.last_stats.num_buckets))
+            results.put(
+                ("round", sorted(n for n, _ in received) == sorted(expected), mismatched, group.last_stats.num_buckets)
+            )
         # The sender stops sending: the next receive must fail fast with our error, not hang.
         group.timeout_s = 1.0
         try:
@@ -54,10 +61,13 @@ def _receiver(port: int, rounds: int, results: mp.Queue) -> None:
         results.put(("error", repr(e)))
 
 
-def _bandwidth_receiver(port: int, results: mp.Queue) -> None:
+def _receive_once(port: int, results: mp.Queue) -> None:
+    """Receive one stream; report its payload bytes, or the error message."""
     group = WeightSyncGroup.create("127.0.0.1", port, rank=1, world_size=2, backend="gloo", timeout_s=_JOIN_TIMEOUT_S)
-    total = sum(t.numel() * t.element_size() for _, t in group.receive())
-    results.put(total)
+    try:
+        results.put(sum(t.numel() * t.element_size() for _, t in group.receive()))
+    except WeightSyncError as e:
+        results.put(str(e))
     group.close()
 
 
@@ -92,18 +102,36 @@ def test_round_trip_is_exact_across_buckets_and_dtypes():
 
 def test_each_bucket_holds_one_dtype_and_big_tensors_travel_alone():
     port = free_port()
-    proc, results = _start(_bandwidth_receiver, port)
+    proc, results = _start(_receive_once, port)
     group = WeightSyncGroup.create("127.0.0.1", port, rank=0, world_size=2, backend="gloo", timeout_s=_JOIN_TIMEOUT_S)
     tensors = [
-        ("a", torch.zeros(10)),                          # fp32 bucket 1
-        ("b", torch.zeros(10, dtype=torch.bfloat16)),    # bf16 bucket (kept open while fp32 flows)
-        ("big", torch.zeros(1000)),                      # 4000 B > 1024 B: closes bucket 1, travels alone
-        ("c", torch.zeros(10)),                          # closes "big"; fp32 bucket 3
+        ("a", torch.zeros(10)),  # fp32 bucket 1
+        ("b", torch.zeros(10, dtype=torch.bfloat16)),  # bf16 bucket (kept open while fp32 flows)
+        ("big", torch.zeros(1000)),  # 4000 B > 1024 B: closes bucket 1, travels alone
+        ("c", torch.zeros(10)),  # closes "big"; fp32 bucket 3
     ]
     try:
         stats = group.send(tensors, bucket_bytes=1024)
         assert results.get(timeout=60) == 40 + 20 + 4000 + 40
         assert (stats.num_buckets, stats.num_tensors, stats.num_bytes) == (4, 4, 4100)
+    finally:
+        group.close()
+        proc.join(timeout=30)
+
+
+def test_a_failing_producer_aborts_the_receivers_at_once():
+    def tensors():
+        yield "w0", torch.zeros(300)
+        yield "w1", torch.zeros(300)  # closes the first 1 KiB bucket, which is sent
+        raise RuntimeError("ZeRO gather failed")
+
+    port = free_port()
+    proc, results = _start(_receive_once, port)
+    group = WeightSyncGroup.create("127.0.0.1", port, rank=0, world_size=2, backend="gloo", timeout_s=_JOIN_TIMEOUT_S)
+    try:
+        with pytest.raises(RuntimeError, match="ZeRO gather failed"):
+            group.send(tensors(), bucket_bytes=1024)
+        assert "rank 0 aborted the stream after 1 tensors" in results.get(timeout=30)  # not after the 60 s timeout
     finally:
         group.close()
         proc.join(timeout=30)
@@ -149,7 +177,7 @@ def test_bad_arguments_raise_our_error():
 def test_bandwidth_is_measured(record_property):
     """128 MiB of fp32 in 32 MiB buckets over localhost gloo; logged, not asserted."""
     port = free_port()
-    proc, results = _start(_bandwidth_receiver, port)
+    proc, results = _start(_receive_once, port)
     group = WeightSyncGroup.create("127.0.0.1", port, rank=0, world_size=2, backend="gloo", timeout_s=_JOIN_TIMEOUT_S)
     tensors = [(f"w{i}", torch.randn(1024, 1024)) for i in range(32)]
     try:
@@ -158,5 +186,38 @@ def test_bandwidth_is_measured(record_property):
     finally:
         group.close()
         proc.join(timeout=30)
-    logger.info("weight sync gloo localhost: %.0f MiB in %.3fs = %.2f GiB/s", stats.num_bytes / 2**20, stats.seconds, stats.gib_per_s)
+    logger.info(
+        "weight sync gloo localhost: %.0f MiB in %.3fs = %.2f GiB/s",
+        stats.num_bytes / 2**20,
+        stats.seconds,
+        stats.gib_per_s,
+    )
     record_property("weight_sync_gib_per_s", round(stats.gib_per_s, 3))
+
+
+@pytest.mark.gpu
+def test_nccl_group_builds_and_packs_cuda_buckets():
+    """One rank only: a single GPU cannot hold two NCCL ranks, but this runs the NCCL code path."""
+    group = WeightSyncGroup.create("127.0.0.1", free_port(), rank=0, world_size=1, backend="nccl", timeout_s=60)
+    try:
+        stats = group.send([(n, t.cuda()) for n, t in _named_tensors(0)], bucket_bytes=64 * 1024)
+        assert group.device.type == "cuda"
+        assert (stats.num_tensors, stats.num_buckets) == (42, 4)
+    finally:
+        group.close()
+
+
+@pytest.mark.gpu
+def test_gloo_sender_with_cuda_tensors():
+    """A GPU trainer on the gloo transport: buckets are packed on the CPU from CUDA tensors."""
+    port = free_port()
+    proc, results = _start(_receiver, port, 1)
+    group = WeightSyncGroup.create("127.0.0.1", port, rank=0, world_size=2, backend="gloo", timeout_s=_JOIN_TIMEOUT_S)
+    try:
+        group.send([(n, t.cuda()) for n, t in _named_tensors(0)], bucket_bytes=64 * 1024)
+        kind, names_match, mismatched, _ = results.get(timeout=60)
+        assert kind == "round" and names_match and mismatched == []
+        assert results.get(timeout=60)[0] == "timeout"
+    finally:
+        group.close()
+        proc.join(timeout=30)

@@ -1,0 +1,83 @@
+"""The rollout backend interface: token ids in, sampled responses with their logprobs out.
+
+Conventions shared by every backend:
+  - Prompts and responses are token ids; `text` is a convenience decode (special tokens skipped,
+    stop strings cut off). Training uses `token_ids` and `logprobs` only.
+  - `logprobs[j]` is the log-probability of `token_ids[j]` under the *raw* model distribution:
+    log_softmax of the logits before temperature, top-k or top-p. That is vLLM's default
+    (`logprobs_mode="raw_logprobs"`) and what `rlhf.models.logprobs.response_logprobs(model, batch)`
+    returns at temperature 1.0, so rollout and trainer logprobs compare directly.
+  - A response ends with EOS ("stop", the EOS token is included in `token_ids`), a stop string
+    ("stop", the tokens are kept, the text is cut before the string), or `max_new_tokens`
+    ("length").
+  - Seeds: with a base `seed`, sample j of prompt i is drawn with seed `seed + i * n + j`, so the
+    samples of one call are independent and a `RolloutGroup` that spreads prompts over engines
+    (passing each engine `seed + offset * n`) gives the same samples for any number of engines
+    of one backend. `seed=None` draws fresh randomness.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from torch import Tensor
+
+from rlhf.algorithms.registry import Registry
+from rlhf.config import ClusterConfig, ModelConfig, RolloutConfig, SamplingConfig
+
+FINISH_REASONS = ("stop", "length")
+GREEDY_BELOW = 1e-5
+"""Temperatures below this mean greedy decoding (vLLM's _SAMPLING_EPS); n greedy samples are identical."""
+
+
+@dataclass
+class Generation:
+    """One sampled response."""
+
+    token_ids: list[int]
+    """Response tokens (EOS included when the response stopped on it)."""
+    logprobs: list[float]
+    """Raw logprob of each response token (before temperature/top-k/top-p); same length as token_ids."""
+    finish_reason: str
+    """"stop" (EOS or a stop string) or "length" (max_new_tokens reached)."""
+    text: str = field(default="")
+    """Decoded response, special tokens skipped, stop string removed."""
+
+
+class RolloutBackend(Protocol):
+    """A generation engine living in one process; `RolloutWorker` hosts one per Ray actor."""
+
+    def __init__(
+        self, model_path: str, model_cfg: ModelConfig, rollout_cfg: RolloutConfig, cluster_cfg: ClusterConfig, seed: int
+    ) -> None: ...
+
+    def generate(
+        self, prompt_token_ids: list[list[int]], sampling: SamplingConfig, n: int, seed: int | None
+    ) -> list[list[Generation]]:
+        """Per prompt, `n` generations (see the module docstring for logprob and seed conventions)."""
+        ...
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
+        """Copy weights (Hugging Face checkpoint names) into the live model, in place.
+
+        Cached prompt prefixes still hold the old weights' KV: call `reset_prefix_cache` next.
+        """
+        ...
+
+    def sleep(self) -> None:
+        """Release accelerator memory (weights and KV cache) until `wake_up`; no-op on CPU."""
+        ...
+
+    def wake_up(self) -> None:
+        """Undo `sleep`; no-op on CPU."""
+        ...
+
+    def reset_prefix_cache(self) -> None:
+        """Forget cached prompt prefixes (their KV was computed by the old weights)."""
+        ...
+
+
+ROLLOUT_BACKENDS: Registry[type[RolloutBackend]] = Registry("rollout backend")
+"""Backends by the name `RolloutConfig.backend` uses: "vllm", "hf"."""

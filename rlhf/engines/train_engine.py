@@ -1,0 +1,436 @@
+"""DeepSpeed training engine for one role (policy or critic): config, step, full-weight gather, save/load.
+
+Batch arithmetic (rlhf/config.py): train_batch_size sequences per optimizer step across all ranks,
+micro_batch_size per forward/backward on one rank, so each rank sees train_batch_size / dp rows per
+optimizer step in (train_batch_size / dp) / micro_batch_size micro-batches (DeepSpeed's gradient
+accumulation steps).
+
+Loss scaling: a worker computes each micro-batch loss as its *share* of the global minibatch loss
+(aggregated with global token/sequence counts, rlhf.algorithms.aggregation), so the shares of all
+micro-batches on all ranks sum to the minibatch loss. DeepSpeed divides by the accumulation steps
+(disabled here) and averages gradients over ranks (undone by multiplying by dp), so the gradient
+is that of the full minibatch loss whatever the data-parallel layout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from rlhf.config import OptimConfig, TrainConfig
+from rlhf.errors import CheckpointError, ConfigError
+from rlhf.models.peft_utils import export_root, is_lora_layer, merged_lora_tensors
+from rlhf.utils.seeding import get_rng_state, set_rng_state
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_TAG = "state"
+"""DeepSpeed checkpoint tag: one state per directory (the controller makes one directory per step)."""
+
+SCHEDULERS = ("constant", "cosine")
+MAX_SHARD_BYTES = 5 << 30
+"""safetensors shard size of save_hf (the Hugging Face default)."""
+
+
+# -- config arithmetic -----------------------------------------------------------------------
+
+
+def gradient_accumulation_steps(train_cfg: TrainConfig, dp: int) -> int:
+    """train_batch_size / (micro_batch_size × dp); ConfigError with the arithmetic when not whole."""
+    per_step = train_cfg.micro_batch_size * dp
+    if train_cfg.micro_batch_size < 1 or train_cfg.train_batch_size < 1:
+        raise ConfigError(
+            f"train_batch_size ({train_cfg.train_batch_size}) and micro_batch_size "
+            f"({train_cfg.micro_batch_size}) must be >= 1"
+        )
+    if train_cfg.train_batch_size % per_step:
+        raise ConfigError(
+            f"train_batch_size {train_cfg.train_batch_size} is not divisible by micro_batch_size "
+            f"{train_cfg.micro_batch_size} × dp {dp} = {per_step}; pick a train_batch_size that is a "
+            f"multiple of {per_step}"
+        )
+    return train_cfg.train_batch_size // per_step
+
+
+def deepspeed_config(train_cfg: TrainConfig, *, dp: int, bf16: bool, device: str) -> dict[str, Any]:
+    """The DeepSpeed JSON config for `train_cfg` on `dp` ranks."""
+    if train_cfg.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"zero_stage must be 0, 1, 2 or 3, got {train_cfg.zero_stage}")
+    if train_cfg.offload_params and train_cfg.zero_stage != 3:
+        raise ConfigError(f"offload_params needs zero_stage 3 (got {train_cfg.zero_stage})")
+    if train_cfg.offload_optimizer and train_cfg.zero_stage == 0:
+        raise ConfigError("offload_optimizer needs zero_stage >= 1")
+    pin = device == "cuda"
+    zero: dict[str, Any] = {"stage": train_cfg.zero_stage}
+    if train_cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if train_cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    if train_cfg.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = train_cfg.zero3_param_persistence_threshold
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    return {
+        "train_batch_size": train_cfg.train_batch_size,
+        "train_micro_batch_size_per_gpu": train_cfg.micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps(train_cfg, dp),
+        "gradient_clipping": train_cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        # torch's AdamW on ZeRO, and with optimizer offload instead of DeepSpeedCPUAdam's JIT build
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_optimizer(module: nn.Module, optim_cfg: OptimConfig) -> torch.optim.Optimizer:
+    """torch AdamW over the trainable parameters; no weight decay on biases and norms (ndim < 2)."""
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": optim_cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
+
+
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, optim_cfg: OptimConfig, num_training_steps: Optional[int]
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over `warmup_steps`, then constant or cosine decay to 0 at `num_training_steps`."""
+    if optim_cfg.scheduler not in SCHEDULERS:
+        raise ConfigError(f"unknown optim.scheduler {optim_cfg.scheduler!r}; known: {', '.join(SCHEDULERS)}")
+    if optim_cfg.scheduler == "cosine" and not num_training_steps:
+        raise ConfigError("optim.scheduler 'cosine' needs the total number of optimizer steps (num_training_steps)")
+    warmup = optim_cfg.warmup_steps
+    cosine = optim_cfg.scheduler == "cosine"
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if not cosine:
+            return 1.0
+        assert num_training_steps is not None
+        progress = min((step - warmup) / max(num_training_steps - warmup, 1), 1.0)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# -- the engine ------------------------------------------------------------------------------
+
+
+class TrainEngine:
+    """A DeepSpeed engine around `module` (a causal LM, a PEFT model or a value model).
+
+    Call `init_distributed` first. Every method that touches parameters is collective under
+    ZeRO-3: all ranks must call it.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        train_cfg: TrainConfig,
+        *,
+        dp: int,
+        rank: int,
+        bf16: bool,
+        device: str,
+        num_training_steps: Optional[int] = None,
+    ):
+        import deepspeed
+
+        self.train_cfg = train_cfg
+        self.dp = dp
+        self.rank = rank
+        self.has_frozen_params = any(not p.requires_grad for p in module.parameters())
+        ds_config = deepspeed_config(train_cfg, dp=dp, bf16=bf16, device=device)
+        optimizer = build_optimizer(module, train_cfg.optim)
+        scheduler = build_lr_scheduler(optimizer, train_cfg.optim, num_training_steps)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+        )
+        self.module: nn.Module = self.engine.module
+        self.device = self.engine.device
+        self.micro_batch_size = train_cfg.micro_batch_size
+        self.minibatch_rows = train_cfg.train_batch_size // dp
+        """Rows of one optimizer step on this rank."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.engine(*args, **kwargs)
+
+    def train(self) -> None:
+        self.engine.train()
+
+    def eval(self) -> None:
+        self.engine.eval()
+
+    def backward(self, loss_share: Tensor) -> None:
+        """Backward of one micro-batch's share of the global minibatch loss (see the module docstring)."""
+        self.engine.backward(loss_share * self.dp, scale_wrt_gas=False)
+
+    def step(self) -> None:
+        """Called after every micro-batch; DeepSpeed steps the optimizer at the accumulation boundary."""
+        self.engine.step()
+
+    def grad_norm(self) -> float:
+        """Global gradient norm (before clipping) of the last optimizer step."""
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    @property
+    def global_steps(self) -> int:
+        return int(self.engine.global_steps)
+
+    # -- full weights -------------------------------------------------------------------------
+
+    def iter_full_parameters(self, bucket_bytes: int = 256 << 20) -> Iterator[tuple[str, Tensor]]:
+        """Plain-HF (name, full tensor) pairs on rank 0; see `iter_full_parameters` below."""
+        return iter_full_parameters(self.module, rank=self.rank, bucket_bytes=bucket_bytes)
+
+    def save_hf(
+        self,
+        directory: str | Path,
+        *,
+        config: Any,
+        tokenizer: Any = None,
+        generation_config: Any = None,
+        rename: Optional[Callable[[str], str]] = None,
+        bucket_bytes: int = 256 << 20,
+    ) -> Path:
+        """Write a plain Hugging Face checkpoint (safetensors, LoRA merged) from rank 0, atomically.
+
+        Collective: every rank gathers; rank 0 writes into `<directory>.tmp-<pid>` and renames it to
+        `directory` when complete (an existing `directory` is replaced).
+        """
+        named = self.iter_full_parameters(bucket_bytes)
+        if rename is not None:
+            named = ((rename(n), t) for n, t in named)
+        if self.rank != 0:
+            for _ in named:  # take part in the ZeRO-3 gathers
+                pass
+            return Path(directory)
+        return write_hf_checkpoint(
+            directory, named, config=config, tokenizer=tokenizer, generation_config=generation_config
+        )
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def save_checkpoint(self, directory: str | Path, client_state: Optional[dict[str, Any]] = None) -> None:
+        """DeepSpeed state (module, optimizer, scheduler) plus this rank's RNG state, into `directory`.
+
+        Collective. Frozen parameters (a LoRA base) are left out; `load_checkpoint` expects the same
+        base model to be loaded first. The caller makes the step directory atomic (write to a
+        temporary name, rename when every role has saved).
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.engine.save_checkpoint(
+            str(directory),
+            tag=CHECKPOINT_TAG,
+            client_state=dict(client_state or {}),
+            exclude_frozen_parameters=self.has_frozen_params,
+        )
+        torch.save(get_rng_state(), directory / f"rng_state_rank{self.rank}.pt")
+
+    def load_checkpoint(self, directory: str | Path) -> dict[str, Any]:
+        """Restore what `save_checkpoint` wrote (same dp size); returns its client_state."""
+        directory = Path(directory)
+        if not (directory / CHECKPOINT_TAG).is_dir():
+            raise CheckpointError(f"{directory} holds no DeepSpeed checkpoint (no '{CHECKPOINT_TAG}' folder)")
+        load_path, client_state = self.engine.load_checkpoint(
+            str(directory),
+            tag=CHECKPOINT_TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+            load_module_strict=not self.has_frozen_params,
+        )
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed could not load the checkpoint in {directory}")
+        rng_file = directory / f"rng_state_rank{self.rank}.pt"
+        if rng_file.exists():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        else:
+            logger.warning("%s has no RNG state for rank %d; random streams restart", directory, self.rank)
+        return dict(client_state or {})
+
+
+def init_distributed(backend: str, timeout_s: float) -> None:
+    """Join the default process group from the env:// variables (gloo on CPU, NCCL on GPU)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s))
+
+
+# -- gathering full parameters ---------------------------------------------------------------
+
+
+@dataclass
+class _Unit:
+    """Parameters exported together: one parameter, one buffer, or a whole LoRA layer (merged)."""
+
+    name: str
+    tensors: list[Tensor] = field(default_factory=list)
+    lora_layer: Optional[nn.Module] = None
+
+    def full_bytes(self) -> int:
+        return sum(getattr(t, "ds_numel", t.numel()) * t.element_size() for t in self.tensors)
+
+
+def _export_units(module: nn.Module) -> list[_Unit]:
+    """Walk the module in registration order; LoRA layers become one unit named like the base layer."""
+    units: list[_Unit] = []
+    seen: set[int] = set()
+
+    def visit(prefix: str, mod: nn.Module) -> None:
+        if is_lora_layer(mod):
+            units.append(_Unit(prefix.rstrip("."), list(mod.parameters()), lora_layer=mod))
+            return
+        for name, param in mod.named_parameters(recurse=False):
+            if id(param) not in seen:  # tied weights are exported once, as HF saves them
+                seen.add(id(param))
+                units.append(_Unit(prefix + name, [param]))
+        for name, buf in mod.named_buffers(recurse=False):
+            if name not in mod._non_persistent_buffers_set:
+                units.append(_Unit(prefix + name, [buf]))
+        for name, child in mod.named_children():
+            visit(f"{prefix}{name}.", child)
+
+    visit("", export_root(module))
+    return units
+
+
+def _bucketed(units: list[_Unit], bucket_bytes: int) -> Iterator[list[_Unit]]:
+    bucket: list[_Unit] = []
+    size = 0
+    for unit in units:
+        if bucket and size + unit.full_bytes() > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(unit)
+        size += unit.full_bytes()
+    if bucket:
+        yield bucket
+
+
+def iter_full_parameters(
+    module: nn.Module, *, rank: int, bucket_bytes: int = 256 << 20
+) -> Iterator[tuple[str, Tensor]]:
+    """(name, full tensor) of every parameter and persistent buffer, named as in the plain HF model.
+
+    ZeRO-3 aware: parameters are gathered a bucket (about `bucket_bytes` of full tensors) at a time
+    with `deepspeed.zero.GatheredParameters`, so rank 0 holds at most one bucket beyond its shard.
+    LoRA layers are merged (W + scale · B·A, as peft's merge_and_unload) and PEFT's name prefixes
+    (`base_model.model.`, `.base_layer`) disappear: `model.layers.0.self_attn.q_proj.weight`.
+
+    Collective under ZeRO-3: every rank must exhaust this iterator; only rank 0 yields. Tensors are
+    copies under ZeRO-3 and detached views of the live parameters otherwise: consume them before the
+    next optimizer step.
+    """
+    from deepspeed.runtime.zero import GatheredParameters
+
+    for bucket in _bucketed(_export_units(module), bucket_bytes):
+        params = [t for unit in bucket for t in unit.tensors if isinstance(t, nn.Parameter)]
+        exported: list[tuple[str, Tensor]] = []
+        with GatheredParameters(params, modifier_rank=None), torch.no_grad():
+            if rank == 0:
+                for unit in bucket:
+                    exported.extend(_export(unit))
+        # yield outside the gather and no_grad contexts: the consumer runs between yields
+        yield from exported
+
+
+def _export(unit: _Unit) -> list[tuple[str, Tensor]]:
+    if unit.lora_layer is not None:
+        return [(f"{unit.name}.{suffix}", t) for suffix, t in merged_lora_tensors(unit.lora_layer)]
+    tensor = unit.tensors[0]
+    partitioned = hasattr(tensor, "ds_id")
+    return [(unit.name, tensor.detach().clone() if partitioned else tensor.detach())]
+
+
+# -- writing a Hugging Face checkpoint -------------------------------------------------------
+
+
+def write_hf_checkpoint(
+    directory: str | Path,
+    named_tensors: Iterable[tuple[str, Tensor]],
+    *,
+    config: Any,
+    tokenizer: Any = None,
+    generation_config: Any = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> Path:
+    """Stream tensors into safetensors shards of a temp dir, add config/tokenizer, rename into place."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    current: dict[str, Tensor] = {}
+    current_bytes = 0
+    weight_map: dict[str, int] = {}
+    total = 0
+    files: list[str] = []
+
+    def flush() -> None:
+        files.append(f"part-{len(files):05d}.safetensors")
+        save_file(current, str(tmp / files[-1]), metadata={"format": "pt"})
+
+    for name, tensor in named_tensors:
+        size = tensor.numel() * tensor.element_size()
+        if current and current_bytes + size > max_shard_bytes:
+            flush()
+            current, current_bytes = {}, 0
+        current[name] = tensor.detach().to("cpu").contiguous()
+        weight_map[name] = len(files)  # index of the shard this tensor will be flushed with
+        current_bytes += size
+        total += size
+    flush()
+    if len(files) == 1:
+        os.replace(tmp / files[0], tmp / "model.safetensors")
+    else:
+        final = [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+        for old, new in zip(files, final):
+            os.replace(tmp / old, tmp / new)
+        index = {"metadata": {"total_size": total}, "weight_map": {n: final[i] for n, i in weight_map.items()}}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+    config.save_pretrained(tmp)
+    if generation_config is not None:
+        generation_config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    _replace_directory(tmp, directory)
+    logger.info("saved %d tensors (%.1f MiB) to %s", len(weight_map), total / 2**20, directory)
+    return directory
+
+
+def _replace_directory(src: Path, dst: Path) -> None:
+    """Rename `src` to `dst`; an existing `dst` is moved aside first and removed after."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f"{dst.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

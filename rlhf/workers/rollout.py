@@ -1,0 +1,219 @@
+"""Rollout engines as Ray actors: `RolloutWorker` hosts one backend, `RolloutGroup` drives N of them.
+
+    rollout = RolloutGroup(model_path, cfg.model, cfg.rollout, cfg.cluster, seed=cfg.run.seed)
+    outputs = rollout.generate(prompt_token_ids, cfg.rollout.sampling, n=8, seed=step_seed)
+
+Weight sync (rank 0 is the trainer's rank 0, engine k is rank k + 1 of `1 + rollout.num_ranks`):
+
+    host, port = <trainer rank 0's node_ip(), free_port()>
+    sender = policy.run(PolicyWorker.init_weight_sync, host, port, 1 + rollout.num_ranks, backend, timeout)
+    rollout.init_weight_sync(host, port, backend, timeout)      # blocks until every rank joined
+    policy.wait(sender)
+    ...
+    sender = policy.run(PolicyWorker.sync_weights)                # after each update
+    receivers = rollout.receive_weights_async()
+    policy.wait(sender); rollout.wait(receivers)
+
+Prompts are spread over the engines in contiguous, near-equal slices (order preserved); the
+engine holding the slice that starts at prompt `offset` samples with seed `seed + offset * n`,
+so outputs do not depend on the number of engines (see rlhf.engines.rollout.base).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Optional
+
+from ray.util.placement_group import PlacementGroup
+
+from rlhf.config import ClusterConfig, ModelConfig, ResourceConfig, RolloutConfig, SamplingConfig
+from rlhf.engines.rollout import ROLLOUT_BACKENDS, Generation
+from rlhf.engines.weight_sync import WeightSyncGroup
+from rlhf.errors import ConfigError, WeightSyncError
+from rlhf.workers.group import Pending, Worker, WorkerGroup, dispatch
+
+logger = logging.getLogger(__name__)
+
+
+class RolloutWorker(Worker):
+    """One rollout engine (the backend named by `rollout_cfg.backend`) in its own actor process."""
+
+    def __init__(
+        self, model_path: str, model_cfg: ModelConfig, rollout_cfg: RolloutConfig, cluster_cfg: ClusterConfig, seed: int
+    ) -> None:
+        super().__init__()
+        start = time.perf_counter()
+        backend_cls = ROLLOUT_BACKENDS.get(rollout_cfg.backend)
+        self.backend = backend_cls(model_path, model_cfg, rollout_cfg, cluster_cfg, seed + self.rank)
+        self.weight_sync: Optional[WeightSyncGroup] = None
+        logger.info(
+            "rollout engine %d (%s) ready in %.1fs", self.rank, rollout_cfg.backend, time.perf_counter() - start
+        )
+
+    @dispatch("all", collect="concat")
+    def generate(
+        self, prompt_token_ids: list[list[int]], sampling: SamplingConfig, n: int, seed: Optional[int]
+    ) -> list[list[Generation]]:
+        """Per prompt of this engine's slice, `n` generations."""
+        if not prompt_token_ids:
+            return []
+        return self.backend.generate(prompt_token_ids, sampling, n, seed)
+
+    @dispatch("all", collect="list")
+    def init_weight_sync(
+        self, host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float
+    ) -> None:
+        """Join the weight-sync group as `rank` (blocks until rank 0 and every engine joined)."""
+        if self.weight_sync is not None:
+            self.weight_sync.close()
+        self.weight_sync = WeightSyncGroup.create(host, port, rank, world_size, backend, timeout_s)
+
+    @dispatch("broadcast", collect="list")
+    def receive_weights(self) -> dict[str, float]:
+        """Join rank 0's broadcast, load every tensor in place, reset the prefix cache."""
+        if self.weight_sync is None:
+            raise WeightSyncError("receive_weights before init_weight_sync; join the weight-sync group first")
+        start = time.perf_counter()
+        self.backend.load_weights(self.weight_sync.receive())
+        self.backend.reset_prefix_cache()
+        stats = self.weight_sync.last_stats
+        return {
+            "num_tensors": stats.num_tensors,
+            "num_bytes": stats.num_bytes,
+            "transfer_s": stats.seconds,
+            "total_s": time.perf_counter() - start,
+        }
+
+    @dispatch("broadcast", collect="list")
+    def close_weight_sync(self) -> None:
+        """Leave the weight-sync group (before the trainer closes its side)."""
+        if self.weight_sync is not None:
+            self.weight_sync.close()
+            self.weight_sync = None
+
+    @dispatch("broadcast", collect="list")
+    def sleep(self) -> None:
+        """Free accelerator memory until `wake_up` (colocated single-GPU mode; no-op on CPU)."""
+        self.backend.sleep()
+
+    @dispatch("broadcast", collect="list")
+    def wake_up(self) -> None:
+        """Undo `sleep`."""
+        self.backend.wake_up()
+
+
+class RolloutGroup:
+    """`rollout_cfg.num_engines` RolloutWorkers behind one `generate`."""
+
+    def __init__(
+        self,
+        model_path: str,
+        model_cfg: ModelConfig,
+        rollout_cfg: RolloutConfig,
+        cluster_cfg: ClusterConfig,
+        seed: int = 0,
+        *,
+        placement_group: Optional[PlacementGroup] = None,
+        bundle_indices: Optional[list[int]] = None,
+    ) -> None:
+        ROLLOUT_BACKENDS.check(rollout_cfg.backend, "rollout.backend")
+        self.num_engines = rollout_cfg.num_engines
+        self.group = WorkerGroup(
+            RolloutWorker,
+            role="rollout",
+            num_workers=rollout_cfg.num_engines,
+            resources=engine_resources(rollout_cfg, cluster_cfg),
+            placement_strategy=cluster_cfg.placement_strategy,
+            init_args=(model_path, model_cfg, rollout_cfg, cluster_cfg, seed),
+            device=cluster_cfg.device,
+            threads_per_worker=cluster_cfg.threads_per_worker,
+            placement_group=placement_group,
+            bundle_indices=bundle_indices,
+        )
+
+    @property
+    def num_ranks(self) -> int:
+        """Weight-sync ranks the engines take (one per engine); the group's world size is 1 + this."""
+        return self.num_engines
+
+    def generate(
+        self, prompt_token_ids: list[list[int]], sampling: SamplingConfig, n: int, seed: Optional[int] = None
+    ) -> list[list[Generation]]:
+        """Per prompt (in order), `n` generations; prompts are split across the engines."""
+        return self.wait(self.generate_async(prompt_token_ids, sampling, n, seed))
+
+    def generate_async(
+        self, prompt_token_ids: list[list[int]], sampling: SamplingConfig, n: int, seed: Optional[int] = None
+    ) -> Pending:
+        """`generate` without waiting; pass the result to `wait`."""
+        if n < 1:
+            raise ConfigError(f"n (samples per prompt) must be >= 1, got {n}")
+        bounds = even_slices(len(prompt_token_ids), self.num_engines)
+        slices = [[list(p) for p in prompt_token_ids[a:b]] for a, b in bounds]
+        seeds = [None if seed is None else seed + a * n for a, _ in bounds]
+        k = self.num_engines
+        return self.group.run(RolloutWorker.generate, slices, [sampling] * k, [n] * k, seeds)
+
+    def init_weight_sync(self, host: str, port: int, backend: str, timeout_s: float) -> None:
+        """Join every engine to the weight-sync group hosted at host:port (ranks 1..num_ranks).
+
+        Blocks until the group is complete, so start the trainer's side first (`run`, not `call`).
+        """
+        self.wait(self.init_weight_sync_async(host, port, backend, timeout_s))
+
+    def init_weight_sync_async(self, host: str, port: int, backend: str, timeout_s: float) -> Pending:
+        """`init_weight_sync` without waiting."""
+        k = self.num_engines
+        ranks = list(range(1, k + 1))
+        return self.group.run(
+            RolloutWorker.init_weight_sync, [host] * k, [port] * k, ranks, [k + 1] * k, [backend] * k, [timeout_s] * k
+        )
+
+    def receive_weights_async(self) -> Pending:
+        """Every engine joins rank 0's next `send`; wait for it together with the sender."""
+        return self.group.run(RolloutWorker.receive_weights)
+
+    def close_weight_sync(self) -> None:
+        """Every engine leaves the weight-sync group (before the trainer closes its side)."""
+        self.group.call(RolloutWorker.close_weight_sync)
+
+    def wait(self, pending: Pending, timeout: Optional[float] = None) -> Any:
+        """Block for a pending call; remote failures raise WorkerError with the engine's traceback."""
+        return self.group.wait(pending, timeout=timeout)
+
+    def sleep(self) -> None:
+        self.group.call(RolloutWorker.sleep)
+
+    def wake_up(self) -> None:
+        self.group.call(RolloutWorker.wake_up)
+
+    def shutdown(self) -> None:
+        """Kill the engines (idempotent)."""
+        self.group.shutdown()
+
+
+def engine_resources(rollout_cfg: RolloutConfig, cluster_cfg: ClusterConfig) -> ResourceConfig:
+    """One engine's placement bundle: `cluster.rollout`, with tensor_parallel_size whole GPUs for TP > 1."""
+    tp, resources = rollout_cfg.tensor_parallel_size, cluster_cfg.rollout
+    if tp == 1:
+        return resources
+    if cluster_cfg.device != "cuda" or rollout_cfg.backend != "vllm":
+        raise ConfigError(f"rollout.tensor_parallel_size {tp} needs backend vllm on cluster.device cuda")
+    if resources.num_gpus != 1:
+        raise ConfigError(
+            f"rollout.tensor_parallel_size {tp} gives each engine {tp} whole GPUs; set cluster.rollout.num_gpus=1 "
+            f"(the per-shard share), got {resources.num_gpus}"
+        )
+    return ResourceConfig(num_cpus=resources.num_cpus, num_gpus=tp)
+
+
+def even_slices(length: int, parts: int) -> list[tuple[int, int]]:
+    """`parts` contiguous [start, end) ranges covering range(length), sizes differing by at most 1."""
+    base, extra = divmod(length, parts)
+    bounds, start = [], 0
+    for i in range(parts):
+        end = start + base + (i < extra)
+        bounds.append((start, end))
+        start = end
+    return bounds
