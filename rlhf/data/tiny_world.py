@@ -4,18 +4,19 @@ Every stage of the framework (PT, SFT, RM, DPO, KTO, PPO/GRPO, evaluation) needs
 tokenizer and a model that runs in seconds on a laptop, with a reward a rule can compute. The
 tiny world provides all of them offline, deterministically from a seed:
 
-  task       prompt          answer   difficulty
-  add_1d     "3+4="          "7"      easy     a, b in 0..9
-  sub_1d     "9-5="          "4"      easy     0 <= b <= a <= 9
-  add_2d     "47+5="         "52"     medium   a in 10..99, b in 0..9
-  sub_2d     "47-5="         "42"     medium   a in 10..99, b in 0..9
-  reverse    "reverse abd="  "dba"    medium   3 or 4 letters from "abcde"
-  add_2d2d   "47+35="        "82"     hard     a, b in 10..99
+  task       prompt            answer   difficulty
+  copy       "copy abd="       "abd"    easy     3 to 6 letters from "abcde"
+  reverse    "reverse abd="    "dba"    medium   3 to 6 letters from "abcde"
+  add_1d     "3+4="            "7"      medium   a, b in 0..9
+  sub_1d     "9-5="            "4"      medium   0 <= b <= a <= 9
+  add_2d     "47+5="           "52"     hard     a in 10..99, b in 0..9
+  sub_2d     "47-5="           "42"     hard     a in 10..99, b in 0..9
 
-Each task's problems are enumerated, shuffled with the seed, and split into a held-out eval set
-and a train set, so eval prompts never appear in any train file. A warmed-up tiny model
-(rlhf.models.warmup) solves the easy tasks often and the hard one rarely, which leaves GRPO
-room to raise accuracy.
+Each task's problems are drawn with the seed and split into a held-out eval set (at most 32 per
+task) and a train set (at most 800 per task), so eval prompts never appear in any train file.
+The warmed-up tiny models (rlhf.models.warmup) copy and reverse well, longer words less often,
+and get held-out arithmetic mostly wrong: about a third of eval prompts right when sampling at
+temperature 1, which leaves GRPO room to raise accuracy.
 
 `materialize_tiny_world` writes everything to a directory; `tiny_world_dir` does so once under
 the cache (`${RLHF_CACHE:-~/.cache/rlhf}/tiny_world/<version-hash>`) and reuses it. Layout:
@@ -63,7 +64,9 @@ CHECKPOINT_NAMES = ("policy-init", "policy-sft")
 EVAL_PER_TASK = 32  # at most this many held-out problems per task (and at most a fifth of it)
 TRAIN_PER_TASK = 800  # at most this many train problems per task, so no task dominates
 PRETRAIN_LINES_PER_DOC = 8
-REVERSE_ALPHABET = "abcde"
+LETTERS = "abcde"
+WORD_LENGTHS = (3, 4, 5, 6)
+WORDS_PER_LENGTH = 250
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,7 @@ class Problem:
 class TinyTask:
     name: str
     difficulty: str
-    pairs: Callable[[], list[tuple[str, str]]]  # every (prompt, answer) of the task, in a fixed order
+    pairs: Callable[[random.Random], list[tuple[str, str]]]  # (prompt, answer) of the task, from a seeded rng
 
 
 def _arith(symbol: str, pairs: Iterator[tuple[int, int]]) -> list[tuple[str, str]]:
@@ -88,18 +91,22 @@ def _arith(symbol: str, pairs: Iterator[tuple[int, int]]) -> list[tuple[str, str
     return [(f"{a}{symbol}{b}=", str(op(a, b))) for a, b in pairs]
 
 
-def _reverse_problems() -> list[tuple[str, str]]:
-    words = ["".join(p) for n in (3, 4) for p in product(REVERSE_ALPHABET, repeat=n)]
-    return [(f"reverse {w}=", w[::-1]) for w in words]
+def _words(rng: random.Random) -> list[str]:
+    """WORDS_PER_LENGTH words of each length in WORD_LENGTHS, so every length is equally common."""
+    words = []
+    for n in WORD_LENGTHS:
+        all_words = ["".join(p) for p in product(LETTERS, repeat=n)]
+        words += rng.sample(all_words, min(WORDS_PER_LENGTH, len(all_words)))
+    return words
 
 
 TASKS: tuple[TinyTask, ...] = (
-    TinyTask("add_1d", "easy", lambda: _arith("+", product(range(10), range(10)))),
-    TinyTask("sub_1d", "easy", lambda: _arith("-", ((a, b) for a in range(10) for b in range(a + 1)))),
-    TinyTask("add_2d", "medium", lambda: _arith("+", product(range(10, 100), range(10)))),
-    TinyTask("sub_2d", "medium", lambda: _arith("-", product(range(10, 100), range(10)))),
-    TinyTask("reverse", "medium", _reverse_problems),
-    TinyTask("add_2d2d", "hard", lambda: _arith("+", product(range(10, 100), range(10, 100)))),
+    TinyTask("copy", "easy", lambda rng: [(f"copy {w}=", w) for w in _words(rng)]),
+    TinyTask("reverse", "medium", lambda rng: [(f"reverse {w}=", w[::-1]) for w in _words(rng)]),
+    TinyTask("add_1d", "medium", lambda rng: _arith("+", product(range(10), range(10)))),
+    TinyTask("sub_1d", "medium", lambda rng: _arith("-", ((a, b) for a in range(10) for b in range(a + 1)))),
+    TinyTask("add_2d", "hard", lambda rng: _arith("+", product(range(10, 100), range(10)))),
+    TinyTask("sub_2d", "hard", lambda rng: _arith("-", product(range(10, 100), range(10)))),
 )
 
 
@@ -113,8 +120,9 @@ def split_problems(seed: int = 0) -> dict[str, list[Problem]]:
     """All problems of every task, split into {"train": [...], "eval": [...]}, disjoint by prompt."""
     splits: dict[str, list[Problem]] = {"train": [], "eval": []}
     for task in TASKS:
-        pairs = task.pairs()
-        _rng(seed, "split", task.name).shuffle(pairs)
+        rng = _rng(seed, "split", task.name)
+        pairs = task.pairs(rng)
+        rng.shuffle(pairs)
         n_eval = min(EVAL_PER_TASK, len(pairs) // 5)
         problems = [Problem(task.name, task.difficulty, p, a) for p, a in pairs]
         splits["eval"] += problems[:n_eval]
@@ -188,7 +196,7 @@ def wrong_answer(problem: Problem, rng: random.Random) -> str:
         return str(rng.choice(candidates))
     letters = list(problem.answer)
     i = rng.randrange(len(letters))
-    letters[i] = rng.choice([c for c in REVERSE_ALPHABET if c != letters[i]])
+    letters[i] = rng.choice([c for c in LETTERS if c != letters[i]])
     return "".join(letters)
 
 
@@ -220,7 +228,9 @@ def sft_rows(problems: Sequence[Problem]) -> list[dict[str, Any]]:
 def preference_rows(problems: Sequence[Problem], *, seed: int = 0) -> list[dict[str, Any]]:
     """Preference pairs: `chosen` is the correct answer, `rejected` a plausible wrong one."""
     rng = _rng(seed, "preference")
-    return [{"prompt": p.prompt, "chosen": p.answer, "rejected": wrong_answer(p, rng), "task": p.task} for p in problems]
+    return [
+        {"prompt": p.prompt, "chosen": p.answer, "rejected": wrong_answer(p, rng), "task": p.task} for p in problems
+    ]
 
 
 def kto_rows(problems: Sequence[Problem], *, seed: int = 0) -> list[dict[str, Any]]:
@@ -242,7 +252,9 @@ def rl_rows(problems: Sequence[Problem]) -> list[dict[str, Any]]:
 def generate_rows(kind: str, split: str = "train", *, seed: int = 0) -> list[dict[str, Any]]:
     """Rows of one data `kind` (see DATA_KINDS) and `split` ("train" or "eval"), in memory."""
     if kind not in DATA_KINDS or split not in SPLITS:
-        raise DataError(f"unknown tiny-world data {kind!r}/{split!r}; kinds: {', '.join(DATA_KINDS)}; splits: train, eval")
+        raise DataError(
+            f"unknown tiny-world data {kind!r}/{split!r}; kinds: {', '.join(DATA_KINDS)}; splits: train, eval"
+        )
     problems = split_problems(seed)[split]
     if kind == "pretrain":
         return pretrain_rows(problems, seed=seed)
@@ -277,7 +289,9 @@ class TinyWorldPaths:
     def data(self, kind: str, split: str = "train") -> Path:
         """The jsonl file of one data kind and split, e.g. data("rl", "eval")."""
         if kind not in DATA_KINDS or split not in SPLITS:
-            raise DataError(f"unknown tiny-world data {kind!r}/{split!r}; kinds: {', '.join(DATA_KINDS)}; splits: train, eval")
+            raise DataError(
+                f"unknown tiny-world data {kind!r}/{split!r}; kinds: {', '.join(DATA_KINDS)}; splits: train, eval"
+            )
         return self.data_dir / f"{kind}_{split}.jsonl"
 
     def checkpoint(self, arch: str = "qwen2", name: str = "policy-sft") -> Path:
@@ -305,7 +319,7 @@ def tiny_world_dir(seed: int = 0, *, archs: Sequence[str] = TINY_ARCHS) -> TinyW
     """The cached tiny world for `seed`, built on first use (data, tokenizer, checkpoints of `archs`).
 
     Pass archs=() when only the data and tokenizer are needed: that part builds in about a second,
-    while each arch's warm-up takes several seconds.
+    while each arch's warm-up takes about half a minute (one CPU thread).
     """
     return materialize_tiny_world(cache_root() / "tiny_world" / tiny_world_hash(seed), seed=seed, archs=archs)
 
@@ -380,6 +394,8 @@ def _build_once(target: Path, build: Callable[[Path], None]) -> None:
     if target.exists():
         return
     target.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in target.parent.glob(f".{target.name}-*"):  # from a builder that crashed (we hold the lock)
+        shutil.rmtree(leftover, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         logger.info("building tiny world part %s", target)

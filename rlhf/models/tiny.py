@@ -57,7 +57,7 @@ def build_tiny_model(arch: str = "qwen2", *, vocab_size: int, seed: int = 0, **o
     config = tiny_config(arch, vocab_size=vocab_size, **overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model
 
 

@@ -3,7 +3,7 @@
 This is a fixture builder for tests and the demo, NOT the SFT stage of the product (that runs on
 the distributed runtime: DeepSpeed workers driven by the offline controller). A random tiny model
 never answers correctly, so an RL test or demo starting from it would see reward 0 everywhere and
-learn nothing. A minute-long supervised warm-up on the tiny world's SFT pairs (plain torch loop,
+learn nothing. A half-minute supervised warm-up on the tiny world's SFT pairs (plain torch loop,
 CPU, loss on response tokens only, prompts rendered with the chat template) gives a policy that
 solves some eval problems but not all (see `warmup.json` next to the checkpoint), which is what
 GRPO needs to show a rising reward.
@@ -74,22 +74,18 @@ def build_tiny_checkpoints(
     )
     init_dir = save_tiny_model(model, tokenizer, out_dir / "policy-init")
 
-    start = time.perf_counter()
-    losses = warm_up(model, tokenizer, sft_rows, steps=steps, seed=seed)
-    train_seconds = time.perf_counter() - start
-    report: dict[str, Any] = {
-        "arch": arch,
-        "seed": seed,
-        "steps": steps,
-        "batch_size": WARMUP_BATCH_SIZE,
-        "lr": WARMUP_LR,
-        "train_seconds": round(train_seconds, 2),
-        "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),
-        "eval_prompts": len(eval_rows),
-        "eval_accuracy_greedy": round(evaluate_accuracy(model, tokenizer, eval_rows, temperature=0.0), 4),
-        "eval_accuracy_sampled": round(evaluate_accuracy(model, tokenizer, eval_rows, temperature=1.0, seed=seed), 4),
-    }
-    report["eval_accuracy_sampled_by_task"] = accuracy_by_task(model, tokenizer, eval_rows, temperature=1.0, seed=seed)
+    # One intra-op thread: the matrices are tiny, and on a busy machine (tests running beside
+    # Ray workers) two spinning OpenMP threads were measured 10-20x slower than one.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        losses = warm_up(model, tokenizer, sft_rows, steps=steps, seed=seed)
+        train_seconds = time.perf_counter() - start
+        report = _warmup_report(model, tokenizer, eval_rows, arch=arch, seed=seed, steps=steps, losses=losses)
+    finally:
+        torch.set_num_threads(threads)
+    report["train_seconds"] = round(train_seconds, 2)
     sft_dir = save_tiny_model(model, tokenizer, out_dir / "policy-sft")
     (sft_dir / "warmup.json").write_text(json.dumps(report, indent=2) + "\n")
     logger.info(
@@ -97,6 +93,31 @@ def build_tiny_checkpoints(
         arch, steps, train_seconds, report["final_loss"], report["eval_accuracy_greedy"], report["eval_accuracy_sampled"],
     )  # fmt: skip
     return {"policy-init": init_dir, "policy-sft": sft_dir}
+
+
+def _warmup_report(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    eval_rows: Sequence[dict[str, Any]],
+    *,
+    arch: str,
+    seed: int,
+    steps: int,
+    losses: list[float],
+) -> dict[str, Any]:
+    tail = losses[-20:]
+    return {
+        "arch": arch,
+        "seed": seed,
+        "steps": steps,
+        "batch_size": WARMUP_BATCH_SIZE,
+        "lr": WARMUP_LR,
+        "final_loss": round(sum(tail) / len(tail), 4),
+        "eval_prompts": len(eval_rows),
+        "eval_accuracy_greedy": round(evaluate_accuracy(model, tokenizer, eval_rows, temperature=0.0), 4),
+        "eval_accuracy_sampled": round(evaluate_accuracy(model, tokenizer, eval_rows, temperature=1.0, seed=seed), 4),
+        "eval_accuracy_sampled_by_task": accuracy_by_task(model, tokenizer, eval_rows, temperature=1.0, seed=seed),
+    }
 
 
 def encode_sft_example(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str) -> tuple[list[int], list[int]]:
@@ -140,7 +161,9 @@ def warm_up(
         if len(order) < batch_size:
             order += torch.randperm(len(examples), generator=generator).tolist()
         batch, order = order[:batch_size], order[batch_size:]
-        input_ids, attention_mask = pad_sequences([examples[i][0] for i in batch], pad_id=tokenizer.pad_token_id, left=False)
+        input_ids, attention_mask = pad_sequences(
+            [examples[i][0] for i in batch], pad_id=tokenizer.pad_token_id, left=False
+        )
         labels, _ = pad_sequences([examples[i][1] for i in batch], pad_id=IGNORE_INDEX, left=False)
         loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         loss.backward()
@@ -213,6 +236,11 @@ def accuracy_by_task(
     """`evaluate_accuracy` per value of each row's "task" field."""
     tasks = sorted({row["task"] for row in rows})
     return {
-        task: round(evaluate_accuracy(model, tokenizer, [r for r in rows if r["task"] == task], temperature=temperature, seed=seed), 4)
+        task: round(
+            evaluate_accuracy(
+                model, tokenizer, [r for r in rows if r["task"] == task], temperature=temperature, seed=seed
+            ),
+            4,
+        )
         for task in tasks
     }

@@ -1,0 +1,149 @@
+"""Reading dataset rows from local files, directories or the Hugging Face Hub, with locations.
+
+Local json/jsonl/csv/parquet files are read directly rather than through `datasets`, for two
+reasons: every row keeps a human-readable location ("prompts.jsonl, line 4") that validation
+errors quote, and a row whose field has an unexpected type reaches our validation (which says
+which field of which row to fix) instead of failing Arrow schema inference with a message that
+names neither. Hub datasets go through `datasets.load_dataset`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rlhf.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One dataset row and where it came from, for error messages."""
+
+    fields: dict[str, Any]
+    where: str  # e.g. "data/prompts.jsonl, line 4" or "openai/gsm8k [train], row 7"
+
+
+def looks_like_path(source: str) -> bool:
+    """True for strings that can only mean a local path (a Hub name is "name" or "org/name")."""
+    return source.startswith(("/", "~", ".")) or source.count("/") > 1 or "\\" in source or source.endswith(SUFFIXES)
+
+
+def read_records(source: str | Path, *, split: str = "train") -> list[Record]:
+    """Rows of a local file, a local directory of files, or a Hub dataset (`split` picks one).
+
+    A directory holds files with a suffix in SUFFIXES (searched recursively); those whose path
+    names the split ("train.jsonl", "data/test-00000.parquet") are read, or every file when none
+    does and split is "train".
+    """
+    path = Path(source).expanduser()
+    if path.is_file():
+        records = _read_file(path)
+    elif path.is_dir():
+        records = [r for f in _split_files(path, split) for r in _read_file(f)]
+    elif isinstance(source, Path) or looks_like_path(source):
+        raise DataError(
+            f"dataset file or directory {str(source)!r} does not exist; check the path (relative paths start from {Path.cwd()})"
+        )
+    else:
+        records = _read_hub(source, split)
+    if not records:
+        raise DataError(f"dataset {str(source)!r} (split {split!r}) has no rows")
+    return records
+
+
+def _split_files(directory: Path, split: str) -> list[Path]:
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name.endswith(SUFFIXES))
+    if not files:
+        raise DataError(f"directory {str(directory)!r} holds no {'/'.join(SUFFIXES)} files")
+    names_split = re.compile(rf"(^|[\W_]){re.escape(split)}([\W_]|$)")
+    chosen = [f for f in files if names_split.search(str(f.relative_to(directory)))]
+    if chosen:
+        return chosen
+    if split == "train":
+        return files
+    listing = ", ".join(str(f.relative_to(directory)) for f in files[:10])
+    raise DataError(
+        f"directory {str(directory)!r} has no file for split {split!r} (files: {listing}); name one after the split, e.g. {split}.jsonl"
+    )
+
+
+def _read_file(path: Path) -> list[Record]:
+    if path.name.endswith(".jsonl"):
+        return _read_jsonl(path)
+    if path.name.endswith(".json"):
+        return _read_json(path)
+    if path.name.endswith(".csv"):
+        with open(path, newline="", encoding="utf-8") as f:
+            return [Record(dict(row), f"{path}, line {i + 2}") for i, row in enumerate(csv.DictReader(f))]
+    if path.name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return [Record(row, f"{path}, row {i + 1}") for i, row in enumerate(pq.read_table(path).to_pylist())]
+    raise DataError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
+
+
+def _read_jsonl(path: Path) -> list[Record]:
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f"{path}, line {number}: not valid JSON ({e.msg}, column {e.colno}); "
+                    "each line of a .jsonl file must be one JSON object"
+                ) from None
+            records.append(_as_record(row, f"{path}, line {number}"))
+    return records
+
+
+def _read_json(path: Path) -> list[Record]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # JSON Lines saved with a .json suffix, as many Hub datasets are
+            return _read_jsonl(path)
+        raise DataError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}, column {e.colno})") from None
+    if isinstance(data, dict):
+        lists = [key for key, value in data.items() if isinstance(value, list)]
+        if len(lists) != 1:
+            raise DataError(
+                f"{path}: expected a JSON list of row objects (or an object with one list of rows), got an object with keys {sorted(data)}"
+            )
+        data = data[lists[0]]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of row objects, got {type(data).__name__}")
+    return [_as_record(row, f"{path}, row {i + 1}") for i, row in enumerate(data)]
+
+
+def _as_record(row: Any, where: str) -> Record:
+    if not isinstance(row, dict):
+        raise DataError(
+            f"{where}: expected a JSON object with named fields, got {type(row).__name__} {str(row)[:60]!r}"
+        )
+    return Record(row, where)
+
+
+def _read_hub(name: str, split: str) -> list[Record]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except Exception as e:  # the Hub raises many types (connection, missing split, missing repo...)
+        raise DataError(
+            f"could not load dataset {name!r} split {split!r} from the Hugging Face Hub: {e}. "
+            "For a local file or directory, give a path that exists"
+        ) from e
+    return [Record(dict(row), f"{name} [{split}], row {i + 1}") for i, row in enumerate(dataset)]

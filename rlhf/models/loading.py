@@ -1,0 +1,129 @@
+"""Load tokenizers and causal LMs from a local dir, a Hub name, or a tiny-world name.
+
+Model paths in configs accept, besides a directory or a Hub name, these tiny-world names
+(built once into the cache by rlhf.data.tiny_world.tiny_world_dir, seed 0):
+
+  tiny, tiny:qwen2            Qwen2 tiny policy after the supervised warm-up (policy-sft)
+  tiny:llama                  Llama tiny policy after the warm-up
+  tiny-init, tiny-init:qwen2  Qwen2 tiny policy, random init (policy-init)
+  tiny-init:llama             Llama tiny policy, random init
+
+Tiny names win over a local directory of the same name; write "./tiny" to mean the directory.
+
+Both loaders guarantee what the rest of the framework assumes: the tokenizer has an eos and a
+pad token (pad falls back to eos), and the model config and generation config carry eos/pad ids.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf.data.sources import looks_like_path
+from rlhf.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+TINY_MODEL_NAMES = {
+    "tiny": ("qwen2", "policy-sft"),
+    "tiny:qwen2": ("qwen2", "policy-sft"),
+    "tiny:llama": ("llama", "policy-sft"),
+    "tiny-init": ("qwen2", "policy-init"),
+    "tiny-init:qwen2": ("qwen2", "policy-init"),
+    "tiny-init:llama": ("llama", "policy-init"),
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def is_tiny_model_name(path: str | Path) -> bool:
+    return isinstance(path, str) and (path in TINY_MODEL_NAMES or path.startswith(("tiny:", "tiny-init:")))
+
+
+def resolve_model_path(path: str | Path) -> str:
+    """A local directory or Hub name to hand to `from_pretrained`; tiny-world names are built if needed.
+
+    Raises ConfigError for an unknown tiny name, and for a string that can only be a local path
+    (absolute, ./ or ~ prefixed, or with more than one "/") when nothing exists there.
+    """
+    if is_tiny_model_name(path):
+        if path not in TINY_MODEL_NAMES:
+            raise ConfigError(f"unknown tiny model {path!r}; known: {', '.join(TINY_MODEL_NAMES)}")
+        from rlhf.data.tiny_world import tiny_world_dir
+
+        arch, name = TINY_MODEL_NAMES[str(path)]
+        return str(tiny_world_dir(archs=(arch,)).checkpoint(arch, name))
+    local = Path(path).expanduser()
+    if local.exists():
+        if local.is_dir() and not (local / "config.json").exists() and not (local / "tokenizer_config.json").exists():
+            raise ConfigError(
+                f"{str(path)!r} exists but holds no config.json or tokenizer_config.json; point at a Hugging Face checkpoint directory"
+            )
+        return str(local)
+    if isinstance(path, Path) or looks_like_path(path):
+        raise ConfigError(
+            f"model path {str(path)!r} does not exist (relative paths start from {Path.cwd()}); "
+            f"fix the path, give a Hub name like 'Qwen/Qwen2.5-0.5B', or a tiny model ({', '.join(TINY_MODEL_NAMES)})"
+        )
+    return str(path)
+
+
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer at `path` (see resolve_model_path), with a pad token (eos when it has none)."""
+    resolved = resolve_model_path(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load a tokenizer from {resolved!r}: {e}") from e
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(
+            f"the tokenizer of {resolved!r} has no eos token, so generation could not stop; use a tokenizer that defines one"
+        )
+    if tokenizer.pad_token_id is None:
+        logger.info("tokenizer of %s has no pad token; using eos %r", resolved, tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | str,
+    trust_remote_code: bool = False,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> PreTrainedModel:
+    """The causal LM at `path` (see resolve_model_path) in `dtype`, with eos/pad ids set.
+
+    `dtype` is a torch dtype, "float32", "bfloat16", "float16", or "auto" (the checkpoint's).
+    Missing bos/eos/pad ids in the model and generation configs are filled from `tokenizer` when
+    given; a missing pad id otherwise falls back to the eos id.
+    """
+    if isinstance(dtype, str) and dtype != "auto":
+        if dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)} or 'auto'")
+        dtype = DTYPES[dtype]
+    resolved = resolve_model_path(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load a causal LM from {resolved!r}: {e}") from e
+    _fill_special_token_ids(model, tokenizer)
+    return model
+
+
+def _fill_special_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> None:
+    for config in (model.config, model.generation_config):
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(config, name, None) is None and tokenizer is not None:
+                setattr(config, name, getattr(tokenizer, name))
+        if getattr(config, "pad_token_id", None) is None:
+            eos = getattr(config, "eos_token_id", None)
+            config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    if model.config.eos_token_id is None and model.generation_config.eos_token_id is None:
+        logger.warning(
+            "model %s has no eos token id; pass its tokenizer to load_causal_lm so generation can stop",
+            model.name_or_path,
+        )
