@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -16,6 +17,7 @@ from rlhf.config import RLHFConfig, register_configs
 from rlhf.errors import RLHFError
 
 logger = logging.getLogger("rlhf")
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 register_configs()
 
 
@@ -36,7 +38,7 @@ def train(cfg: RLHFConfig) -> dict[str, float]:
             trainer.close()
 
 
-@hydra.main(config_path="conf", config_name="config", version_base=None)
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
 def _hydra_main(raw: DictConfig) -> float | None:
     cfg: RLHFConfig = OmegaConf.to_object(raw)  # type: ignore[assignment]
     try:

@@ -140,6 +140,8 @@ class RolloutConfig:
     """Free vLLM memory between rollouts (colocated single-GPU mode)."""
     weight_sync_bucket_mb: int = 64
     """Bucket size for streaming weights to the engines."""
+    hf_batch_size: int = 64
+    """Sequences decoded together by the hf backend (prompts × samples are chunked to this)."""
 
 
 @dataclass
@@ -172,6 +174,8 @@ class TrainConfig:
     """ZeRO optimizer state offload to CPU."""
     offload_params: bool = False
     """ZeRO-3 parameter offload to CPU."""
+    zero3_param_persistence_threshold: int = 100_000
+    """ZeRO-3: parameters with fewer elements stay whole on every rank (0 partitions everything)."""
     micro_batch_size: int = 8
     """Sequences per forward/backward per rank."""
     train_batch_size: int = 32
@@ -226,6 +230,9 @@ class ClusterConfig:
     """OMP/torch threads per actor (avoid oversubscription on CPU)."""
     collective_timeout_s: int = 600
     """Timeout of collectives and weight sync; nothing waits forever."""
+    weight_sync_backend: str = "auto"
+    """gloo, nccl, or auto: nccl when trainer and engines each own whole GPUs, else gloo (NCCL refuses
+    two ranks on one shared GPU, as in single_gpu mode)."""
 
 
 @dataclass
@@ -346,12 +353,15 @@ def validate(cfg: RLHFConfig) -> None:
     _require(rollout.num_engines >= 1, f"rollout.num_engines must be >= 1 (got {rollout.num_engines})")
     _require(rollout.n_samples_per_prompt >= 1, "rollout.n_samples_per_prompt must be >= 1")
     _require(rollout.sampling.max_new_tokens >= 1, "rollout.sampling.max_new_tokens must be >= 1")
-    _require(0 < rollout.sampling.top_p <= 1, f"rollout.sampling.top_p must be in (0, 1] (got {rollout.sampling.top_p})")
+    _require(
+        0 < rollout.sampling.top_p <= 1, f"rollout.sampling.top_p must be in (0, 1] (got {rollout.sampling.top_p})"
+    )
     _require(rollout.sampling.temperature > 0, "rollout.sampling.temperature must be > 0 for training rollouts")
     _choice(cfg.model.dtype, DTYPES, "model.dtype")
     _require(cfg.model.lora.rank >= 0, f"model.lora.rank must be >= 0 (got {cfg.model.lora.rank})")
     _choice(cfg.cluster.device, DEVICES, "cluster.device")
     _choice(cfg.cluster.placement_strategy, PLACEMENT_STRATEGIES, "cluster.placement_strategy")
+    _choice(cfg.cluster.weight_sync_backend, ("auto", "gloo", "nccl"), "cluster.weight_sync_backend")
     sequences = run.rollout_batch_size * rollout.n_samples_per_prompt
     _check_train(cfg.policy, "policy", sequences)
     if uses_critic(cfg):
@@ -361,6 +371,14 @@ def validate(cfg: RLHFConfig) -> None:
         cfg.reward.fn is not None or cfg.reward.model_path is not None,
         "no reward: set reward.fn (a rule reward) and/or reward.model_path (a reward model)",
     )
+
+
+def weight_sync_backend(cluster: ClusterConfig) -> str:
+    """The transport between the policy's rank 0 and the rollout engines."""
+    if cluster.weight_sync_backend != "auto":
+        return cluster.weight_sync_backend
+    whole_gpus = cluster.policy.num_gpus >= 1 and cluster.rollout.num_gpus >= 1
+    return "nccl" if cluster.device == "cuda" and whole_gpus else "gloo"
 
 
 def uses_critic(cfg: RLHFConfig) -> bool:

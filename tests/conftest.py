@@ -47,9 +47,20 @@ def ray_cluster():
         num_cpus=8,
         include_dashboard=False,
         _temp_dir=temp_dir,
-        runtime_env={"env_vars": {k: os.environ[k] for k in (
-            "DS_ACCELERATOR", "RAY_AUTH_MODE", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE",
-            "TOKENIZERS_PARALLELISM", "TORCH_EXTENSIONS_DIR", "RLHF_CACHE")}},
+        runtime_env={
+            "env_vars": {
+                k: os.environ[k]
+                for k in (
+                    "DS_ACCELERATOR",
+                    "RAY_AUTH_MODE",
+                    "VLLM_ENABLE_V1_MULTIPROCESSING",
+                    "VLLM_CPU_KVCACHE_SPACE",
+                    "TOKENIZERS_PARALLELISM",
+                    "TORCH_EXTENSIONS_DIR",
+                    "RLHF_CACHE",
+                )
+            }
+        },
     )
     yield ray
     ray.shutdown()

@@ -95,7 +95,7 @@ class RolloutBatch:
             rows = index.tolist()
         else:
             rows = list(index)
-        idx = torch.as_tensor(rows, dtype=torch.long)
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.prompt_ids.device)
         values: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
@@ -142,7 +142,11 @@ class RolloutBatch:
 
     def to(self, device: torch.device | str) -> RolloutBatch:
         return self.replace(
-            **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), Tensor)}
+            **{
+                f.name: getattr(self, f.name).to(device)
+                for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), Tensor)
+            }
         )
 
 

@@ -20,8 +20,16 @@ class PromptBatch:
 
 
 class PromptStream:
-    def __init__(self, token_ids: list[list[int]], texts: list[str], metadata: list[dict[str, Any]], *,
-                 batch_size: int, seed: int, shuffle: bool = True):
+    def __init__(
+        self,
+        token_ids: list[list[int]],
+        texts: list[str],
+        metadata: list[dict[str, Any]],
+        *,
+        batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+    ):
         if not token_ids:
             raise ValueError("PromptStream needs at least one prompt")
         self.token_ids, self.texts, self.metadata = token_ids, texts, metadata

@@ -57,9 +57,17 @@ def prepare(cfg: RLHFConfig) -> PreparedRun:
     evaluation = encode_dataset(cfg.data.eval, cfg, tokenizer, limit=cfg.run.eval_size) if cfg.data.eval else None
     reward_fn = load_reward_fn(cfg.reward.fn) if cfg.reward.fn else None
     stream = PromptStream(
-        train.token_ids, train.texts, train.metadata,
-        batch_size=cfg.run.rollout_batch_size, seed=cfg.run.seed, shuffle=cfg.data.shuffle,
+        train.token_ids,
+        train.texts,
+        train.metadata,
+        batch_size=cfg.run.rollout_batch_size,
+        seed=cfg.run.seed,
+        shuffle=cfg.data.shuffle,
     )
-    logger.info("prepared: model %s, %d train prompts, %d eval prompts", model_path, len(train.token_ids),
-                len(evaluation.token_ids) if evaluation else 0)
+    logger.info(
+        "prepared: model %s, %d train prompts, %d eval prompts",
+        model_path,
+        len(train.token_ids),
+        len(evaluation.token_ids) if evaluation else 0,
+    )
     return PreparedRun(cfg, str(model_path), tokenizer, stream, evaluation, reward_fn, Path(cfg.run.output_dir))

@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 from rlhf.algorithms import ADVANTAGE_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_in_reward, masked_mean
-from rlhf.config import uses_critic, uses_reference
+from rlhf.config import RLHFConfig, TrainConfig, uses_critic, uses_reference, weight_sync_backend
 from rlhf.data.batch import RolloutBatch, pad_sequences
 from rlhf.data.stream import PromptBatch
 from rlhf.trainers.checkpointing import CheckpointManager, read_state
@@ -64,37 +64,53 @@ class RLTrainer:
 
     def _start_roles(self) -> None:
         cfg, path = self.cfg, self.run.model_path
-        common = dict(model_cfg=cfg.model, algo_cfg=cfg.algorithm, cluster_cfg=cfg.cluster, seed=cfg.run.seed)
-        self.policy = self._group(PolicyWorker, "policy", cfg.policy.num_workers, cfg.cluster.policy,
-                                  train_cfg=cfg.policy, **common)
+        trained = dict(
+            model_cfg=cfg.model,
+            algo_cfg=cfg.algorithm,
+            cluster_cfg=cfg.cluster,
+            seed=cfg.run.seed,
+            constant_normalizer=cfg.rollout.sampling.max_new_tokens,
+        )
+        frozen = dict(model_cfg=cfg.model, cluster_cfg=cfg.cluster, micro_batch_size=cfg.policy.micro_batch_size)
+        self.policy = self._group(
+            PolicyWorker, "policy", cfg.policy.num_workers, cfg.cluster.policy, train_cfg=cfg.policy, **trained
+        )
         self.reference = (
-            self._group(ReferenceWorker, "reference", 1, cfg.cluster.reference, **common) if uses_reference(cfg) else None
+            self._group(ReferenceWorker, "reference", 1, cfg.cluster.reference, **frozen)
+            if uses_reference(cfg)
+            else None
         )
         self.critic = (
-            self._group(CriticWorker, "critic", cfg.critic.num_workers, cfg.cluster.critic, train_cfg=cfg.critic, **common)
+            self._group(
+                CriticWorker, "critic", cfg.critic.num_workers, cfg.cluster.critic, train_cfg=cfg.critic, **trained
+            )
             if uses_critic(cfg)
             else None
         )
         self.reward_model = (
-            self._group(RewardWorker, "reward", cfg.reward.num_workers, cfg.cluster.reward, **common)
+            self._group(RewardWorker, "reward", cfg.reward.num_workers, cfg.cluster.reward, **frozen)
             if cfg.reward.model_path
             else None
         )
         self.rollout = RolloutGroup(path, cfg.model, cfg.rollout, cfg.cluster, seed=cfg.run.seed)
-        pending = [self.policy.run(PolicyWorker.init_model, path)]
+        pending = [self.policy.run(PolicyWorker.init_model, path, optimizer_steps_total(cfg, cfg.policy))]
         if self.reference:
             pending.append(self.reference.run(ReferenceWorker.init_model, path))
         if self.critic:
-            pending.append(self.critic.run(CriticWorker.init_model, cfg.critic_model_path or path))
+            pending.append(
+                self.critic.run(
+                    CriticWorker.init_model, cfg.critic_model_path or path, optimizer_steps_total(cfg, cfg.critic)
+                )
+            )
         if self.reward_model:
             pending.append(self.reward_model.run(RewardWorker.init_model, cfg.reward.model_path))
         for group, p in zip([g for g in self.groups() if g is not None], pending):
             group.wait(p)
-        host, port = self.policy.call(PolicyWorker.weight_sync_endpoint)
+        host, port = self.policy.call(PolicyWorker.free_address)
         world = 1 + self.rollout.num_ranks
         timeout = cfg.cluster.collective_timeout_s
-        backend = "nccl" if cfg.cluster.device == "cuda" else "gloo"
-        sender = self.policy.run(PolicyWorker.init_weight_sync, host, port, world, backend, timeout)
+        backend = weight_sync_backend(cfg.cluster)
+        sender = self.policy.run(PolicyWorker.init_weight_sync, host, port, world, backend)
         self.rollout.init_weight_sync(host, port, backend, timeout)
         self.policy.wait(sender)
 
@@ -112,6 +128,9 @@ class RLTrainer:
                 batch, reward_stats = self.score(batch)
             with timer("logprobs"):
                 batch = self.logprobs(batch)
+                rollout_stats["rollout/logprob_diff"] = masked_mean(
+                    (batch.old_logprobs - batch.rollout_logprobs).abs(), batch.response_mask
+                )
             if self.critic:
                 with timer("values"):
                     batch = batch.replace(values=self.critic.call(CriticWorker.compute_values, batch))
@@ -122,7 +141,10 @@ class RLTrainer:
             with timer("sync"):
                 self.sync()
         tokens = float(batch.response_mask.sum())
-        perf = {"perf/tokens_per_s": tokens / timer.seconds["generate"], "perf/samples_per_s": len(batch) / timer.seconds["step"]}
+        perf = {
+            "perf/tokens_per_s": tokens / timer.seconds["generate"],
+            "perf/samples_per_s": len(batch) / timer.seconds["step"],
+        }
         return {**rollout_stats, **reward_stats, **adv_stats, **train_stats, **timer.metrics(), **perf}
 
     def generate(self, prompts: PromptBatch, step: int, *, n: int | None = None, eval_mode: bool = False):
@@ -201,7 +223,7 @@ class RLTrainer:
 
     def sync(self) -> None:
         """Stream the new policy weights into every rollout engine (bucketed, one collective)."""
-        sender = self.policy.run(PolicyWorker.sync_weights)
+        sender = self.policy.run(PolicyWorker.sync_weights, self.cfg.rollout.weight_sync_bucket_mb)
         receivers = self.rollout.receive_weights_async()
         self.policy.wait(sender)
         self.rollout.wait(receivers)
@@ -310,6 +332,12 @@ def build_rollout_batch(prompts: PromptBatch, outputs, *, pad_id: int) -> Rollou
         group_ids=torch.tensor(group_ids),
         metadata=metadata,
     )
+
+
+def optimizer_steps_total(cfg: RLHFConfig, role: TrainConfig) -> int:
+    """Optimizer steps of the whole run for one trained role (the LR schedule's length)."""
+    sequences = cfg.run.rollout_batch_size * cfg.rollout.n_samples_per_prompt
+    return cfg.run.total_steps * cfg.algorithm.ppo_epochs * (sequences // role.train_batch_size)
 
 
 def sample_seed(seed: int, step: int) -> int:

@@ -58,7 +58,15 @@ class MetricsSink:
             self._tb.close()
 
 
-_HEADLINE = ("reward/mean", "eval/accuracy", "policy/loss", "policy/kl", "policy/entropy", "rollout/response_length", "timing/step")
+_HEADLINE = (
+    "reward/mean",
+    "eval/accuracy",
+    "policy/loss",
+    "policy/kl",
+    "policy/entropy",
+    "rollout/response_length",
+    "timing/step",
+)
 
 
 def format_metrics(values: Mapping[str, float]) -> str:

@@ -1,0 +1,103 @@
+"""The critic: DeepSpeed training of a ValueModel (backbone + linear value head) with the clipped value loss.
+
+`values[:, j]` is the value of the state before response token j: the head reads the hidden state
+at full position P + j - 1 (see rlhf.models.value_model). LoRA does not apply to the critic.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from rlhf.algorithms import value_loss
+from rlhf.config import AlgorithmConfig, ClusterConfig, ModelConfig, TrainConfig
+from rlhf.data.batch import RolloutBatch
+from rlhf.models.value_model import ValueModel, hf_name, response_values
+from rlhf.workers.group import dispatch
+from rlhf.workers.trainable import StepStats, TrainableWorker, device_chunks, require_fields
+
+logger = logging.getLogger(__name__)
+
+
+class CriticWorker(TrainableWorker):
+    """One data-parallel rank of the critic."""
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        train_cfg: TrainConfig,
+        algo_cfg: AlgorithmConfig,
+        cluster_cfg: ClusterConfig,
+        seed: int = 0,
+        *,
+        constant_normalizer: Optional[float] = None,
+    ):
+        """`constant_normalizer`: C of the seq_mean_token_sum_norm aggregation."""
+        super().__init__(model_cfg, train_cfg, cluster_cfg, seed)
+        self.algo_cfg = algo_cfg
+        self.constant_normalizer = constant_normalizer
+
+    @dispatch("broadcast", collect="first")
+    def init_model(self, model_path: str, num_training_steps: Optional[int] = None) -> dict[str, int]:
+        """Backbone from `model_path` (a policy or critic checkpoint); its value head, or a fresh one."""
+        self._setup_distributed()
+        model = ValueModel.from_pretrained(model_path, dtype=self.dtype, head_seed=self.seed)
+        if self.model_cfg.gradient_checkpointing:
+            model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self._build_engine(model, num_training_steps)
+        return {"num_parameters": sum(p.numel() for p in model.parameters())}
+
+    @dispatch("split_dp", collect="concat")
+    def compute_values(self, batch: RolloutBatch) -> Tensor:
+        """Values [B, R] of the state before each response token (eval mode, no grad)."""
+        engine = self._require_engine()
+        engine.eval()
+        parts = []
+        with torch.no_grad():
+            for micro in device_chunks(batch, self.train_cfg.micro_batch_size, engine.device):
+                parts.append(response_values(engine, micro).float().cpu())
+        return torch.cat(parts) if parts else torch.zeros(0, batch.response_ids.shape[1])
+
+    @dispatch("split_dp", collect="mean")
+    def update(self, batch: RolloutBatch) -> dict[str, float]:
+        """Clipped value-loss regression onto batch.returns (old values: batch.values); stats `critic/...`."""
+        engine = self._require_engine()
+        require_fields(self.role, batch, "values", "returns")
+        algo = self.algo_cfg
+        engine.train()
+        stats = StepStats()
+        for minibatch in self._minibatches(batch, algo.ppo_epochs):
+            tokens, seqs = self._global_counts(minibatch.response_mask)
+            for micro in device_chunks(minibatch, self.train_cfg.micro_batch_size, engine.device):
+                values = response_values(engine, micro)
+                loss, loss_stats = value_loss(
+                    values,
+                    micro.values,
+                    micro.returns,
+                    micro.response_mask,
+                    clip_range=algo.value_clip,
+                    agg=algo.loss_agg,
+                    global_tokens=tokens,
+                    global_seqs=seqs,
+                    constant_normalizer=self.constant_normalizer,
+                )
+                engine.backward(loss)
+                engine.step()
+                stats.add_share("critic/loss", loss_stats.pop("critic/loss"))
+                for key, value in loss_stats.items():
+                    stats.add_mean(key, value)
+            stats.minibatches += 1
+            stats.add_mean("critic/grad_norm", engine.grad_norm())
+            stats.add_mean("critic/lr", engine.lr())
+        return stats.reduce(self.world_size, engine.device)
+
+    @dispatch("broadcast", collect="first")
+    def save_hf(self, directory: str) -> str:
+        """Backbone checkpoint plus value_head.* tensors (ValueModel.from_pretrained reads it back)."""
+        engine = self._require_engine()
+        engine.save_hf(directory, config=engine.module.config, rename=hf_name)
+        return str(Path(directory))

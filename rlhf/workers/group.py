@@ -1,0 +1,473 @@
+"""WorkerGroup: N Ray actors of one role, called like one object.
+
+A worker method declares how a call is spread over the ranks and how the answers come back:
+
+    class PolicyWorker(Worker):
+        @dispatch("split_dp", collect="concat")
+        def compute_logprobs(self, batch: RolloutBatch) -> Tensor: ...
+
+    pending = policy.run(PolicyWorker.compute_logprobs, batch)   # futures, returns at once
+    logprobs = policy.wait(pending)                               # the visible blocking point
+
+Dispatch modes (the closed set of STYLE.md §2.5):
+  broadcast  every rank gets the same arguments (large ones are `ray.put` once and shared).
+  split_dp   every RolloutBatch, Tensor (along dim 0) and list argument is cut into world_size
+             equal contiguous shards, rank i gets shard i; other arguments (numbers, strings,
+             None, tuples, dicts) go whole to every rank. Shards are cut in the driver before
+             they are serialised, so each actor receives only its own rows.
+  rank0      only rank 0 is called (the other ranks must not be needed by the method).
+  all        per-rank arguments: every argument is a list or tuple of length world_size and
+             rank i gets element i of each. With no arguments it calls every rank, like broadcast.
+Collect modes: list (answers in rank order), concat (RolloutBatch.concat, torch.cat on dim 0, or
+list concatenation), first (rank 0's answer), mean (per-key mean of dicts of floats, or of floats).
+
+Any remote exception, a dead actor or a timeout becomes `WorkerError` naming the role and rank,
+with the remote traceback; `wait` returns as soon as any rank fails, so a rank blocked in a
+collective with a dead peer cannot hang the driver. Call `shutdown()` after such an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, TypeVar
+
+import ray
+import torch
+import torch.distributed as dist
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from torch import Tensor
+
+from rlhf.config import ResourceConfig
+from rlhf.data.batch import RolloutBatch
+from rlhf.engines.train_engine import init_distributed
+from rlhf.errors import ConfigError, WorkerError
+from rlhf.utils.distributed import free_port, node_ip, process_env, rank_env
+
+logger = logging.getLogger(__name__)
+
+DispatchMode = Literal["broadcast", "split_dp", "rank0", "all"]
+CollectMode = Literal["list", "concat", "first", "mean"]
+DISPATCH_MODES: tuple[str, ...] = ("broadcast", "split_dp", "rank0", "all")
+COLLECT_MODES: tuple[str, ...] = ("list", "concat", "first", "mean")
+PLACEMENT_STRATEGIES: tuple[str, ...] = ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class DispatchSpec:
+    """How a worker method is called on a group: stored on the function as `dispatch_spec`."""
+
+    mode: str
+    """One of DISPATCH_MODES."""
+    collect: str
+    """One of COLLECT_MODES."""
+
+
+def dispatch(mode: DispatchMode, collect: CollectMode = "list") -> Callable[[F], F]:
+    """Declare how `WorkerGroup.run` spreads a call of this method and gathers its answers."""
+    if mode not in DISPATCH_MODES:
+        raise ValueError(f"unknown dispatch mode {mode!r}; known: {', '.join(DISPATCH_MODES)}")
+    if collect not in COLLECT_MODES:
+        raise ValueError(f"unknown collect mode {collect!r}; known: {', '.join(COLLECT_MODES)}")
+    spec = DispatchSpec(mode, collect)
+
+    def decorator(fn: F) -> F:
+        fn.dispatch_spec = spec  # type: ignore[attr-defined]
+        return fn
+
+    return decorator
+
+
+@dataclass(frozen=True)
+class Pending:
+    """The futures of one `WorkerGroup.run`; hand it to `WorkerGroup.wait`."""
+
+    method: str
+    """Name of the worker method."""
+    spec: DispatchSpec
+    """The method's dispatch and collect modes."""
+    ranks: tuple[int, ...]
+    """Ranks that were called, in order."""
+    refs: tuple[ray.ObjectRef, ...]
+    """One future per called rank."""
+
+
+class Worker:
+    """Base of every actor class a WorkerGroup hosts (a plain class; the group wraps it in ray.remote).
+
+    The group sets RANK/WORLD_SIZE/LOCAL_RANK in the process environment before the actor starts,
+    and MASTER_ADDR/MASTER_PORT before any method runs, so subclasses can read `self.rank` in
+    `__init__` and call `setup_distributed()` from their first method.
+    """
+
+    def __init__(self) -> None:
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.role = os.environ.get("RLHF_ROLE", type(self).__name__)
+        threads = os.environ.get("OMP_NUM_THREADS")
+        if threads:
+            torch.set_num_threads(int(threads))
+        _configure_worker_logging(self.rank)
+
+    @dispatch("broadcast", collect="list")
+    def ping(self) -> dict[str, Any]:
+        """Liveness answer: who and where this actor is (queued behind a running call)."""
+        return {"role": self.role, "rank": self.rank, "pid": os.getpid(), "node_ip": node_ip()}
+
+    @dispatch("rank0", collect="first")
+    def free_address(self) -> tuple[str, int]:
+        """(node IP, free TCP port) of this actor's node: a rendezvous address hosted by rank 0."""
+        return node_ip(), free_port()
+
+    @dispatch("broadcast", collect="list")
+    def set_env(self, env: dict[str, str]) -> None:
+        """Set process environment variables (the group uses it for MASTER_ADDR/MASTER_PORT)."""
+        os.environ.update(env)
+
+    def setup_distributed(self, backend: str, timeout_s: float) -> None:
+        """Join the group's default torch.distributed group through DeepSpeed (idempotent).
+
+        Uses the env:// variables the group set. On CUDA, LOCAL_RANK is mapped onto the devices this
+        actor sees (Ray narrows CUDA_VISIBLE_DEVICES per actor), because DeepSpeed calls
+        set_device(LOCAL_RANK).
+        """
+        if dist.is_initialized():
+            return
+        if backend == "nccl":
+            device_index = self.local_rank % max(torch.cuda.device_count(), 1)
+            os.environ["LOCAL_RANK"] = str(device_index)
+            torch.cuda.set_device(device_index)
+        init_distributed(backend, timeout_s)
+
+
+class WorkerGroup:
+    """`num_workers` actors of `worker_cls` in one placement group, one bundle per rank.
+
+    Roles can share bundles (colocation): create the placement group once with
+    `create_placement_group` (bundles big enough for every role on them) and pass it with the
+    bundle indices to each role's group; fractional `num_cpus`/`num_gpus` let them fit.
+    """
+
+    def __init__(
+        self,
+        worker_cls: type,
+        *,
+        role: str,
+        num_workers: int,
+        resources: ResourceConfig,
+        placement_strategy: str = "PACK",
+        init_args: Sequence[Any] = (),
+        init_kwargs: Optional[dict[str, Any]] = None,
+        env_vars: Optional[dict[str, str]] = None,
+        device: str = "cpu",
+        threads_per_worker: int = 1,
+        placement_group: Optional[PlacementGroup] = None,
+        bundle_indices: Optional[Sequence[int]] = None,
+        startup_timeout_s: float = 300.0,
+    ):
+        if num_workers < 1:
+            raise ConfigError(f"{role}: num_workers must be >= 1, got {num_workers}")
+        if not (isinstance(worker_cls, type) and issubclass(worker_cls, Worker)):
+            raise TypeError(f"{role}: worker_cls must be a subclass of rlhf.workers.group.Worker, got {worker_cls!r}")
+        self.worker_cls = worker_cls
+        self.role = role
+        self.world_size = num_workers
+        self._owns_placement_group = placement_group is None
+        if placement_group is None:
+            placement_group = create_placement_group(
+                [resource_bundle(resources)] * num_workers,
+                placement_strategy,
+                timeout_s=startup_timeout_s,
+                name=f"rlhf-{role}-{uuid.uuid4().hex[:8]}",  # Ray's placement-group names are cluster-wide
+            )
+            bundle_indices = list(range(num_workers))
+        elif bundle_indices is None:
+            bundle_indices = list(range(num_workers))
+        if len(bundle_indices) != num_workers:
+            raise ConfigError(f"{role}: {len(bundle_indices)} bundle indices given for {num_workers} workers")
+        self.placement_group = placement_group
+        self.bundle_indices = list(bundle_indices)
+        self._actors: list[Any] = []
+        try:
+            self._start_actors(
+                resources, init_args, dict(init_kwargs or {}), dict(env_vars or {}), device, threads_per_worker
+            )
+            self._set_rendezvous(startup_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+        logger.info("%s: %d workers up (%s)", role, num_workers, worker_cls.__name__)
+
+    # -- calling ------------------------------------------------------------------------------
+
+    def run(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Pending:
+        """Start `method` on the ranks its @dispatch mode names; returns futures at once."""
+        name, spec = self._resolve(method)
+        calls = _per_rank_arguments(spec.mode, self.world_size, args, kwargs, f"{self.role}.{name}")
+        ranks = tuple(sorted(calls))
+        refs = tuple(getattr(self._actors[r], name).remote(*calls[r][0], **calls[r][1]) for r in ranks)
+        return Pending(name, spec, ranks, refs)
+
+    def wait(self, pending: Pending, timeout: Optional[float] = None) -> Any:
+        """Block until every rank answered, then collect per the method's mode.
+
+        Raises WorkerError at the first failing rank (remote exception, dead actor) or when
+        `timeout` seconds pass first; the other ranks are left running (call `shutdown`).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        remaining = dict(zip(pending.refs, pending.ranks))
+        results: dict[int, Any] = {}
+        while remaining:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            ready, _ = ray.wait(list(remaining), num_returns=1, timeout=left)
+            if not ready:
+                waiting = sorted(remaining.values())
+                raise WorkerError(
+                    f"{self.role} ranks {waiting}",
+                    f"{pending.method} did not finish within {timeout:g}s; raise the timeout or check the "
+                    f"workers' logs (a rank may be stuck in a collective)",
+                )
+            for ref in ready:
+                rank = remaining.pop(ref)
+                results[rank] = self._get(ref, rank, pending.method)
+        return _collect(pending.spec.collect, [results[r] for r in pending.ranks], f"{self.role}.{pending.method}")
+
+    def call(self, method: Callable[..., Any], *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> Any:
+        """`wait(run(method, ...))`: a blocking call, for phases with nothing to overlap."""
+        return self.wait(self.run(method, *args, **kwargs), timeout=timeout)
+
+    def ping(self, timeout: float = 60.0) -> list[dict[str, Any]]:
+        """Health check: every rank's (role, rank, pid, node_ip); WorkerError if one is dead or silent."""
+        return self.call(Worker.ping, timeout=timeout)
+
+    def shutdown(self) -> None:
+        """Kill the actors and remove the placement group if this group created it (idempotent)."""
+        for actor in self._actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception as e:  # already dead
+                logger.debug("%s: kill: %s", self.role, e)
+        self._actors = []
+        if self._owns_placement_group and self.placement_group is not None:
+            try:
+                remove_placement_group(self.placement_group)
+            except Exception as e:
+                logger.debug("%s: remove placement group: %s", self.role, e)
+            self.placement_group = None
+
+    @property
+    def actors(self) -> list[Any]:
+        """The Ray actor handles, in rank order (for wiring, e.g. passing to another role)."""
+        return list(self._actors)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _start_actors(
+        self,
+        resources: ResourceConfig,
+        init_args: Sequence[Any],
+        init_kwargs: dict[str, Any],
+        env_vars: dict[str, str],
+        device: str,
+        threads: int,
+    ) -> None:
+        remote_cls = ray.remote(self.worker_cls)
+        local_ranks, local_sizes = _local_ranks(self.placement_group, self.bundle_indices)
+        for rank, bundle in enumerate(self.bundle_indices):
+            env = {
+                **process_env(device=device, threads=threads),
+                **rank_env(
+                    rank=rank,
+                    world_size=self.world_size,
+                    local_rank=local_ranks[rank],
+                    local_world_size=local_sizes[rank],
+                ),
+                "RLHF_ROLE": self.role,
+                **env_vars,
+            }
+            actor = remote_cls.options(
+                num_cpus=resources.num_cpus,
+                num_gpus=resources.num_gpus,
+                max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.placement_group, placement_group_bundle_index=bundle
+                ),
+                runtime_env={"env_vars": env},
+            ).remote(*init_args, **init_kwargs)
+            self._actors.append(actor)
+
+    def _set_rendezvous(self, timeout_s: float) -> None:
+        # Rank 0's node and a port free there; every rank learns it before any method runs.
+        host, port = self.call(Worker.free_address, timeout=timeout_s)
+        self.call(Worker.set_env, {"MASTER_ADDR": host, "MASTER_PORT": str(port)}, timeout=timeout_s)
+
+    def _resolve(self, method: Callable[..., Any]) -> tuple[str, DispatchSpec]:
+        name = getattr(method, "__name__", None)
+        owners = [c for c in self.worker_cls.__mro__ if name is not None and vars(c).get(name) is method]
+        if not owners:
+            raise TypeError(
+                f"{self.role}: {method!r} is not a method of {self.worker_cls.__name__}; pass the method "
+                f"object, e.g. group.run({self.worker_cls.__name__}.<method>, ...)"
+            )
+        spec = getattr(getattr(self.worker_cls, name), "dispatch_spec", None)
+        if not isinstance(spec, DispatchSpec):
+            raise TypeError(f"{self.worker_cls.__name__}.{name} has no @dispatch(...) declaration")
+        return name, spec
+
+    def _get(self, ref: ray.ObjectRef, rank: int, method: str) -> Any:
+        actor = f"{self.role} rank {rank}"
+        try:
+            return ray.get(ref)
+        except RayTaskError as e:
+            # str(e) of Ray's task error is the remote traceback with the actor's pid and ip
+            cause = e.cause if e.cause is not None else e
+            raise WorkerError(actor, f"{method} raised {type(cause).__name__}: {cause}", str(e)) from None
+        except RayActorError as e:
+            raise WorkerError(actor, f"actor died during {method}", str(e)) from None
+        except (GetTimeoutError, RayError) as e:
+            raise WorkerError(actor, f"{method} failed: {type(e).__name__}", str(e)) from None
+
+
+def resource_bundle(resources: ResourceConfig) -> dict[str, float]:
+    """One rank's placement-group bundle; zero entries are left out (Ray rejects them)."""
+    bundle = {"CPU": float(resources.num_cpus), "GPU": float(resources.num_gpus)}
+    bundle = {k: v for k, v in bundle.items() if v > 0}
+    if not bundle:
+        raise ConfigError("a worker needs num_cpus > 0 or num_gpus > 0 to get a placement-group bundle")
+    return bundle
+
+
+def create_placement_group(
+    bundles: list[dict[str, float]], strategy: str = "PACK", *, timeout_s: float = 300.0, name: str = ""
+) -> PlacementGroup:
+    """A placement group with `bundles`, ready to use; WorkerError if the cluster cannot host it in time."""
+    if strategy not in PLACEMENT_STRATEGIES:
+        raise ConfigError(f"unknown placement strategy {strategy!r}; known: {', '.join(PLACEMENT_STRATEGIES)}")
+    pg = placement_group(bundles, strategy=strategy, name=name)
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+    except GetTimeoutError:
+        remove_placement_group(pg)
+        total: dict[str, float] = {}
+        for bundle in bundles:
+            for k, v in bundle.items():
+                total[k] = total.get(k, 0.0) + v
+        raise WorkerError(
+            name or "placement group",
+            f"{len(bundles)} bundles {bundles[0]} ({strategy}, {total} in all) could not be placed within "
+            f"{timeout_s:g}s; the cluster has {ray.available_resources()} free. Lower num_workers or the "
+            f"per-role num_cpus/num_gpus, or add nodes",
+        ) from None
+    return pg
+
+
+def _local_ranks(pg: PlacementGroup, bundle_indices: Sequence[int]) -> tuple[list[int], list[int]]:
+    """LOCAL_RANK and LOCAL_WORLD_SIZE of each rank from the node its bundle landed on."""
+    table = ray.util.placement_group_table(pg)
+    nodes = [table["bundles_to_node_id"].get(b, "") for b in bundle_indices]
+    counts: dict[str, int] = {}
+    local = []
+    for node in nodes:
+        local.append(counts.get(node, 0))
+        counts[node] = counts.get(node, 0) + 1
+    return local, [counts[n] for n in nodes]
+
+
+def _per_rank_arguments(
+    mode: str, world_size: int, args: tuple[Any, ...], kwargs: dict[str, Any], where: str
+) -> dict[int, tuple[tuple[Any, ...], dict[str, Any]]]:
+    """rank -> (args, kwargs) for one call in `mode`."""
+    if mode == "rank0":
+        return {0: (args, kwargs)}
+    if mode == "broadcast":
+        shared_args = tuple(_put_if_large(a) for a in args)
+        shared_kwargs = {k: _put_if_large(v) for k, v in kwargs.items()}
+        return {r: (shared_args, shared_kwargs) for r in range(world_size)}
+    if mode == "split_dp":
+        split_args = [_split(a, world_size, f"{where} argument {i}") for i, a in enumerate(args)]
+        split_kwargs = {k: _split(v, world_size, f"{where} argument {k!r}") for k, v in kwargs.items()}
+        return {
+            r: (tuple(s[r] for s in split_args), {k: s[r] for k, s in split_kwargs.items()}) for r in range(world_size)
+        }
+    # mode == "all": per-rank values
+    for label, value in [*((str(i), a) for i, a in enumerate(args)), *kwargs.items()]:
+        if not isinstance(value, (list, tuple)) or len(value) != world_size:
+            raise ValueError(
+                f"{where}: dispatch mode 'all' needs every argument to be a list of {world_size} per-rank "
+                f"values; argument {label} is {type(value).__name__}"
+                + (f" of length {len(value)}" if isinstance(value, (list, tuple)) else "")
+            )
+    return {r: (tuple(a[r] for a in args), {k: v[r] for k, v in kwargs.items()}) for r in range(world_size)}
+
+
+def _split(value: Any, n: int, where: str) -> list[Any]:
+    """n equal shards of a RolloutBatch / Tensor / list; anything else is repeated."""
+    if isinstance(value, RolloutBatch):
+        rows = len(value)
+    elif isinstance(value, Tensor):
+        rows = value.shape[0] if value.dim() else 0
+    elif isinstance(value, list):
+        rows = len(value)
+    else:
+        return [value] * n
+    if rows % n:
+        raise ConfigError(
+            f"{where}: {rows} rows cannot be split into {n} equal data-parallel shards; make the batch "
+            f"(rollout_batch_size × n_samples_per_prompt) divisible by num_workers {n}"
+        )
+    size = rows // n
+    if isinstance(value, RolloutBatch):
+        return value.split(n)
+    if isinstance(value, Tensor):
+        # clone: pickling a view would ship the whole underlying storage to every rank
+        return [value[i * size : (i + 1) * size].clone() for i in range(n)]
+    return [value[i * size : (i + 1) * size] for i in range(n)]
+
+
+def _put_if_large(value: Any) -> Any:
+    """Store tensors and batches once in the object store so N ranks share one copy."""
+    if isinstance(value, (RolloutBatch, Tensor)):
+        return ray.put(value)
+    return value
+
+
+def _collect(mode: str, results: list[Any], where: str) -> Any:
+    if mode == "list":
+        return results
+    if mode == "first":
+        return results[0]
+    if mode == "concat":
+        if all(isinstance(r, RolloutBatch) for r in results):
+            return RolloutBatch.concat(results)
+        if all(isinstance(r, Tensor) for r in results):
+            return torch.cat(results, dim=0)
+        if all(isinstance(r, list) for r in results):
+            return [x for r in results for x in r]
+        raise TypeError(
+            f"{where}: collect 'concat' needs RolloutBatch, Tensor or list results, got {type(results[0]).__name__}"
+        )
+    # mode == "mean"
+    if all(isinstance(r, dict) for r in results):
+        keys = list(dict.fromkeys(k for r in results for k in r))
+        return {k: sum(float(r[k]) for r in results if k in r) / sum(1 for r in results if k in r) for k in keys}
+    return sum(float(r) for r in results) / len(results)
+
+
+def _configure_worker_logging(rank: int) -> None:
+    """Rank 0 of a group logs INFO, the others WARNING (STYLE.md §2.12); actor stderr reaches the driver."""
+    package_logger = logging.getLogger("rlhf")
+    if not package_logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        package_logger.addHandler(handler)
+    package_logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO dumps the whole config per rank

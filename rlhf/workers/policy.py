@@ -1,0 +1,239 @@
+"""The actor policy: DeepSpeed ZeRO training of a causal LM (optionally LoRA), logprobs, weight sync.
+
+Loss of one micro-batch (each term aggregated with the minibatch's global counts, see trainable.py):
+
+    loss = POLICY_LOSSES[algorithm.policy_loss](logprobs, old_logprobs, advantages, mask, ...)
+         + kl_coef · kl_loss(logprobs, ref_logprobs)        when use_kl_loss and kl_coef > 0
+         - entropy_coef · aggregate(entropy)                 when entropy_coef > 0
+
+with truncated importance-sampling weights min(exp(old - rollout), cap) on the policy term when
+algorithm.rollout_is_cap is set and the batch carries the rollout engine's logprobs.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from rlhf.algorithms import (
+    POLICY_LOSSES,
+    aggregate,
+    compute_truncated_is_weights,
+    entropy_from_logits,
+    kl_loss,
+    logprobs_from_logits,
+)
+from rlhf.config import AlgorithmConfig, ClusterConfig, ModelConfig, TrainConfig
+from rlhf.data.batch import RolloutBatch
+from rlhf.engines.weight_sync import WeightSyncGroup
+from rlhf.errors import WeightSyncError
+from rlhf.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
+from rlhf.models.logprobs import response_logits, response_logprobs
+from rlhf.models.peft_utils import apply_lora
+from rlhf.workers.group import dispatch
+from rlhf.workers.trainable import StepStats, TrainableWorker, device_chunks, require_fields
+
+logger = logging.getLogger(__name__)
+
+
+class PolicyWorker(TrainableWorker):
+    """One data-parallel rank of the policy."""
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        train_cfg: TrainConfig,
+        algo_cfg: AlgorithmConfig,
+        cluster_cfg: ClusterConfig,
+        seed: int = 0,
+        *,
+        constant_normalizer: Optional[float] = None,
+    ):
+        """`constant_normalizer`: C of the seq_mean_token_sum_norm aggregation (Dr.GRPO: max_new_tokens)."""
+        super().__init__(model_cfg, train_cfg, cluster_cfg, seed)
+        POLICY_LOSSES.check(algo_cfg.policy_loss, "algorithm.policy_loss")
+        self.algo_cfg = algo_cfg
+        self.policy_loss = POLICY_LOSSES.get(algo_cfg.policy_loss)
+        self.constant_normalizer = constant_normalizer
+        self.tokenizer: Any = None
+        self.hf_config: Any = None
+        self.generation_config: Any = None
+        self._weight_sync: Optional[WeightSyncGroup] = None
+
+    @dispatch("broadcast", collect="first")
+    def init_model(self, model_path: str, num_training_steps: Optional[int] = None) -> dict[str, int]:
+        """Load the HF checkpoint at `model_path`, add LoRA if configured, start DeepSpeed.
+
+        `num_training_steps` (optimizer steps of the whole run) is needed by the cosine schedule.
+        Returns {"num_parameters", "num_trainable_parameters"}.
+        """
+        self._setup_distributed()
+        path = resolve_model_path(model_path)
+        self.tokenizer = _load_tokenizer(path, self.model_cfg.trust_remote_code)
+        model = load_causal_lm(
+            path, dtype=self.dtype, trust_remote_code=self.model_cfg.trust_remote_code, tokenizer=self.tokenizer
+        )
+        model.config.use_cache = False
+        self.hf_config = model.config
+        self.generation_config = getattr(model, "generation_config", None)
+        if self.model_cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = apply_lora(model, self.model_cfg.lora)
+        counts = {
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "num_trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        }
+        self._build_engine(model, num_training_steps)
+        return counts
+
+    @dispatch("split_dp", collect="concat")
+    def compute_logprobs(self, batch: RolloutBatch, temperature: float = 1.0) -> Tensor:
+        """Logprobs [B, R] of the response tokens under the current weights (eval mode, no grad)."""
+        engine = self._require_engine()
+        engine.eval()
+        parts = []
+        with torch.no_grad():
+            for micro in device_chunks(batch, self.train_cfg.micro_batch_size, engine.device):
+                logprobs, _ = response_logprobs(engine, micro, temperature=temperature)
+                parts.append(logprobs.float().cpu())
+        return torch.cat(parts) if parts else torch.zeros(0, batch.response_ids.shape[1])
+
+    @dispatch("split_dp", collect="mean")
+    def update(self, batch: RolloutBatch, temperature: float = 1.0) -> dict[str, float]:
+        """ppo_epochs × minibatches of PPO-style updates on this rank's shard; global stats `policy/...`.
+
+        Needs batch.old_logprobs and batch.advantages (and ref_logprobs with the KL loss).
+        """
+        engine = self._require_engine()
+        needed = ["old_logprobs", "advantages"]
+        if self._use_kl_loss:
+            needed.append("ref_logprobs")
+        require_fields(self.role, batch, *needed)
+        engine.train()
+        stats = StepStats()
+        for minibatch in self._minibatches(batch, self.algo_cfg.ppo_epochs):
+            tokens, seqs = self._global_counts(minibatch.response_mask)
+            for micro in device_chunks(minibatch, self.train_cfg.micro_batch_size, engine.device):
+                engine.backward(self._micro_batch_loss(micro, tokens, seqs, temperature, stats))
+                engine.step()
+            stats.minibatches += 1
+            stats.add_mean("policy/grad_norm", engine.grad_norm())
+            stats.add_mean("policy/lr", engine.lr())
+        return stats.reduce(self.world_size, engine.device)
+
+    def _micro_batch_loss(
+        self, micro: RolloutBatch, tokens: Tensor, seqs: Tensor, temperature: float, stats: StepStats
+    ) -> Tensor:
+        algo = self.algo_cfg
+        counts = {"global_tokens": tokens, "global_seqs": seqs, "constant_normalizer": self.constant_normalizer}
+        mask = micro.response_mask
+        logits = response_logits(self._require_engine(), micro, temperature=temperature)
+        logprobs = logprobs_from_logits(logits, micro.response_ids)
+        is_weights = None
+        if algo.rollout_is_cap is not None and micro.rollout_logprobs is not None:
+            is_weights = compute_truncated_is_weights(
+                micro.old_logprobs, micro.rollout_logprobs, mask, cap=algo.rollout_is_cap
+            )
+        loss, loss_stats = self.policy_loss(
+            logprobs,
+            micro.old_logprobs,
+            micro.advantages,
+            mask,
+            clip_low=algo.clip_low,
+            clip_high=algo.clip_high,
+            dual_clip=algo.dual_clip,
+            agg=algo.loss_agg,
+            rollout_is_weights=is_weights,
+            **counts,
+        )
+        stats.add_share("policy/loss", loss_stats.pop("policy/loss"))
+        for key, value in loss_stats.items():
+            stats.add_mean(key, value)
+        if self._use_kl_loss:
+            kl, _ = kl_loss(logprobs, micro.ref_logprobs, mask, kind=algo.kl_estimator, agg=algo.loss_agg, **counts)
+            loss = loss + algo.kl_coef * kl
+            stats.add_share("policy/kl", kl)
+        # entropy joins the graph only when it is part of the loss (it costs a [B, R, V] softmax)
+        with torch.set_grad_enabled(algo.entropy_coef > 0 and torch.is_grad_enabled()):
+            entropy = aggregate(entropy_from_logits(logits), mask, algo.loss_agg, **counts)
+        if algo.entropy_coef > 0:
+            loss = loss - algo.entropy_coef * entropy
+        stats.add_share("policy/entropy", entropy)
+        stats.add_share("policy/total_loss", loss)
+        return loss
+
+    @property
+    def _use_kl_loss(self) -> bool:
+        return self.algo_cfg.use_kl_loss and self.algo_cfg.kl_coef > 0
+
+    # -- export and weight sync ---------------------------------------------------------------
+
+    @dispatch("broadcast", collect="first")
+    def save_hf(self, directory: str) -> str:
+        """Plain HF checkpoint (safetensors, LoRA merged, config, tokenizer) written by rank 0 (all ranks gather)."""
+        engine = self._require_engine()
+        engine.save_hf(
+            directory, config=self.hf_config, tokenizer=self.tokenizer, generation_config=self.generation_config
+        )
+        return str(Path(directory))
+
+    @dispatch("rank0", collect="first")
+    def init_weight_sync(self, host: str, port: int, world_size: int, backend: str = "gloo") -> None:
+        """Join the weight-sync group as its rank 0 (engines are ranks 1..world_size-1).
+
+        Blocks until every engine joins: start the engines' join with `run` before waiting on this.
+        """
+        if self._weight_sync is not None:
+            self._weight_sync.close()
+        self._weight_sync = WeightSyncGroup.create(
+            host, port, 0, world_size, backend=backend, timeout_s=self.cluster_cfg.collective_timeout_s
+        )
+
+    @dispatch("rank0", collect="first")
+    def close_weight_sync(self) -> None:
+        """Leave the weight-sync group (after the engines closed their side)."""
+        if self._weight_sync is not None:
+            self._weight_sync.close()
+            self._weight_sync = None
+
+    @dispatch("broadcast", collect="first")
+    def sync_weights(self, bucket_mb: int = 64) -> dict[str, float]:
+        """Stream the full weights to the engines; every rank takes part in the ZeRO-3 gathers.
+
+        Rank 0 feeds the gathered (LoRA-merged, plain-named) tensors straight into the sync group's
+        bucketed broadcast; the engines must be in `receive` at the same time. Returns rank 0's
+        transfer stats (`weight_sync/...`).
+        """
+        engine = self._require_engine()
+        bucket_bytes = bucket_mb << 20
+        named = engine.iter_full_parameters(bucket_bytes)
+        if self.rank != 0:
+            for _ in named:
+                pass
+            return {}
+        try:
+            if self._weight_sync is None:
+                raise WeightSyncError("sync_weights before init_weight_sync: join the weight-sync group first")
+            sent = self._weight_sync.send(named, bucket_bytes=bucket_bytes)
+        except BaseException:
+            # finish the gathers so the other ranks are not left blocked in a collective
+            for _ in named:
+                pass
+            raise
+        return {
+            "weight_sync/seconds": sent.seconds,
+            "weight_sync/mib": sent.num_bytes / 2**20,
+            "weight_sync/tensors": float(sent.num_tensors),
+            "weight_sync/buckets": float(sent.num_buckets),
+        }
+
+
+def _load_tokenizer(path: str, trust_remote_code: bool) -> Any:
+    """The checkpoint's tokenizer (save_hf writes it again), or None for a weights-only directory."""
+    if Path(path).is_dir() and not (Path(path) / "tokenizer_config.json").exists():
+        return None
+    return load_tokenizer(path, trust_remote_code=trust_remote_code)

@@ -1,0 +1,83 @@
+"""A sequence-classification reward model (num_labels=1) that scores whole responses.
+
+The score is the head's output at the last real token of each sequence, found from the attention
+mask, not from pad_token_id: with pad == eos (common) the HF pooling would skip a final EOS.
+Rule-based rewards run in the driver and need no worker.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from rlhf.config import ClusterConfig, ModelConfig
+from rlhf.data.batch import RolloutBatch
+from rlhf.errors import ConfigError
+from rlhf.models.loading import DTYPES, resolve_model_path
+from rlhf.workers.group import Worker, dispatch
+from rlhf.workers.trainable import device_chunks
+
+logger = logging.getLogger(__name__)
+
+
+class RewardWorker(Worker):
+    """Hosts AutoModelForSequenceClassification(num_labels=1); `score` returns [B]."""
+
+    def __init__(self, model_cfg: ModelConfig, cluster_cfg: ClusterConfig, *, micro_batch_size: int = 8):
+        super().__init__()
+        self.model_cfg = model_cfg
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device()) if cluster_cfg.device == "cuda" else torch.device("cpu")
+        )
+        self.micro_batch_size = micro_batch_size
+        self.model: torch.nn.Module | None = None
+
+    @dispatch("broadcast", collect="first")
+    def init_model(self, model_path: str) -> dict[str, int]:
+        """Load the reward model; it must have a `score` head with one output."""
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(
+            resolve_model_path(model_path),
+            num_labels=1,
+            dtype=DTYPES[self.model_cfg.dtype],
+            trust_remote_code=self.model_cfg.trust_remote_code,
+        )
+        head = getattr(model, "score", None)
+        if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
+            raise ConfigError(
+                f"reward model {model_path}: expected a sequence-classification model with a linear `score` "
+                f"head of 1 output (num_labels=1), got {type(model).__name__}"
+            )
+        model.requires_grad_(False)
+        self.model = model.eval().to(self.device)
+        return {"num_parameters": sum(p.numel() for p in model.parameters())}
+
+    @dispatch("split_dp", collect="concat")
+    def score(self, batch: RolloutBatch) -> Tensor:
+        """Reward [B] per sequence: the head at the last real token of prompt + response."""
+        if self.model is None:
+            raise RuntimeError(f"{self.role} rank {self.rank}: call init_model first")
+        parts = []
+        with torch.no_grad():
+            for micro in device_chunks(batch, self.micro_batch_size, self.device):
+                parts.append(self._score(micro))
+        return torch.cat(parts) if parts else torch.zeros(0)
+
+    def _score(self, batch: RolloutBatch) -> Tensor:
+        model = self.model
+        assert model is not None
+        backbone = getattr(model, model.base_model_prefix)
+        hidden = backbone(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        ).last_hidden_state
+        mask = batch.attention_mask.bool()
+        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        last = torch.where(mask, positions, torch.zeros_like(positions)).max(dim=1).values
+        last_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return model.score(last_hidden).squeeze(-1).float().cpu()

@@ -1,0 +1,165 @@
+"""What the DeepSpeed-trained roles (policy, critic) share: distributed setup, minibatch loop, stats, checkpoints.
+
+The update loop of both roles, for one rank's shard of the rollout batch:
+
+    for epoch in range(ppo_epochs):
+        for minibatch in shard.chunks(train_batch_size / dp):            # one optimizer step each
+            tokens, seqs = all_reduce(real tokens, sequences of the minibatch)
+            for micro in minibatch.chunks(micro_batch_size):              # gradient accumulation
+                loss_share = loss(micro, global_tokens=tokens, global_seqs=seqs)
+                engine.backward(loss_share); engine.step()
+
+Because every loss is aggregated with the minibatch's *global* counts, the micro-batch losses on
+all ranks sum to the loss of the whole minibatch, and the result does not depend on dp or on the
+micro-batch size (rlhf.algorithms.aggregation, rlhf.engines.train_engine).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from rlhf.algorithms import count_seqs, count_tokens
+from rlhf.config import ClusterConfig, ModelConfig, TrainConfig
+from rlhf.data.batch import RolloutBatch
+from rlhf.engines.train_engine import TrainEngine, gradient_accumulation_steps
+from rlhf.errors import CheckpointError, ConfigError, DataError
+from rlhf.utils.distributed import torch_backend
+from rlhf.utils.seeding import seed_everything
+from rlhf.workers.group import Worker, dispatch
+
+logger = logging.getLogger(__name__)
+
+TRAIN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class TrainableWorker(Worker):
+    """A Worker that owns a TrainEngine; subclasses build the module in `init_model`."""
+
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, cluster_cfg: ClusterConfig, seed: int = 0):
+        super().__init__()
+        if model_cfg.dtype not in TRAIN_DTYPES:
+            raise ConfigError(f"model.dtype must be one of {', '.join(TRAIN_DTYPES)}, got {model_cfg.dtype!r}")
+        gradient_accumulation_steps(train_cfg, self.world_size)  # ConfigError with the arithmetic
+        self.model_cfg = model_cfg
+        self.train_cfg = train_cfg
+        self.cluster_cfg = cluster_cfg
+        self.seed = seed
+        self.dtype = TRAIN_DTYPES[model_cfg.dtype]
+        self.engine: Optional[TrainEngine] = None
+
+    # -- setup --------------------------------------------------------------------------------
+
+    def _setup_distributed(self) -> None:
+        self.setup_distributed(torch_backend(self.cluster_cfg.device), self.cluster_cfg.collective_timeout_s)
+        # Identical initial weights on every rank (fresh heads, LoRA A matrices) ...
+        seed_everything(self.seed)
+
+    def _build_engine(self, module: torch.nn.Module, num_training_steps: Optional[int]) -> None:
+        self.engine = TrainEngine(
+            module,
+            self.train_cfg,
+            dp=self.world_size,
+            rank=self.rank,
+            bf16=self.dtype == torch.bfloat16,
+            device=self.cluster_cfg.device,
+            num_training_steps=num_training_steps,
+        )
+        # ... and independent random streams (dropout) per rank from here on.
+        seed_everything(self.seed + self.rank)
+
+    def _require_engine(self) -> TrainEngine:
+        if self.engine is None:
+            raise RuntimeError(f"{self.role} rank {self.rank}: call init_model before using the model")
+        return self.engine
+
+    # -- the update loop ----------------------------------------------------------------------
+
+    def _minibatches(self, batch: RolloutBatch, epochs: int) -> Iterator[RolloutBatch]:
+        """`epochs` passes over the shard in minibatches of train_batch_size / dp rows."""
+        rows = self._require_engine().minibatch_rows
+        if len(batch) == 0 or len(batch) % rows:
+            raise ConfigError(
+                f"{self.role}: a rank's shard of {len(batch)} rows is not a multiple of train_batch_size "
+                f"{self.train_cfg.train_batch_size} / dp {self.world_size} = {rows} rows per optimizer step; "
+                f"make rollout_batch_size × n_samples_per_prompt a multiple of train_batch_size"
+            )
+        for _ in range(epochs):
+            yield from batch.chunks(rows)
+
+    def _global_counts(self, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(real tokens, sequences) of the global minibatch: one all-reduce of two numbers."""
+        counts = torch.stack([count_tokens(mask), count_seqs(mask)]).to(self._require_engine().device)
+        if self.world_size > 1:
+            dist.all_reduce(counts)
+        return counts[0], counts[1]
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    @dispatch("broadcast", collect="first")
+    def save_checkpoint(self, directory: str) -> str:
+        """DeepSpeed model/optimizer/scheduler state and RNG states into `directory` (all ranks)."""
+        self._require_engine().save_checkpoint(directory)
+        return str(directory)
+
+    @dispatch("broadcast", collect="first")
+    def load_checkpoint(self, directory: str) -> str:
+        """Restore `save_checkpoint`'s state; init_model with the same base model first (all ranks)."""
+        if not Path(directory).is_dir():
+            raise CheckpointError(f"{self.role}: checkpoint directory {directory} does not exist")
+        self._require_engine().load_checkpoint(directory)
+        return str(directory)
+
+
+class StepStats:
+    """Per-update statistics kept as tensors, reduced across ranks with one all-reduce at the end.
+
+    `add_share`: a micro-batch's share of a minibatch quantity (summed over micro-batches and
+    ranks, then averaged over minibatches): losses aggregated with global counts.
+    `add_mean`: averaged over every call and every rank (fractions, norms, learning rates).
+    """
+
+    def __init__(self) -> None:
+        self.shares: dict[str, Tensor] = {}
+        self.means: dict[str, Tensor] = {}
+        self.mean_counts: dict[str, int] = {}
+        self.minibatches = 0
+
+    def add_share(self, key: str, value: Tensor) -> None:
+        self.shares[key] = self.shares.get(key, 0.0) + value.detach().float()
+
+    def add_mean(self, key: str, value: Tensor | float) -> None:
+        value = torch.as_tensor(value, dtype=torch.float32).detach()
+        self.means[key] = self.means.get(key, 0.0) + value
+        self.mean_counts[key] = self.mean_counts.get(key, 0) + 1
+
+    def reduce(self, world_size: int, device: torch.device) -> dict[str, float]:
+        """Global values on every rank: one all-reduce, one host sync."""
+        keys = sorted(self.shares) + sorted(self.means)
+        local = [self.shares[k] / max(self.minibatches, 1) for k in sorted(self.shares)]
+        local += [self.means[k] / self.mean_counts[k] / world_size for k in sorted(self.means)]
+        if not keys:
+            return {}
+        packed = torch.stack([torch.as_tensor(v, dtype=torch.float32).to(device) for v in local])
+        if world_size > 1:
+            dist.all_reduce(packed)
+        return dict(zip(keys, packed.tolist()))
+
+
+def device_chunks(batch: RolloutBatch, size: int, device: torch.device) -> Iterator[RolloutBatch]:
+    """Micro-batches of `size` rows on `device`; slicing stays on the CPU, where the batch arrived."""
+    for micro in batch.chunks(size):
+        yield micro.to(device)
+
+
+def require_fields(role: str, batch: RolloutBatch, *names: str) -> None:
+    """DataError naming the batch fields a phase needs but that are still None."""
+    missing = [n for n in names if getattr(batch, n) is None]
+    if missing:
+        raise DataError(f"{role}: the batch has no {', '.join(missing)}; run the phase that fills them first")

@@ -1,0 +1,125 @@
+"""Pure parts of the train engine: batch arithmetic, DeepSpeed config, LR schedule, full-weight export.
+
+The export runs single-process on a plain (non-ZeRO) model, where GatheredParameters is a no-op;
+the ZeRO-3 gather itself is covered by tests/integration/workers.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf.config import LoraConfig, OptimConfig, TrainConfig
+from rlhf.engines.train_engine import (
+    build_lr_scheduler,
+    deepspeed_config,
+    gradient_accumulation_steps,
+    iter_full_parameters,
+    write_hf_checkpoint,
+)
+from rlhf.errors import ConfigError
+from rlhf.models.peft_utils import apply_lora
+from rlhf.models.tiny import build_tiny_model
+
+VOCAB = 64
+
+
+def test_gradient_accumulation_is_train_batch_over_micro_times_dp():
+    # 32 / (4 × 2) = 4 micro-batches per rank per optimizer step
+    assert gradient_accumulation_steps(TrainConfig(train_batch_size=32, micro_batch_size=4), dp=2) == 4
+
+
+def test_inconsistent_batch_sizes_show_the_arithmetic():
+    with pytest.raises(ConfigError, match=r"train_batch_size 96 is not divisible by micro_batch_size 5 × dp 4 = 20"):
+        gradient_accumulation_steps(TrainConfig(train_batch_size=96, micro_batch_size=5), dp=4)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_deepspeed_config_per_stage(stage):
+    cfg = TrainConfig(zero_stage=stage, train_batch_size=16, micro_batch_size=2, zero3_param_persistence_threshold=0)
+    ds = deepspeed_config(cfg, dp=2, bf16=False, device="cpu")
+    assert ds["zero_optimization"]["stage"] == stage
+    assert ds["gradient_accumulation_steps"] == 4
+    assert ds["zero_allow_untested_optimizer"] is True
+    assert ds["gradient_clipping"] == cfg.optim.grad_clip
+    assert ds["bf16"] == {"enabled": False}
+    if stage == 3:
+        assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+
+
+def test_deepspeed_config_offload_rules():
+    ds = deepspeed_config(
+        TrainConfig(zero_stage=3, offload_optimizer=True, offload_params=True), dp=2, bf16=True, device="cuda"
+    )
+    assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert ds["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
+    with pytest.raises(ConfigError, match="offload_params needs zero_stage 3"):
+        deepspeed_config(TrainConfig(zero_stage=2, offload_params=True), dp=2, bf16=False, device="cpu")
+
+
+def test_lr_schedule_warmup_then_cosine_to_zero():
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([param], lr=1.0)
+    sched = build_lr_scheduler(opt, OptimConfig(lr=1.0, warmup_steps=3, scheduler="cosine"), num_training_steps=13)
+    lrs = []
+    for _ in range(14):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    # warm-up 1/4, 2/4, 3/4; then cosine from 1 at step 3 down to 0 at step 13
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[8] == pytest.approx(0.5)
+    assert lrs[13] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cosine_needs_the_number_of_steps():
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    with pytest.raises(ConfigError, match="num_training_steps"):
+        build_lr_scheduler(opt, OptimConfig(scheduler="cosine"), num_training_steps=None)
+
+
+def test_full_parameters_of_a_plain_model_are_its_state_dict():
+    model = build_tiny_model("llama", vocab_size=VOCAB, seed=0)
+    exported = dict(iter_full_parameters(model, rank=0, bucket_bytes=1 << 16))
+    expected = model.state_dict()
+    assert list(exported) == list(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(exported[name], tensor, rtol=0, atol=0)
+    assert not dict(iter_full_parameters(model, rank=1))  # only rank 0 yields
+
+
+def test_lora_export_equals_merge_and_unload_with_plain_names():
+    model = apply_lora(build_tiny_model("qwen2", vocab_size=VOCAB, seed=0), LoraConfig(rank=4, alpha=8))
+    with torch.no_grad():  # LoRA B starts at 0; make the adapters matter
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    exported = dict(iter_full_parameters(model, rank=0, bucket_bytes=1 << 15))
+    merged = model.merge_and_unload().state_dict()
+    assert set(exported) == set(merged)
+    assert all("lora" not in n and "base_layer" not in n and not n.startswith("base_model") for n in exported)
+    assert "model.layers.0.self_attn.q_proj.weight" in exported
+    for name, tensor in merged.items():
+        torch.testing.assert_close(exported[name], tensor, rtol=1e-6, atol=1e-6)
+
+
+def test_hf_checkpoint_is_sharded_atomically_and_reloads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = build_tiny_model("qwen2", vocab_size=VOCAB, seed=1)
+    target = tmp_path / "hf"
+    target.mkdir()
+    (target / "stale.txt").write_text("replaced")
+    write_hf_checkpoint(target, iter_full_parameters(model, rank=0), config=model.config, max_shard_bytes=400_000)
+    assert not (target / "stale.txt").exists()
+    assert not list(tmp_path.glob("hf.*"))  # no temp or old dirs left behind
+    index = json.loads((target / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all(s.endswith(f"-of-{len(shards):05d}.safetensors") for s in shards)
+    assert set(load_file(target / shards[0])) <= set(model.state_dict())
+    reloaded = AutoModelForCausalLM.from_pretrained(target)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[name], tensor, rtol=0, atol=0)
