@@ -70,6 +70,8 @@ def test_rl_stage_runs_end_to_end(tmp_path, stage, zero, backend):
     assert [r["step"] for r in steps] == [1, 2]
     for row in steps:
         assert row["timing/generate"] > 0 and row["timing/sync"] > 0
+        # engine vs trainer float32 logprobs of the same samples; step 2 runs on synced weights
+        assert row["rollout/logprob_diff"] < 1e-4
         if stage == "ppo":
             assert "critic/loss" in row
     assert any("eval/accuracy" in r for r in rows)
@@ -107,3 +109,28 @@ def test_resume_reproduces_next_step(tmp_path):
     assert sorted(b) == [1, 2, 3]
     for key in ("reward/mean", "rollout/response_length", "policy/loss", "policy/entropy"):
         assert b[3][key] == pytest.approx(a[3][key], rel=1e-4, abs=1e-5), key
+
+
+def test_failing_actor_stops_run_with_its_traceback(tmp_path):
+    """A reward-model actor that cannot load its checkpoint stops the run: exit 2, role named, remote traceback."""
+    broken = tmp_path / "broken-rm"
+    broken.mkdir()
+    from rlhf.models.tiny import tiny_config
+
+    config = tiny_config("qwen2", vocab_size=64)
+    config.architectures = ["Qwen2ForSequenceClassification"]
+    config.num_labels = 1
+    config.save_pretrained(broken)
+    (broken / "model.safetensors").write_bytes(b"this is not a safetensors file")
+    proc = run_cli(
+        tmp_path,
+        "rollout.backend=hf",
+        "run.total_steps=1",
+        f"reward.model_path={broken}",
+        f"run.output_dir={tmp_path / 'out'}",
+        timeout=300,
+    )
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2, text[-3000:]
+    assert "WorkerError: reward rank 0: init_model raised" in text
+    assert "traceback from reward rank 0" in text

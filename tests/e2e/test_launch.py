@@ -117,7 +117,7 @@ class RayHead:
     env: dict[str, str]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head() -> Iterator[RayHead]:
     """`ray start --head` on free ports with a short temp dir of its own (socket paths must stay < 108 chars)."""
     temp_dir = tempfile.mkdtemp(prefix="rlhf-head-")
@@ -188,23 +188,8 @@ def test_ray_job_submit_runs_tiny_grpo(ray_head, tmp_path):
     assert (out / "final" / "config.json").exists()
 
 
-def test_two_point_kl_sweep_writes_summary(tmp_path):
-    """`rlhf -m algorithm.kl_coef=0.0,0.01` with the basic launcher: two runs, then the table.
-
-    Needs conf/config.yaml to register rlhf.utils.sweep.SweepSummary under hydra.callbacks, and the
-    CLI to give each job its own output dir (rlhf.utils.sweep.job_output_dir).
-    """
-    sweep = tmp_path / "sweep"
-    ray_tmp = tempfile.mkdtemp(prefix="rlhf-sweep-")  # short: Ray's socket paths must stay < 108 chars
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"}
-    try:
-        proc = subprocess.run(
-            [RLHF, "-m", "algorithm.kl_coef=0.0,0.01", *TINY, "run.total_steps=1", f"hydra.sweep.dir={sweep}"],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
-        )  # fmt: skip
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+def check_kl_sweep(sweep: Path, tmp_path: Path) -> None:
+    """Two jobs in their own dirs, and the summary table with one row each."""
     for job in ("0", "1"):
         assert (sweep / job / "metrics.jsonl").exists(), f"job {job} did not write into its own sweep dir"
     assert not (tmp_path / "outputs").exists(), "a sweep job wrote to the default run.output_dir"
@@ -222,3 +207,41 @@ def test_two_point_kl_sweep_writes_summary(tmp_path):
     table = (sweep / "summary.md").read_text().splitlines()
     assert table[0].startswith("| run | algorithm.kl_coef | status | steps | reward/mean |")
     assert len(table) == 4
+
+
+def test_ray_launcher_sweep_on_the_running_cluster(ray_head, tmp_path):
+    """The same sweep through hydra-ray-launcher: each job a Ray task on the existing cluster, in parallel."""
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="hydra-ray-launcher is not installed")
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [
+            RLHF, "-m", "algorithm.kl_coef=0.0,0.01", *TINY, "run.total_steps=1", f"hydra.sweep.dir={sweep}",
+            "hydra/launcher=ray", f"hydra.launcher.ray.init.address={ray_head.gcs_address}",
+            "++hydra.launcher.ray.init.object_store_memory=null", "++hydra.launcher.ray.remote.num_cpus=0",
+        ],
+        cwd=tmp_path, env=ray_head.env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert "Callback SweepSummary" not in proc.stderr, proc.stderr[-3000:]
+    check_kl_sweep(sweep, tmp_path)
+
+
+def test_two_point_kl_sweep_writes_summary(tmp_path):
+    """`rlhf -m algorithm.kl_coef=0.0,0.01` with the basic launcher: two runs, then the table.
+
+    Needs conf/config.yaml to register rlhf.utils.sweep.SweepSummary under hydra.callbacks, and the
+    CLI to give each job its own output dir (rlhf.utils.sweep.job_output_dir).
+    """
+    sweep = tmp_path / "sweep"
+    ray_tmp = tempfile.mkdtemp(prefix="rlhf-sweep-")  # short: Ray's socket paths must stay < 108 chars
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"}
+    try:
+        proc = subprocess.run(
+            [RLHF, "-m", "algorithm.kl_coef=0.0,0.01", *TINY, "run.total_steps=1", f"hydra.sweep.dir={sweep}"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert "Callback SweepSummary" not in proc.stderr, proc.stderr[-3000:]
+    check_kl_sweep(sweep, tmp_path)

@@ -1,6 +1,7 @@
 """Prompt datasets: loading, validation messages (file, row, field, fix), and encoding."""
 
 import json
+from collections import Counter
 
 import pytest
 
@@ -90,6 +91,18 @@ def test_tiny_sources(tiny_paths):
     assert len(train) > len(evals) > 100
     assert {"answer", "task", "difficulty"} <= set(evals[0].metadata)
     assert not {r.prompt for r in train} & {r.prompt for r in evals}
+
+
+def test_tiny_task_subset_is_balanced(tiny_paths):
+    rows = load_prompt_dataset("tiny:train:reverse+sub_1d")
+    counts = Counter(r.metadata["task"] for r in rows)
+    assert counts == {"reverse": 800, "sub_1d": 800}  # sub_1d has 44 train problems, repeated
+    assert len({r.prompt for r in rows if r.metadata["task"] == "sub_1d"}) == 44
+    evals = load_prompt_dataset("tiny:eval:copy")
+    assert {r.prompt for r in evals} == {r.prompt for r in load_prompt_dataset("tiny:eval") if r.metadata["task"] == "copy"}
+    for bad in ("tiny:train:mul", "tiny:test:copy", "tiny:copy", "tiny:train:copy+copy", "tiny:train:"):
+        with pytest.raises(ConfigError, match="tiny"):
+            load_prompt_dataset(bad)
 
 
 def test_encode_with_chat_template_and_plain(tiny_tokenizer):
