@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlhf.config import RLHFConfig, register_configs
 from rlhf.errors import RLHFError
+from rlhf.utils.sweep import job_output_dir
 
 logger = logging.getLogger("rlhf")
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
@@ -41,6 +42,7 @@ def train(cfg: RLHFConfig) -> dict[str, float]:
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
 def _hydra_main(raw: DictConfig) -> float | None:
     cfg: RLHFConfig = OmegaConf.to_object(raw)  # type: ignore[assignment]
+    cfg.run.output_dir = job_output_dir(cfg.run.output_dir)  # one directory per sweep job
     try:
         final = train(cfg)
     except RLHFError as error:

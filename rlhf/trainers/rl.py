@@ -60,6 +60,8 @@ class RLTrainer:
             placement_strategy=self.cfg.cluster.placement_strategy,
             init_kwargs=init_kwargs,
             env_vars=runtime_env_vars(self.cfg.cluster),
+            device=self.cfg.cluster.device,
+            threads_per_worker=self.cfg.cluster.threads_per_worker,
         )
 
     def _start_roles(self) -> None:

@@ -99,7 +99,9 @@ def test_tiny_task_subset_is_balanced(tiny_paths):
     assert counts == {"reverse": 800, "sub_1d": 800}  # sub_1d has 44 train problems, repeated
     assert len({r.prompt for r in rows if r.metadata["task"] == "sub_1d"}) == 44
     evals = load_prompt_dataset("tiny:eval:copy")
-    assert {r.prompt for r in evals} == {r.prompt for r in load_prompt_dataset("tiny:eval") if r.metadata["task"] == "copy"}
+    assert {r.prompt for r in evals} == {
+        r.prompt for r in load_prompt_dataset("tiny:eval") if r.metadata["task"] == "copy"
+    }
     for bad in ("tiny:train:mul", "tiny:test:copy", "tiny:copy", "tiny:train:copy+copy", "tiny:train:"):
         with pytest.raises(ConfigError, match="tiny"):
             load_prompt_dataset(bad)
