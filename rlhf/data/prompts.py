@@ -24,6 +24,8 @@ from rlhf.errors import ConfigError, DataError
 logger = logging.getLogger(__name__)
 
 TINY_SOURCES = ("tiny", "tiny:train", "tiny:eval")
+"""Whole tiny-world prompt sets. A task subset is written "tiny:<split>:<task>+<task>..." (see
+`load_prompt_dataset`), e.g. "tiny:train:copy+reverse+add_1d+sub_1d"."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,12 @@ def load_prompt_dataset(
     Args:
         source: a local .json/.jsonl/.csv/.parquet file or a directory of them, a Hub dataset
             name ("org/name"), or "tiny" / "tiny:train" / "tiny:eval" for the tiny world's RL
-            prompts (rlhf.data.tiny_world; "tiny" follows `split`).
+            prompts (rlhf.data.tiny_world; "tiny" follows `split`), or a task subset of them,
+            "tiny:<split>:<task>+<task>..." (e.g. "tiny:train:copy+reverse+add_1d+sub_1d"; "+"
+            rather than "," so the name survives a Hydra override). In a subset every listed task
+            is equally common: rows of the smaller tasks are repeated, in order, up to the count
+            of the largest (the tiny world has 800 train problems of most tasks but only 80
+            add_1d and 44 sub_1d), so a uniformly shuffled stream sees each task as often.
         prompt_key: the column holding the prompt (a string, or a list of chat messages).
         answer_key: the column holding the reference answer, stored as metadata["answer"];
             None when the reward needs no reference (a reward model, an LLM judge).
@@ -61,8 +68,41 @@ def load_prompt_dataset(
 
         tiny_split = str(source).partition(":")[2] or split
         source = tiny_world_dir(archs=()).data("rl", tiny_split)
+    elif str(source).startswith("tiny:"):
+        return _tiny_task_subset(str(source), prompt_key, answer_key)
     examples = [_prompt_example(r, prompt_key, answer_key) for r in read_records(source, split=split)]
     logger.info("loaded %d prompts from %s", len(examples), source)
+    return examples
+
+
+def _tiny_task_subset(source: str, prompt_key: str, answer_key: str | None) -> list[PromptExample]:
+    """Rows of "tiny:<split>:<task>+<task>...", each listed task repeated up to the largest count."""
+    from rlhf.data.tiny_world import TASKS, tiny_world_dir
+
+    parts = source.split(":")
+    known = [t.name for t in TASKS]
+    if len(parts) != 3 or parts[1] not in ("train", "eval") or not parts[2]:
+        raise ConfigError(
+            f"unknown tiny prompt source {source!r}; use one of {', '.join(TINY_SOURCES)} or "
+            f"'tiny:<train|eval>:<task>+<task>...' with tasks from {', '.join(known)}"
+        )
+    tasks = parts[2].split("+")
+    unknown = [t for t in tasks if t not in known]
+    if unknown or len(set(tasks)) != len(tasks):
+        raise ConfigError(
+            f"tiny prompt source {source!r}: tasks must be distinct names from {', '.join(known)}, got {parts[2]!r}"
+        )
+    path = tiny_world_dir(archs=()).data("rl", parts[1])
+    by_task: dict[str, list[PromptExample]] = {t: [] for t in tasks}
+    for record in read_records(path):
+        if record.fields.get("task") in by_task:
+            by_task[record.fields["task"]].append(_prompt_example(record, prompt_key, answer_key))
+    largest = max(len(rows) for rows in by_task.values())
+    examples = [rows[i % len(rows)] for rows in by_task.values() for i in range(largest)]
+    logger.info(
+        "loaded %d prompts from %s (tasks %s, each repeated up to %d rows)",
+        len(examples), path, ", ".join(f"{t}: {len(r)}" for t, r in by_task.items()), largest,
+    )  # fmt: skip
     return examples
 
 
