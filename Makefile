@@ -10,7 +10,7 @@ setup:
 	@bash scripts/setup_env.sh
 
 demo: setup
-	$(ENV) $(PY) -m rlhf run.output_dir=outputs/demo
+	$(ENV) $(PY) -m rlhf +experiment=tiny_grpo_demo run.output_dir=outputs/demo $(ARGS)
 
 test: setup
 	$(ENV) $(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)

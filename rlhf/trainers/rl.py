@@ -235,6 +235,7 @@ class RLTrainer:
         run_cfg = self.cfg.run
         self.resume()
         last: dict[str, float] = {}
+        rewards: list[float] = []
         progress = make_progress(range(self.step_done, run_cfg.total_steps), run_cfg, initial=self.step_done)
         for step in progress:
             metrics = self.step(step)
@@ -242,12 +243,14 @@ class RLTrainer:
             if run_cfg.eval_every and self.step_done % run_cfg.eval_every == 0:
                 metrics.update(self.evaluate())
             last = self.metrics.log(self.step_done, metrics)
+            rewards.append(last["reward/mean"])
             if hasattr(progress, "set_postfix"):
                 progress.set_postfix(reward=f"{last['reward/mean']:.3f}")
             if run_cfg.save_every and self.step_done % run_cfg.save_every == 0:
                 self.save_checkpoint()
         if not run_cfg.eval_every or self.step_done % run_cfg.eval_every:
             last.update(self.metrics.log(self.step_done, self.evaluate()))
+        log_reward_trend(rewards)
         self.save_final()
         return last
 
@@ -333,6 +336,16 @@ def build_rollout_batch(prompts: PromptBatch, outputs, *, pad_id: int) -> Rollou
         rollout_logprobs=rollout_logprobs,
         group_ids=torch.tensor(group_ids),
         metadata=metadata,
+    )
+
+
+def log_reward_trend(rewards: list[float], window: int = 10) -> None:
+    """One line that says whether training raised the reward: first vs last `window` steps."""
+    if len(rewards) < 2 * window:
+        return
+    first, last = sum(rewards[:window]) / window, sum(rewards[-window:]) / window
+    logger.info(
+        "reward/mean: first %d steps %.3f -> last %d steps %.3f (%+.3f)", window, first, window, last, last - first
     )
 
 
