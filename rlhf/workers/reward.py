@@ -12,27 +12,18 @@ import logging
 import torch
 from torch import Tensor
 
-from rlhf.config import ClusterConfig, ModelConfig
 from rlhf.data.batch import RolloutBatch
 from rlhf.errors import ConfigError
 from rlhf.models.loading import DTYPES, resolve_model_path
-from rlhf.workers.group import Worker, dispatch
+from rlhf.workers.frozen import FrozenModelWorker
+from rlhf.workers.group import dispatch
 from rlhf.workers.trainable import device_chunks
 
 logger = logging.getLogger(__name__)
 
 
-class RewardWorker(Worker):
+class RewardWorker(FrozenModelWorker):
     """Hosts AutoModelForSequenceClassification(num_labels=1); `score` returns [B]."""
-
-    def __init__(self, model_cfg: ModelConfig, cluster_cfg: ClusterConfig, *, micro_batch_size: int = 8):
-        super().__init__()
-        self.model_cfg = model_cfg
-        self.device = (
-            torch.device("cuda", torch.cuda.current_device()) if cluster_cfg.device == "cuda" else torch.device("cpu")
-        )
-        self.micro_batch_size = micro_batch_size
-        self.model: torch.nn.Module | None = None
 
     @dispatch("broadcast", collect="first")
     def init_model(self, model_path: str) -> dict[str, int]:
