@@ -13,7 +13,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf.config import RLHFConfig, register_configs
+from rlhf.config import OFFLINE_STAGES, UTILITY_STAGES, RLHFConfig, register_configs
 from rlhf.errors import RLHFError
 from rlhf.utils.sweep import job_output_dir
 
@@ -23,7 +23,20 @@ register_configs()
 
 
 def train(cfg: RLHFConfig) -> dict[str, float]:
-    """Run one training job; user errors surface before any Ray actor starts."""
+    """Run the configured stage; user errors surface before any Ray actor starts."""
+    if cfg.stage in OFFLINE_STAGES:
+        from rlhf.trainers.offline import run_offline
+
+        return run_offline(cfg)
+    if cfg.stage in UTILITY_STAGES:
+        from rlhf.trainers.utility import run_utility
+
+        return run_utility(cfg)
+    return train_rl(cfg)
+
+
+def train_rl(cfg: RLHFConfig) -> dict[str, float]:
+    """One RL run (PPO / the GRPO family)."""
     from rlhf.trainers.prepare import prepare
     from rlhf.trainers.rl import RLTrainer
     from rlhf.utils.ray_session import ray_session

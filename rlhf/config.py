@@ -283,6 +283,10 @@ class RLHFConfig:
 
 
 RL_STAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "ppo")
+OFFLINE_STAGES: tuple[str, ...] = ()
+"""Stages driven by the offline controller (rlhf/trainers/offline.py); filled in as they land."""
+UTILITY_STAGES: tuple[str, ...] = ()
+"""Stages that train nothing (export, report, ...)."""
 ZERO_STAGES = (0, 1, 2, 3)
 DTYPES = ("float32", "bfloat16")
 DEVICES = ("cpu", "cuda")
@@ -321,9 +325,15 @@ def _check_train(cfg: TrainConfig, role: str, sequences_per_step: int) -> None:
 
 def validate(cfg: RLHFConfig) -> None:
     """Check every field once, before any cluster work; raise ConfigError saying what to change."""
+    _choice(cfg.stage, RL_STAGES + OFFLINE_STAGES + UTILITY_STAGES, "stage")
+    if cfg.stage in RL_STAGES:
+        validate_rl(cfg)
+
+
+def validate_rl(cfg: RLHFConfig) -> None:
+    """The RL stages' fields (rollout, algorithm, reward, batch arithmetic of policy and critic)."""
     from rlhf.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 
-    _choice(cfg.stage, RL_STAGES, "stage")
     run, algo, rollout = cfg.run, cfg.algorithm, cfg.rollout
     _require(run.total_steps >= 1, f"run.total_steps must be >= 1 (got {run.total_steps})")
     _require(run.rollout_batch_size >= 1, f"run.rollout_batch_size must be >= 1 (got {run.rollout_batch_size})")
