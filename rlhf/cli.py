@@ -13,7 +13,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf.config import OFFLINE_STAGES, UTILITY_STAGES, RLHFConfig, register_configs
+from rlhf.config import GENERATION_STAGES, OFFLINE_STAGES, UTILITY_STAGES, RLHFConfig, register_configs
 from rlhf.errors import RLHFError
 from rlhf.utils.sweep import job_output_dir
 
@@ -24,15 +24,30 @@ register_configs()
 
 def train(cfg: RLHFConfig) -> dict[str, float]:
     """Run the configured stage; user errors surface before any Ray actor starts."""
-    if cfg.stage in OFFLINE_STAGES:
-        from rlhf.trainers.offline import run_offline
-
-        return run_offline(cfg)
     if cfg.stage in UTILITY_STAGES:
         from rlhf.trainers.utility import run_utility
 
         return run_utility(cfg)
-    return train_rl(cfg)
+    if cfg.stage in GENERATION_STAGES:
+        from rlhf.trainers.evaluate import run_eval
+        from rlhf.trainers.generate import run_generate
+
+        return run_generate(cfg) if cfg.stage == "generate" else run_eval(cfg)
+    if cfg.stage == "distill":
+        from rlhf.trainers.distill import run_distill
+
+        final = run_distill(cfg)
+    elif cfg.stage in OFFLINE_STAGES:
+        from rlhf.trainers.offline import run_offline
+
+        final = run_offline(cfg)
+    else:
+        final = train_rl(cfg)
+    if cfg.run.plots:
+        from rlhf.utils.plots import write_plots
+
+        write_plots(cfg.run.output_dir)
+    return final
 
 
 def train_rl(cfg: RLHFConfig) -> dict[str, float]:

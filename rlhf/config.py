@@ -31,6 +31,51 @@ class LoraConfig:
 
 
 @dataclass
+class PeftConfig:
+    """Which parameters of the policy train (rlhf.models.peft_utils.apply_peft)."""
+
+    method: str = "none"
+    """none (full fine-tuning; LoRA when model.lora.rank > 0), lora, qlora (4-bit base, CUDA +
+    bitsandbytes), prompt_tuning, prefix_tuning, p_tuning, ia3, loha, lokr, bitfit (biases only) or
+    freeze (the patterns below). lora/qlora/loha/lokr read rank/alpha/dropout/targets from model.lora."""
+    num_virtual_tokens: int = 8
+    """prompt_tuning, prefix_tuning, p_tuning: learned virtual tokens (offline stages only)."""
+    encoder_hidden_size: int = 128
+    """p_tuning: hidden size of the prompt encoder MLP."""
+    ia3_target_modules: Optional[list[str]] = None
+    """ia3: modules that get a learned scale vector (None: peft's default for the architecture)."""
+    ia3_feedforward_modules: Optional[list[str]] = None
+    """ia3: the subset of ia3_target_modules scaled on their input (None: peft's default)."""
+    trainable_patterns: list[str] = field(default_factory=list)
+    """freeze: regexes (re.search on parameter names); when given, only matching parameters train."""
+    frozen_patterns: list[str] = field(default_factory=list)
+    """freeze, bitfit: regexes of parameters kept frozen, e.g. ["embed_tokens", "lm_head"]."""
+    frozen_layers: int = 0
+    """freeze, bitfit: also freeze the first N transformer blocks (names with "layers.<i>." for i < N)."""
+    quant_type: str = "nf4"
+    """qlora: 4-bit data type of the frozen base (nf4 or fp4)."""
+    double_quant: bool = True
+    """qlora: quantise the quantisation constants too (QLoRA, arXiv:2305.14314 §3)."""
+
+
+@dataclass
+class ExportConfig:
+    """stage=export: merge an adapter or a run's checkpoint into a plain HF checkpoint (rlhf.trainers.export)."""
+
+    base: Optional[str] = None
+    """Base model (dir, Hub name or tiny name); None: the adapter's base_model_name_or_path, or the
+    checkpoint's model.path."""
+    adapter: Optional[str] = None
+    """A peft adapter directory (adapter_config.json + adapter_model.safetensors) to merge into base."""
+    checkpoint: Optional[str] = None
+    """Instead of adapter: a run's final/ directory or one of its step_XXXXXXXX checkpoints."""
+    output: Optional[str] = None
+    """Directory of the exported checkpoint (None: <run.output_dir>/export); replaced if it exists."""
+    dtype: str = "auto"
+    """Tensor dtype written: float32, bfloat16, float16, or auto (the base checkpoint's)."""
+
+
+@dataclass
 class ModelConfig:
     path: str = "tiny"
     """Local checkpoint dir, Hugging Face Hub name, or "tiny" for the tiny world's warmed-up policy."""
@@ -41,19 +86,69 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     lora: LoraConfig = field(default_factory=LoraConfig)
-    """LoRA adapters on the policy (merged into the base weights for rollout)."""
+    """LoRA adapters on the policy (merged into the base weights for rollout); also the low-rank
+    settings (rank, alpha, dropout, target_modules) of peft.method qlora, loha and lokr."""
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    """Parameter-efficient method of the policy (rlhf.models.peft_utils); none + lora.rank > 0 is LoRA."""
+
+
+@dataclass
+class DatasetSpec:
+    """One source of an offline training mixture (DataConfig.mixture)."""
+
+    path: str = ""
+    """A json/jsonl/parquet/csv/arrow file or dir, a Hub dataset name, or "tiny:<kind>:<split>"."""
+    weight: float = 1.0
+    """Relative share of the mixture's rows (normalised over all sources; must be > 0)."""
+    split: str = "train"
+    """Split of a directory or Hub dataset to read."""
+    max_rows: Optional[int] = None
+    """Use at most this many rows of the source (its first rows, before mixing); None: all."""
 
 
 @dataclass
 class DataConfig:
     train: str = "tiny"
-    """RL prompts: a json/jsonl/parquet/csv file or dir, a Hub dataset name, or "tiny"."""
+    """RL prompts or offline data: a json/jsonl/parquet/csv/arrow file or dir, a Hub name, or "tiny"
+    ("tiny" in an offline stage means "tiny:<kind>:train" of the stage's data kind)."""
     eval: Optional[str] = "tiny:eval"
-    """Held-out prompts for evaluation (None disables evaluation)."""
+    """Held-out prompts or offline data for evaluation (None disables it, or see eval_fraction); offline
+    stages read a directory or Hub dataset here at its "test" split."""
+    mixture: list[DatasetSpec] = field(default_factory=list)
+    """Offline stages: weighted sources that replace `train` when non-empty. The mixture has as
+    many rows as its sources together; source i gets round(weight_i / sum(weights) × that) of them
+    (largest remainder), drawn from its rows shuffled with the seed, repeating whole passes when
+    it has fewer (rlhf.data.datasets.mix_records)."""
+    eval_fraction: float = 0.0
+    """Offline stages with eval=None: hold out this fraction of each train source (seeded) for evaluation."""
     prompt_key: str = "prompt"
     """Column holding the prompt (text or chat messages)."""
     answer_key: str = "answer"
     """Column holding the reference answer passed to rule rewards."""
+    response_key: str = "response"
+    """Column holding the response of instruction/KTO rows (a "completion" column is read when it is missing)."""
+    messages_key: str = "messages"
+    """Column holding a chat conversation (list of {"role", "content"}) for messages-format SFT."""
+    text_key: str = "text"
+    """Column holding plain text for pre-training."""
+    chosen_key: str = "chosen"
+    """Column holding the preferred response (text or messages ending with the assistant turn)."""
+    rejected_key: str = "rejected"
+    """Column holding the dispreferred response (same form as chosen)."""
+    label_key: str = "label"
+    """Column holding a KTO row's desirability (true/false, 1/0, "yes"/"no")."""
+    margin_key: str = "margin"
+    """Optional column holding a preference pair's margin (0.0 when absent)."""
+    format: str = "auto"
+    """Offline row format: text | instruction | messages | preference | kto; auto: the stage's."""
+    max_length: int = 256
+    """Offline stages: the most prompt + response tokens of one example (and the packed row length)."""
+    overlong: str = "truncate"
+    """Longer examples: "truncate" (cut the response, keep >= 1 token, else drop) or "drop"; counted and logged."""
+    packing: bool = False
+    """PT/SFT: pack several examples into rows of max_length tokens (no attention across examples)."""
+    loss_on: str = "response"
+    """SFT loss on "response" tokens only (assistant turns) or on "all" tokens."""
     max_prompt_length: int = 64
     """Prompts longer than this many tokens are rejected at start-up."""
     use_chat_template: bool = True
@@ -100,6 +195,12 @@ class AlgorithmConfig:
     """Critic value clipping range."""
     ppo_epochs: int = 1
     """Passes over each rollout batch."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling: drop groups whose scores are all equal and generate more prompts until
+    run.rollout_batch_size informative groups are collected (arXiv:2503.14476 §3.2)."""
+    max_sampling_rounds: int = 3
+    """Dynamic sampling: at most this many generation rounds per step (each of run.rollout_batch_size
+    prompts); if still short, the batch is padded with uninformative groups (zero advantage)."""
 
 
 @dataclass
@@ -185,13 +286,115 @@ class TrainConfig:
 
 
 @dataclass
+class RewardComponentConfig:
+    """One more weighted term of the reward: a registered reward or "pkg.module:function" (docs/rewards.md)."""
+
+    fn: Optional[str] = None
+    """A registered reward name (e.g. overlong_penalty) or "pkg.module:function"; required."""
+    weight: float = 1.0
+    """Multiplier of this term in the total reward."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword hyperparameters bound to the function (checked against its signature at start-up)."""
+    name: Optional[str] = None
+    """Metric name (reward/<name>_mean); None: the function's name."""
+
+
+@dataclass
+class RewardNormConfig:
+    """Normalisation of a reward source's raw scores before weighting (the reward model's)."""
+
+    mode: str = "none"
+    """none, running (whiten by mean/std of every score seen so far) or batch (by this batch's)."""
+    clip: Optional[float] = None
+    """Clip the (normalised) scores to [-clip, clip]; None: no clipping."""
+    eps: float = 1e-8
+    """Added to the variance before the square root."""
+
+
+@dataclass
+class RemoteRewardConfig:
+    """An HTTP reward server (`python -m rlhf.rewards.serve`) scored through a batching client."""
+
+    url: Optional[str] = None
+    """Server base URL, e.g. http://127.0.0.1:8000 (None: no remote reward)."""
+    token_env: str = "RLHF_REWARD_TOKEN"
+    """Name of the environment variable holding the bearer token (the token never goes in config)."""
+    weight: float = 1.0
+    """Multiplier of the remote scores in the total reward."""
+    batch_size: int = 64
+    """Rows per HTTP request."""
+    max_concurrency: int = 4
+    """Requests in flight at once."""
+    timeout_s: float = 60.0
+    """Per-request timeout."""
+    max_retries: int = 3
+    """Retries after a timeout, connection error or 5xx (4xx is not retried)."""
+    backoff_s: float = 1.0
+    """Wait before retry k is backoff_s × 2^k."""
+
+
+@dataclass
+class JudgeConfig:
+    """An LLM judge (RLAIF) on its own greedy rollout engine; pointwise verdicts become rewards."""
+
+    model_path: Optional[str] = None
+    """Judge checkpoint (causal LM; local dir, Hub name or "tiny"); None: no judge."""
+    weight: float = 1.0
+    """Multiplier of the judge's normalised score in the total reward."""
+    backend: Optional[str] = None
+    """Judge engine backend, vllm or hf (None: rollout.backend); resources from cluster.reward."""
+    num_engines: int = 1
+    """Judge engines."""
+    template: str = (
+        "Rate how well the response answers the question, from 1 (wrong) to 10 (perfect).\n"
+        "Question: {prompt}\nResponse: {response}\nReply with 'Score: <1-10>'."
+    )
+    """Rubric with placeholders {prompt}, {response} and optionally {reference} (metadata["answer"]); {{ }} for braces."""
+    pattern: str = r"(?i)score\s*[:=]?\s*(-?\d+(?:\.\d+)?)"
+    """Regex whose first group is the number in a pointwise verdict (the last match counts)."""
+    score_min: float = 1.0
+    """Lowest verdict the rubric allows; maps to 0.0."""
+    score_max: float = 10.0
+    """Highest verdict the rubric allows; maps to 1.0."""
+    unparseable_score: float = 0.0
+    """Normalised score given to a verdict with no number in [score_min, score_max] (counted in reward/judge_unparseable)."""
+    pairwise_template: str = (
+        "Which response answers the question better?\nQuestion: {prompt}\n[A]: {response_a}\n[B]: {response_b}\n"
+        "Reply with [[A]] or [[B]]."
+    )
+    """Pairwise rubric with {prompt}, {response_a}, {response_b} and optionally {reference}."""
+    pairwise_pattern: str = r"\[\[\s*([AB])\s*\]\]"
+    """Regex whose first group is A or B in a pairwise verdict (the last match counts)."""
+    use_chat_template: bool = True
+    """Wrap the rendered rubric in the judge tokenizer's chat template (when it has one)."""
+    max_prompt_tokens: int = 448
+    """Longer rendered rubrics keep their last this-many tokens (the instruction sits at the end)."""
+    max_new_tokens: int = 32
+    """Verdict length (greedy decoding)."""
+
+
+@dataclass
 class RewardConfig:
     fn: Optional[str] = "tiny_world"
-    """Rule reward: a registered name or "pkg.module:function" (None: no rule reward)."""
+    """Rule reward: a registered name or "pkg.module:function" (None: no rule reward). Signature in docs/rewards.md."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword hyperparameters of `fn`."""
+    weight: float = 1.0
+    """Multiplier of `fn` in the total reward."""
+    components: list[RewardComponentConfig] = field(default_factory=list)
+    """More weighted rule/plugin terms added to the total (e.g. overlong_penalty)."""
     model_path: Optional[str] = None
     """Reward model checkpoint (sequence classification) hosted on RewardWorkers."""
     num_workers: int = 1
     """Reward model actors (when model_path is set)."""
+    model_weight: float = 1.0
+    """Multiplier of the (normalised) reward-model score in the total reward."""
+    model_norm: RewardNormConfig = field(default_factory=RewardNormConfig)
+    """Normalisation of the reward-model scores."""
+    remote: RemoteRewardConfig = field(default_factory=RemoteRewardConfig)
+    """HTTP reward server (used when remote.url is set)."""
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    """LLM judge (used when judge.model_path is set)."""
 
 
 @dataclass
@@ -224,6 +427,8 @@ class ClusterConfig:
     """Resources per reference actor."""
     reward: ResourceConfig = field(default_factory=lambda: ResourceConfig(num_cpus=0.5))
     """Resources per reward model actor."""
+    teacher: ResourceConfig = field(default_factory=lambda: ResourceConfig(num_cpus=0.5))
+    """Resources per distillation teacher actor."""
     rollout: ResourceConfig = field(default_factory=ResourceConfig)
     """Resources per rollout engine."""
     threads_per_worker: int = 1
@@ -233,6 +438,28 @@ class ClusterConfig:
     weight_sync_backend: str = "auto"
     """gloo, nccl, or auto: nccl when trainer and engines each own whole GPUs, else gloo (NCCL refuses
     two ranks on one shared GPU, as in single_gpu mode)."""
+
+
+@dataclass
+class ReportConfig:
+    """`stage=report`: plots (and the sweep table) of finished runs, without training."""
+
+    run_dir: Optional[str] = None
+    """A run's output directory (holding metrics.jsonl) or a sweep directory (numbered job dirs)."""
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment trackers beyond the always-on metrics.jsonl (API keys come from the environment only)."""
+
+    project: str = "rlhf"
+    """W&B project / MLflow experiment name."""
+    run_name: Optional[str] = None
+    """Run name shown by the trackers (None: the output directory's name)."""
+    wandb_mode: str = "offline"
+    """W&B mode: offline (no network; `wandb sync` later), online, or disabled."""
+    mlflow_tracking_uri: Optional[str] = None
+    """MLflow tracking URI (None: a local file store under <output_dir>/mlruns)."""
 
 
 @dataclass
@@ -259,8 +486,135 @@ class RunConfig:
     """Deterministic algorithms and seeded sampling (for exact resume)."""
     tensorboard: bool = True
     """Write TensorBoard events next to metrics.jsonl."""
+    wandb: bool = False
+    """Log metrics to Weights & Biases (run.tracking.wandb_mode; offline works without network)."""
+    mlflow: bool = False
+    """Log metrics to MLflow (run.tracking.mlflow_tracking_uri; a local file store by default)."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Settings of the W&B and MLflow loggers."""
+    plots: bool = True
+    """Write PNG plots of the metrics into <output_dir>/plots at the end of the run."""
     progress_bar: bool = True
     """Show a progress bar on the driver."""
+
+
+@dataclass
+class OfflineConfig:
+    """Offline stages (pt, sft, rm, dpo, ipo, simpo, orpo, kto) on the same runtime as RL.
+
+    Batch sizes of `policy` count *examples* here: one sequence (pt, sft), one preference pair
+    (rm and the DPO family: a chosen and a rejected row), or one KTO example (its row plus the
+    mismatched row of the KL reference point). A pair's two rows always sit on one rank, so
+    policy.train_batch_size must divide by policy.micro_batch_size × policy.num_workers examples.
+    These stages also read run.{eval_every, eval_size, save_every, keep_last, resume, output_dir,
+    seed} (steps are optimizer steps), never run.total_steps or run.rollout_batch_size.
+    """
+
+    objective: str = "sft"
+    """Training objective (registry rlhf.workers.objectives.OBJECTIVES); each stage yaml sets it."""
+    epochs: int = 1
+    """Passes over the training examples (ignored when max_steps > 0)."""
+    max_steps: int = 0
+    """Optimizer steps to run; 0: epochs × (train examples // policy.train_batch_size)."""
+    loss_agg: str = "token_mean"
+    """PT/SFT token-loss aggregation (registry LOSS_AGGREGATIONS)."""
+    beta: float = 0.1
+    """DPO family / KTO inverse temperature (tau for ipo); SimPO's reward scale (2.0 in its stage)."""
+    preference_loss: str = "sigmoid"
+    """DPO-family variant (registry PREFERENCE_LOSSES): sigmoid (DPO/cDPO), ipo, hinge."""
+    label_smoothing: float = 0.0
+    """cDPO: probability that a preference label is flipped (sigmoid only, in [0, 0.5))."""
+    simpo_gamma_beta_ratio: float = 0.5
+    """SimPO target margin gamma divided by beta."""
+    orpo_lambda: float = 0.1
+    """ORPO weight of the odds-ratio term next to the chosen responses' NLL."""
+    kto_desirable_weight: float = 1.0
+    """KTO lambda_D: weight of the desirable examples' loss."""
+    kto_undesirable_weight: float = 1.0
+    """KTO lambda_U: weight of the undesirable examples' loss."""
+    rm_use_margin: bool = False
+    """Reward model: subtract each pair's margin column inside the Bradley-Terry loss (Llama 2)."""
+    reference: str = "precompute"
+    """Reference log-probabilities: precompute (once over the data at start, then the reference
+    model is freed; KTO's re-paired KL rows are still scored per batch) or online (every batch)."""
+    reference_path: Optional[str] = None
+    """Reference model checkpoint (None: model.path, the policy's starting weights)."""
+    eval_at_start: bool = True
+    """Evaluate once before the first step, so logs show where the held-out metrics started."""
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation (stage=distill): the student (model.path) learns the teacher's token distributions."""
+
+    teacher_path: str = "tiny"
+    """Teacher checkpoint: local dir, Hub name or tiny-world name; its vocabulary must match the student's."""
+    loss: str = "forward_kl"
+    """Divergence (registry DISTILLATION_LOSSES): forward_kl KL(T||S), reverse_kl KL(S||T), jsd."""
+    beta: float = 0.5
+    """Generalised JSD interpolation in [0, 1] (jsd only; 0 = forward KL, 1 = reverse KL)."""
+    temperature: float = 1.0
+    """Softmax temperature of teacher and student in the loss (> 0)."""
+    top_k: int = 64
+    """Teacher tokens shipped per position, plus a tail bucket for the rest (0: the full vocabulary)."""
+    mode: str = "offline"
+    """offline: teacher-forced on the dataset's responses; on_policy: on the student's own samples."""
+    lmbda: float = 1.0
+    """on_policy: fraction of steps (seeded draw per step) that sample from the student; the rest
+    use the dataset's responses (GKD's lambda, arXiv:2306.13649 Algorithm 1)."""
+    num_workers: int = 1
+    """Teacher actors (each holds the whole teacher; batches are split across them)."""
+
+
+@dataclass
+class GenerateConfig:
+    """stage=generate: sample responses over data.train's prompts into a dataset (rlhf.trainers.generate).
+
+    Uses rollout.sampling and rollout.n_samples_per_prompt; sample j of prompt i is drawn with
+    seed run.seed × 2^32 + i × n + j, so a resumed run writes exactly the rows of an uninterrupted one.
+    """
+
+    output: Optional[str] = None
+    """Output directory (None: <run.output_dir>/generated); holds samples/, sft/, preference/ and generation.json."""
+    format: str = "jsonl"
+    """File format of the written shards: jsonl or parquet."""
+    shard_size: int = 64
+    """Prompts per shard; a shard is written to a temporary name and renamed when complete (the resume unit)."""
+    max_prompts: int = 0
+    """Use the first this-many prompts of data.train (0: all)."""
+    keep: str = "all"
+    """Rejection sampling into sft/: all (no sft/ set), best (the top-scored sample per prompt, if it
+    reaches threshold) or above_threshold (every sample scoring >= threshold)."""
+    threshold: float = 1.0
+    """Score a sample must reach to be kept by keep=best|above_threshold (1.0: correct under rule rewards)."""
+    pairs: bool = False
+    """Also write preference/ (prompt, chosen = best, rejected = worst sample; groups whose scores are all equal skipped)."""
+    max_shards_per_run: int = 0
+    """Stop cleanly after writing this many new shards (0: run to the end); a rerun continues (job slicing)."""
+
+
+@dataclass
+class EvalConfig:
+    """stage=eval (and trainers' end-of-run evaluation): accuracy, pass@k, reward means, win rate (rlhf.trainers.evaluate)."""
+
+    data: Optional[str] = None
+    """Prompts to evaluate (None: data.eval)."""
+    samples: Optional[str] = None
+    """Instead of generating: re-score a stage=generate samples dataset (rule reward only, no model needed)."""
+    max_prompts: int = 0
+    """Evaluate the first this-many prompts (0: all)."""
+    n_samples: int = 8
+    """Samples per prompt drawn with rollout.sampling for pass@k (>= max(k))."""
+    k: list[int] = field(default_factory=lambda: [1, 4, 8])
+    """pass@k values reported (unbiased estimator, Chen et al. 2021, arXiv:2107.03374 eq. 1)."""
+    greedy: bool = True
+    """Also report greedy accuracy (one rollout.eval_sampling response per prompt)."""
+    correct_threshold: float = 1.0
+    """A response is correct when reward.fn scores it >= this (1.0: the rule checker accepts it)."""
+    reference_model: Optional[str] = None
+    """Win rate against this model's greedy responses, judged pairwise by reward.judge (both orders); None: off."""
+    output: Optional[str] = None
+    """Directory of eval_results.json and eval_results.md (None: <run.output_dir>/eval)."""
 
 
 @dataclass
@@ -277,16 +631,28 @@ class RLHFConfig:
     policy: TrainConfig = field(default_factory=TrainConfig)
     critic: TrainConfig = field(default_factory=lambda: TrainConfig(optim=OptimConfig(lr=5e-5)))
     reward: RewardConfig = field(default_factory=RewardConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    offline: OfflineConfig = field(default_factory=OfflineConfig)
+    """Offline stages' objective, schedule and loss settings (policy.* sizes count examples there)."""
+    export: ExportConfig = field(default_factory=ExportConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    """stage=export's inputs and output."""
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    """stage=generate's output, shards and rejection sampling."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """stage=eval's prompts, pass@k and win-rate settings."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form settings for plugins (never read by the core)."""
 
 
-RL_STAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "ppo")
-OFFLINE_STAGES: tuple[str, ...] = ()
+RL_STAGES = ("grpo", "dr_grpo", "dapo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gspo", "ppo")
+OFFLINE_STAGES: tuple[str, ...] = ("pt", "sft", "rm", "dpo", "ipo", "simpo", "orpo", "kto", "distill")
 """Stages driven by the offline controller (rlhf/trainers/offline.py); filled in as they land."""
-UTILITY_STAGES: tuple[str, ...] = ()
+UTILITY_STAGES: tuple[str, ...] = ("export", "report")
 """Stages that train nothing (export, report, ...)."""
+GENERATION_STAGES: tuple[str, ...] = ("generate", "eval")
+"""Stages that sample from a model on rollout engines and train nothing (rlhf.trainers.generate, .evaluate)."""
 ZERO_STAGES = (0, 1, 2, 3)
 DTYPES = ("float32", "bfloat16")
 DEVICES = ("cpu", "cuda")
@@ -325,9 +691,64 @@ def _check_train(cfg: TrainConfig, role: str, sequences_per_step: int) -> None:
 
 def validate(cfg: RLHFConfig) -> None:
     """Check every field once, before any cluster work; raise ConfigError saying what to change."""
-    _choice(cfg.stage, RL_STAGES + OFFLINE_STAGES + UTILITY_STAGES, "stage")
-    if cfg.stage in RL_STAGES:
+    _choice(cfg.stage, RL_STAGES + OFFLINE_STAGES + UTILITY_STAGES + GENERATION_STAGES, "stage")
+    from rlhf.models.peft_utils import validate_peft
+
+    validate_peft(cfg)
+    if cfg.stage == "distill":
+        validate_distill(cfg)
+    elif cfg.stage in RL_STAGES:
         validate_rl(cfg)
+    elif cfg.stage in OFFLINE_STAGES:
+        validate_offline(cfg)
+    elif cfg.stage in GENERATION_STAGES:
+        from rlhf.trainers.generate import validate_generation
+
+        validate_generation(cfg)
+
+
+DISTILL_MODES = ("offline", "on_policy")
+
+
+def distill_sequences_per_step(cfg: RLHFConfig) -> int:
+    """Rows per distillation step: policy.train_batch_size offline; prompts × samples on-policy."""
+    if cfg.distill.mode == "offline":
+        return cfg.policy.train_batch_size
+    return cfg.run.rollout_batch_size * cfg.rollout.n_samples_per_prompt
+
+
+def validate_distill(cfg: RLHFConfig) -> None:
+    """stage=distill: the distill.* fields, the student's batch arithmetic, and the rollout when on-policy."""
+    from rlhf.algorithms import DISTILLATION_LOSSES, LOSS_AGGREGATIONS
+
+    d, run = cfg.distill, cfg.run
+    DISTILLATION_LOSSES.check(d.loss, "distill.loss")
+    LOSS_AGGREGATIONS.check(cfg.algorithm.loss_agg, "algorithm.loss_agg")
+    _choice(d.mode, DISTILL_MODES, "distill.mode")
+    _require(0.0 <= d.beta <= 1.0, f"distill.beta must be in [0, 1] (got {d.beta})")
+    _require(d.temperature > 0, f"distill.temperature must be > 0 (got {d.temperature})")
+    _require(d.top_k >= 0, f"distill.top_k must be >= 0, 0 meaning the full vocabulary (got {d.top_k})")
+    _require(0.0 <= d.lmbda <= 1.0, f"distill.lmbda must be in [0, 1] (got {d.lmbda})")
+    _require(d.num_workers >= 1, f"distill.num_workers must be >= 1 (got {d.num_workers})")
+    _require(bool(d.teacher_path), "distill.teacher_path is empty; set it to the teacher checkpoint")
+    _require(run.total_steps >= 1, f"run.total_steps must be >= 1 (got {run.total_steps})")
+    _require(run.eval_every >= 0, f"run.eval_every must be >= 0 (got {run.eval_every})")
+    _choice(cfg.model.dtype, DTYPES, "model.dtype")
+    _choice(cfg.cluster.device, DEVICES, "cluster.device")
+    _choice(cfg.cluster.placement_strategy, PLACEMENT_STRATEGIES, "cluster.placement_strategy")
+    rows = distill_sequences_per_step(cfg)
+    _check_train(cfg.policy, "policy", rows)
+    _require(
+        rows % d.num_workers == 0,
+        f"{rows} rows per distillation step cannot be split over distill.num_workers {d.num_workers} teachers",
+    )
+    if d.mode == "on_policy":
+        rollout = cfg.rollout
+        _choice(rollout.backend, ROLLOUT_BACKENDS, "rollout.backend")
+        _choice(cfg.cluster.weight_sync_backend, ("auto", "gloo", "nccl"), "cluster.weight_sync_backend")
+        _require(rollout.n_samples_per_prompt >= 1, "rollout.n_samples_per_prompt must be >= 1")
+        _require(rollout.sampling.max_new_tokens >= 1, "rollout.sampling.max_new_tokens must be >= 1")
+        _require(rollout.sampling.temperature > 0, "rollout.sampling.temperature must be > 0 for on-policy samples")
 
 
 def validate_rl(cfg: RLHFConfig) -> None:
@@ -359,6 +780,14 @@ def validate_rl(cfg: RLHFConfig) -> None:
         f"algorithm.advantage={algo.advantage} compares samples of one prompt: "
         f"set rollout.n_samples_per_prompt >= 2 (got {rollout.n_samples_per_prompt})",
     )
+    _require(
+        algo.max_sampling_rounds >= 1, f"algorithm.max_sampling_rounds must be >= 1 (got {algo.max_sampling_rounds})"
+    )
+    _require(
+        not algo.dynamic_sampling or rollout.n_samples_per_prompt >= 2,
+        "algorithm.dynamic_sampling keeps groups whose samples score differently: "
+        f"set rollout.n_samples_per_prompt >= 2 (got {rollout.n_samples_per_prompt})",
+    )
     _choice(rollout.backend, ROLLOUT_BACKENDS, "rollout.backend")
     _require(rollout.num_engines >= 1, f"rollout.num_engines must be >= 1 (got {rollout.num_engines})")
     _require(rollout.n_samples_per_prompt >= 1, "rollout.n_samples_per_prompt must be >= 1")
@@ -377,9 +806,106 @@ def validate_rl(cfg: RLHFConfig) -> None:
     if uses_critic(cfg):
         _check_train(cfg.critic, "critic", sequences)
     _require(cfg.data.max_prompt_length >= 1, "data.max_prompt_length must be >= 1")
+    _check_reward(cfg.reward)
+
+
+REWARD_NORM_MODES = ("none", "running", "batch")
+
+
+def _check_reward(reward: RewardConfig) -> None:
+    """Numbers and choices of the reward sources; functions, regexes and templates are checked by
+    rlhf.rewards.pipeline.build_reward_pipeline (also before Ray starts)."""
     _require(
-        cfg.reward.fn is not None or cfg.reward.model_path is not None,
-        "no reward: set reward.fn (a rule reward) and/or reward.model_path (a reward model)",
+        bool(reward.fn or reward.components or reward.model_path or reward.remote.url or reward.judge.model_path),
+        "no reward: set reward.fn (a rule reward), reward.components, reward.model_path (a reward model), "
+        "reward.remote.url (a reward server) and/or reward.judge.model_path (an LLM judge)",
+    )
+    for i, component in enumerate(reward.components):
+        _require(
+            bool(component.fn), f"reward.components[{i}].fn is required (a registered name or pkg.module:function)"
+        )
+    _require(reward.num_workers >= 1, f"reward.num_workers must be >= 1 (got {reward.num_workers})")
+    _choice(reward.model_norm.mode, REWARD_NORM_MODES, "reward.model_norm.mode")
+    clip = reward.model_norm.clip
+    _require(clip is None or clip > 0, f"reward.model_norm.clip must be > 0 or null (got {clip})")
+    remote = reward.remote
+    _require(remote.batch_size >= 1, f"reward.remote.batch_size must be >= 1 (got {remote.batch_size})")
+    _require(remote.max_concurrency >= 1, f"reward.remote.max_concurrency must be >= 1 (got {remote.max_concurrency})")
+    _require(remote.timeout_s > 0, f"reward.remote.timeout_s must be > 0 (got {remote.timeout_s})")
+    _require(remote.max_retries >= 0, f"reward.remote.max_retries must be >= 0 (got {remote.max_retries})")
+    _require(remote.backoff_s >= 0, f"reward.remote.backoff_s must be >= 0 (got {remote.backoff_s})")
+    judge = reward.judge
+    _require(
+        judge.score_max > judge.score_min,
+        f"reward.judge.score_max {judge.score_max} must be > reward.judge.score_min {judge.score_min}",
+    )
+    _require(judge.num_engines >= 1, f"reward.judge.num_engines must be >= 1 (got {judge.num_engines})")
+    _require(judge.max_new_tokens >= 1, f"reward.judge.max_new_tokens must be >= 1 (got {judge.max_new_tokens})")
+    _require(
+        judge.max_prompt_tokens >= 1, f"reward.judge.max_prompt_tokens must be >= 1 (got {judge.max_prompt_tokens})"
+    )
+    if judge.backend is not None:
+        _choice(judge.backend, ROLLOUT_BACKENDS, "reward.judge.backend")
+
+
+def validate_offline(cfg: RLHFConfig) -> None:
+    """The offline stages' fields: objective and loss settings, schedule, batch arithmetic in examples."""
+    from rlhf.algorithms import LOSS_AGGREGATIONS, PREFERENCE_LOSSES
+    from rlhf.workers.objectives import OBJECTIVES
+
+    run, off, policy = cfg.run, cfg.offline, cfg.policy
+    OBJECTIVES.check(off.objective, "offline.objective")
+    objective = OBJECTIVES.get(off.objective)
+    _require(
+        not cfg.data.packing or objective.example_kind == "sequence",
+        f"data.packing=true packs PT/SFT sequences; offline.objective={off.objective} trains on "
+        f"{objective.example_kind} examples: set data.packing=false",
+    )
+    _require(
+        objective.model_kind != "reward" or cfg.model.lora.rank == 0,
+        "reward-model training does not support LoRA yet; set model.lora.rank=0",
+    )
+    LOSS_AGGREGATIONS.check(off.loss_agg, "offline.loss_agg")
+    PREFERENCE_LOSSES.check(off.preference_loss, "offline.preference_loss")
+    _require(off.epochs >= 1, f"offline.epochs must be >= 1 (got {off.epochs})")
+    _require(off.max_steps >= 0, f"offline.max_steps must be >= 0 (0: run whole epochs; got {off.max_steps})")
+    _require(off.beta > 0, f"offline.beta must be > 0 (got {off.beta})")
+    _require(
+        0 <= off.label_smoothing < 0.5, f"offline.label_smoothing must be in [0, 0.5) (got {off.label_smoothing})"
+    )
+    _require(
+        off.label_smoothing == 0 or off.preference_loss == "sigmoid",
+        f"offline.label_smoothing={off.label_smoothing} only applies to offline.preference_loss=sigmoid (cDPO), "
+        f"not {off.preference_loss!r}; set it to 0",
+    )
+    _require(off.simpo_gamma_beta_ratio >= 0, "offline.simpo_gamma_beta_ratio must be >= 0")
+    _require(off.orpo_lambda >= 0, f"offline.orpo_lambda must be >= 0 (got {off.orpo_lambda})")
+    _require(
+        off.kto_desirable_weight > 0 and off.kto_undesirable_weight > 0,
+        "offline.kto_desirable_weight and offline.kto_undesirable_weight must be > 0",
+    )
+    _choice(off.reference, ("precompute", "online"), "offline.reference")
+    _require(run.keep_last >= 1, f"run.keep_last must be >= 1 (got {run.keep_last})")
+    _require(run.eval_every >= 0 and run.save_every >= 0, "run.eval_every and run.save_every must be >= 0")
+    _require(run.eval_size >= 0, f"run.eval_size must be >= 0 (0: the whole eval set; got {run.eval_size})")
+    _require(
+        run.resume in ("auto", "none") or bool(run.resume), "run.resume must be auto, none, or a checkpoint directory"
+    )
+    _choice(cfg.model.dtype, DTYPES, "model.dtype")
+    _require(cfg.model.lora.rank >= 0, f"model.lora.rank must be >= 0 (got {cfg.model.lora.rank})")
+    _choice(cfg.cluster.device, DEVICES, "cluster.device")
+    _choice(cfg.cluster.placement_strategy, PLACEMENT_STRATEGIES, "cluster.placement_strategy")
+    _choice(policy.zero_stage, ZERO_STAGES, "policy.zero_stage")
+    _require(policy.num_workers >= 1, f"policy.num_workers must be >= 1 (got {policy.num_workers})")
+    _require(policy.micro_batch_size >= 1, f"policy.micro_batch_size must be >= 1 (got {policy.micro_batch_size})")
+    _require(policy.optim.lr > 0, f"policy.optim.lr must be > 0 (got {policy.optim.lr})")
+    _require(policy.offload_params is False or policy.zero_stage == 3, "policy.offload_params needs policy.zero_stage=3")
+    per_pass = policy.micro_batch_size * policy.num_workers
+    _require(
+        policy.train_batch_size >= 1 and policy.train_batch_size % per_pass == 0,
+        f"policy.train_batch_size {policy.train_batch_size} examples is not divisible by policy.micro_batch_size "
+        f"{policy.micro_batch_size} × policy.num_workers {policy.num_workers} = {per_pass} examples per pass "
+        f"(offline stages count a preference pair or a KTO example as one example); pick a multiple of {per_pass}",
     )
 
 

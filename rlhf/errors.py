@@ -31,3 +31,7 @@ class WeightSyncError(RLHFError):
 
 class CheckpointError(RLHFError):
     """A checkpoint is missing, incomplete or cannot be written."""
+
+
+class RewardError(RLHFError):
+    """A reward source failed to score a batch (e.g. the remote reward server, after its retries)."""

@@ -8,6 +8,12 @@ Layout (see rlhf/algorithms/__init__.py for the logprob alignment):
 Optional per-token fields are [B, R]; per-sequence fields are [B].
 The full sequence fed to a model is cat(prompt_ids, response_ids) with attention mask
 cat(prompt_mask, response_mask); response token j sits at position P + j.
+
+Offline stages add: `loss_mask` [B, R] (tokens that carry a loss, e.g. only assistant turns;
+None means response_mask; attention still follows prompt_mask/response_mask), `margins` [B]
+(preference margins), `labels` [B] (KTO: 1 desirable, 0 undesirable, -1 a mismatched row for
+the KL reference point), and `positions` [B, P + R], explicit position ids of packed rows
+(several examples per row, positions restarting at each; see rlhf.data.packing).
 """
 
 from __future__ import annotations
@@ -19,8 +25,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-_PER_TOKEN = ("rollout_logprobs", "old_logprobs", "ref_logprobs", "values", "advantages", "returns", "token_rewards")
-_PER_SEQUENCE = ("scores", "group_ids")
+_PER_TOKEN = (
+    "rollout_logprobs",
+    "old_logprobs",
+    "ref_logprobs",
+    "values",
+    "advantages",
+    "returns",
+    "token_rewards",
+    "loss_mask",
+)
+_PER_SEQUENCE = ("scores", "group_ids", "margins", "labels")
 
 
 @dataclass
@@ -37,9 +52,14 @@ class RolloutBatch:
     advantages: Tensor | None = None
     returns: Tensor | None = None
     token_rewards: Tensor | None = None
+    loss_mask: Tensor | None = None
     # per-sequence [B]
     scores: Tensor | None = None
     group_ids: Tensor | None = None
+    margins: Tensor | None = None
+    labels: Tensor | None = None
+    # [B, P + R] position ids of packed rows (None: derived from the attention mask)
+    positions: Tensor | None = None
     # one entry per row (e.g. the reference answer), never tensors
     metadata: list[dict[str, Any]] = field(default_factory=list)
 
@@ -61,6 +81,8 @@ class RolloutBatch:
             value = getattr(self, name)
             if value is not None and value.shape != (b,):
                 raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {(b,)}")
+        if self.positions is not None and self.positions.shape != (b, p + r):
+            raise ValueError(f"positions has shape {tuple(self.positions.shape)}, expected {(b, p + r)}")
         if self.metadata and len(self.metadata) != b:
             raise ValueError(f"metadata has {len(self.metadata)} rows, expected {b}")
 
@@ -81,8 +103,20 @@ class RolloutBatch:
 
     @property
     def position_ids(self) -> Tensor:
-        """Positions that skip left padding, so a padded row sees the same positions as unpadded."""
+        """Positions that skip left padding, so a padded row sees the same positions as unpadded;
+        the explicit `positions` of a packed batch when set."""
+        if self.positions is not None:
+            return self.positions
         return (self.attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+    @property
+    def is_packed(self) -> bool:
+        return self.positions is not None
+
+    @property
+    def effective_loss_mask(self) -> Tensor:
+        """The tokens that carry a loss: `loss_mask` when set, else `response_mask`."""
+        return self.response_mask if self.loss_mask is None else self.loss_mask
 
     def replace(self, **changes: Any) -> RolloutBatch:
         return dataclasses.replace(self, **changes)
@@ -134,6 +168,8 @@ class RolloutBatch:
                 values[f.name] = None
             elif f.name in ("prompt_ids", "prompt_mask"):
                 values[f.name] = torch.cat([_pad(x, p, left=True) for x in parts])
+            elif f.name == "positions":  # prompt part padded on the left, response part on the right
+                values[f.name] = torch.cat([_pad_positions(x, b.prompt_length, p, r) for x, b in zip(parts, batches)])
             elif f.name in _PER_SEQUENCE:
                 values[f.name] = torch.cat(parts)
             else:
@@ -156,6 +192,11 @@ def _pad(x: Tensor, length: int, *, left: bool) -> Tensor:
         return x
     pad = torch.zeros(x.shape[0], missing, dtype=x.dtype, device=x.device)
     return torch.cat([pad, x] if left else [x, pad], dim=1)
+
+
+def _pad_positions(positions: Tensor, prompt_length: int, p: int, r: int) -> Tensor:
+    prompt, response = positions[:, :prompt_length], positions[:, prompt_length:]
+    return torch.cat([_pad(prompt, p, left=True), _pad(response, r, left=False)], dim=1)
 
 
 def pad_sequences(rows: list[list[int]], *, pad_id: int, left: bool, dtype=torch.long) -> tuple[Tensor, Tensor]:

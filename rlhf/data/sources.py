@@ -1,6 +1,6 @@
 """Reading dataset rows from local files, directories or the Hugging Face Hub, with locations.
 
-Local json/jsonl/csv/parquet files are read directly rather than through `datasets`, for two
+Local json/jsonl/csv/parquet/arrow files are read directly rather than through `datasets`, for two
 reasons: every row keeps a human-readable location ("prompts.jsonl, line 4") that validation
 errors quote, and a row whose field has an unexpected type reaches our validation (which says
 which field of which row to fix) instead of failing Arrow schema inference with a message that
@@ -21,7 +21,9 @@ from rlhf.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
+DATASETS_METADATA = ("dataset_info.json", "state.json", "dataset_dict.json")
+"""Files `datasets.save_to_disk` writes next to its .arrow shards; they describe rows, hold none."""
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,9 @@ def read_records(source: str | Path, *, split: str = "train") -> list[Record]:
 
 
 def _split_files(directory: Path, split: str) -> list[Path]:
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name.endswith(SUFFIXES))
+    files = sorted(
+        p for p in directory.rglob("*") if p.is_file() and p.name.endswith(SUFFIXES) and p.name not in DATASETS_METADATA
+    )
     if not files:
         raise DataError(f"directory {str(directory)!r} holds no {'/'.join(SUFFIXES)} files")
     names_split = re.compile(rf"(^|[\W_]){re.escape(split)}([\W_]|$)")
@@ -88,7 +92,27 @@ def _read_file(path: Path) -> list[Record]:
         import pyarrow.parquet as pq
 
         return [Record(row, f"{path}, row {i + 1}") for i, row in enumerate(pq.read_table(path).to_pylist())]
+    if path.name.endswith(".arrow"):
+        return [Record(row, f"{path}, row {i + 1}") for i, row in enumerate(_read_arrow(path).to_pylist())]
     raise DataError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
+
+
+def _read_arrow(path: Path):
+    """An Arrow IPC file: the stream format `datasets.save_to_disk` writes, or the random-access file format."""
+    import pyarrow as pa
+
+    try:
+        with pa.memory_map(str(path)) as source:
+            return pa.ipc.open_stream(source).read_all()
+    except pa.ArrowInvalid:
+        pass
+    try:
+        with pa.memory_map(str(path)) as source:
+            return pa.ipc.open_file(source).read_all()
+    except pa.ArrowInvalid as e:
+        raise DataError(
+            f"{path}: not an Arrow IPC stream or file ({e}); write it with pyarrow or datasets.save_to_disk"
+        ) from None
 
 
 def _read_jsonl(path: Path) -> list[Record]:

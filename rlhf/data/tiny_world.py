@@ -244,6 +244,47 @@ def kto_rows(problems: Sequence[Problem], *, seed: int = 0) -> list[dict[str, An
     return rows
 
 
+def chain_of_thought(problem: Problem) -> str:
+    """A worked solution ending in "#### <answer>" (the marker `extract_answer` reads), as in GSM8K.
+
+    Two-digit arithmetic goes through the units and then the tens ("47+8=" → "7+8=15 40+15=55
+    #### 55"); one-digit arithmetic states the sum; copy/reverse spell the letters in order.
+    """
+    answer = problem.answer
+    if problem.task in ("add_2d", "sub_2d"):
+        left, right = problem.prompt.rstrip("=").split("+" if problem.task == "add_2d" else "-")
+        a, b = int(left), int(right)
+        tens, units = a - a % 10, a % 10
+        symbol = "+" if problem.task == "add_2d" else "-"
+        partial = units + b if symbol == "+" else units - b
+        carry = f"{tens}+{partial}" if partial >= 0 else f"{tens}-{-partial}"
+        return f"{units}{symbol}{b}={partial} {carry}={answer} #### {answer}"
+    if problem.task in ("add_1d", "sub_1d"):
+        return f"{problem.prompt}{answer} #### {answer}"
+    return f"{' '.join(answer)} #### {answer}"
+
+
+def cot_rows(problems: Sequence[Problem]) -> list[dict[str, Any]]:
+    """Chain-of-thought SFT rows (the ReFT warm-up data): prompt, worked response, reference answer."""
+    return [{"prompt": p.prompt, "response": chain_of_thought(p), "answer": p.answer, "task": p.task} for p in problems]
+
+
+def cot_file(split: str = "train", *, seed: int = 0) -> Path:
+    """The chain-of-thought rows of `split` as jsonl, written on first use next to the tiny world's data.
+
+    Kept outside DATA_KINDS so adding it did not change the cached tiny world (its version).
+    """
+    if split not in SPLITS:
+        raise DataError(f"unknown tiny-world split {split!r}; splits: {', '.join(SPLITS)}")
+    path = tiny_world_dir(seed, archs=()).root / "extra" / f"cot_{split}.jsonl"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        write_jsonl(tmp, cot_rows(split_problems(seed)[split]))
+        tmp.replace(path)
+    return path
+
+
 def rl_rows(problems: Sequence[Problem]) -> list[dict[str, Any]]:
     """RL prompts with the reference answer that the `tiny_world` reward checks against."""
     return [{"prompt": p.prompt, "answer": p.answer, "task": p.task, "difficulty": p.difficulty} for p in problems]

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from rlhf.config import OptimConfig, TrainConfig
 from rlhf.errors import CheckpointError, ConfigError
-from rlhf.models.peft_utils import export_root, is_lora_layer, merged_lora_tensors
+from rlhf.models.peft_utils import export_root, is_peft_layer, merged_layer_tensors, plain_tensor
 from rlhf.utils.seeding import get_rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
@@ -102,7 +102,8 @@ def build_optimizer(module: nn.Module, optim_cfg: OptimConfig) -> torch.optim.Op
     for p in module.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": optim_cfg.weight_decay}]
+    # no empty group: ZeRO drops it, and the scheduler would then count one group too many (BitFit: biases only)
+    groups = [{"params": decay, "weight_decay": optim_cfg.weight_decay}] if decay else []
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
@@ -286,24 +287,25 @@ def init_distributed(backend: str, timeout_s: float) -> None:
 
 @dataclass
 class _Unit:
-    """Parameters exported together: one parameter, one buffer, or a whole LoRA layer (merged)."""
+    """Parameters exported together: one parameter, one buffer, or a whole peft adapter layer (merged)."""
 
     name: str
     tensors: list[Tensor] = field(default_factory=list)
-    lora_layer: Optional[nn.Module] = None
+    peft_layer: Optional[nn.Module] = None
 
     def full_bytes(self) -> int:
         return sum(getattr(t, "ds_numel", t.numel()) * t.element_size() for t in self.tensors)
 
 
 def _export_units(module: nn.Module) -> list[_Unit]:
-    """Walk the module in registration order; LoRA layers become one unit named like the base layer."""
+    """Walk the module in registration order; adapter layers (LoRA, IA3, LoHa, LoKr) become one unit
+    named like the base layer."""
     units: list[_Unit] = []
     seen: set[int] = set()
 
     def visit(prefix: str, mod: nn.Module) -> None:
-        if is_lora_layer(mod):
-            units.append(_Unit(prefix.rstrip("."), list(mod.parameters()), lora_layer=mod))
+        if is_peft_layer(mod):
+            units.append(_Unit(prefix.rstrip("."), list(mod.parameters()), peft_layer=mod))
             return
         for name, param in mod.named_parameters(recurse=False):
             if id(param) not in seen:  # tied weights are exported once, as HF saves them
@@ -339,7 +341,8 @@ def iter_full_parameters(
 
     ZeRO-3 aware: parameters are gathered a bucket (about `bucket_bytes` of full tensors) at a time
     with `deepspeed.zero.GatheredParameters`, so rank 0 holds at most one bucket beyond its shard.
-    LoRA layers are merged (W + scale · B·A, as peft's merge_and_unload) and PEFT's name prefixes
+    Adapter layers are merged (LoRA: W + scale · B·A, as peft's merge_and_unload; IA3, LoHa, LoKr
+    likewise, rlhf.models.peft_utils) and PEFT's name prefixes
     (`base_model.model.`, `.base_layer`) disappear: `model.layers.0.self_attn.q_proj.weight`.
 
     Collective under ZeRO-3: every rank must exhaust this iterator; only rank 0 yields. Tensors are
@@ -360,11 +363,12 @@ def iter_full_parameters(
 
 
 def _export(unit: _Unit) -> list[tuple[str, Tensor]]:
-    if unit.lora_layer is not None:
-        return [(f"{unit.name}.{suffix}", t) for suffix, t in merged_lora_tensors(unit.lora_layer)]
+    if unit.peft_layer is not None:
+        return [(f"{unit.name}.{suffix}", t) for suffix, t in merged_layer_tensors(unit.peft_layer)]
     tensor = unit.tensors[0]
-    partitioned = hasattr(tensor, "ds_id")
-    return [(unit.name, tensor.detach().clone() if partitioned else tensor.detach())]
+    if hasattr(tensor, "ds_id") or hasattr(tensor, "quant_state"):  # a gathered copy, or a 4-bit QLoRA base
+        return [(unit.name, plain_tensor(tensor))]
+    return [(unit.name, tensor.detach())]
 
 
 # -- writing a Hugging Face checkpoint -------------------------------------------------------

@@ -110,11 +110,11 @@ def load_causal_lm(
         model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load a causal LM from {resolved!r}: {e}") from e
-    _fill_special_token_ids(model, tokenizer)
+    fill_special_token_ids(model, tokenizer)
     return model
 
 
-def _fill_special_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> None:
+def fill_special_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> None:
     for config in (model.config, model.generation_config):
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if getattr(config, name, None) is None and tokenizer is not None:

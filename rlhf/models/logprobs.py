@@ -23,17 +23,58 @@ def _entropy(logits: Tensor) -> Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
+def forward_inputs(batch: RolloutBatch, *, flatten: bool = False) -> dict[str, Tensor | None]:
+    """The keyword inputs of a causal-LM forward pass over the batch's full sequences.
+
+    A packed batch (batch.positions set, several examples per row with positions restarting at
+    0) is passed with attention_mask=None and its position ids: transformers then starts a new
+    causal block wherever the positions do not increase by one (masking_utils.
+    find_packed_sequence_indices, used by the sdpa/eager/flex masks; checked on 5.19), so no
+    token attends across an example boundary. A 2D padding mask would switch that detection
+    off, and padding needs none here: a packed row's padding is a block of its own whose
+    outputs carry no loss. flash-attention reads packed position ids only from a batch of one
+    row (modeling_flash_attention_utils._is_packed_sequence), so `flatten` concatenates the rows
+    into one [1, B·L] row; every row starts at position 0, so row boundaries stay boundaries.
+    """
+    if batch.positions is None:
+        return {
+            "input_ids": batch.input_ids,
+            "attention_mask": batch.attention_mask,
+            "position_ids": batch.position_ids,
+        }
+    if flatten:
+        return {
+            "input_ids": batch.input_ids.reshape(1, -1),
+            "attention_mask": None,
+            "position_ids": batch.positions.reshape(1, -1),
+        }
+    return {"input_ids": batch.input_ids, "attention_mask": None, "position_ids": batch.positions}
+
+
+def needs_flat_packing(model: torch.nn.Module) -> bool:
+    """True when the model attends with flash-attention, which sees packing only in a one-row batch."""
+    config = getattr(getattr(model, "module", model), "config", None)  # .module: a DeepSpeed engine
+    return "flash" in str(getattr(config, "_attn_implementation", ""))
+
+
+def full_logits(model: torch.nn.Module, batch: RolloutBatch) -> Tensor:
+    """Logits [B, P + R, V] of the batch's full sequences (packed batches included)."""
+    flatten = batch.positions is not None and needs_flat_packing(model)
+    logits = model(**forward_inputs(batch, flatten=flatten), use_cache=False).logits
+    return logits.view(len(batch), -1, logits.shape[-1]) if flatten else logits
+
+
 def response_logits(model: torch.nn.Module, batch: RolloutBatch, *, temperature: float = 1.0) -> Tensor:
-    """Logits [B, R, V] (float32, divided by temperature) that predict each response token."""
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-    )
+    """Logits [B, R, V] (float32, divided by temperature) that predict each response token.
+
+    Packed batches are supported (see `forward_inputs`); the logits at the first token of each
+    packed example look across the boundary and must carry no loss (collate_packed's loss_mask
+    is 0 there).
+    """
+    logits = full_logits(model, batch)
     p = batch.prompt_length
     r = batch.response_ids.shape[1]
-    logits = out.logits[:, p - 1 : p - 1 + r, :].float()
+    logits = logits[:, p - 1 : p - 1 + r, :].float()
     if temperature != 1.0:
         logits = logits / temperature
     return logits

@@ -1,42 +1,335 @@
-"""LoRA through peft: wrapping a model, and merged weights under the plain Hugging Face names.
+"""Parameter-efficient training of the policy: which parameters train, and merged plain-HF weights for export.
+
+`model.peft.method` picks one of PEFT_METHODS (rlhf.config.PeftConfig):
+
+  lora, qlora, loha, lokr   low-rank adapters on model.lora.target_modules (qlora: 4-bit frozen base)
+  ia3                       learned scale vectors on keys, values and the MLP input (peft's defaults)
+  prompt_tuning, p_tuning   learned virtual input tokens (p_tuning: made by a small MLP)
+  prefix_tuning             learned key/value prefixes in every attention layer
+  bitfit                    only the biases train (BitFit, arXiv:2106.10199)
+  freeze                    full fine-tuning of the parameters the name patterns leave trainable
 
 Rollout engines and exported checkpoints want the plain model (`model.layers.0.self_attn.q_proj.weight`),
-never peft's `base_model.model.….q_proj.base_layer.weight` / `lora_A.default.weight`. The trainer
-keeps the adapters separate (only they train) and merges on the fly when it exports weights:
-W' = W + scale · B·A per active adapter, exactly what `merge_and_unload` would write, without
-modifying the live model.
+never peft's `base_model.model.….q_proj.base_layer.weight` / `lora_A.default.weight`. The trainer keeps
+the adapters separate (only they train) and merges on the fly when it exports weights, computing what
+peft's merge_and_unload would write without modifying the live model:
+
+  LoRA, LoHa, LoKr   W' = W + Σ_adapters get_delta_weight(adapter)     (additive)
+  IA3                W' = W ⊙ l  (l scales W's rows, or its columns for feed-forward modules),
+                     b' = b ⊙ l for the non-feed-forward modules        (multiplicative)
+
+Virtual tokens and prefixes have no place in the base weights: such adapters are saved beside the
+unchanged base model, and RL stages (whose rollout engines run plain weights) reject them.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import re
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import Tensor, nn
 
-from rlhf.config import LoraConfig
+from rlhf.config import LoraConfig, ModelConfig
 from rlhf.errors import ConfigError
+
+if TYPE_CHECKING:
+    from rlhf.config import RLHFConfig
+
+PEFT_METHODS = (
+    "none",
+    "lora",
+    "qlora",
+    "prompt_tuning",
+    "prefix_tuning",
+    "p_tuning",
+    "ia3",
+    "loha",
+    "lokr",
+    "bitfit",
+    "freeze",
+)
+LOW_RANK_METHODS = ("lora", "qlora", "loha", "lokr")
+"""Methods configured by model.lora (rank, alpha, dropout, target_modules)."""
+PROMPT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
+"""Methods that cannot be merged into the base weights."""
+ADAPTER_METHODS = LOW_RANK_METHODS + ("ia3",) + PROMPT_METHODS
+"""Methods that wrap the model in a peft PeftModel (saved in peft's adapter format)."""
+PATTERN_METHODS = ("bitfit", "freeze")
+QUANT_TYPES = ("nf4", "fp4")
+
+_BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+"""The transformer block index in a parameter name (llama/qwen2/mistral `layers.i.`, gpt2 `h.i.`)."""
+
+
+# -- choosing and validating the method ------------------------------------------------------
+
+
+def peft_method(model_cfg: ModelConfig) -> str:
+    """The method in effect: model.peft.method, or "lora" for method none with model.lora.rank > 0."""
+    if model_cfg.peft.method == "none" and model_cfg.lora.rank > 0:
+        return "lora"
+    return model_cfg.peft.method
+
+
+def validate_peft(cfg: RLHFConfig) -> None:
+    """ConfigError, before any Ray work, for a PEFT setting that cannot run in `cfg.stage`."""
+    from rlhf.config import RL_STAGES
+
+    model, peft = cfg.model, cfg.model.peft
+    if peft.method not in PEFT_METHODS:
+        raise ConfigError(f"model.peft.method={peft.method!r} is not one of {', '.join(PEFT_METHODS)}")
+    if model.lora.rank < 0:
+        raise ConfigError(f"model.lora.rank must be >= 0 (got {model.lora.rank})")
+    method = peft_method(model)
+    if method in LOW_RANK_METHODS:
+        if model.lora.rank == 0:
+            raise ConfigError(f"model.peft.method={method} needs a rank: set model.lora.rank (e.g. model.lora.rank=8)")
+        if not model.lora.target_modules:
+            raise ConfigError(f"model.peft.method={method} needs model.lora.target_modules (e.g. [q_proj,v_proj])")
+    elif model.lora.rank > 0:
+        raise ConfigError(
+            f"model.lora.rank={model.lora.rank} turns LoRA on, but model.peft.method={method}; "
+            f"set model.lora.rank=0 or model.peft.method=lora"
+        )
+    if method in PROMPT_METHODS:
+        if peft.num_virtual_tokens < 1:
+            raise ConfigError(f"model.peft.num_virtual_tokens must be >= 1 (got {peft.num_virtual_tokens})")
+        if cfg.data.packing:
+            raise ConfigError(
+                f"model.peft.method={method} prepends its virtual tokens to each row, not to each packed example; "
+                f"set data.packing=false"
+            )
+        if cfg.stage in RL_STAGES:
+            raise ConfigError(
+                f"model.peft.method={method} learns virtual tokens that cannot be merged into the base weights, "
+                f"so the rollout engines of stage={cfg.stage} could not run the trained policy; use lora, ia3, "
+                f"loha or lokr for RL, or {method} in an offline stage (sft, dpo, ...)"
+            )
+    _validate_patterns(method, peft)
+    if method == "qlora":
+        _validate_qlora(cfg)
+
+
+def _validate_patterns(method: str, peft: Any) -> None:
+    if peft.trainable_patterns and method != "freeze":
+        raise ConfigError(f"model.peft.trainable_patterns needs model.peft.method=freeze (got {method})")
+    if (peft.frozen_patterns or peft.frozen_layers) and method not in PATTERN_METHODS:
+        raise ConfigError(
+            f"model.peft.frozen_patterns / frozen_layers need model.peft.method=freeze or bitfit (got {method})"
+        )
+    if peft.frozen_layers < 0:
+        raise ConfigError(f"model.peft.frozen_layers must be >= 0 (got {peft.frozen_layers})")
+    if method == "freeze" and not (peft.trainable_patterns or peft.frozen_patterns or peft.frozen_layers):
+        raise ConfigError(
+            "model.peft.method=freeze needs model.peft.trainable_patterns, frozen_patterns or frozen_layers "
+            "(e.g. model.peft.frozen_patterns=[embed_tokens] model.peft.frozen_layers=2)"
+        )
+    for field_name in ("trainable_patterns", "frozen_patterns"):
+        for pattern in getattr(peft, field_name):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"model.peft.{field_name}: {pattern!r} is not a valid regex ({e})") from e
+
+
+def _validate_qlora(cfg: RLHFConfig) -> None:
+    peft = cfg.model.peft
+    if peft.quant_type not in QUANT_TYPES:
+        raise ConfigError(f"model.peft.quant_type={peft.quant_type!r} is not one of {', '.join(QUANT_TYPES)}")
+    needs = "model.peft.method=qlora loads the base model in 4 bits through bitsandbytes, which needs a CUDA GPU"
+    if cfg.cluster.device != "cuda":
+        raise ConfigError(f"{needs}: set cluster.device=cuda (got {cfg.cluster.device}), or use model.peft.method=lora")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"{needs} and the bitsandbytes package: pip install bitsandbytes, or use lora")
+    if cfg.cluster.address is None and not torch.cuda.is_available():
+        raise ConfigError(f"{needs}, and torch sees none on this machine; use model.peft.method=lora")
+    if cfg.policy.zero_stage == 3:
+        raise ConfigError(
+            "model.peft.method=qlora: 4-bit base weights cannot be ZeRO-3 partitioned; set policy.zero_stage<=2"
+        )
+
+
+# -- wrapping the model ----------------------------------------------------------------------
+
+
+def load_base_model(path: str, model_cfg: ModelConfig, *, dtype: torch.dtype, tokenizer: Any = None) -> nn.Module:
+    """The causal LM to wrap: as rlhf.models.loading loads it, or 4-bit quantised for QLoRA (on this GPU)."""
+    from rlhf.models.loading import fill_special_token_ids, load_causal_lm, resolve_model_path
+
+    if peft_method(model_cfg) != "qlora":
+        return load_causal_lm(path, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code, tokenizer=tokenizer)
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=model_cfg.peft.quant_type,
+        bnb_4bit_use_double_quant=model_cfg.peft.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype,  # DeepSpeed's dtype casts then leave the packed weights alone
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(path),
+        quantization_config=quantization,
+        dtype=dtype,
+        device_map={"": torch.cuda.current_device()},
+        trust_remote_code=model_cfg.trust_remote_code,
+    )
+    fill_special_token_ids(model, tokenizer)
+    return model
+
+
+def apply_peft(model: nn.Module, model_cfg: ModelConfig) -> nn.Module:
+    """`model` set up for `peft_method(model_cfg)`: wrapped by peft, or with only some parameters trainable."""
+    method = peft_method(model_cfg)
+    if method == "none":
+        return model
+    if method in PATTERN_METHODS:
+        freeze_parameters(model, method, model_cfg.peft)
+        return model
+    if method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=model_cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    from peft import get_peft_model
+
+    try:
+        wrapped = get_peft_model(model, peft_config(method, model_cfg))
+    except ValueError as e:  # peft: target modules not found, feed-forward modules not among targets, ...
+        raise ConfigError(f"model.peft.method={method}: peft cannot wrap this model: {e}") from e
+    if method in ("prompt_tuning", "p_tuning"):
+        return VirtualTokenLM(wrapped)
+    return wrapped
 
 
 def apply_lora(model: nn.Module, lora_cfg: LoraConfig) -> nn.Module:
     """Wrap `model` with LoRA adapters (peft); base weights are frozen. No-op when rank is 0."""
-    if lora_cfg.rank <= 0:
-        return model
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
+    return apply_peft(model, ModelConfig(lora=lora_cfg))
 
-    peft_cfg = PeftLoraConfig(
-        r=lora_cfg.rank,
-        lora_alpha=lora_cfg.alpha,
-        lora_dropout=lora_cfg.dropout,
-        target_modules=list(lora_cfg.target_modules),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+
+def peft_config(method: str, model_cfg: ModelConfig) -> Any:
+    """peft's config object for one of ADAPTER_METHODS."""
+    import peft
+
+    lora, cfg = model_cfg.lora, model_cfg.peft
+    common: dict[str, Any] = {"task_type": "CAUSAL_LM"}
+    if method in ("lora", "qlora"):
+        return peft.LoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            bias="none",
+            **common,
+        )
+    if method in ("loha", "lokr"):
+        config_cls = peft.LoHaConfig if method == "loha" else peft.LoKrConfig
+        return config_cls(
+            r=lora.rank,
+            alpha=lora.alpha,
+            module_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            **common,
+        )
+    if method == "ia3":
+        return peft.IA3Config(
+            target_modules=cfg.ia3_target_modules, feedforward_modules=cfg.ia3_feedforward_modules, **common
+        )
+    if method == "prompt_tuning":
+        return peft.PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, **common)
+    if method == "prefix_tuning":
+        return peft.PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, **common)
+    if method == "p_tuning":
+        return peft.PromptEncoderConfig(
+            num_virtual_tokens=cfg.num_virtual_tokens, encoder_hidden_size=cfg.encoder_hidden_size, **common
+        )
+    raise ConfigError(f"model.peft.method={method!r} is not a peft adapter; known: {', '.join(ADAPTER_METHODS)}")
+
+
+def trainable_by_pattern(name: str, method: str, peft_cfg: Any) -> bool:
+    """Whether parameter `name` trains under bitfit/freeze (patterns are re.search'ed in the name)."""
+    if method == "bitfit" and not name.endswith("bias"):
+        return False
+    if peft_cfg.trainable_patterns and not any(re.search(p, name) for p in peft_cfg.trainable_patterns):
+        return False
+    if any(re.search(p, name) for p in peft_cfg.frozen_patterns):
+        return False
+    block = _BLOCK_INDEX.search(name)
+    return not (block and int(block.group(1)) < peft_cfg.frozen_layers)
+
+
+def freeze_parameters(model: nn.Module, method: str, peft_cfg: Any) -> None:
+    """requires_grad per `trainable_by_pattern`; ConfigError when nothing would train."""
+    names = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(trainable_by_pattern(name, method, peft_cfg))
+        names.append(name)
+    if not any(p.requires_grad for p in model.parameters()):
+        what = "has no bias parameters" if method == "bitfit" else "has no parameter left trainable by the patterns"
+        raise ConfigError(
+            f"model.peft.method={method}: the model {what}; its parameter names look like "
+            f"{', '.join(names[:3])}, ... (check model.peft.trainable_patterns / frozen_patterns / frozen_layers)"
+        )
+
+
+class VirtualTokenLM(nn.Module):
+    """A prompt-tuned (or P-tuned) PeftModel whose logits line up with `input_ids` again.
+
+    peft prepends the virtual tokens' embeddings and returns logits for them too; callers of a causal
+    LM expect logits[:, t] to belong to input token t, so the first num_virtual_tokens positions are
+    dropped. peft ignores position ids for these methods (positions count the virtual tokens), so
+    none are passed. The loss of `labels` is peft's, computed before the slice.
+    """
+
+    def __init__(self, peft_model: nn.Module):
+        super().__init__()
+        self.peft_model = peft_model
+        self.num_virtual_tokens = int(peft_model.active_peft_config.num_virtual_tokens)
+
+    def forward(
+        self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None, **kwargs: Any
+    ) -> Any:
+        kwargs.pop("position_ids", None)
+        out = self.peft_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        out.logits = out.logits[:, self.num_virtual_tokens :]
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "peft_model":
+                raise
+            return getattr(self.peft_model, name)  # config, gradient_checkpointing_enable, ...
+
+
+# -- finding the plain model inside the wrappers ---------------------------------------------
+
+
+def find_peft_model(module: nn.Module) -> Optional[nn.Module]:
+    """The PeftModel inside `module` (itself, or under VirtualTokenLM), or None."""
     try:
-        return get_peft_model(model, peft_cfg)
-    except ValueError as e:  # peft: target modules not found
-        raise ConfigError(f"model.lora.target_modules {lora_cfg.target_modules}: {e}") from e
+        from peft import PeftModel
+    except ImportError:
+        return None
+    if isinstance(module, VirtualTokenLM):
+        module = module.peft_model
+    return module if isinstance(module, PeftModel) else None
+
+
+def export_root(module: nn.Module) -> nn.Module:
+    """The module whose parameter names match the plain HF checkpoint (unwraps PeftModel/VirtualTokenLM)."""
+    peft_model = find_peft_model(module)
+    return peft_model.get_base_model() if peft_model is not None else module
+
+
+# -- merged tensors of one adapter layer -----------------------------------------------------
 
 
 def is_lora_layer(module: nn.Module) -> bool:
@@ -48,26 +341,58 @@ def is_lora_layer(module: nn.Module) -> bool:
     return isinstance(module, LoraLayer)
 
 
-def export_root(module: nn.Module) -> nn.Module:
-    """The module whose parameter names match the plain HF checkpoint (unwraps a PeftModel)."""
+def is_peft_layer(module: nn.Module) -> bool:
+    """True for a peft tuner layer (a base layer plus adapter weights); see `merged_layer_tensors`."""
     try:
-        from peft import PeftModel
+        from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:
-        return module
-    if isinstance(module, PeftModel):
-        return module.get_base_model()
-    return module
+        return False
+    return isinstance(module, BaseTunerLayer)
+
+
+def merged_layer_tensors(layer: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """("weight", W') and ("bias", b') of a LoRA, LoHa, LoKr or IA3 layer whose parameters are all available.
+
+    Under ZeRO-3 call it inside `GatheredParameters` over the layer's parameters. ConfigError for
+    other tuner layers (peft's other methods are not offered by model.peft.method).
+    """
+    from peft.tuners.ia3 import IA3Layer
+    from peft.tuners.lycoris_utils import LycorisLayer
+
+    if is_lora_layer(layer):
+        return merged_lora_tensors(layer)
+    if isinstance(layer, IA3Layer):
+        return merged_ia3_tensors(layer)
+    if isinstance(layer, LycorisLayer):
+        return merged_lycoris_tensors(layer)
+    raise ConfigError(f"cannot merge the peft layer {type(layer).__name__} into plain weights for export")
+
+
+def plain_tensor(param: Tensor) -> Tensor:
+    """A detached full-precision copy of `param` (dequantised when it is a bitsandbytes 4/8-bit weight)."""
+    if hasattr(param, "quant_state") or type(param).__name__ in ("Params4bit", "Int8Params"):
+        from peft.utils.integrations import dequantize_bnb_weight
+
+        return dequantize_bnb_weight(param, state=getattr(param, "quant_state", None)).detach().clone()
+    return param.detach().clone()
+
+
+def _base_tensors(layer: nn.Module) -> tuple[Tensor, Optional[Tensor]]:
+    base = layer.get_base_layer()
+    bias = base.bias.detach().clone() if getattr(base, "bias", None) is not None else None
+    return plain_tensor(base.weight), bias
+
+
+def _yield_weight_bias(weight: Tensor, bias: Optional[Tensor]) -> Iterator[tuple[str, Tensor]]:
+    yield "weight", weight
+    if bias is not None:
+        yield "bias", bias
 
 
 @torch.no_grad()
 def merged_lora_tensors(layer: nn.Module) -> Iterator[tuple[str, Tensor]]:
-    """("weight", W + Σ scale·B·A) and ("bias", b) of a LoRA layer whose parameters are all available.
-
-    Under ZeRO-3 call it inside `GatheredParameters` over the layer's parameters.
-    """
-    base = layer.get_base_layer()
-    weight = base.weight.detach().clone()
-    bias = base.bias.detach().clone() if getattr(base, "bias", None) is not None else None
+    """("weight", W + Σ scale·B·A) and ("bias", b) of a LoRA layer whose parameters are all available."""
+    weight, bias = _base_tensors(layer)
     if not layer.merged:  # a layer merged in place already holds W'
         for adapter in layer.active_adapters:
             if adapter not in layer.lora_A and adapter not in getattr(layer, "lora_embedding_A", {}):
@@ -80,6 +405,32 @@ def merged_lora_tensors(layer: nn.Module) -> Iterator[tuple[str, Tensor]]:
             weight += layer.get_delta_weight(adapter).to(weight.dtype)
             if layer.lora_bias.get(adapter, False):
                 bias = bias + layer.lora_B[adapter].bias * layer.scaling[adapter]
-    yield "weight", weight
-    if bias is not None:
-        yield "bias", bias
+    return _yield_weight_bias(weight, bias)
+
+
+@torch.no_grad()
+def merged_lycoris_tensors(layer: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """("weight", W + Σ ΔW) of a LoHa/LoKr layer (peft's LycorisLayer.merge, on a copy); bias unchanged."""
+    weight, bias = _base_tensors(layer)
+    if not layer.merged:
+        for adapter in layer.active_adapters:
+            if adapter in layer._available_adapters:
+                weight += layer.get_delta_weight(adapter).to(weight.dtype)
+    return _yield_weight_bias(weight, bias)
+
+
+@torch.no_grad()
+def merged_ia3_tensors(layer: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """("weight", W ⊙ l), ("bias", b ⊙ l) of an IA3 layer (peft's IA3 Linear.merge, on a copy)."""
+    from peft.utils.other import transpose
+
+    weight, bias = _base_tensors(layer)
+    if not layer.merged:
+        for adapter in layer.active_adapters:
+            if adapter not in layer.ia3_l:
+                continue
+            scale = layer.ia3_l[adapter]
+            weight = (weight * transpose(scale, layer.fan_in_fan_out)).to(weight.dtype)
+            if not layer.is_feedforward and bias is not None:
+                bias = (bias * scale.reshape(bias.shape)).to(bias.dtype)
+    return _yield_weight_bias(weight, bias)

@@ -4,11 +4,19 @@ Every reward function, built in or a user plugin, has one batched signature:
 
     fn(prompts: list[str], responses: list[str], metadata: list[dict], /, **hyperparameters) -> list[float]
 
-one float per response; `metadata[i]` is the prompt row's other fields (the reference answer is
-metadata[i]["answer"], see rlhf.data.prompts). Hyperparameters are keyword-only arguments with
-defaults, or without a default when the user must give them (format_regex's `pattern`).
-`load_reward_fn` binds them with functools.partial, so a config names a function and its
-arguments, and the reward worker calls the result with the batch alone.
+one finite float per response, and `[]` for an empty batch. `prompts[i]` is the policy's rendered
+prompt; `metadata[i]` holds the prompt row's other fields (the reference answer is
+metadata[i]["answer"], see rlhf.data.prompts), plus "prompt_text" and "response_length" (response
+tokens) added by rlhf.rewards.pipeline. Hyperparameters are keyword-only arguments with defaults,
+or without a default when the user must give them (format_regex's `pattern`); a keyword-only
+`max_response_length` is filled from rollout.sampling.max_new_tokens. `load_reward_fn` binds them
+with functools.partial, so a config names a function and its arguments (reward.fn + reward.kwargs,
+or reward.components), and the pipeline calls the result with the batch alone.
+
+A plugin is any importable callable named "pkg.module:function". At start-up, before Ray, it is
+imported and checked: it must be callable, take three positional arguments, accept the given
+kwargs, and return [] for an empty batch; a failure is a ConfigError naming the config field.
+See docs/rewards.md.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from typing import Any
 
 from rlhf.config import RLHFConfig, validate
 from rlhf.data.stream import PromptStream
+from rlhf.rewards.pipeline import RewardPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,10 @@ class PreparedRun:
     train: PromptStream
     eval: EncodedPrompts | None
     reward_fn: Callable[[list[str], list[str], list[dict]], list[float]] | None
+    """reward.fn alone (evaluation's accuracy); training scores with `rewards`."""
     output_dir: Path
+    rewards: RewardPipeline | None = None
+    """Every reward term, loaded and checked; the trainer starts its actors (rlhf.rewards.pipeline)."""
 
 
 def encode_dataset(source: str, cfg: RLHFConfig, tokenizer, *, limit: int | None = None) -> EncodedPrompts:
@@ -46,16 +50,16 @@ def encode_dataset(source: str, cfg: RLHFConfig, tokenizer, *, limit: int | None
 
 
 def prepare(cfg: RLHFConfig) -> PreparedRun:
-    """Validate the config, resolve the model, load and tokenise data, load the reward function."""
+    """Validate the config, resolve the model, load and tokenise data, load and check every reward term."""
     from rlhf.models.loading import load_tokenizer, resolve_model_path
-    from rlhf.rewards import load_reward_fn
+    from rlhf.rewards import build_reward_pipeline
 
     validate(cfg)
     model_path = resolve_model_path(cfg.model.path)
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
     train = encode_dataset(cfg.data.train, cfg, tokenizer)
     evaluation = encode_dataset(cfg.data.eval, cfg, tokenizer, limit=cfg.run.eval_size) if cfg.data.eval else None
-    reward_fn = load_reward_fn(cfg.reward.fn) if cfg.reward.fn else None
+    rewards = build_reward_pipeline(cfg, tokenizer)
     stream = PromptStream(
         train.token_ids,
         train.texts,
@@ -70,4 +74,6 @@ def prepare(cfg: RLHFConfig) -> PreparedRun:
         len(train.token_ids),
         len(evaluation.token_ids) if evaluation else 0,
     )
-    return PreparedRun(cfg, str(model_path), tokenizer, stream, evaluation, reward_fn, Path(cfg.run.output_dir))
+    return PreparedRun(
+        cfg, str(model_path), tokenizer, stream, evaluation, rewards.primary_fn, Path(cfg.run.output_dir), rewards
+    )

@@ -15,18 +15,19 @@ import torch
 from omegaconf import OmegaConf
 
 from rlhf.algorithms import ADVANTAGE_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_in_reward, masked_mean
-from rlhf.config import RLHFConfig, TrainConfig, uses_critic, uses_reference, weight_sync_backend
+from rlhf.algorithms.sampling import informative_groups, select_groups
+from rlhf.config import RLHFConfig, TrainConfig, uses_critic, uses_reference
 from rlhf.data.batch import RolloutBatch, pad_sequences
 from rlhf.data.stream import PromptBatch
+from rlhf.rewards import build_reward_pipeline
 from rlhf.trainers.checkpointing import CheckpointManager, read_state
 from rlhf.trainers.prepare import EncodedPrompts, PreparedRun
+from rlhf.trainers.roles import connect_weight_sync, start_group, sync_weights
 from rlhf.utils.metrics import MetricsSink, PhaseTimer
-from rlhf.utils.ray_session import runtime_env_vars
 from rlhf.workers.critic import CriticWorker
 from rlhf.workers.group import WorkerGroup
 from rlhf.workers.policy import PolicyWorker
 from rlhf.workers.reference import ReferenceWorker
-from rlhf.workers.reward import RewardWorker
 from rlhf.workers.rollout import RolloutGroup
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class RLTrainer:
         self.tokenizer = run.tokenizer
         self.n = cfg.rollout.n_samples_per_prompt
         self.estimate_advantages = ADVANTAGE_ESTIMATORS.get(cfg.algorithm.advantage)
+        self.collect = self._collect_informative if cfg.algorithm.dynamic_sampling else self._collect_once
         self.kl_in_reward = cfg.algorithm.kl_coef > 0 and not cfg.algorithm.use_kl_loss
         self.kl_ctl = (
             AdaptiveKLController(cfg.algorithm.kl_coef, cfg.algorithm.kl_target, cfg.algorithm.kl_horizon)
@@ -46,23 +48,15 @@ class RLTrainer:
             else FixedKLController(cfg.algorithm.kl_coef)
         )
         self.checkpoints = CheckpointManager(run.output_dir / "checkpoints", keep_last=cfg.run.keep_last)
-        self.metrics = MetricsSink(run.output_dir, tensorboard=cfg.run.tensorboard)
+        self.metrics = MetricsSink.for_run(
+            run.output_dir, cfg.run, config=OmegaConf.to_container(OmegaConf.structured(cfg))
+        )
         self.step_done = 0
         self._start_roles()
 
     # ------------------------------------------------------------------ set-up
     def _group(self, worker_cls, role: str, num_workers: int, resources, **init_kwargs) -> WorkerGroup:
-        return WorkerGroup(
-            worker_cls,
-            role=role,
-            num_workers=num_workers,
-            resources=resources,
-            placement_strategy=self.cfg.cluster.placement_strategy,
-            init_kwargs=init_kwargs,
-            env_vars=runtime_env_vars(self.cfg.cluster),
-            device=self.cfg.cluster.device,
-            threads_per_worker=self.cfg.cluster.threads_per_worker,
-        )
+        return start_group(self.cfg.cluster, worker_cls, role, num_workers, resources, **init_kwargs)
 
     def _start_roles(self) -> None:
         cfg, path = self.cfg, self.run.model_path
@@ -89,11 +83,6 @@ class RLTrainer:
             if uses_critic(cfg)
             else None
         )
-        self.reward_model = (
-            self._group(RewardWorker, "reward", cfg.reward.num_workers, cfg.cluster.reward, **frozen)
-            if cfg.reward.model_path
-            else None
-        )
         self.rollout = RolloutGroup(path, cfg.model, cfg.rollout, cfg.cluster, seed=cfg.run.seed)
         pending = [self.policy.run(PolicyWorker.init_model, path, optimizer_steps_total(cfg, cfg.policy))]
         if self.reference:
@@ -104,30 +93,20 @@ class RLTrainer:
                     CriticWorker.init_model, cfg.critic_model_path or path, optimizer_steps_total(cfg, cfg.critic)
                 )
             )
-        if self.reward_model:
-            pending.append(self.reward_model.run(RewardWorker.init_model, cfg.reward.model_path))
+        self.rewards = self.run.rewards or build_reward_pipeline(cfg, self.tokenizer)
+        self.rewards.start(self._group)  # reward model actors, judge engines, remote server check
         for group, p in zip([g for g in self.groups() if g is not None], pending):
             group.wait(p)
-        host, port = self.policy.call(PolicyWorker.free_address)
-        world = 1 + self.rollout.num_ranks
-        timeout = cfg.cluster.collective_timeout_s
-        backend = weight_sync_backend(cfg.cluster)
-        sender = self.policy.run(PolicyWorker.init_weight_sync, host, port, world, backend)
-        self.rollout.init_weight_sync(host, port, backend, timeout)
-        self.policy.wait(sender)
+        connect_weight_sync(self.policy, self.rollout, cfg.cluster)
 
     def groups(self) -> list[WorkerGroup | None]:
-        return [self.policy, self.reference, self.critic, self.reward_model]
+        return [self.policy, self.reference, self.critic]
 
     # ------------------------------------------------------------------ one step
     def step(self, step: int) -> dict[str, float]:
         timer = PhaseTimer()
         with timer("step"):
-            prompts = self.run.train.next_batch()
-            with timer("generate"):
-                batch, rollout_stats = self.generate(prompts, step)
-            with timer("score"):
-                batch, reward_stats = self.score(batch)
+            batch, rollout_stats, reward_stats = self.collect(step, timer)
             with timer("logprobs"):
                 batch = self.logprobs(batch)
                 rollout_stats["rollout/logprob_diff"] = masked_mean(
@@ -149,10 +128,64 @@ class RLTrainer:
         }
         return {**rollout_stats, **reward_stats, **adv_stats, **train_stats, **timer.metrics(), **perf}
 
-    def generate(self, prompts: PromptBatch, step: int, *, n: int | None = None, eval_mode: bool = False):
+    def _collect_once(
+        self, step: int, timer: PhaseTimer, sampling_round: int = 0
+    ) -> tuple[RolloutBatch, dict[str, Any], dict[str, Any]]:
+        """One round: run.rollout_batch_size prompts × n samples, generated and scored."""
+        prompts = self.run.train.next_batch()
+        with timer("generate"):
+            batch, rollout_stats = self.generate(prompts, step, sampling_round=sampling_round)
+        with timer("score"):
+            batch, reward_stats = self.score(batch)
+        return batch, rollout_stats, reward_stats
+
+    def _collect_informative(self, step: int, timer: PhaseTimer) -> tuple[RolloutBatch, dict[str, Any], dict[str, Any]]:
+        """DAPO dynamic sampling: rounds of fresh prompts until rollout_batch_size informative groups.
+
+        A group whose samples all score the same has zero group-relative advantage; it is dropped
+        and more prompts are generated, at most algorithm.max_sampling_rounds rounds. Short of
+        groups then, the batch is padded with dropped ones (rlhf.algorithms.sampling.select_groups).
+        The reward/ and response-length stats are the first round's: an unbiased sample of the
+        current policy, comparable with the other algorithms (the kept batch is biased by design).
+        """
+        target = self.cfg.run.rollout_batch_size
+        rounds, keep, found = [], [], 0
+        for sampling_round in range(self.cfg.algorithm.max_sampling_rounds):
+            batch, rollout_stats, reward_stats = self._collect_once(step, timer, sampling_round)
+            if sampling_round == 0:
+                first_rollout_stats, first_reward_stats = rollout_stats, reward_stats
+            rounds.append(batch.replace(group_ids=batch.group_ids + sampling_round * target))
+            keep.append(informative_groups(batch.scores, batch.group_ids))
+            found += int(keep[-1].sum()) // self.n
+            if found >= target:
+                break
+        pool = RolloutBatch.concat(rounds)
+        rows, padded = select_groups(torch.cat(keep), pool.group_ids, target)
+        batch = pool.select(rows)
+        generated = len(pool) // self.n
+        first_rollout_stats.update(
+            {
+                "rollout/generation_rounds": float(len(rounds)),
+                "rollout/filtered_groups": float(generated - found),
+                "rollout/padded_groups": float(padded),
+                "rollout/kept_reward_mean": batch.scores.mean(),
+            }
+        )
+        return batch, first_rollout_stats, first_reward_stats
+
+    def generate(
+        self,
+        prompts: PromptBatch,
+        step: int,
+        *,
+        n: int | None = None,
+        eval_mode: bool = False,
+        sampling_round: int = 0,
+    ):
         n = n or self.n
         sampling = self.cfg.rollout.eval_sampling if eval_mode else self.cfg.rollout.sampling
-        outputs = self.rollout.generate(prompts.token_ids, sampling, n=n, seed=sample_seed(self.cfg.run.seed, step))
+        seed = sample_seed(self.cfg.run.seed, step, sampling_round)
+        outputs = self.rollout.generate(prompts.token_ids, sampling, n=n, seed=seed)
         batch = build_rollout_batch(prompts, outputs, pad_id=self.tokenizer.pad_token_id)
         lengths = batch.response_mask.sum(-1).float()
         truncated = torch.tensor([g.finish_reason == "length" for gens in outputs for g in gens], dtype=torch.float)
@@ -164,22 +197,8 @@ class RLTrainer:
         return batch, stats
 
     def score(self, batch: RolloutBatch) -> tuple[RolloutBatch, dict[str, Any]]:
-        scores = torch.zeros(len(batch))
-        stats: dict[str, Any] = {}
-        if self.run.reward_fn is not None:
-            prompts = [row["prompt_text"] for row in batch.metadata]
-            responses = self.tokenizer.batch_decode(
-                [ids[: int(m.sum())] for ids, m in zip(batch.response_ids.tolist(), batch.response_mask)],
-                skip_special_tokens=True,
-            )
-            rule = torch.tensor(self.run.reward_fn(prompts, responses, batch.metadata), dtype=torch.float)
-            stats["reward/rule_mean"] = rule.mean()
-            scores += rule
-        if self.reward_model is not None:
-            model_scores = self.reward_model.call(RewardWorker.score, batch)
-            stats["reward/model_mean"] = model_scores.mean()
-            scores += model_scores
-        stats.update({"reward/mean": scores.mean(), "reward/std": scores.std(), "reward/max": scores.max()})
+        """Every reward term (rlhf.rewards.pipeline), weighted and summed into batch.scores."""
+        scores, stats = self.rewards.score(batch)
         return batch.replace(scores=scores), stats
 
     def logprobs(self, batch: RolloutBatch) -> RolloutBatch:
@@ -225,10 +244,7 @@ class RLTrainer:
 
     def sync(self) -> None:
         """Stream the new policy weights into every rollout engine (bucketed, one collective)."""
-        sender = self.policy.run(PolicyWorker.sync_weights, self.cfg.rollout.weight_sync_bucket_mb)
-        receivers = self.rollout.receive_weights_async()
-        self.policy.wait(sender)
-        self.rollout.wait(receivers)
+        sync_weights(self.policy, self.rollout, self.cfg.rollout.weight_sync_bucket_mb)
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, float]:
@@ -262,9 +278,12 @@ class RLTrainer:
         prompts = PromptBatch(ev.token_ids, ev.texts, ev.metadata)
         batch, stats = self.generate(prompts, step=0, n=1, eval_mode=True)
         batch, reward_stats = self.score(batch)
+        # accuracy from the rule reward alone: penalties and weights of other terms would skew "total >= 1"
+        inputs = self.run.rewards.inputs(batch)
+        correct = torch.tensor(self.run.reward_fn(inputs.prompts, inputs.responses, inputs.metadata)) >= 1.0
         return {
             "eval/reward_mean": reward_stats["reward/mean"],
-            "eval/accuracy": (batch.scores >= 1.0).float().mean(),
+            "eval/accuracy": correct.float().mean(),
             "eval/response_length": stats["rollout/response_length"],
         }
 
@@ -273,6 +292,7 @@ class RLTrainer:
             "step": self.step_done,
             "prompt_stream": self.run.train.state(),
             "kl_coef": self.kl_ctl.value,
+            "rewards": self.run.rewards.state_dict(),
             "python_rng": repr(random.getstate()),
             "config": OmegaConf.to_container(OmegaConf.structured(self.cfg)),
         }
@@ -298,6 +318,7 @@ class RLTrainer:
         self.step_done = int(state["step"])
         self.run.train.load_state(state["prompt_stream"])
         self.kl_ctl.value = float(state["kl_coef"])
+        self.run.rewards.load_state_dict(state.get("rewards", {}))
         self.sync()
 
     def save_final(self) -> Path:
@@ -309,6 +330,7 @@ class RLTrainer:
 
     def close(self) -> None:
         self.metrics.close()
+        self.rewards.close()
         self.rollout.shutdown()
         for group in self.groups():
             if group is not None:
@@ -355,9 +377,10 @@ def optimizer_steps_total(cfg: RLHFConfig, role: TrainConfig) -> int:
     return cfg.run.total_steps * cfg.algorithm.ppo_epochs * (sequences // role.train_batch_size)
 
 
-def sample_seed(seed: int, step: int) -> int:
-    """A distinct, reproducible sampling seed per step (exact resume replays the same samples)."""
-    return (seed * 1_000_003 + step) % (2**31 - 1)
+def sample_seed(seed: int, step: int, sampling_round: int = 0) -> int:
+    """A distinct, reproducible sampling seed per step and dynamic-sampling round (exact resume
+    replays the same samples)."""
+    return (seed * 1_000_003 + step + sampling_round * 7_919_993) % (2**31 - 1)
 
 
 def make_progress(steps, run_cfg, *, initial: int):

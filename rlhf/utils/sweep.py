@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 SUMMARY_MD = "summary.md"
 SUMMARY_JSON = "summary.json"
+SWEEP_PLOT = "sweep_reward.png"
 JOB_RECORD = "sweep_job.json"
 """Written into each job's directory by `SweepSummary.on_job_end`: its overrides, status, output_dir."""
 
@@ -215,7 +216,21 @@ def write_summary(sweep_dir: str | Path) -> list[RunSummary]:
     payload = {"sweep_dir": str(sweep_dir), "swept": keys, "columns": COLUMNS, "runs": [asdict(r) for r in runs]}
     _write_atomic(sweep_dir / SUMMARY_MD, to_markdown(runs, keys))
     _write_atomic(sweep_dir / SUMMARY_JSON, json.dumps(payload, indent=2) + "\n")
+    write_sweep_plot(sweep_dir, runs, keys)
     return runs
+
+
+def write_sweep_plot(sweep_dir: Path, runs: Sequence[RunSummary], keys: Sequence[str]) -> Path | None:
+    """<sweep_dir>/sweep_reward.png: reward/mean of every run, labelled by its swept values."""
+    from rlhf.utils.plots import plot_sweep
+
+    done = [r for r in runs if r.output_dir]
+    labels = [", ".join(f"{k}={r.overrides.get(k)}" for k in keys) or r.job for r in done]
+    try:
+        return plot_sweep([r.output_dir for r in done], labels, sweep_dir / SWEEP_PLOT)
+    except Exception:  # noqa: BLE001 - the summary table is written; a failed plot must not hide it
+        logger.warning("could not draw the sweep comparison plot", exc_info=True)
+        return None
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -29,11 +29,12 @@ from rlhf.algorithms import (
 )
 from rlhf.config import AlgorithmConfig, ClusterConfig, ModelConfig, TrainConfig
 from rlhf.data.batch import RolloutBatch
+from rlhf.engines.adapters import ADAPTER_DIR, has_adapter, save_adapter
 from rlhf.engines.weight_sync import WeightSyncGroup
 from rlhf.errors import WeightSyncError
-from rlhf.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
+from rlhf.models.loading import load_tokenizer, resolve_model_path
 from rlhf.models.logprobs import response_logits, response_logprobs
-from rlhf.models.peft_utils import apply_lora
+from rlhf.models.peft_utils import apply_peft, load_base_model
 from rlhf.workers.group import dispatch
 from rlhf.workers.trainable import StepStats, TrainableWorker, device_chunks, require_fields
 
@@ -66,7 +67,7 @@ class PolicyWorker(TrainableWorker):
 
     @dispatch("broadcast", collect="first")
     def init_model(self, model_path: str, num_training_steps: Optional[int] = None) -> dict[str, int]:
-        """Load the HF checkpoint at `model_path`, add LoRA if configured, start DeepSpeed.
+        """Load the HF checkpoint at `model_path`, apply model.peft / model.lora, start DeepSpeed.
 
         `num_training_steps` (optimizer steps of the whole run) is needed by the cosine schedule.
         Returns {"num_parameters", "num_trainable_parameters"}.
@@ -74,15 +75,13 @@ class PolicyWorker(TrainableWorker):
         self._setup_distributed()
         path = resolve_model_path(model_path)
         self.tokenizer = _load_tokenizer(path, self.model_cfg.trust_remote_code)
-        model = load_causal_lm(
-            path, dtype=self.dtype, trust_remote_code=self.model_cfg.trust_remote_code, tokenizer=self.tokenizer
-        )
+        model = load_base_model(path, self.model_cfg, dtype=self.dtype, tokenizer=self.tokenizer)
         model.config.use_cache = False
         self.hf_config = model.config
         self.generation_config = getattr(model, "generation_config", None)
         if self.model_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = apply_lora(model, self.model_cfg.lora)
+        model = apply_peft(model, self.model_cfg)  # model.peft.method (LoRA, IA3, prompt tuning, BitFit, ...)
         counts = {
             "num_parameters": sum(p.numel() for p in model.parameters()),
             "num_trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -174,12 +173,27 @@ class PolicyWorker(TrainableWorker):
 
     @dispatch("broadcast", collect="first")
     def save_hf(self, directory: str) -> str:
-        """Plain HF checkpoint (safetensors, LoRA merged, config, tokenizer) written by rank 0 (all ranks gather)."""
+        """Plain HF checkpoint (safetensors, adapters merged, config, tokenizer) written by rank 0 (all ranks gather).
+
+        With a peft adapter the directory also gets `adapter/` (peft's format, `save_adapter`); for
+        prompt/prefix tuning the weights are the unchanged base model and the adapter is the result.
+        """
         engine = self._require_engine()
         engine.save_hf(
             directory, config=self.hf_config, tokenizer=self.tokenizer, generation_config=self.generation_config
         )
+        if has_adapter(engine.module):
+            self.save_adapter(str(Path(directory) / ADAPTER_DIR))
         return str(Path(directory))
+
+    @dispatch("broadcast", collect="first")
+    def save_adapter(self, directory: str) -> str:
+        """The peft adapter alone (adapter_config.json + adapter_model.safetensors), gathered under ZeRO-3.
+
+        Written by rank 0; returns the directory, or "" when the policy has no peft adapter.
+        """
+        saved = save_adapter(self._require_engine().module, directory, rank=self.rank)
+        return "" if saved is None else str(saved)
 
     @dispatch("rank0", collect="first")
     def init_weight_sync(self, host: str, port: int, world_size: int, backend: str = "gloo") -> None:

@@ -163,3 +163,16 @@ def test_unknown_kind_or_checkpoint_names_the_known_ones(tiny_paths):
         tiny_paths.data("dpo")
     with pytest.raises(DataError, match="archs: qwen2, llama"):
         tiny_paths.checkpoint("gpt2")
+
+
+def test_chain_of_thought_rows_end_in_the_checked_answer():
+    from rlhf.data.datasets import load_records
+    from rlhf.data.tiny_world import Problem, chain_of_thought, check_answer, split_problems
+
+    assert chain_of_thought(Problem("add_2d", "hard", "47+8=", "55")) == "7+8=15 40+15=55 #### 55"
+    assert chain_of_thought(Problem("sub_2d", "hard", "53-7=", "46")) == "3-7=-4 50-4=46 #### 46"
+    assert chain_of_thought(Problem("reverse", "medium", "reverse abc=", "cba")) == "c b a #### cba"
+    problems = split_problems()["eval"]
+    assert all(check_answer(chain_of_thought(p), p.answer) for p in problems)
+    rows = load_records("tiny:cot:eval")
+    assert len(rows) == len(problems) and set(rows[0].fields) == {"prompt", "response", "answer", "task"}

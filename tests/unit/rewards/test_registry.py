@@ -9,12 +9,18 @@ from rlhf.errors import ConfigError, RLHFError
 from rlhf.rewards import REWARD_FUNCTIONS, load_reward_fn, score
 
 # Arguments each registered reward needs to be loaded, and one row it can score.
-LOAD_ARGS = {"format_regex": {"pattern": r"\d"}}
-ROW = (["3+4="], ["7"], [{"answer": "7"}])
+LOAD_ARGS = {
+    "format_regex": {"pattern": r"\d"},
+    "length_penalty": {"max_response_length": 8},
+    "overlong_penalty": {"max_response_length": 8, "buffer": 4},
+}
+ROW = (["3+4="], ["7"], [{"answer": "7", "response_length": 1}])
 
 
 def test_builtin_rewards_are_registered():
-    assert {"tiny_world", "exact_match", "math", "format_regex"} <= set(REWARD_FUNCTIONS.names())
+    assert {"tiny_world", "exact_match", "math", "format_regex", "length_penalty", "overlong_penalty"} <= set(
+        REWARD_FUNCTIONS.names()
+    )
 
 
 @pytest.mark.parametrize("name", REWARD_FUNCTIONS.names())

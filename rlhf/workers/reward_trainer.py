@@ -1,0 +1,79 @@
+"""Reward-model training: DeepSpeed ranks of AutoModelForSequenceClassification(num_labels=1).
+
+The backbone comes from a causal-LM (or reward-model) checkpoint; a missing `score` head starts
+fresh, identically on every rank (seeded before loading). Pairs are scored at their last real
+token exactly as rlhf.workers.reward.RewardWorker scores, and `save_hf` writes a plain
+sequence-classification checkpoint with its tokenizer, so `reward.model_path=<output>/final`
+works in the RL stages.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from rlhf.config import ClusterConfig, ModelConfig, OfflineConfig, TrainConfig
+from rlhf.errors import ConfigError
+from rlhf.models.loading import load_tokenizer, resolve_model_path
+from rlhf.workers.group import dispatch
+from rlhf.workers.objectives import OBJECTIVES
+from rlhf.workers.offline_policy import OfflineTrainableWorker
+
+logger = logging.getLogger(__name__)
+
+
+class RewardModelWorker(OfflineTrainableWorker):
+    """One data-parallel rank of a reward model in training (objective `reward`)."""
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        train_cfg: TrainConfig,
+        offline_cfg: OfflineConfig,
+        cluster_cfg: ClusterConfig,
+        seed: int = 0,
+    ):
+        super().__init__(model_cfg, train_cfg, cluster_cfg, seed)
+        if model_cfg.lora.rank > 0:
+            raise ConfigError("reward-model training does not support LoRA yet; set model.lora.rank=0")
+        self.objective = OBJECTIVES.get(offline_cfg.objective)(offline_cfg)
+        self.tokenizer: Any = None
+
+    def _forward_model(self) -> Any:
+        # last_token_scores reaches into the backbone and the head, so it needs the HF module itself
+        return self._require_engine().module
+
+    @dispatch("broadcast", collect="first")
+    def init_model(self, model_path: str, num_training_steps: Optional[int] = None) -> dict[str, int]:
+        """Backbone (and head, if the checkpoint has one) from `model_path`; then DeepSpeed."""
+        from transformers import AutoModelForSequenceClassification
+
+        self._setup_distributed()
+        path = resolve_model_path(model_path)
+        self.tokenizer = load_tokenizer(path, trust_remote_code=self.model_cfg.trust_remote_code)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=self.dtype, trust_remote_code=self.model_cfg.trust_remote_code
+        )
+        head = getattr(model, "score", None)
+        if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
+            raise ConfigError(
+                f"{model_path}: {type(model).__name__} has no linear `score` head of 1 output; reward-model "
+                f"training supports decoder models whose sequence-classification class names its head `score`"
+            )
+        model.config.pad_token_id = self.tokenizer.pad_token_id
+        model.config.architectures = [type(model).__name__]
+        model.config.use_cache = False
+        if self.model_cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self._build_engine(model, num_training_steps)
+        return {"num_parameters": sum(p.numel() for p in model.parameters())}
+
+    @dispatch("broadcast", collect="first")
+    def save_hf(self, directory: str) -> str:
+        """Sequence-classification checkpoint (safetensors, config, tokenizer) written by rank 0."""
+        engine = self._require_engine()
+        engine.save_hf(directory, config=engine.module.config, tokenizer=self.tokenizer)
+        return str(Path(directory))

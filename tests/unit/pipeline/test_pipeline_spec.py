@@ -1,0 +1,84 @@
+"""Pipeline files: parsing, references to earlier steps, composition and validation before any run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rlhf.errors import ConfigError
+from rlhf.pipeline import PIPELINE_DIR, compose_step, load_pipeline, step_overrides
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_references_become_earlier_final_models(tmp_path):
+    path = write(
+        tmp_path,
+        f"""
+output_dir: {tmp_path}/out
+common: [run.total_steps=3]
+steps:
+  - name: first
+    overrides: [stage=grpo]
+  - name: second
+    overrides: [stage=ppo, "model.path={{first}}"]
+""",
+    )
+    pipeline = load_pipeline(str(path), ["run.seed=7"])
+    first, second = pipeline.steps
+    assert step_overrides(pipeline, second) == [
+        "run.total_steps=3",
+        "run.seed=7",
+        "stage=ppo",
+        f"model.path={(tmp_path / 'out' / 'first' / 'final').resolve()}",
+        f"run.output_dir={(tmp_path / 'out' / 'second').resolve()}",
+    ]
+    cfg = compose_step(pipeline, second)
+    assert cfg.stage == "ppo" and cfg.run.total_steps == 3 and cfg.run.seed == 7
+    assert cfg.algorithm.advantage == "gae"  # conf/stage/ppo.yaml applied
+    assert cfg.model.path.endswith("first/final")
+
+
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ("steps: []", "non-empty `steps:`"),
+        ("steps:\n  - name: a\n    overrides: [stage=grpo]\n  - name: a\n    overrides: [stage=grpo]", "used twice"),
+        ("steps:\n  - name: a\n    overrides: [stage=grpo, 'model.path={b}']", "{b} refers to no earlier step"),
+        ("steps:\n  - name: a\n    overrides: [run.seed=1]", "sets no stage"),
+        ("steps:\n  - name: a-b\n    overrides: [stage=grpo]", "must be an identifier"),
+        ("stepz: []", "non-empty `steps:`"),
+    ],
+)
+def test_malformed_pipeline_files_name_the_problem(tmp_path, body, message):
+    with pytest.raises(ConfigError, match=message.replace("{", r"\{").replace("}", r"\}").replace("`", ".")):
+        load_pipeline(str(write(tmp_path, body)))
+
+
+def test_bad_override_in_a_late_step_fails_at_composition(tmp_path):
+    path = write(
+        tmp_path,
+        "steps:\n  - name: a\n    overrides: [stage=grpo]\n  - name: b\n    overrides: [stage=grpo, policy.micro_batch_size=3]",
+    )
+    pipeline = load_pipeline(str(path))
+    compose_step(pipeline, pipeline.steps[0])
+    with pytest.raises(ConfigError, match=r"step 'b'.*not divisible"):
+        compose_step(pipeline, pipeline.steps[1])
+
+
+def test_unknown_recipe_lists_the_shipped_ones():
+    with pytest.raises(ConfigError, match="shipped recipes"):
+        load_pipeline("no_such_recipe")
+
+
+def test_every_shipped_recipe_composes_and_validates():
+    recipes = sorted(PIPELINE_DIR.glob("*.yaml"))
+    for recipe in recipes:
+        pipeline = load_pipeline(str(recipe))
+        for step in pipeline.steps:
+            compose_step(pipeline, step)

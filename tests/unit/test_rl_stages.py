@@ -1,0 +1,61 @@
+"""Every RL stage file composes into a valid config that picks the algorithm it names (no Ray)."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlhf.config import RL_STAGES, validate
+from rlhf.errors import ConfigError
+
+
+def compose(*overrides: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from rlhf.cli import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+            return OmegaConf.to_object(hydra_compose(config_name="config", overrides=list(overrides)))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+@pytest.mark.parametrize("stage", RL_STAGES)
+def test_stage_composes_and_validates(stage):
+    cfg = compose(f"stage={stage}")
+    assert cfg.stage == stage
+    validate(cfg)
+
+
+def test_dapo_stage_is_dapo():
+    algo = compose("stage=dapo").algorithm
+    assert (algo.clip_low, algo.clip_high) == (0.2, 0.28)  # DAPO §3.1 clip-higher
+    assert algo.loss_agg == "token_mean" and algo.dynamic_sampling and algo.kl_coef == 0.0
+    assert algo.max_sampling_rounds >= 1
+
+
+def test_gspo_stage_is_gspo():
+    algo = compose("stage=gspo").algorithm
+    assert algo.policy_loss == "gspo" and algo.loss_agg == "seq_mean_token_mean"
+    assert (algo.clip_low, algo.clip_high) == (3e-4, 4e-4)  # GSPO §5.1
+
+
+def test_reinforce_pp_baseline_stage():
+    algo = compose("stage=reinforce_pp_baseline").algorithm
+    assert algo.advantage == "reinforce_pp_baseline" and not algo.use_kl_loss
+
+
+def test_dynamic_sampling_needs_groups():
+    cfg = compose("stage=dapo", "rollout.n_samples_per_prompt=1", "algorithm.advantage=reinforce_pp")
+    with pytest.raises(ConfigError, match="dynamic_sampling .*rollout.n_samples_per_prompt >= 2 \\(got 1\\)"):
+        validate(cfg)
+
+
+def test_max_sampling_rounds_must_be_positive():
+    cfg = compose("stage=dapo", "algorithm.max_sampling_rounds=0")
+    with pytest.raises(ConfigError, match="algorithm.max_sampling_rounds must be >= 1 \\(got 0\\)"):
+        validate(cfg)
