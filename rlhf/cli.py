@@ -33,10 +33,18 @@ def train(cfg: RLHFConfig) -> dict[str, float]:
         from rlhf.trainers.generate import run_generate
 
         return run_generate(cfg) if cfg.stage == "generate" else run_eval(cfg)
+    if cfg.run.final_eval:  # its settings are user input too: wrong ones fail before training, not after
+        from rlhf.trainers.evaluate import check_final_eval
+
+        check_final_eval(cfg)
     if cfg.stage == "distill":
         from rlhf.trainers.distill import run_distill
 
         final = run_distill(cfg)
+    elif cfg.stage == "online_dpo":
+        from rlhf.trainers.online_dpo import run_online_dpo
+
+        final = run_online_dpo(cfg)
     elif cfg.stage in OFFLINE_STAGES:
         from rlhf.trainers.offline import run_offline
 
@@ -47,6 +55,10 @@ def train(cfg: RLHFConfig) -> dict[str, float]:
         from rlhf.utils.plots import write_plots
 
         write_plots(cfg.run.output_dir)
+    if cfg.run.final_eval:  # the stage has saved <output_dir>/final and shut its actors down
+        from rlhf.trainers.evaluate import run_final_eval
+
+        final = {**final, **{f"final_{key}": value for key, value in run_final_eval(cfg).items()}}
     return final
 
 

@@ -496,6 +496,13 @@ class RunConfig:
     """Write PNG plots of the metrics into <output_dir>/plots at the end of the run."""
     progress_bar: bool = True
     """Show a progress bar on the driver."""
+    final_eval: bool = False
+    """After a training stage saves <output_dir>/final and stops its actors, evaluate it as stage=eval
+    does (rlhf.trainers.evaluate: pass@k, accuracy, reward means) into <output_dir>/final_eval.
+    Reads eval.{data, max_prompts, n_samples, k, greedy, correct_threshold, reference_model}, prompts
+    from eval.data or else data.eval (read as prompts: data.prompt_key/answer_key; for offline stages
+    point eval.data at a prompt set when data.eval holds other rows), rollout.* and reward.*; not
+    eval.output, eval.samples or run.eval_size. Checked before training; not for stage=rm."""
 
 
 @dataclass
@@ -618,6 +625,26 @@ class EvalConfig:
 
 
 @dataclass
+class OnlineDPOConfig:
+    """stage=online_dpo: online / iterative DPO (rlhf.trainers.online_dpo); one round is one run step.
+
+    A round samples rollout.n_samples_per_prompt responses to each of run.rollout_batch_size prompts
+    from the current policy, scores them with the reward terms, pairs the best with the worst sample
+    of each prompt, trains offline.objective (dpo; offline.beta, preference_loss, label_smoothing) on
+    the pairs, then syncs the weights into the rollout engines; run.total_steps rounds in all.
+    policy.train_batch_size counts *pairs* per optimizer step, as in the offline DPO stage.
+    """
+
+    reference: str = "initial"
+    """initial: the frozen starting policy (offline.reference_path or model.path), as in online DPO
+    (arXiv:2402.04792); previous: the policy as it was when the round began (iterative DPO, Xiong et
+    al. arXiv:2312.11456 / Snorkel), which needs no reference model."""
+    epochs: int = 1
+    """Passes over one round's pairs, each of pairs // policy.train_batch_size optimizer steps
+    (pairs beyond the last full minibatch are left out and counted in online_dpo/pairs_unused)."""
+
+
+@dataclass
 class RLHFConfig:
     stage: str = "grpo"
     """What to run; conf/stage/<name>.yaml sets the algorithm's defaults (grpo, ppo, ...)."""
@@ -642,6 +669,8 @@ class RLHFConfig:
     """stage=generate's output, shards and rejection sampling."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """stage=eval's prompts, pass@k and win-rate settings."""
+    online_dpo: OnlineDPOConfig = field(default_factory=OnlineDPOConfig)
+    """stage=online_dpo's reference model and passes per round (the loss settings are offline.*)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form settings for plugins (never read by the core)."""
 
@@ -653,6 +682,8 @@ UTILITY_STAGES: tuple[str, ...] = ("export", "report")
 """Stages that train nothing (export, report, ...)."""
 GENERATION_STAGES: tuple[str, ...] = ("generate", "eval")
 """Stages that sample from a model on rollout engines and train nothing (rlhf.trainers.generate, .evaluate)."""
+ONLINE_PREFERENCE_STAGES: tuple[str, ...] = ("online_dpo",)
+"""Stages that train a preference loss on pairs of the policy's own scored samples (rlhf.trainers.online_dpo)."""
 ZERO_STAGES = (0, 1, 2, 3)
 DTYPES = ("float32", "bfloat16")
 DEVICES = ("cpu", "cuda")
@@ -691,7 +722,9 @@ def _check_train(cfg: TrainConfig, role: str, sequences_per_step: int) -> None:
 
 def validate(cfg: RLHFConfig) -> None:
     """Check every field once, before any cluster work; raise ConfigError saying what to change."""
-    _choice(cfg.stage, RL_STAGES + OFFLINE_STAGES + UTILITY_STAGES + GENERATION_STAGES, "stage")
+    _choice(
+        cfg.stage, RL_STAGES + OFFLINE_STAGES + UTILITY_STAGES + GENERATION_STAGES + ONLINE_PREFERENCE_STAGES, "stage"
+    )
     from rlhf.models.peft_utils import validate_peft
 
     validate_peft(cfg)
@@ -705,6 +738,10 @@ def validate(cfg: RLHFConfig) -> None:
         from rlhf.trainers.generate import validate_generation
 
         validate_generation(cfg)
+    elif cfg.stage in ONLINE_PREFERENCE_STAGES:
+        from rlhf.trainers.online_dpo import validate_online_dpo
+
+        validate_online_dpo(cfg)
 
 
 DISTILL_MODES = ("offline", "on_policy")
@@ -870,9 +907,7 @@ def validate_offline(cfg: RLHFConfig) -> None:
     _require(off.epochs >= 1, f"offline.epochs must be >= 1 (got {off.epochs})")
     _require(off.max_steps >= 0, f"offline.max_steps must be >= 0 (0: run whole epochs; got {off.max_steps})")
     _require(off.beta > 0, f"offline.beta must be > 0 (got {off.beta})")
-    _require(
-        0 <= off.label_smoothing < 0.5, f"offline.label_smoothing must be in [0, 0.5) (got {off.label_smoothing})"
-    )
+    _require(0 <= off.label_smoothing < 0.5, f"offline.label_smoothing must be in [0, 0.5) (got {off.label_smoothing})")
     _require(
         off.label_smoothing == 0 or off.preference_loss == "sigmoid",
         f"offline.label_smoothing={off.label_smoothing} only applies to offline.preference_loss=sigmoid (cDPO), "
@@ -899,7 +934,9 @@ def validate_offline(cfg: RLHFConfig) -> None:
     _require(policy.num_workers >= 1, f"policy.num_workers must be >= 1 (got {policy.num_workers})")
     _require(policy.micro_batch_size >= 1, f"policy.micro_batch_size must be >= 1 (got {policy.micro_batch_size})")
     _require(policy.optim.lr > 0, f"policy.optim.lr must be > 0 (got {policy.optim.lr})")
-    _require(policy.offload_params is False or policy.zero_stage == 3, "policy.offload_params needs policy.zero_stage=3")
+    _require(
+        policy.offload_params is False or policy.zero_stage == 3, "policy.offload_params needs policy.zero_stage=3"
+    )
     per_pass = policy.micro_batch_size * policy.num_workers
     _require(
         policy.train_batch_size >= 1 and policy.train_batch_size % per_pass == 0,

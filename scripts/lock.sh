@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/python -m pip freeze --all \
-    | grep -viE '^(torch==|torchvision|torchaudio|torchcodec|-e |rlhf)' > requirements/cpu.lock
+    | grep -viE '^(#|torch==|torchvision|torchaudio|torchcodec|-e |rlhf)' > requirements/cpu.lock
 echo "wrote requirements/cpu.lock ($(wc -l < requirements/cpu.lock) packages)"

@@ -13,6 +13,11 @@ GKD (Agarwal et al. 2023, arXiv:2306.13649, Algorithm 1) is mode=on_policy with 
 loss=jsd; classic word-level KD (Hinton et al. 2015) is mode=offline with loss=forward_kl.
 Evaluation (step 0, every run.eval_every steps, and at the end) measures per-token forward and
 reverse KL on the held-out rows' responses and, on-policy, on the student's own samples.
+
+Checkpoints (every run.save_every steps, run.keep_last kept, run.resume=auto picks the newest
+complete one) hold the student's DeepSpeed state with its ranks' RNG, the row stream's position
+and the step. The driver draws nothing at random: the on-policy coin and the sampling seeds are
+functions of (run.seed, step), so a resumed run replays the same choices.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from omegaconf import OmegaConf
 
 from rlhf.config import RLHFConfig, distill_sequences_per_step, validate
 from rlhf.data.batch import RolloutBatch
-from rlhf.errors import ConfigError
+from rlhf.errors import CheckpointError, ConfigError
+from rlhf.trainers.checkpointing import CheckpointManager, read_state
 from rlhf.trainers.distill_data import DistillRows, load_distill_rows
 from rlhf.trainers.rl import build_rollout_batch, make_progress, sample_seed
 from rlhf.trainers.roles import connect_weight_sync, start_group, sync_weights
@@ -89,8 +95,6 @@ def prepare_distill(cfg: RLHFConfig) -> DistillRun:
     train, evaluation = load_distill_rows(cfg, tokenizer, eval_limit=cfg.run.eval_size)
     if evaluation is not None:
         evaluation = evaluation.head(len(evaluation) // unit * unit) or None
-    if cfg.run.save_every:
-        logger.warning("stage=distill writes only the final model; run.save_every=%d is ignored", cfg.run.save_every)
     return DistillRun(cfg, student, teacher, tokenizer, train, evaluation, Path(cfg.run.output_dir))
 
 
@@ -141,6 +145,7 @@ class DistillTrainer:
         self.on_policy = cfg.distill.mode == "on_policy" and cfg.distill.lmbda > 0
         prompts_per_draw = cfg.run.rollout_batch_size if cfg.distill.mode == "on_policy" else self.rows_per_step
         self.stream = run.train.stream(prompts_per_draw, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
+        self.checkpoints = CheckpointManager(run.output_dir / "checkpoints", keep_last=cfg.run.keep_last)
         self.metrics = MetricsSink.for_run(
             run.output_dir, cfg.run, config=OmegaConf.to_container(OmegaConf.structured(cfg))
         )
@@ -242,13 +247,18 @@ class DistillTrainer:
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, float]:
         run_cfg = self.cfg.run
-        last = self.metrics.log(0, self.evaluate())
-        for step in make_progress(range(run_cfg.total_steps), run_cfg, initial=0):
+        self.resume()
+        last: dict[str, float] = {}
+        if self.step_done == 0:
+            last = self.metrics.log(0, self.evaluate())
+        for step in make_progress(range(self.step_done, run_cfg.total_steps), run_cfg, initial=self.step_done):
             metrics = self.step(step)
             self.step_done = step + 1
             if run_cfg.eval_every and self.step_done % run_cfg.eval_every == 0:
                 metrics.update(self.evaluate())
             last = self.metrics.log(self.step_done, metrics)
+            if run_cfg.save_every and self.step_done % run_cfg.save_every == 0:
+                self.save_checkpoint()
         if not run_cfg.eval_every or self.step_done % run_cfg.eval_every:
             last.update(self.metrics.log(self.step_done, self.evaluate()))
         self.save_final()
@@ -266,6 +276,43 @@ class DistillTrainer:
             metrics.update(self.divergences(samples, "eval/samples"))
             metrics["eval/samples/response_length"] = stats["rollout/response_length"]
         return metrics
+
+    def save_checkpoint(self) -> Path:
+        state = {
+            "step": self.step_done,
+            "row_stream": {**self.stream.state(), **self.stream_identity()},
+            "config": OmegaConf.to_container(OmegaConf.structured(self.cfg)),
+        }
+        with self.checkpoints.write(self.step_done, state) as tmp:
+            self.policy.call(PolicyWorker.save_checkpoint, str(tmp / "policy"))
+        return tmp
+
+    def resume(self) -> None:
+        """Restore the newest (or named) checkpoint; on-policy, push the restored weights into the engines."""
+        checkpoint = self.checkpoints.resolve_resume(self.cfg.run.resume)
+        if checkpoint is None:
+            return
+        state = read_state(checkpoint)
+        saved = state["row_stream"]
+        identity = self.stream_identity()
+        if {k: saved.get(k) for k in identity} != identity:
+            raise CheckpointError(
+                f"{checkpoint} was written by a run that drew {saved.get('batch_size')} of {saved.get('rows')} rows "
+                f"per draw with seed {saved.get('seed')} (shuffle {saved.get('shuffle')}); this run has "
+                f"{identity['batch_size']} of {identity['rows']}, seed {identity['seed']} (shuffle "
+                f"{identity['shuffle']}); resume with the same data and batch settings or use a new run.output_dir"
+            )
+        logger.info("resuming from %s (step %d)", checkpoint, state["step"])
+        self.policy.call(PolicyWorker.load_checkpoint, str(checkpoint / "policy"))
+        self.step_done = int(state["step"])
+        self.stream.load_state(saved)
+        if self.rollout is not None:
+            sync_weights(self.policy, self.rollout, self.cfg.rollout.weight_sync_bucket_mb)
+
+    def stream_identity(self) -> dict[str, Any]:
+        """What the stream's position means: a saved position only resumes a stream with the same values."""
+        s = self.stream
+        return {"rows": len(s.token_ids), "batch_size": s.batch_size, "seed": s.seed, "shuffle": s.shuffle}
 
     def save_final(self) -> Path:
         final = self.run.output_dir / "final"

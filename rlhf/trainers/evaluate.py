@@ -22,6 +22,8 @@ Results go to <eval.output or run.output_dir/eval>/eval_results.json (metrics, p
 when rows carry a "task" field, settings) and eval_results.md (the same as tables).
 `evaluate_model(cfg, path)` is the entry for trainers at the end of a run (it joins the running
 Ray session or starts one; call it after the trainer's actors are shut down so the engines fit).
+With run.final_eval=true, `rlhf.cli.train` runs it on <run.output_dir>/final after any training
+stage (`check_final_eval` before training, `run_final_eval` after), into <run.output_dir>/final_eval.
 """
 
 from __future__ import annotations
@@ -173,6 +175,50 @@ def evaluate_model(cfg: RLHFConfig, model_path: str, output: Optional[Path] = No
     }
     write_results(results, output or output_dir(cfg))
     return metrics
+
+
+FINAL_EVAL_DIR = "final_eval"
+"""Where run.final_eval writes eval_results.{json,md}, under run.output_dir (eval.output is stage=eval's)."""
+
+
+def check_final_eval(cfg: RLHFConfig) -> None:
+    """run.final_eval=true: ConfigError/DataError about the end-of-run evaluation, raised before training starts.
+
+    It reads the eval.* settings of stage=eval (data, max_prompts, n_samples, k, greedy,
+    correct_threshold, reference_model), its prompts from eval.data or else data.eval (read as
+    prompts: data.prompt_key, data.answer_key), rollout.* to generate, reward.* to score, and
+    model.* except the path.
+    """
+    from rlhf.config import OFFLINE_STAGES
+    from rlhf.data.prompts import load_prompt_dataset
+    from rlhf.models.peft_utils import PROMPT_METHODS
+    from rlhf.trainers.generate import validate_generation
+
+    if cfg.stage in OFFLINE_STAGES and cfg.stage != "distill":
+        from rlhf.workers.objectives import OBJECTIVES
+
+        model_kind = OBJECTIVES.get(cfg.offline.objective).model_kind
+        _require(
+            model_kind == "causal_lm",
+            f"run.final_eval samples from the trained causal LM, but stage={cfg.stage} trains a {model_kind} "
+            "model; set run.final_eval=false",
+        )
+    _require(
+        cfg.model.peft.method not in PROMPT_METHODS,
+        f"run.final_eval: model.peft.method={cfg.model.peft.method} keeps its result in final/adapter, which the "
+        "rollout engines cannot load; set run.final_eval=false and evaluate with the adapter yourself",
+    )
+    _require(not cfg.eval.samples, "run.final_eval generates with the trained model; unset eval.samples")
+    _require(bool(cfg.eval.data or cfg.data.eval), "run.final_eval needs prompts: set eval.data (or data.eval)")
+    validate_generation(dataclasses.replace(cfg, stage="eval"))
+    answer_key = cfg.data.answer_key if cfg.reward.fn or cfg.reward.components else None
+    load_prompt_dataset(cfg.eval.data or cfg.data.eval, prompt_key=cfg.data.prompt_key, answer_key=answer_key)
+
+
+def run_final_eval(cfg: RLHFConfig) -> dict[str, float]:
+    """evaluate_model on <run.output_dir>/final into <run.output_dir>/final_eval; its metrics."""
+    out = Path(cfg.run.output_dir)
+    return evaluate_model(cfg, str(out / "final"), out / FINAL_EVAL_DIR)
 
 
 def sample_and_score(cfg: RLHFConfig, engines: SampleEngines, prompts: PromptSet) -> tuple[Tally, list[str]]:

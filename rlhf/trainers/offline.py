@@ -211,13 +211,14 @@ class OfflineTrainer:
             run.output_dir, cfg.run, config=OmegaConf.to_container(OmegaConf.structured(cfg))
         )
         self.step_done = 0
+        self.worker_cls = RewardModelWorker if self.objective.model_kind == "reward" else OfflinePolicyWorker
         self.reference: Optional[ReferenceLogprobs] = None
         self.reference_group: Optional[WorkerGroup] = None
         self._start_roles()
 
     def _start_roles(self) -> None:
         cfg, run = self.cfg, self.run
-        worker_cls = RewardModelWorker if self.objective.model_kind == "reward" else OfflinePolicyWorker
+        worker_cls = self.worker_cls
         self.policy = start_group(
             cfg.cluster,
             worker_cls,
@@ -267,14 +268,11 @@ class OfflineTrainer:
             with timer("reference"):
                 aux = self.reference(batch) if self.reference is not None else None
             with timer("update"):
-                stats = self.policy.call(self.objective_worker().train_step, batch, aux)
+                stats = self.policy.call(self.worker_cls.train_step, batch, aux)
         tokens = float(batch.attention_mask.sum())
         epoch = self.loader.epoch + self.loader.batch / self.loader.batches_per_epoch
         perf = {"perf/tokens_per_s": tokens / timer.seconds["step"], "train/epoch": epoch}
         return {**stats, **timer.metrics(), **perf}
-
-    def objective_worker(self) -> type[OfflinePolicyWorker] | type[RewardModelWorker]:
-        return self.policy.worker_cls
 
     def evaluate(self) -> dict[str, float]:
         """Held-out metrics `eval/<stat>`, weighted over eval batches by their count (tokens, pairs, examples)."""
@@ -284,7 +282,7 @@ class OfflineTrainer:
         weight = 0.0
         for batch in self.eval_batches:
             aux = self.reference(batch) if self.reference is not None else None
-            stats = self.policy.call(self.objective_worker().evaluate, batch, aux)
+            stats = self.policy.call(self.worker_cls.evaluate, batch, aux)
             count = stats.pop("count")
             weight += count
             for key, value in stats.items():
@@ -303,7 +301,7 @@ class OfflineTrainer:
         if self.cfg.offline.eval_at_start and self.step_done == 0:
             last = self.metrics.log(0, self.evaluate())
         progress = make_progress(range(self.step_done, self.total_steps), self.total_steps, run_cfg, self.step_done)
-        headline = f"{self.objective(self.cfg.offline).prefix}/{self.objective.headline}"
+        headline = f"{self.objective.prefix}/{self.objective.headline}"
         for _ in progress:
             metrics = self.step()
             self.step_done += 1
@@ -326,7 +324,7 @@ class OfflineTrainer:
             "config": OmegaConf.to_container(OmegaConf.structured(self.cfg)),
         }
         with self.checkpoints.write(self.step_done, state) as tmp:
-            self.policy.call(self.objective_worker().save_checkpoint, str(tmp / "policy"))
+            self.policy.call(self.worker_cls.save_checkpoint, str(tmp / "policy"))
         return tmp
 
     def resume(self) -> None:
@@ -335,13 +333,13 @@ class OfflineTrainer:
             return
         state = read_state(checkpoint)
         logger.info("resuming from %s (step %d)", checkpoint, state["step"])
-        self.policy.call(self.objective_worker().load_checkpoint, str(checkpoint / "policy"))
+        self.policy.call(self.worker_cls.load_checkpoint, str(checkpoint / "policy"))
         self.step_done = int(state["step"])
         self.loader.load_state(state["data_stream"])
 
     def save_final(self) -> Path:
         final = self.run.output_dir / "final"
-        self.policy.call(self.objective_worker().save_hf, str(final))
+        self.policy.call(self.worker_cls.save_hf, str(final))
         self.run.tokenizer.save_pretrained(final)
         logger.info("final model saved to %s", final)
         return final

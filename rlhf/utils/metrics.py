@@ -202,6 +202,15 @@ _HEADLINE = (
     "policy/kl",
     "policy/entropy",
     "rollout/response_length",
+    "sft/loss",
+    "dpo/loss",
+    "dpo/margin",
+    "rm/loss",
+    "kto/loss",
+    "simpo/loss",
+    "orpo/loss",
+    "distill/loss",
+    "eval/loss",
     "timing/step",
 )
 

@@ -107,16 +107,13 @@ class Objective:
     """True: the controller passes the reference model's summed logprobs per row as `aux`."""
     model_kind: ClassVar[str] = "causal_lm"
     """causal_lm (rlhf.workers.offline_policy) or reward (rlhf.workers.reward_trainer)."""
+    prefix: ClassVar[str] = ""
+    """Namespace of this objective's metrics (`sft`, `dpo`, ...)."""
     headline: ClassVar[str] = "loss"
     """The metric (without prefix) that the progress bar shows."""
 
     def __init__(self, cfg: OfflineConfig):
         self.cfg = cfg
-
-    @property
-    def prefix(self) -> str:
-        """Namespace of this objective's metrics (`sft/`, `dpo/`, ...)."""
-        raise NotImplementedError
 
     def local_counts(self, minibatch: RolloutBatch) -> Tensor:
         """1-D float tensor of this rank's counts; summed over ranks it is `counts` of `micro_loss`."""
@@ -179,9 +176,7 @@ class SFTObjective(Objective):
     Also the evaluation of both stages: `sft/loss` (token mean) and its exp, `sft/perplexity`.
     """
 
-    @property
-    def prefix(self) -> str:
-        return "sft"
+    prefix = "sft"
 
     def local_counts(self, minibatch: RolloutBatch) -> Tensor:
         mask = loss_mask(minibatch)
@@ -230,9 +225,7 @@ class DPOObjective(_PairObjective):
     needs_reference = True
     headline = "margin"
 
-    @property
-    def prefix(self) -> str:
-        return "dpo"
+    prefix = "dpo"
 
     def pair_loss(self, model, micro, aux):
         policy_chosen, policy_rejected = _pairs(sequence_logprobs(model, micro))
@@ -254,9 +247,7 @@ class SimPOObjective(_PairObjective):
 
     headline = "margin"
 
-    @property
-    def prefix(self) -> str:
-        return "simpo"
+    prefix = "simpo"
 
     def pair_loss(self, model, micro, aux):
         chosen, rejected = _pairs(sequence_logprobs(model, micro, average=True))
@@ -269,9 +260,7 @@ class ORPOObjective(_PairObjective):
 
     headline = "log_odds_ratio"
 
-    @property
-    def prefix(self) -> str:
-        return "orpo"
+    prefix = "orpo"
 
     def pair_loss(self, model, micro, aux):
         chosen, rejected = _pairs(sequence_logprobs(model, micro, average=True))
@@ -285,9 +274,7 @@ class RewardObjective(_PairObjective):
     model_kind = "reward"
     headline = "accuracy"
 
-    @property
-    def prefix(self) -> str:
-        return "rm"
+    prefix = "rm"
 
     def pair_loss(self, model, micro, aux):
         chosen, rejected = _pairs(last_token_scores(model, micro))
@@ -309,11 +296,7 @@ class KTOObjective(Objective):
     example_kind = "kto"
     rows_per_example = 2
     needs_reference = True
-    headline = "loss"
-
-    @property
-    def prefix(self) -> str:
-        return "kto"
+    prefix = "kto"
 
     @staticmethod
     def _labels(batch: RolloutBatch) -> Tensor:

@@ -44,6 +44,34 @@ def test_offline_distill_runs_end_to_end(tmp_path):
     assert (out / "final" / "model.safetensors").exists() and (out / "config.yaml").exists()
 
 
+def test_offline_distill_resumes_from_its_last_checkpoint(tmp_path):
+    """Stopped after step 2 and rerun with resume=auto, step 3's loss equals an uninterrupted run's."""
+    common = [
+        "distill.top_k=16",
+        "policy.optim.lr=1e-3",
+        "policy.optim.warmup_steps=0",
+        "policy.optim.scheduler=constant",  # the same LR at step 3 whatever run.total_steps says
+        "data.eval=null",
+        "run.save_every=1",
+    ]
+    full, part = tmp_path / "full", tmp_path / "part"
+    for out, steps in ((full, 3), (part, 2), (part, 4)):
+        proc = run_cli(tmp_path, *common, f"run.total_steps={steps}", f"run.output_dir={out}")
+        assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert "resuming from" in proc.stdout + proc.stderr
+    a = {r["step"]: r for r in read_metrics(full / "metrics.jsonl") if "distill/loss" in r}
+    b = {r["step"]: r for r in read_metrics(part / "metrics.jsonl") if "distill/loss" in r}
+    assert sorted(b) == [1, 2, 3, 4]  # 1-2 from the first run, 3-4 from the resumed one
+    assert b[3]["distill/loss"] == pytest.approx(a[3]["distill/loss"], rel=1e-4)
+    assert b[2]["distill/loss"] == pytest.approx(a[2]["distill/loss"], rel=1e-4)
+    assert b[4]["distill/loss"] != pytest.approx(b[3]["distill/loss"], rel=1e-4)  # it kept training
+    # keep_last=2 of the step directories, each complete
+    kept = sorted(p.name for p in (part / "checkpoints").iterdir())
+    assert kept == ["step_00000003", "step_00000004"]
+    assert (part / "checkpoints" / "step_00000004" / "trainer_state.json").exists()
+    assert (part / "final" / "model.safetensors").exists()
+
+
 def test_vocabulary_mismatch_fails_before_ray(tmp_path):
     from rlhf.models.tiny import build_tiny_model, save_tiny_model
 

@@ -108,11 +108,13 @@ def test_export_refuses_to_overwrite_its_input(tmp_path):
 
 
 @pytest.mark.ray
-def test_lora_sft_under_zero3_then_export(tmp_path):
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_lora_training_under_zero3_then_export(tmp_path, stage):
+    """LoRA SFT and LoRA DPO (reference = the frozen base) on 2 ZeRO-3 ranks export a merged model equal to peft's."""
     run = tmp_path / "run"
     proc = run_cli(
         tmp_path,
-        "stage=sft",
+        f"stage={stage}",
         "model.lora.rank=4",
         "model.lora.target_modules=[q_proj,v_proj]",
         "policy.zero_stage=3",
@@ -138,6 +140,8 @@ def test_lora_sft_under_zero3_then_export(tmp_path):
     assert (final / "adapter" / "adapter_model.safetensors").is_file()
     base = resolve_model_path("tiny")
     assert_matches_peft(final, base, final / "adapter")  # save_hf's merge == peft's view of the saved adapter
+    if stage == "dpo":
+        return
 
     # the DeepSpeed step checkpoint (ZeRO-3 shards of the adapters only) exports to the same model
     out = tmp_path / "from-step"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -48,10 +49,16 @@ def test_sft_runs_saves_and_resumes(tmp_path):
     assert_ok(run_cli(tmp_path, *common, "offline.max_steps=2", "run.save_every=2", "policy.optim.lr=1e-4"))
     assert (out / "checkpoints" / "step_00000002" / "trainer_state.json").exists()
     assert (out / "final" / "model.safetensors").exists() and (out / "config.yaml").exists()
-    # resume=auto continues at step 3 with the same loader position and optimizer state
-    assert_ok(run_cli(tmp_path, *common, "offline.max_steps=4", "policy.optim.lr=1e-4"))
+    # resume=auto continues at step 3 with the same loader position and optimizer state; then
+    # run.final_eval samples the saved final model on 8 held-out prompts (2 samples + 1 greedy each)
+    final_eval = ["run.final_eval=true", "eval.max_prompts=8", "eval.n_samples=2", "eval.k=[1,2]",
+                  "rollout.backend=hf", "rollout.sampling.max_new_tokens=8"]  # fmt: skip
+    assert_ok(run_cli(tmp_path, *common, "offline.max_steps=4", "policy.optim.lr=1e-4", *final_eval))
     steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "sft/loss" in r]
     assert steps == [1, 2, 3, 4]
+    results = json.loads((out / "final_eval" / "eval_results.json").read_text())
+    assert Path(results["model"]).resolve() == (out / "final").resolve() and results["prompts"] == 8
+    assert 0.0 <= results["metrics"]["eval/pass@1"] <= results["metrics"]["eval/pass@2"] <= 1.0
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(out / "final").config.model_type == "qwen2"

@@ -27,7 +27,6 @@ SMALL = [
     "run.eval_size=8",
     "run.eval_every=0",
     "run.progress_bar=false",
-    "run.tensorboard=false",
 ]
 
 
@@ -77,6 +76,15 @@ def test_rl_stage_runs_end_to_end(tmp_path, stage, zero, backend):
     assert any("eval/accuracy" in r for r in rows)
     final = out / "final"
     assert (final / "model.safetensors").exists() and (final / "config.json").exists()
+    # the run directory holds TensorBoard events and the PNG plots next to metrics.jsonl
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    plots = {p.name for p in (out / "plots").glob("*.png")}
+    assert {"reward.png", "loss.png", "timings.png", "response_length.png"} <= plots
+    if stage == "grpo" and zero == 2:  # `stage=report` redraws them from metrics.jsonl alone
+        for png in (out / "plots").glob("*.png"):
+            png.unlink()
+        assert_ok(run_cli(tmp_path, "stage=report", f"report.run_dir={out}", timeout=120))
+        assert {p.name for p in (out / "plots").glob("*.png")} == plots
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(final)

@@ -64,7 +64,10 @@ def test_stage_composes_and_validates(stage):
         (["stage=ipo", "offline.label_smoothing=0.1"], "only applies to offline.preference_loss=sigmoid"),
         (["stage=sft", "offline.objective=sftt"], "offline.objective: unknown offline objective 'sftt'; known: sft"),
         (["stage=kto", "offline.beta=0"], "offline.beta must be > 0"),
-        (["stage=dpo", "offline.reference=sometimes"], "offline.reference='sometimes' is not one of precompute, online"),
+        (
+            ["stage=dpo", "offline.reference=sometimes"],
+            "offline.reference='sometimes' is not one of precompute, online",
+        ),
         (["stage=dpo", "data.packing=true"], "data.packing=true packs PT/SFT sequences"),
         (["stage=rm", "model.lora.rank=8"], "reward-model training does not support LoRA"),
         (["stage=sft", "offline.epochs=0"], "offline.epochs must be >= 1"),

@@ -9,7 +9,7 @@ Real Ray, DeepSpeed on gloo, the HF rollout engine with bucketed weight sync. Ma
 - on-policy: reverse KL(student || teacher) on the student's own samples of held-out prompts falls
   by more than a quarter in 6 steps (measured 7.85 -> 5.26, -33%), and after the last sync the
   engine's sampled-token logprobs match the trainer's at 1e-4 (float32 both sides), so the engine
-  samples the trained student.
+  samples the trained student, and so does the engine of a new run resumed from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ def test_offline_distillation_lowers_forward_kl_on_held_out_rows(offline):
 def test_on_policy_distillation_lowers_reverse_kl_on_own_samples(ray_cluster, tmp_path):
     cfg = make_config(tmp_path, loss="reverse_kl", mode="on_policy", lmbda=1.0)
     cfg.run.total_steps = 6
+    cfg.run.save_every = 6
     trainer = DistillTrainer(prepare_distill(cfg))
     try:
         last = trainer.fit()
@@ -107,12 +108,25 @@ def test_on_policy_distillation_lowers_reverse_kl_on_own_samples(ray_cluster, tm
         assert after < 0.75 * before, (before, after)
         assert all(r["distill/on_policy"] == 1.0 and r["timing/sync"] > 0 for r in rows if "distill/loss" in r)
         # the engine samples the trained student: its logprobs match the trainer's current weights
-        samples, _ = trainer.sample([{"row": i} for i in range(4)], step=99)
-        trained = trainer.policy.call(PolicyWorker.compute_logprobs, samples)
-        mask = samples.response_mask.bool()
-        assert (samples.rollout_logprobs - trained)[mask].abs().max() < 1e-4
+        assert_engine_samples_trainer(trainer)
     finally:
         trainer.close()
+    # a new run resumes the step-6 checkpoint: its engines start from tiny-init, so unless resume
+    # syncs the restored student into them their logprobs are those of a random model
+    resumed = DistillTrainer(prepare_distill(cfg))
+    try:
+        resumed.resume()
+        assert resumed.step_done == 6
+        assert_engine_samples_trainer(resumed)
+    finally:
+        resumed.close()
+
+
+def assert_engine_samples_trainer(trainer: DistillTrainer) -> None:
+    samples, _ = trainer.sample([{"row": i} for i in range(4)], step=99)
+    trained = trainer.policy.call(PolicyWorker.compute_logprobs, samples)
+    mask = samples.response_mask.bool()
+    assert (samples.rollout_logprobs - trained)[mask].abs().max() < 1e-4
 
 
 def test_vocabulary_mismatch_is_a_config_error(tmp_path):

@@ -38,3 +38,12 @@ def compose_config(stage: str, output_dir: Path, *overrides: str) -> RLHFConfig:
 def offline_ray(ray_cluster):
     """One Ray session for every offline test (run_offline joins it instead of starting its own)."""
     yield ray_cluster
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> str:
+    """A random tiny qwen2 causal LM (vocab 64, hidden 128, 2 layers), as a plain HF checkpoint."""
+    from rlhf.models.tiny import build_tiny_model, save_tiny_model
+
+    model = build_tiny_model("qwen2", vocab_size=64, seed=0)
+    return str(save_tiny_model(model, None, tmp_path_factory.mktemp("tiny-policy")))

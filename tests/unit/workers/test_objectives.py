@@ -52,7 +52,10 @@ def make_batch(kind: str, examples: int = 6):
             seqs.append(SequenceExample(ids(gen, 1 + i % 3), response, [1] * len(response)))
         return collate_sequences(seqs, PAD)
     if kind == "pair":
-        pairs = [PairExample(ids(gen, 2 + i % 2), ids(gen, 2 + i % 3), ids(gen, 1 + i % 4), margin=0.5) for i in range(examples)]
+        pairs = [
+            PairExample(ids(gen, 2 + i % 2), ids(gen, 2 + i % 3), ids(gen, 1 + i % 4), margin=0.5)
+            for i in range(examples)
+        ]
         return collate_pairs(pairs, PAD)
     kto = [KTOExample(ids(gen, 2 + i % 2), ids(gen, 2 + i % 3), desirable=i % 3 != 0) for i in range(examples)]
     return collate_kto(kto, PAD)

@@ -1,0 +1,235 @@
+"""Online / iterative DPO (stage=online_dpo): sample → score → pair best vs worst → DPO → sync, every round.
+
+One round (one run step), with π the policy and r the configured reward (rule, RM, remote, judge):
+
+    samples = π's rollout.n_samples_per_prompt responses to run.rollout_batch_size prompts
+    scores  = r(samples)                                     (rlhf.rewards.pipeline, pointwise)
+    pairs   = per prompt (best, worst) sample; prompts whose samples all score the same are skipped
+              (rlhf.trainers.generate.preference_pairs: the rule of stage=generate's preference/ set)
+    update  = offline.objective (dpo) on the pairs against the reference, online_dpo.epochs passes
+              of policy.train_batch_size pairs per optimizer step     (OfflinePolicyWorker.train_step)
+    sync    = π's new weights into the rollout engines
+
+The reference (online_dpo.reference) is the frozen initial policy (online DPO, Guo et al. 2024,
+arXiv:2402.04792 with a reward instead of an AI annotator) or the policy as it was when the round
+began (iterative DPO: Xiong et al. 2023, arXiv:2312.11456 Algorithm 1; Snorkel's iterative
+DPO), whose log-probabilities the policy itself computes before the round's first update.
+
+Everything but the update comes from the RL controller (rlhf.trainers.rl.RLTrainer): prompt
+stream, generation with per-step seeds, reward pipeline, weight sync, greedy evaluation,
+checkpoints (run.save_every rounds) and resume. Not built: choosing pairs with the judge's
+pairwise `compare` (reward.judge scores pointwise here).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, Optional
+
+import torch
+from omegaconf import OmegaConf
+from torch import Tensor
+
+from rlhf.config import (
+    DTYPES,
+    ROLLOUT_BACKENDS,
+    RLHFConfig,
+    _check_reward,
+    _choice,
+    _require,
+    validate_offline,
+)
+from rlhf.data.batch import RolloutBatch
+from rlhf.rewards import build_reward_pipeline
+from rlhf.trainers.generate import preference_pairs
+from rlhf.trainers.offline import ReferenceLogprobs
+from rlhf.trainers.prepare import PreparedRun
+from rlhf.trainers.rl import RLTrainer, sample_seed
+from rlhf.trainers.roles import connect_weight_sync
+from rlhf.utils.metrics import PhaseTimer
+from rlhf.workers.objectives import OBJECTIVES, loss_mask
+from rlhf.workers.offline_policy import OfflinePolicyWorker
+from rlhf.workers.policy import PolicyWorker
+from rlhf.workers.reference import ReferenceWorker
+from rlhf.workers.rollout import RolloutGroup
+
+logger = logging.getLogger(__name__)
+
+REFERENCES = ("initial", "previous")
+
+
+def run_online_dpo(cfg: RLHFConfig) -> dict[str, float]:
+    """Validate and load everything (prompts, reward terms), then start Ray and train; the last metrics."""
+    from rlhf.trainers.prepare import prepare
+    from rlhf.utils.ray_session import ray_session
+
+    run = prepare(cfg)  # validate() → validate_online_dpo, data, reward pipeline: all before Ray
+    run.output_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.structured(cfg), run.output_dir / "config.yaml")
+    with ray_session(cfg.cluster):
+        trainer = OnlineDPOTrainer(run)
+        try:
+            return trainer.fit()
+        finally:
+            trainer.close()
+
+
+def validate_online_dpo(cfg: RLHFConfig) -> None:
+    """The DPO side (validate_offline: loss, schedule, batch arithmetic in pairs), the rollout and the reward."""
+    from rlhf.models.peft_utils import PROMPT_METHODS, peft_method
+
+    validate_offline(cfg)
+    objective = OBJECTIVES.get(cfg.offline.objective)
+    _require(
+        objective.example_kind == "pair" and objective.model_kind == "causal_lm",
+        f"offline.objective={cfg.offline.objective} is not a preference loss of the policy; "
+        f"stage=online_dpo trains on pairs of its samples: use dpo (or simpo, orpo)",
+    )
+    online, run, rollout, policy = cfg.online_dpo, cfg.run, cfg.rollout, cfg.policy
+    _choice(online.reference, REFERENCES, "online_dpo.reference")
+    _require(online.epochs >= 1, f"online_dpo.epochs must be >= 1 (got {online.epochs})")
+    _require(
+        online.reference == "initial" or not cfg.offline.reference_path,
+        f"offline.reference_path={cfg.offline.reference_path} names a fixed reference, but online_dpo.reference="
+        f"previous uses the policy of the round's start; unset offline.reference_path or use reference=initial",
+    )
+    _require(run.total_steps >= 1, f"run.total_steps (rounds) must be >= 1 (got {run.total_steps})")
+    _require(
+        run.rollout_batch_size >= policy.train_batch_size,
+        f"a round pairs at most one best/worst sample per prompt: run.rollout_batch_size {run.rollout_batch_size} "
+        f"prompts give at most {run.rollout_batch_size} pairs, fewer than policy.train_batch_size "
+        f"{policy.train_batch_size} pairs per optimizer step; raise run.rollout_batch_size or lower the batch",
+    )
+    _require(
+        rollout.n_samples_per_prompt >= 2,
+        f"rollout.n_samples_per_prompt must be >= 2 to pair samples of a prompt (got {rollout.n_samples_per_prompt})",
+    )
+    _choice(rollout.backend, ROLLOUT_BACKENDS, "rollout.backend")
+    _require(rollout.num_engines >= 1, f"rollout.num_engines must be >= 1 (got {rollout.num_engines})")
+    _require(rollout.sampling.max_new_tokens >= 1, "rollout.sampling.max_new_tokens must be >= 1")
+    _require(
+        0 < rollout.sampling.top_p <= 1, f"rollout.sampling.top_p must be in (0, 1] (got {rollout.sampling.top_p})"
+    )
+    _require(rollout.sampling.temperature > 0, "rollout.sampling.temperature must be > 0 to sample distinct responses")
+    _choice(cfg.cluster.weight_sync_backend, ("auto", "gloo", "nccl"), "cluster.weight_sync_backend")
+    _choice(cfg.model.dtype, DTYPES, "model.dtype")
+    _require(cfg.data.max_prompt_length >= 1, "data.max_prompt_length must be >= 1")
+    method = peft_method(cfg.model)
+    _require(
+        method not in PROMPT_METHODS,
+        f"model.peft.method={method} cannot be merged into the rollout engines' weights; use lora, ia3, loha or lokr",
+    )
+    _check_reward(cfg.reward)
+
+
+def optimizer_steps_bound(cfg: RLHFConfig) -> int:
+    """Most optimizer steps the run can take (every prompt paired): the LR schedule's length."""
+    per_round = cfg.run.rollout_batch_size // cfg.policy.train_batch_size
+    return cfg.run.total_steps * cfg.online_dpo.epochs * per_round
+
+
+class OnlineDPOTrainer(RLTrainer):
+    """RLTrainer's generation, scoring, sync, evaluation and loop; each step is a DPO round on fresh pairs."""
+
+    def __init__(self, run: PreparedRun):
+        self.objective = OBJECTIVES.get(run.cfg.offline.objective)
+        self.reference_sums: Optional[Callable[[RolloutBatch], Tensor]] = None
+        super().__init__(run)
+
+    def _start_roles(self) -> None:
+        cfg, path = self.cfg, self.run.model_path
+        self.policy = self._group(
+            OfflinePolicyWorker,
+            "policy",
+            cfg.policy.num_workers,
+            cfg.cluster.policy,
+            model_cfg=cfg.model,
+            train_cfg=cfg.policy,
+            offline_cfg=cfg.offline,
+            cluster_cfg=cfg.cluster,
+            seed=cfg.run.seed,
+        )
+        self.critic = None
+        self.reference = None
+        if self.objective.needs_reference and cfg.online_dpo.reference == "initial":
+            self.reference = self._group(
+                ReferenceWorker,
+                "reference",
+                1,
+                cfg.cluster.reference,
+                model_cfg=cfg.model,
+                cluster_cfg=cfg.cluster,
+                micro_batch_size=cfg.policy.micro_batch_size * self.objective.rows_per_example,
+            )
+            self.reference_sums = ReferenceLogprobs(self.reference, cache=False)
+        elif self.objective.needs_reference:
+            self.reference_sums = self._round_start_logprobs
+        self.rollout = RolloutGroup(path, cfg.model, cfg.rollout, cfg.cluster, seed=cfg.run.seed)
+        pending = [(self.policy, self.policy.run(PolicyWorker.init_model, path, optimizer_steps_bound(cfg)))]
+        if self.reference is not None:
+            reference_path = cfg.offline.reference_path or path
+            pending.append((self.reference, self.reference.run(ReferenceWorker.init_model, reference_path)))
+        self.rewards = self.run.rewards or build_reward_pipeline(cfg, self.tokenizer)
+        self.rewards.start(self._group)
+        for group, p in pending:
+            group.wait(p)
+        connect_weight_sync(self.policy, self.rollout, cfg.cluster)
+
+    # ------------------------------------------------------------------ one round
+    def step(self, step: int) -> dict[str, float]:
+        timer = PhaseTimer()
+        train_stats: dict[str, Any] = {"online_dpo/optimizer_steps": 0.0}
+        with timer("step"):
+            batch, rollout_stats, reward_stats = self._collect_once(step, timer)
+            with timer("pairs"):
+                pairs, pair_stats = self.pairs(batch)
+            if len(pairs):
+                with timer("reference"):
+                    aux = self.reference_sums(pairs) if self.reference_sums is not None else None
+                with timer("update"):
+                    train_stats = self.train_pairs(pairs, aux, step)
+                with timer("sync"):
+                    self.sync()
+        perf = {"perf/tokens_per_s": float(batch.response_mask.sum()) / timer.seconds["generate"]}
+        return {**rollout_stats, **reward_stats, **pair_stats, **train_stats, **timer.metrics(), **perf}
+
+    def pairs(self, batch: RolloutBatch) -> tuple[RolloutBatch, dict[str, float]]:
+        """Best-vs-worst pairs, interleaved (2i chosen, 2i+1 rejected), cut to whole minibatches."""
+        assert batch.scores is not None and batch.group_ids is not None
+        rows = [
+            {"prompt_index": group, "sample_index": row, "prompt": None, "response": row, "score": score}
+            for row, (group, score) in enumerate(zip(batch.group_ids.tolist(), batch.scores.tolist()))
+        ]
+        found = preference_pairs(rows)  # "response" holds the row index, so chosen/rejected are rows
+        usable = len(found) - len(found) % self.cfg.policy.train_batch_size
+        order = [row for pair in found[:usable] for row in (pair["chosen"], pair["rejected"])]
+        prompts = len(batch) // self.n
+        stats = {
+            "online_dpo/pairs": float(len(found)),
+            "online_dpo/skipped_prompts": float(prompts - len(found)),
+            "online_dpo/pairs_unused": float(len(found) - usable),
+            "online_dpo/score_margin": sum(p["margin"] for p in found) / max(len(found), 1),
+        }
+        return batch.select(order), stats
+
+    def _round_start_logprobs(self, pairs: RolloutBatch) -> Tensor:
+        """Iterative DPO's reference: the policy's summed logprobs before this round's first update."""
+        token_logprobs = self.policy.call(PolicyWorker.compute_logprobs, pairs)
+        return torch.where(loss_mask(pairs), token_logprobs, torch.zeros(())).sum(-1)
+
+    def train_pairs(self, pairs: RolloutBatch, aux: Optional[Tensor], step: int) -> dict[str, float]:
+        """online_dpo.epochs shuffled passes, one optimizer step per policy.train_batch_size pairs; mean stats."""
+        size, count = self.cfg.policy.train_batch_size, len(pairs) // 2
+        steps: list[dict[str, float]] = []
+        for epoch in range(self.cfg.online_dpo.epochs):
+            generator = torch.Generator().manual_seed(sample_seed(self.cfg.run.seed, step, epoch))
+            order = torch.randperm(count, generator=generator)
+            for start in range(0, count, size):
+                chosen = 2 * order[start : start + size]
+                rows = torch.stack([chosen, chosen + 1], dim=1).flatten()
+                minibatch_aux = aux[rows] if aux is not None else None
+                steps.append(self.policy.call(OfflinePolicyWorker.train_step, pairs.select(rows), minibatch_aux))
+        stats = {key: sum(s[key] for s in steps) / len(steps) for key in steps[0]}
+        stats["online_dpo/optimizer_steps"] = float(len(steps))
+        return stats
