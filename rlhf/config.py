@@ -767,6 +767,7 @@ def validate_distill(cfg: RLHFConfig) -> None:
     _require(d.top_k >= 0, f"distill.top_k must be >= 0, 0 meaning the full vocabulary (got {d.top_k})")
     _require(0.0 <= d.lmbda <= 1.0, f"distill.lmbda must be in [0, 1] (got {d.lmbda})")
     _require(d.num_workers >= 1, f"distill.num_workers must be >= 1 (got {d.num_workers})")
+    _require(run.eval_every >= 0 and run.save_every >= 0, "run.eval_every and run.save_every must be >= 0")
     _require(bool(d.teacher_path), "distill.teacher_path is empty; set it to the teacher checkpoint")
     _require(run.total_steps >= 1, f"run.total_steps must be >= 1 (got {run.total_steps})")
     _require(run.eval_every >= 0, f"run.eval_every must be >= 0 (got {run.eval_every})")

@@ -7,7 +7,6 @@ One class serves PPO and the GRPO family; every config branch is decided once in
 from __future__ import annotations
 
 import logging
-import random
 from pathlib import Path
 from typing import Any
 
@@ -293,7 +292,6 @@ class RLTrainer:
             "prompt_stream": self.run.train.state(),
             "kl_coef": self.kl_ctl.value,
             "rewards": self.run.rewards.state_dict(),
-            "python_rng": repr(random.getstate()),
             "config": OmegaConf.to_container(OmegaConf.structured(self.cfg)),
         }
         with self.checkpoints.write(self.step_done, state) as tmp:
