@@ -66,17 +66,10 @@ def train_rl(cfg: RLHFConfig) -> dict[str, float]:
     """One RL run (PPO / the GRPO family)."""
     from rlhf.trainers.prepare import prepare
     from rlhf.trainers.rl import RLTrainer
-    from rlhf.utils.ray_session import ray_session
+    from rlhf.trainers.runner import fit_on_cluster
 
     prepared = prepare(cfg)
-    prepared.output_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.structured(cfg), prepared.output_dir / "config.yaml")
-    with ray_session(cfg.cluster):
-        trainer = RLTrainer(prepared)
-        try:
-            return trainer.fit()
-        finally:
-            trainer.close()
+    return fit_on_cluster(cfg, prepared.output_dir, lambda: RLTrainer(prepared))
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)

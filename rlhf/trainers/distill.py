@@ -66,17 +66,10 @@ class DistillRun:
 
 def run_distill(cfg: RLHFConfig) -> dict[str, float]:
     """Validate and load everything, then start Ray and distill; the last step's metrics."""
-    from rlhf.utils.ray_session import ray_session
+    from rlhf.trainers.runner import fit_on_cluster
 
     run = prepare_distill(cfg)
-    run.output_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.structured(cfg), run.output_dir / "config.yaml")
-    with ray_session(cfg.cluster):
-        trainer = DistillTrainer(run)
-        try:
-            return trainer.fit()
-        finally:
-            trainer.close()
+    return fit_on_cluster(cfg, run.output_dir, lambda: DistillTrainer(run))
 
 
 def prepare_distill(cfg: RLHFConfig) -> DistillRun:

@@ -63,17 +63,10 @@ class OfflineRun:
 
 def run_offline(cfg: RLHFConfig) -> dict[str, float]:
     """Validate and load data, start Ray and the roles, train, save the final model; last metrics."""
-    from rlhf.utils.ray_session import ray_session
+    from rlhf.trainers.runner import fit_on_cluster
 
     run = prepare_offline(cfg)
-    run.output_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.structured(cfg), run.output_dir / "config.yaml")
-    with ray_session(cfg.cluster):
-        trainer = OfflineTrainer(run)
-        try:
-            return trainer.fit()
-        finally:
-            trainer.close()
+    return fit_on_cluster(cfg, run.output_dir, lambda: OfflineTrainer(run))
 
 
 def prepare_offline(cfg: RLHFConfig) -> OfflineRun:

@@ -28,7 +28,6 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
-from omegaconf import OmegaConf
 from torch import Tensor
 
 from rlhf.config import (
@@ -62,17 +61,10 @@ REFERENCES = ("initial", "previous")
 def run_online_dpo(cfg: RLHFConfig) -> dict[str, float]:
     """Validate and load everything (prompts, reward terms), then start Ray and train; the last metrics."""
     from rlhf.trainers.prepare import prepare
-    from rlhf.utils.ray_session import ray_session
+    from rlhf.trainers.runner import fit_on_cluster
 
     run = prepare(cfg)  # validate() → validate_online_dpo, data, reward pipeline: all before Ray
-    run.output_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.structured(cfg), run.output_dir / "config.yaml")
-    with ray_session(cfg.cluster):
-        trainer = OnlineDPOTrainer(run)
-        try:
-            return trainer.fit()
-        finally:
-            trainer.close()
+    return fit_on_cluster(cfg, run.output_dir, lambda: OnlineDPOTrainer(run))
 
 
 def validate_online_dpo(cfg: RLHFConfig) -> None:

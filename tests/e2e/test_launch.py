@@ -207,6 +207,7 @@ def check_kl_sweep(sweep: Path, tmp_path: Path) -> None:
     table = (sweep / "summary.md").read_text().splitlines()
     assert table[0].startswith("| run | algorithm.kl_coef | status | steps | reward/mean |")
     assert len(table) == 4
+    assert (sweep / "sweep_reward.png").read_bytes()[:4] == b"\x89PNG"  # the sweep comparison plot
 
 
 def test_ray_launcher_sweep_on_the_running_cluster(ray_head, tmp_path):

@@ -82,3 +82,18 @@ def test_sft_then_reward_model_then_ppo_pipeline(tmp_path):
     assert ppo_cfg.reward.model_path == str((out / "rm" / "final").resolve()) and ppo_cfg.reward.fn is None
     rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert any("reward/model_mean" in r and "critic/loss" in r for r in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["reft", "rlaif"])
+def test_reft_and_rlaif_recipes_run(tmp_path, recipe):
+    """ReFT (CoT SFT warm-up -> GRPO with the rule grader) and RLAIF (GRPO against the tiny judge) run as shipped."""
+    run_pipeline(tmp_path, recipe, "rollout.sampling.max_new_tokens=8", "reward.judge.max_new_tokens=8")
+    out = tmp_path / recipe
+    last = "rl" if recipe == "reft" else "rlaif"
+    rows = [json.loads(line) for line in (out / last / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "policy/loss" in r] == [1, 2]
+    if recipe == "reft":
+        assert started_from(out / "rl") == str((out / "warmup" / "final").resolve())
+    else:
+        assert any("reward/judge_unparseable" in r for r in rows)

@@ -1,0 +1,35 @@
+"""The one way a prepared training run meets the cluster: save its config, start Ray, fit, close.
+
+Every training stage prepares (validates, loads and tokenises) before calling this, so user errors
+never reach Ray; the trainer's `close()` runs even when `fit()` raises, so actors never outlive it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from omegaconf import OmegaConf
+
+from rlhf.config import RLHFConfig
+
+
+class Trainer(Protocol):
+    def fit(self) -> dict[str, float]: ...
+
+    def close(self) -> None: ...
+
+
+def fit_on_cluster(cfg: RLHFConfig, output_dir: Path, make_trainer: Callable[[], Trainer]) -> dict[str, Any]:
+    """Write <output_dir>/config.yaml, then build the trainer inside a Ray session and fit it."""
+    from rlhf.utils.ray_session import ray_session
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.structured(cfg), output_dir / "config.yaml")
+    with ray_session(cfg.cluster):
+        trainer = make_trainer()
+        try:
+            return trainer.fit()
+        finally:
+            trainer.close()
