@@ -119,13 +119,13 @@ class RLTrainer:
             with timer("update"):
                 train_stats = self.update(batch)
             with timer("sync"):
-                self.sync()
+                sync_stats = self.sync()
         tokens = float(batch.response_mask.sum())
         perf = {
             "perf/tokens_per_s": tokens / timer.seconds["generate"],
             "perf/samples_per_s": len(batch) / timer.seconds["step"],
         }
-        return {**rollout_stats, **reward_stats, **adv_stats, **train_stats, **timer.metrics(), **perf}
+        return {**rollout_stats, **reward_stats, **adv_stats, **train_stats, **sync_stats, **timer.metrics(), **perf}
 
     def _collect_once(
         self, step: int, timer: PhaseTimer, sampling_round: int = 0
@@ -241,9 +241,12 @@ class RLTrainer:
             stats.update(group.wait(p))
         return stats
 
-    def sync(self) -> None:
+    def sync(self) -> dict[str, float]:
         """Stream the new policy weights into every rollout engine (bucketed, one collective)."""
-        sync_weights(self.policy, self.rollout, self.cfg.rollout.weight_sync_bucket_mb)
+        stats = sync_weights(self.policy, self.rollout, self.cfg.rollout.weight_sync_bucket_mb)
+        if stats.get("weight_sync/seconds"):
+            stats["weight_sync/gb_per_s"] = stats["weight_sync/mib"] * 2**20 / 1e9 / stats["weight_sync/seconds"]
+        return stats
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, float]:

@@ -37,9 +37,13 @@ def connect_weight_sync(policy: WorkerGroup, rollout: RolloutGroup, cluster: Clu
     policy.wait(sender)
 
 
-def sync_weights(policy: WorkerGroup, rollout: RolloutGroup, bucket_mb: int) -> None:
-    """Stream the policy's current weights into every rollout engine (bucketed, one collective)."""
+def sync_weights(policy: WorkerGroup, rollout: RolloutGroup, bucket_mb: int) -> dict[str, float]:
+    """Stream the policy's current weights into every rollout engine (bucketed, one collective).
+
+    Returns the sender's `weight_sync/...` stats (seconds, MiB, tensors, buckets).
+    """
     sender = policy.run(PolicyWorker.sync_weights, bucket_mb)
     receivers = rollout.receive_weights_async()
-    policy.wait(sender)
+    stats = policy.wait(sender)
     rollout.wait(receivers)
+    return dict(stats or {})

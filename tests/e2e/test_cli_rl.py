@@ -69,6 +69,7 @@ def test_rl_stage_runs_end_to_end(tmp_path, stage, zero, backend):
     assert [r["step"] for r in steps] == [1, 2]
     for row in steps:
         assert row["timing/generate"] > 0 and row["timing/sync"] > 0
+        assert row["weight_sync/mib"] > 0 and row["weight_sync/buckets"] >= 1
         # engine vs trainer float32 logprobs of the same samples; step 2 runs on synced weights
         assert row["rollout/logprob_diff"] < 1e-4
         if stage == "ppo":
