@@ -17,4 +17,3 @@ for _key, _value in {
     "RLHF_CACHE": str(Path.home() / ".cache" / "rlhf"),
 }.items():
     os.environ.setdefault(_key, _value)
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(os.environ["RLHF_CACHE"]) / "torch_extensions"))

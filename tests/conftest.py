@@ -16,7 +16,9 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RLHF_CACHE", str(Path.home() / ".cache" / "rlhf"))
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(os.environ["RLHF_CACHE"]) / "torch_extensions"))
+from rlhf.utils.distributed import torch_extensions_dir  # noqa: E402 (after RLHF_CACHE, before torch)
+
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
 
 
 def pytest_collection_modifyitems(config, items):

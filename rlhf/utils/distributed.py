@@ -7,14 +7,46 @@ is imported in the actor's process (thread counts, DeepSpeed's accelerator and J
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
+import sys
+import time
 from pathlib import Path
 
 DEVICES = ("cpu", "cuda")
+STALE_BUILD_LOCK_S = 900
+"""A JIT build lock older than this is left over from a killed build (a CPU op builds in ~35 s)."""
 
-TORCH_EXTENSIONS_DIR = str(Path("~/.cache/rlhf/torch_extensions").expanduser())
-"""DeepSpeed's JIT-built ops live here, outside the repo: the first build takes ~35 s, later ones 0.4 s."""
+
+def torch_extensions_dir() -> str:
+    """Where DeepSpeed's JIT-built ops live: outside the repo, one directory per Python environment.
+
+    $TORCH_EXTENSIONS_DIR wins when set. Otherwise <RLHF_CACHE>/torch_extensions/<hash of sys.prefix>:
+    each venv builds against its own torch headers, and two venvs sharing one directory rebuild it
+    for each other (and wait on each other's build locks). The first build takes ~35 s, later loads 0.4 s.
+    """
+    configured = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if configured:
+        return configured
+    cache = Path(os.environ.get("RLHF_CACHE") or Path.home() / ".cache" / "rlhf").expanduser()
+    env_key = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
+    return str(cache / "torch_extensions" / env_key)
+
+
+def clear_stale_build_locks(root: str | Path, max_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]:
+    """Remove JIT build `lock` files older than `max_age_s`: torch waits on a lock forever, and a
+    build killed mid-way (kill -9, OOM) never removes its own."""
+    removed = []
+    now = time.time()
+    for lock in Path(root).glob("*/lock"):
+        try:
+            if now - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                removed.append(lock)
+        except FileNotFoundError:  # another process cleared it first
+            continue
+    return removed
 
 
 def free_port() -> int:
@@ -61,7 +93,7 @@ def process_env(*, device: str, threads: int) -> dict[str, str]:
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
         "DS_ACCELERATOR": "cpu" if device == "cpu" else "cuda",
-        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", TORCH_EXTENSIONS_DIR),
+        "TORCH_EXTENSIONS_DIR": torch_extensions_dir(),
         "TOKENIZERS_PARALLELISM": "false",
     }
 

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rlhf.config import ClusterConfig
+from rlhf.utils.distributed import clear_stale_build_locks, torch_extensions_dir
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ def runtime_env_vars(cluster: ClusterConfig) -> dict[str, str]:
     env = {
         "TOKENIZERS_PARALLELISM": "false",
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions")),
+        "TORCH_EXTENSIONS_DIR": torch_extensions_dir(),
         "RLHF_CACHE": str(cache_dir()),
     }
     if cluster.device == "cpu":
@@ -41,6 +42,8 @@ def ray_session(cluster: ClusterConfig) -> Iterator[None]:
 
     env = runtime_env_vars(cluster)
     os.environ.update(env)
+    for lock in clear_stale_build_locks(env["TORCH_EXTENSIONS_DIR"]):
+        logger.warning("removed a stale DeepSpeed build lock left by a killed build: %s", lock)
     started_here = not ray.is_initialized()
     if started_here:
         address = cluster.address or os.environ.get("RAY_ADDRESS")

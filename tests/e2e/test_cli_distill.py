@@ -44,6 +44,7 @@ def test_offline_distill_runs_end_to_end(tmp_path):
     assert (out / "final" / "model.safetensors").exists() and (out / "config.yaml").exists()
 
 
+@pytest.mark.slow  # three CLI runs; the offline and RL resume tests keep the mechanism in the default suite
 def test_offline_distill_resumes_from_its_last_checkpoint(tmp_path):
     """Stopped after step 2 and rerun with resume=auto, step 3's loss equals an uninterrupted run's."""
     common = [

@@ -22,7 +22,11 @@ from rlhf.workers.group import WorkerGroup
 from rlhf.workers.policy import PolicyWorker
 from rlhf.workers.rollout import RolloutGroup
 
-pytestmark = [pytest.mark.ray, pytest.mark.vllm]
+pytestmark = [
+    pytest.mark.ray,
+    pytest.mark.vllm,
+    pytest.mark.slow,
+]  # ~100 s; LoRA sync parity stays in the default suite
 
 PARITY = 1e-4
 
