@@ -40,6 +40,7 @@ def run_cli(tmp_path: Path, *overrides: str, timeout: int = 300) -> subprocess.C
     )
 
 
+@pytest.mark.slow  # tests/integration/online_dpo runs two rounds and a resume in the default suite
 def test_two_rounds_end_to_end(tmp_path):
     out = tmp_path / "run"
     proc = run_cli(tmp_path, "run.total_steps=2", f"run.output_dir={out}")

@@ -210,6 +210,7 @@ def check_kl_sweep(sweep: Path, tmp_path: Path) -> None:
     assert (sweep / "sweep_reward.png").read_bytes()[:4] == b"\x89PNG"  # the sweep comparison plot
 
 
+@pytest.mark.slow  # the basic-launcher sweep below keeps the sweep path in the default suite
 def test_ray_launcher_sweep_on_the_running_cluster(ray_head, tmp_path):
     """The same sweep through hydra-ray-launcher: each job a Ray task on the existing cluster, in parallel."""
     pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="hydra-ray-launcher is not installed")

@@ -76,6 +76,7 @@ def test_model_eval_agrees_with_rescored_generation(ray_cluster, tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # smoke test of the judge plumbing (the tiny judge gives no usable verdicts)
 def test_win_rate_runs_the_pairwise_judge(ray_cluster, tmp_path):
     """The path runs end to end; the tiny judge rarely writes [[A]]/[[B]], so verdicts are mostly ties (0.5)."""
     cfg = compose_config(
