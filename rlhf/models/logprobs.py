@@ -88,3 +88,23 @@ def response_logprobs(
     logprobs = _token_logprobs(logits, batch.response_ids)
     entropy = _entropy(logits) if with_entropy else None
     return logprobs, entropy
+
+
+def last_token_scores(model: torch.nn.Module, batch: RolloutBatch) -> Tensor:
+    """[B] scalar head of a sequence-classification model at each row's last real token (float32).
+
+    The last real token comes from the attention mask, not from pad_token_id (pad may equal eos),
+    the one scoring rule of the RM stage's training and the RL RewardWorker, so a trained RM scores the same there.
+    """
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    ).last_hidden_state
+    mask = batch.attention_mask.bool()
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = torch.where(mask, positions, torch.zeros_like(positions)).max(dim=1).values
+    last_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return model.score(last_hidden).squeeze(-1).float()

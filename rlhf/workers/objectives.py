@@ -46,7 +46,7 @@ from rlhf.algorithms import (
 from rlhf.config import OfflineConfig
 from rlhf.data.batch import RolloutBatch
 from rlhf.errors import DataError
-from rlhf.models.logprobs import response_logprobs
+from rlhf.models.logprobs import last_token_scores, response_logprobs
 
 AllReduce = Callable[[Tensor], Tensor]
 """Sums a tensor over the data-parallel ranks (identity on one rank)."""
@@ -71,26 +71,6 @@ def sequence_logprobs(model: torch.nn.Module, batch: RolloutBatch, *, average: b
     logprobs = torch.where(mask, token_logprobs(model, batch), torch.zeros((), device=mask.device))
     total = logprobs.sum(-1)
     return total / mask.sum(-1).clamp(min=1) if average else total
-
-
-def last_token_scores(model: torch.nn.Module, batch: RolloutBatch) -> Tensor:
-    """[B] scalar head of a sequence-classification model at each row's last real token (float32).
-
-    The last real token comes from the attention mask, not from pad_token_id (pad may equal eos),
-    exactly as rlhf.workers.reward.RewardWorker scores, so a trained RM scores the same there.
-    """
-    backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-    ).last_hidden_state
-    mask = batch.attention_mask.bool()
-    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    last = torch.where(mask, positions, torch.zeros_like(positions)).max(dim=1).values
-    last_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    return model.score(last_hidden).squeeze(-1).float()
 
 
 # -- the objective protocol ------------------------------------------------------------------------

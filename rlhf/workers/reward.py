@@ -15,6 +15,7 @@ from torch import Tensor
 from rlhf.data.batch import RolloutBatch
 from rlhf.errors import ConfigError
 from rlhf.models.loading import DTYPES, resolve_model_path
+from rlhf.models.logprobs import last_token_scores
 from rlhf.workers.frozen import FrozenModelWorker
 from rlhf.workers.group import dispatch
 from rlhf.workers.trainable import device_chunks
@@ -60,15 +61,4 @@ class RewardWorker(FrozenModelWorker):
     def _score(self, batch: RolloutBatch) -> Tensor:
         model = self.model
         assert model is not None
-        backbone = getattr(model, model.base_model_prefix)
-        hidden = backbone(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            use_cache=False,
-        ).last_hidden_state
-        mask = batch.attention_mask.bool()
-        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-        last = torch.where(mask, positions, torch.zeros_like(positions)).max(dim=1).values
-        last_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return model.score(last_hidden).squeeze(-1).float().cpu()
+        return last_token_scores(model, batch).cpu()
