@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ENV := source scripts/env.sh &&
 
-.PHONY: setup demo test test-all lint bench clean
+.PHONY: setup demo test test-all lint bench soak clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -24,6 +24,10 @@ lint: setup
 
 bench: setup
 	$(ENV) $(PY) -m benchmarks.run_all
+
+# memory of every actor over a few hundred tiny PPO steps (~10 min; kept out of `make bench`)
+soak: setup
+	$(ENV) $(PY) -m benchmarks.soak $(ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache

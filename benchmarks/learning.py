@@ -1,17 +1,31 @@
-"""Learning proof: tiny-init → SFT → GRPO / PPO with the rule reward, held-out greedy accuracy before and after.
+"""Learning proof: tiny-init → SFT → GRPO / PPO with the rule reward, held-out accuracy before and after.
+
+Data: the tiny world's grid split of two-digit addition (rlhf.data.tiny_world.grid_split): all 900
+problems "a+b=" (a in 10..99, b in 0..9), 720 train and 180 held out at random. Every held-out
+problem is made of steps seen in training ("47+5=" held out, "37+5=" and "47+3=" trained on), so
+a rule learned on the train prompts can show on the held-out ones.
+
+SFT demonstrations are those of a careless demonstrator (`--demos slip`, the default): in 60% of
+the train problems that need a carry the answer forgets it ("47+5=" → "42"). The SFT model then
+carries less often than not, so most of its greedy answers to carry problems are wrong, while its
+samples are sometimes right. This is the case RL is for: more SFT on the same demonstrations
+cannot fix a systematic error, a verifiable reward can, and the fix (carry when the units
+overflow) is a rule, not a fact, so it reaches held-out problems. `--demos clean` trains on the
+correct answers instead.
 
 Per seed, everything through `rlhf.cli.train` in this process on one Ray cluster:
-  1. SFT of the random-init tiny qwen2 (`tiny-init`) on `tiny:sft:train` (all six tasks), with the
-     tiny world's warm-up recipe (300 optimizer steps of 64 rows, lr 3e-3, cosine) on DeepSpeed.
-  2. stage=eval of the SFT model on the held-out prompts of the RL task: greedy accuracy, and
-     sampled accuracy (8 samples, temperature 1).
-  3. GRPO and PPO from the SFT model on the RL task's train prompts, rule reward (tiny_world), the
-     sizes of tests/e2e/test_rl_learning.py (8 prompts × 8 samples for GRPO, × 2 for PPO).
+  1. SFT of the random-init tiny qwen2 (`tiny-init`) on the SFT rows of the 720 train problems with
+     the tiny world's warm-up recipe (batch 64, lr 3e-3, cosine) for --sft-steps steps, DeepSpeed.
+  2. stage=eval of the SFT model on the 180 held-out prompts: greedy accuracy, and sampled accuracy
+     (8 samples at temperature 1), and the same on 180 of the train prompts (fitting vs generalising).
+  3. GRPO (8 prompts × 8 samples) and PPO (8 × 2, critic + GAE) from the SFT model on the 720 RL
+     train prompts, rule reward (tiny_world), --steps steps, lr --lr.
   4. stage=eval of each RL model, same prompts and settings as 2.
-"RL helps" means greedy held-out accuracy after RL > the SFT model's, reported per seed. The
-reward curves (task reward per step, every seed and algorithm) go to results/learning_reward.png.
+"RL helps" means held-out greedy accuracy after RL > the SFT model's, reported per seed and as the
+median over seeds. The reward curves (task reward per step, every seed and algorithm) go to
+results/learning_reward.png.
 
-    python -m benchmarks.learning [--quick] [--seeds 0,1,2] [--steps 50] [--sft run|shipped]
+    python -m benchmarks.learning [--quick] [--seeds 0,1,2] [--steps 50] [--sft run|shipped] [--demos slip|clean]
 """
 
 from __future__ import annotations
@@ -27,28 +41,47 @@ logger = logging.getLogger("benchmarks.learning")
 
 NAME = "learning"
 ALGORITHMS = ("grpo", "ppo")
-
-SFT = [
-    "stage=sft",
-    "model.path=tiny-init",
-    "data.train=tiny:sft:train",
-    "data.eval=null",
-    "offline.max_steps=300",
-    "policy.num_workers=1",
-    "policy.train_batch_size=64",
-    "policy.micro_batch_size=64",
-    "policy.optim.lr=3e-3",
-    "policy.optim.warmup_steps=30",
-    "run.progress_bar=false",
-    "run.tensorboard=false",
-    "run.plots=false",
-]
+TASK = "add_2d"
+SFT_STEPS = 300  # the tiny world's warm-up length
+RL_STEPS = 50
+RL_LR = 1e-4  # 2e-4 (test_rl_learning.py's) undid more of the SFT model than it fixed here (seed 0)
+TRAIN_EVAL_PROMPTS = 180  # RL train prompts evaluated: as many as held-out ones
 
 
-def rl_overrides(task: str, steps: int, prompts: int, n: int) -> list[str]:
+def sft_overrides(data: str, steps: int) -> list[str]:
+    """The tiny world's warm-up recipe (batch 64, lr 3e-3, cosine, 10% warm-up) for `steps` steps on `data`."""
+    return [
+        "stage=sft",
+        "model.path=tiny-init",
+        f"data.train={data}",
+        "data.eval=null",
+        f"offline.max_steps={steps}",
+        "policy.num_workers=1",
+        "policy.train_batch_size=64",
+        "policy.micro_batch_size=64",
+        "policy.optim.lr=3e-3",
+        f"policy.optim.warmup_steps={max(1, steps // 10)}",
+        "run.progress_bar=false",
+        "run.tensorboard=false",
+        "run.plots=false",
+    ]
+
+
+def grid_data(task: str, demos: str) -> dict[str, str]:
+    """Paths of the task's grid split: SFT rows (clean or slipped demonstrations), RL train and held-out prompts."""
+    from rlhf.data.tiny_world import grid_file
+
+    return {
+        "sft": str(grid_file("sft_slip" if demos == "slip" else "sft", "train", task=task)),
+        "train": str(grid_file("rl", "train", task=task)),
+        "held_out": str(grid_file("rl", "eval", task=task)),
+    }
+
+
+def rl_overrides(data: str, steps: int, prompts: int, n: int, lr: float) -> list[str]:
     """test_rl_learning.py's SMALL sizes (PPO's stage keeps its 2 samples per prompt)."""
     return [
-        f"data.train=tiny:train:{task}",
+        f"data.train={data}",
         "data.eval=null",
         f"run.rollout_batch_size={prompts}",
         "rollout.backend=hf",
@@ -56,7 +89,7 @@ def rl_overrides(task: str, steps: int, prompts: int, n: int) -> list[str]:
         "policy.num_workers=1",
         "policy.train_batch_size=16",
         "policy.micro_batch_size=16",
-        "policy.optim.lr=2e-4",
+        f"policy.optim.lr={lr}",
         "critic.num_workers=1",
         "critic.train_batch_size=16",
         "critic.micro_batch_size=16",
@@ -68,7 +101,7 @@ def rl_overrides(task: str, steps: int, prompts: int, n: int) -> list[str]:
     ] + ([f"rollout.n_samples_per_prompt={n}"] if n else [])
 
 
-def evaluate(model: str, prompts: str, out: Path, seed: int) -> dict[str, float]:
+def evaluate(model: str, prompts: str, out: Path, seed: int, max_prompts: int = 0) -> dict[str, float]:
     from rlhf.cli import train
 
     metrics = train(
@@ -79,6 +112,7 @@ def evaluate(model: str, prompts: str, out: Path, seed: int) -> dict[str, float]
                 f"data.eval={prompts}",
                 "eval.n_samples=8",
                 "eval.k=[1]",
+                f"eval.max_prompts={max_prompts}",
                 "rollout.backend=hf",
                 f"run.seed={seed}",
                 f"run.output_dir={out}",
@@ -94,11 +128,55 @@ def evaluate(model: str, prompts: str, out: Path, seed: int) -> dict[str, float]
     }
 
 
-def evaluate_both(model: str, task: str, out: Path, seed: int) -> dict[str, float]:
-    """Held-out prompts (tiny:eval:<task>) and, to tell generalisation from fitting, the RL train prompts."""
-    held_out = evaluate(model, f"tiny:eval:{task}", out / "held-out", seed)
-    train = evaluate(model, f"tiny:train:{task}", out / "train", seed)
-    return {**held_out, **{f"train_prompts_{k}": v for k, v in train.items()}}
+def carry_breakdown(model: str, prompts: str) -> dict[str, float]:
+    """Greedy accuracy on the held-out problems with and without a carry, and the share answered with it forgotten.
+
+    stage=eval reports accuracy per task only, so this decodes the same chat-templated prompts greedily
+    with HF generate in this process (the tiny model, 180 prompts: a few seconds).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf.data.tiny_world import Problem, carry_slip, check_answer, read_jsonl
+    from rlhf.data.tokenizer import encode_chat_prompt
+    from rlhf.models.loading import resolve_model_path
+
+    path = resolve_model_path(model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    policy = AutoModelForCausalLM.from_pretrained(path).eval()
+    problems = [Problem(r["task"], r["difficulty"], r["prompt"], r["answer"]) for r in read_jsonl(prompts)]
+    by_length: dict[int, list[tuple[Problem, list[int]]]] = {}  # one unpadded batch per prompt length
+    for problem in problems:
+        ids = encode_chat_prompt(tokenizer, problem.prompt)
+        by_length.setdefault(len(ids), []).append((problem, ids))
+    answers = []
+    for group in by_length.values():
+        ids = torch.tensor([i for _, i in group])
+        with torch.no_grad():
+            out = policy.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+        texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+        answers += [(p, text) for (p, _), text in zip(group, texts)]
+    counts = {"carry": [0, 0, 0], "no_carry": [0, 0, 0]}  # problems, right, carry forgotten
+    for problem, text in answers:
+        slipped = carry_slip(problem)
+        tally = counts["no_carry" if slipped is None else "carry"]
+        tally[0] += 1
+        tally[1] += check_answer(text, problem.answer)
+        tally[2] += slipped is not None and check_answer(text, slipped)
+    return {
+        "carry_problems": counts["carry"][0],
+        "carry_greedy_accuracy": counts["carry"][1] / max(1, counts["carry"][0]),
+        "carry_forgotten": counts["carry"][2] / max(1, counts["carry"][0]),
+        "no_carry_greedy_accuracy": counts["no_carry"][1] / max(1, counts["no_carry"][0]),
+    }
+
+
+def evaluate_both(model: str, data: dict[str, str], out: Path, seed: int) -> dict[str, float]:
+    """The held-out prompts (with the carry breakdown) and, to tell generalisation from fitting, as many train prompts."""
+    held_out = evaluate(model, data["held_out"], out / "held-out", seed)
+    train = evaluate(model, data["train"], out / "train", seed, max_prompts=TRAIN_EVAL_PROMPTS)
+    breakdown = carry_breakdown(model, data["held_out"])
+    return {**held_out, **breakdown, **{f"train_prompts_{k}": v for k, v in train.items()}}
 
 
 def run_seed(seed: int, args, root: Path) -> dict:
@@ -106,14 +184,22 @@ def run_seed(seed: int, args, root: Path) -> dict:
     from rlhf.utils.metrics import read_metrics
 
     result: dict = {"seed": seed}
+    data = grid_data(args.task, args.demos)
     if args.sft == "run":
         with Stopwatch() as sw:
-            train(compose([*SFT, f"run.seed={seed}", f"run.output_dir={root / 'sft'}"]))
+            sft_run = [
+                *sft_overrides(data["sft"], args.sft_steps),
+                f"run.seed={seed}",
+                f"run.output_dir={root / 'sft'}",
+            ]
+            train(compose(sft_run))
         sft_model = str(root / "sft" / "final")
         result["sft_seconds"] = sw.seconds
     else:
-        sft_model = "tiny"
-    result["sft"] = evaluate_both(sft_model, args.task, root / "eval-sft", seed)
+        sft_model = "tiny"  # the shipped warm-up; it saw some of the held-out problems (--quick smoke test only)
+    with Stopwatch() as sw:
+        result["sft"] = evaluate_both(sft_model, data, root / "eval-sft", seed)
+    result["eval_seconds"] = sw.seconds
     logger.info("seed %d SFT: %s", seed, result["sft"])
     for algo in args.algorithms:
         out = root / algo
@@ -125,7 +211,7 @@ def run_seed(seed: int, args, root: Path) -> dict:
                     [
                         f"stage={algo}",
                         f"model.path={sft_model}",
-                        *rl_overrides(args.task, steps, prompts, n),
+                        *rl_overrides(data["train"], steps, prompts, n, args.lr),
                         f"run.seed={seed}",
                         f"run.output_dir={out}",
                     ]
@@ -134,7 +220,7 @@ def run_seed(seed: int, args, root: Path) -> dict:
         rows = [r for r in read_metrics(out / "metrics.jsonl") if "policy/loss" in r]
         rewards = [r["reward/tiny_world_mean"] for r in rows]
         window = max(1, min(12, len(rewards) // 4))
-        after = evaluate_both(str(out / "final"), args.task, root / f"eval-{algo}", seed)
+        after = evaluate_both(str(out / "final"), data, root / f"eval-{algo}", seed)
         result[algo] = {
             "seconds": sw.seconds,
             "reward_curve": rewards,
@@ -149,6 +235,16 @@ def run_seed(seed: int, args, root: Path) -> dict:
         }
         logger.info("seed %d %s: after %s (SFT %s)", seed, algo, after, result["sft"])
     return result
+
+
+def medians(results: list[dict], algorithms) -> dict:
+    """Median over seeds of every accuracy and gain in the table."""
+    med = {"sft": {k: statistics.median(r["sft"][k] for r in results) for k in results[0]["sft"]}}
+    for a in algorithms:
+        keys = ("greedy_gain", "sampled_gain", "train_prompts_greedy_gain", "reward_first_window", "reward_last_window")
+        med[a] = {k: statistics.median(r[a][k] for r in results) for k in keys}
+        med[a]["after"] = {k: statistics.median(r[a]["after"][k] for r in results) for k in results[0][a]["after"]}
+    return med
 
 
 def plot(results: list[dict], algorithms, path: Path) -> Path:
@@ -178,7 +274,7 @@ def plot(results: list[dict], algorithms, path: Path) -> Path:
     return path
 
 
-def table(results: list[dict], algorithms) -> str:
+def table(results: list[dict], algorithms, med: dict) -> str:
     lines = [
         "| seed | SFT greedy | SFT sampled | SFT greedy (train prompts) | "
         + " | ".join(
@@ -188,9 +284,9 @@ def table(results: list[dict], algorithms) -> str:
         + " |",
         "|---|---|---|---|" + "---|---|---|---|" * len(algorithms),
     ]
-    for r in results:
+    for r in [*results, {"seed": "median", **med}]:
         cells = [
-            str(r["seed"]),
+            f"**{r['seed']}**" if r["seed"] == "median" else str(r["seed"]),
             f"{r['sft']['greedy_accuracy']:.3f}",
             f"{r['sft']['sampled_accuracy']:.3f}",
             f"{r['sft']['train_prompts_greedy_accuracy']:.3f}",
@@ -210,10 +306,13 @@ def table(results: list[dict], algorithms) -> str:
 def main() -> None:
     def options(parser):
         parser.add_argument("--seeds", default="0,1,2")
-        parser.add_argument("--steps", type=int, default=50)
+        parser.add_argument("--steps", type=int, default=RL_STEPS)
+        parser.add_argument("--task", default=TASK, help="tiny-world task whose operand grid is split (add_2d, sub_2d)")
         parser.add_argument(
-            "--task", default="sub_1d", help="tiny-world task(s) of the RL step, e.g. sub_1d or add_1d+sub_1d"
+            "--demos", choices=("slip", "clean"), default="slip", help="SFT on carry-slipped or on correct answers"
         )
+        parser.add_argument("--sft-steps", type=int, default=SFT_STEPS, help="optimizer steps of the SFT warm-up")
+        parser.add_argument("--lr", type=float, default=RL_LR, help="policy learning rate of GRPO and PPO")
         parser.add_argument(
             "--sft", choices=("run", "shipped"), default="run", help="run the SFT step or use the shipped 'tiny'"
         )
@@ -225,43 +324,77 @@ def main() -> None:
     if args.quick:
         args.sft = "shipped"
     machine = machine_info()
-    with tempfile.TemporaryDirectory(prefix="bench-learning-") as tmp, ray_cluster():
+    with Stopwatch() as total, tempfile.TemporaryDirectory(prefix="bench-learning-") as tmp, ray_cluster():
         results = [run_seed(seed, args, Path(tmp) / f"seed{seed}") for seed in seeds]
     png = plot(results, args.algorithms, (args.out or RESULTS_DIR) / f"{NAME}_reward.png")
+    med = medians(results, args.algorithms)
     improved = {a: [r[a]["greedy_gain"] > 0 for r in results] for a in args.algorithms}
+    improved_sampled = {a: [r[a]["sampled_gain"] > 0 for r in results] for a in args.algorithms}
     improved_train = {a: [r[a]["train_prompts_greedy_gain"] > 0 for r in results] for a in args.algorithms}
     payload = {
         "benchmark": NAME,
         "quick": args.quick,
         "machine": machine,
-        "settings": {"task": args.task, "steps": args.steps, "sft": args.sft, "seeds": seeds, "sft_overrides": SFT},
+        "seconds": total.seconds,
+        "settings": {
+            "task": args.task,
+            "split": "tiny_world.grid_split: 720 train / 180 held-out problems",
+            "demos": args.demos,
+            "sft": args.sft,
+            "sft_steps": args.sft_steps,
+            "rl_steps": args.steps,
+            "rl_lr": args.lr,
+            "seeds": seeds,
+        },
         "rl_improves_greedy_accuracy": improved,
+        "rl_improves_sampled_accuracy": improved_sampled,
         "rl_improves_train_prompt_greedy_accuracy": improved_train,
+        "median": med,
         "reward_plot": png.name,
         "results": results,
     }
-    verdict = "; ".join(f"{a.upper()} {sum(v)} of {len(v)} seeds" for a, v in improved.items())
-    verdict_train = "; ".join(f"{a.upper()} {sum(v)} of {len(v)} seeds" for a, v in improved_train.items())
+
+    def verdict(flags: dict) -> str:
+        return "; ".join(f"{a.upper()} {sum(v)} of {len(v)} seeds" for a, v in flags.items())
+
+    median_gains = "; ".join(
+        f"{a.upper()} {med['sft']['greedy_accuracy']:.3f} → {med[a]['after']['greedy_accuracy']:.3f}"
+        for a in args.algorithms
+    )
+    demos_how = (
+        "come from a careless demonstrator: in 60% of the train problems that need a carry the answer forgets it"
+        ' ("47+5=" → "42"), so the SFT model answers most carry problems wrong when greedy and some right when'
+        " sampling: an error more SFT on the same data cannot fix and a verifiable reward can"
+        if args.demos == "slip"
+        else "are the correct answers"
+    )
     sft_how = (
-        "SFT run here from `tiny-init` (300 steps × 64 rows of `tiny:sft:train`, lr 3e-3, DeepSpeed, 1 rank)"
+        f"SFT run here from `tiny-init` ({args.sft_steps} steps × 64 rows, lr 3e-3, cosine, DeepSpeed, 1 rank) on the"
+        f" {'carry-slipped' if args.demos == 'slip' else 'correct'} demonstrations of the 720 train problems"
         if args.sft == "run"
         else "the shipped SFT-warmed `tiny` policy"
     )
-    markdown = f"""## Learning proof: tiny-init → SFT → GRPO / PPO (rule reward)
+    markdown = f"""## Learning proof: tiny-init → SFT → GRPO / PPO (rule reward), held-out accuracy
 
-`python -m benchmarks.learning` — {{machine}}
+`python -m benchmarks.learning` — {{machine}} Whole run: {total.seconds / 60:.1f} min.
+
+Data: the tiny world's grid split of `{args.task}` (`rlhf.data.tiny_world.grid_split`): all 900 problems
+"a+b=" (a in 10..99, b in 0..9), a random 720 to train on and 180 held out. Every held-out problem is made of
+steps seen in training ("47+5=" held out; "37+5=" and "47+3=" trained on), so a rule learned on train prompts
+can show on held-out ones. SFT demonstrations {demos_how}.
 
 Per seed: {sft_how}; then GRPO (8 prompts × 8 samples) and PPO (8 × 2, critic + GAE) from the SFT model,
-{args.steps} steps each on `tiny:train:{args.task}`, rule reward, lr 2e-4, HF rollout backend (the sizes of
-`tests/e2e/test_rl_learning.py`). Accuracy on the held-out `tiny:eval:{args.task}` prompts with `stage=eval`
-before (SFT) and after RL: greedy, and sampled (8 samples at temperature 1; pass@1); gain over SFT in brackets.
-The same greedy accuracy on the RL train prompts (`tiny:train:{args.task}`) tells fitting from generalising.
-"reward first→last": mean train task reward of the first vs last 12 RL steps.
+{args.steps} steps each on the 720 train prompts, rule reward, lr {args.lr:g}, HF rollout backend. Accuracy on the
+180 held-out prompts with `stage=eval` before (SFT) and after RL: greedy, and sampled (8 samples at temperature 1;
+pass@1); gain over SFT in brackets. Greedy accuracy on 180 of the train prompts tells fitting from generalising.
+"reward first→last": mean train task reward of the first vs last 12 RL steps. Last row: median over seeds.
 
-{table(results, args.algorithms)}
+{table(results, args.algorithms, med)}
 
-RL beats SFT on held-out greedy accuracy: **{verdict}**. On the RL train prompts (greedy, in-distribution):
-**{verdict_train}**. Reward curves: `results/{png.name}`. Raw: `results/{NAME}.json`.
+RL beats SFT on held-out greedy accuracy: **{verdict(improved)}** (median {median_gains}).
+On held-out sampled accuracy: **{verdict(improved_sampled)}**.
+On the train prompts (greedy): **{verdict(improved_train)}**.
+Reward curves: `results/{png.name}`. Raw: `results/{NAME}.json`.
 
 ![reward curves](results/{png.name})
 """

@@ -13,8 +13,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf.config import GENERATION_STAGES, OFFLINE_STAGES, UTILITY_STAGES, RLHFConfig, register_configs
-from rlhf.errors import RLHFError
+from rlhf.config import GENERATION_STAGES, OFFLINE_STAGES, UTILITY_STAGES, RLHFConfig, register_configs, validate
+from rlhf.errors import ConfigError, RLHFError
 from rlhf.utils.sweep import job_output_dir
 
 logger = logging.getLogger("rlhf")
@@ -72,11 +72,24 @@ def train_rl(cfg: RLHFConfig) -> dict[str, float]:
     return fit_on_cluster(cfg, prepared.output_dir, lambda: RLTrainer(prepared))
 
 
+def to_config(raw: DictConfig) -> RLHFConfig:
+    """The typed config of a composed DictConfig; a value OmegaConf cannot resolve or convert is a ConfigError."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_object(raw)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        where = f"{e.full_key}: " if getattr(e, "full_key", None) else ""
+        raise ConfigError(f"{where}{type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
 def _hydra_main(raw: DictConfig) -> float | None:
-    cfg: RLHFConfig = OmegaConf.to_object(raw)  # type: ignore[assignment]
-    cfg.run.output_dir = job_output_dir(cfg.run.output_dir)  # one directory per sweep job
+    _protect_secrets()
     try:
+        cfg = to_config(raw)
+        cfg.run.output_dir = job_output_dir(cfg.run.output_dir)  # one directory per sweep job
+        validate(cfg)  # every field typed and in range, for every stage, before anything starts
         final = train(cfg)
     except RLHFError as error:
         logger.error("%s: %s", type(error).__name__, error)
@@ -86,7 +99,43 @@ def _hydra_main(raw: DictConfig) -> float | None:
     return final.get("reward/mean")
 
 
+def _protect_secrets() -> None:
+    """Mask secrets in every log line, and in the config and overrides Hydra saved under .hydra/."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from rlhf.utils.redact import install_log_redaction, redact_yaml_file
+
+    install_log_redaction()
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.output_subdir is not None:
+        saved = Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir
+        for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):
+            redact_yaml_file(saved / name)
+
+
+def check_group_overrides(overrides: list[str]) -> None:
+    """ConfigError for `group=value` overrides of a conf/ group (stage, cluster, ...) naming no file of it.
+
+    Hydra lists the options itself for most typos, but `stage=null` crashes inside Hydra with a long traceback.
+    """
+    conf = Path(CONF_DIR)
+    for override in overrides:
+        key, sep, value = override.lstrip("+~").partition("=")
+        group = conf / key
+        if not sep or not group.is_dir() or any(c in value for c in ",()[]*$"):  # sweeps, interpolations
+            continue
+        known = sorted(p.stem for p in group.glob("*.yaml"))
+        if value.strip("'\"") not in known:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(known)}")
+
+
 def main() -> None:
+    try:
+        check_group_overrides([arg for arg in sys.argv[1:] if not arg.startswith("-")])
+    except ConfigError as error:
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+        logger.error("%s: %s", type(error).__name__, error)
+        sys.exit(2)
     _hydra_main()
 
 

@@ -83,6 +83,10 @@ class ModelConfig:
     """Parameter dtype of trainer and rollout: float32 or bfloat16."""
     trust_remote_code: bool = False
     """Run model code shipped with a checkpoint; off unless you trust its source."""
+    use_safetensors: bool = True
+    """Load weights only from .safetensors files (as transformers' from_pretrained(use_safetensors=True)):
+    a local checkpoint of any model field holding only pickled weights (pytorch_model.bin, *.pt, *.pth)
+    is refused at start-up, since unpickling can run code. False also accepts those (only from a trusted source)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -243,6 +247,9 @@ class RolloutConfig:
     """Bucket size for streaming weights to the engines."""
     hf_batch_size: int = 64
     """Sequences decoded together by the hf backend (prompts × samples are chunked to this)."""
+    max_restarts: int = 3
+    """Engine restarts allowed over an RL run: a dead engine is recreated, given the current policy
+    weights and its work retried; one more death stops the run (0: stop at the first)."""
 
 
 @dataclass
@@ -435,9 +442,17 @@ class ClusterConfig:
     """OMP/torch threads per actor (avoid oversubscription on CPU)."""
     collective_timeout_s: int = 600
     """Timeout of collectives and weight sync; nothing waits forever."""
+    call_timeout_s: int = 3600
+    """Longest the driver waits for one call on a worker group (generate, update, save, ...): a wedged
+    rank raises WorkerError instead of hanging the run. Above collective_timeout_s, so a stuck
+    collective reports from inside the rank first; 0: no limit."""
     weight_sync_backend: str = "auto"
     """gloo, nccl, or auto: nccl when trainer and engines each own whole GPUs, else gloo (NCCL refuses
     two ranks on one shared GPU, as in single_gpu mode)."""
+    weight_sync_transport: str = "auto"
+    """collective (broadcast over weight_sync_backend), shm (a shared-memory segment in /dev/shm that the
+    engines map: trainer rank 0 and every engine on one node), or auto: shm on cluster.device cpu when
+    every engine can open rank 0's segment (checked at join), else collective."""
 
 
 @dataclass
@@ -476,6 +491,10 @@ class RunConfig:
     """Checkpoint every N steps (0: only the final model)."""
     keep_last: int = 2
     """Checkpoints kept on disk."""
+    max_consecutive_nonfinite: int = 3
+    """Stop the run (NonFiniteError, naming the last good checkpoint) after this many optimizer steps
+    in a row of one trained role were skipped for a non-finite loss or gradient norm; 0: never stop.
+    Such steps are always skipped (no update) and counted (<role>/nonfinite_* metrics)."""
     resume: str = "auto"
     """auto (newest complete checkpoint in output_dir, if any), none, or a checkpoint path."""
     output_dir: str = "outputs/run"
@@ -574,6 +593,38 @@ class DistillConfig:
 
 
 @dataclass
+class ExpandConfig:
+    """generate.expand: seed-prompt expansion, Self-Instruct style (Wang et al. 2022, arXiv:2212.10560).
+
+    Attempt a shows the model `shots` seed instructions of data.train (drawn with seed (run.seed, a))
+    in `template`, samples one continuation with `sampling` (seed run.seed × 2^32 + 2^31 + a) and
+    parses its first line as a new instruction; empty, unparseable, too long (> data.max_prompt_length
+    tokens as a prompt) and duplicate ones (same words as, or ROUGE-L F1 > similarity_threshold with, a
+    seed or a kept instruction) are dropped. Rounds of generate.shard_size attempts are the resume unit
+    (rlhf.trainers.expand).
+    """
+
+    enabled: bool = False
+    """Write <generate.output>/expanded/ (new prompts with provenance), expanded_rejected/ and expansion.json."""
+    num_new: int = 100
+    """Stop once this many new instructions are kept."""
+    shots: int = 8
+    """Seed instructions shown per attempt (Self-Instruct shows 8); at most the number of seed prompts."""
+    similarity_threshold: float = 0.7
+    """Near duplicate: ROUGE-L F1 above this against any seed or kept instruction (Self-Instruct §2.2: 0.7)."""
+    max_attempts: int = 1000
+    """Give up after this many sampled continuations, kept or not (>= num_new)."""
+    template: str = "Come up with a series of tasks:\n\n{examples}\nTask {next}:"
+    """Few-shot prompt: {examples} becomes "Task 1: <seed>" lines, {next} the next task number."""
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(temperature=0.7, top_p=0.5, max_new_tokens=64, stop=["\n"])
+    )
+    """Sampling of the new instructions (Self-Instruct: temperature 0.7, top_p 0.5); one line each."""
+    then_generate: bool = False
+    """Then run the usual generation (samples/, sft/, preference/) over the seeds plus the kept instructions."""
+
+
+@dataclass
 class GenerateConfig:
     """stage=generate: sample responses over data.train's prompts into a dataset (rlhf.trainers.generate).
 
@@ -598,6 +649,8 @@ class GenerateConfig:
     """Also write preference/ (prompt, chosen = best, rejected = worst sample; groups whose scores are all equal skipped)."""
     max_shards_per_run: int = 0
     """Stop cleanly after writing this many new shards (0: run to the end); a rerun continues (job slicing)."""
+    expand: ExpandConfig = field(default_factory=ExpandConfig)
+    """Seed-prompt expansion before (or instead of) sampling responses; off by default."""
 
 
 @dataclass
@@ -642,6 +695,9 @@ class OnlineDPOConfig:
     epochs: int = 1
     """Passes over one round's pairs, each of pairs // policy.train_batch_size optimizer steps
     (pairs beyond the last full minibatch are left out and counted in online_dpo/pairs_unused)."""
+    nll_weight: float = 0.0
+    """offline.objective=dpo only: weight of the chosen samples' per-token NLL added to the DPO loss
+    (iterative RPO, Pang et al. 2024 arXiv:2404.19733, weight 1; TRL's rpo_alpha). 0: plain DPO."""
 
 
 @dataclass
@@ -700,7 +756,8 @@ def _choice(value: Any, allowed: tuple, field_name: str) -> None:
     _require(value in allowed, f"{field_name}={value!r} is not one of {', '.join(map(str, allowed))}")
 
 
-def _check_train(cfg: TrainConfig, role: str, sequences_per_step: int) -> None:
+def _check_train(cfg: TrainConfig, role: str, sequences_per_step: int, arithmetic: str = "sequences per step") -> None:
+    """ZeRO and batch arithmetic of one trained role; `arithmetic` says how sequences_per_step was computed."""
     _choice(cfg.zero_stage, ZERO_STAGES, f"{role}.zero_stage")
     _require(cfg.num_workers >= 1, f"{role}.num_workers must be >= 1 (got {cfg.num_workers})")
     _require(cfg.micro_batch_size >= 1, f"{role}.micro_batch_size must be >= 1 (got {cfg.micro_batch_size})")
@@ -713,11 +770,168 @@ def _check_train(cfg: TrainConfig, role: str, sequences_per_step: int) -> None:
         f"{cfg.micro_batch_size} × {role}.num_workers {cfg.num_workers} = {per_pass}; "
         f"pick a multiple of {per_pass}",
     )
+    fits = [size for size in range(per_pass, sequences_per_step + 1, per_pass) if sequences_per_step % size == 0]
     _require(
         sequences_per_step % cfg.train_batch_size == 0,
-        f"sequences per step run.rollout_batch_size × rollout.n_samples_per_prompt = {sequences_per_step} "
-        f"is not divisible by {role}.train_batch_size {cfg.train_batch_size}",
+        f"{arithmetic} = {sequences_per_step} sequences per step is not divisible by {role}.train_batch_size "
+        f"{cfg.train_batch_size} ({sequences_per_step} / {cfg.train_batch_size} = "
+        f"{sequences_per_step / cfg.train_batch_size:g} optimizer steps); "
+        + (
+            f"pick {role}.train_batch_size from {', '.join(map(str, fits[-4:]))}"
+            if fits
+            else f"make the sequences per step a multiple of {per_pass}"
+        ),
     )
+
+
+FIELD_BOUNDS: dict[str, str] = {
+    # signed: weights (a penalty is a negative weight), judge scales, score thresholds
+    "reward.weight": "any",
+    "reward.model_weight": "any",
+    "reward.components.#.weight": "any",
+    "reward.remote.weight": "any",
+    "reward.judge.weight": "any",
+    "reward.judge.score_min": "any",
+    "reward.judge.score_max": "any",
+    "reward.judge.unparseable_score": "any",
+    "generate.threshold": "any",
+    "eval.correct_threshold": "any",
+    "*sampling.top_k": ">= -1",
+    # at least one
+    "*num_workers": ">= 1",
+    "*num_engines": ">= 1",
+    "*batch_size": ">= 1",
+    "*max_new_tokens": ">= 1",
+    "*max_prompt_tokens": ">= 1",
+    "*epochs": ">= 1",
+    "data.max_prompt_length": ">= 1",
+    "data.max_length": ">= 2",
+    "rollout.n_samples_per_prompt": ">= 1",
+    "rollout.tensor_parallel_size": ">= 1",
+    "rollout.weight_sync_bucket_mb": ">= 1",
+    "cluster.threads_per_worker": ">= 1",
+    "cluster.collective_timeout_s": ">= 1",
+    "reward.remote.max_concurrency": ">= 1",
+    "algorithm.kl_horizon": ">= 1",
+    "algorithm.max_sampling_rounds": ">= 1",
+    "run.keep_last": ">= 1",
+    "eval.n_samples": ">= 1",
+    "eval.k.#": ">= 1",
+    "generate.shard_size": ">= 1",
+    "data.mixture.#.max_rows": ">= 1",
+    "model.peft.num_virtual_tokens": ">= 1",
+    "model.peft.encoder_hidden_size": ">= 1",
+    # strictly positive
+    "*optim.lr": "> 0",
+    "*.eps": "> 0",
+    "reward.remote.timeout_s": "> 0",
+    "rollout.kv_cache_gib": "> 0",
+    "algorithm.kl_target": "> 0",
+    "algorithm.rollout_is_cap": "> 0",
+    "algorithm.dual_clip": "> 1",
+    "reward.model_norm.clip": "> 0",
+    "data.mixture.#.weight": "> 0",
+    "offline.beta": "> 0",
+    "distill.temperature": "> 0",
+    "model.lora.alpha": "> 0",
+    # fractions and probabilities
+    "*sampling.top_p": "(0, 1]",
+    "rollout.gpu_memory_utilization": "(0, 1]",
+    "*optim.betas.#": "[0, 1)",
+    "model.lora.dropout": "[0, 1)",
+    "data.eval_fraction": "[0, 1)",
+    "algorithm.gamma": "(0, 1]",
+    "algorithm.lam": "[0, 1]",
+    "offline.label_smoothing": "[0, 0.5)",
+    "distill.beta": "[0, 1]",
+    "distill.lmbda": "[0, 1]",
+    "generate.expand.similarity_threshold": "[0, 1]",
+}
+"""Allowed range of numeric config fields, by dotted path ("#" stands for a list index; "*" matches
+any prefix; the first exact, then the first pattern match wins). A number not listed must be finite
+and >= 0. Checked for every stage by `check_fields`, before the stage's own cross-field checks."""
+
+SCHEDULERS = ("constant", "cosine")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def _bound(path: str) -> str:
+    import fnmatch
+
+    if path in FIELD_BOUNDS:
+        return FIELD_BOUNDS[path]
+    return next((rule for pattern, rule in FIELD_BOUNDS.items() if fnmatch.fnmatchcase(path, pattern)), ">= 0")
+
+
+def _in_bounds(value: float, rule: str) -> bool:
+    if rule == "any":
+        return True
+    if rule[0] in "([":
+        low, high = (float(x) for x in rule[1:-1].split(","))
+        above = value >= low if rule[0] == "[" else value > low
+        below = value <= high if rule[-1] == "]" else value < high
+        return above and below
+    op, limit = rule.split()
+    return value >= float(limit) if op == ">=" else value > float(limit)
+
+
+def _type_problem(value: Any, hint: Any) -> Optional[str]:
+    """None when `value` fits the type hint `hint` (Optional, list, dict, int, float, str, bool, Any)."""
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return None
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        return _type_problem(value, next(a for a in args if a is not type(None)))
+    if origin is list:
+        if not isinstance(value, list):
+            return f"a list (got {type(value).__name__} {value!r})"
+        return next((p for p in (_type_problem(v, args[0]) for v in value) if p), None)
+    if origin is dict:
+        return None if isinstance(value, dict) else f"a mapping (got {type(value).__name__} {value!r})"
+    if hint is bool:
+        return None if isinstance(value, bool) else f"true or false (got {type(value).__name__} {value!r})"
+    if hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return None if ok else f"an integer (got {type(value).__name__} {value!r})"
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if ok else f"a number (got {type(value).__name__} {value!r})"
+    if hint is str:
+        return None if isinstance(value, str) else f"a string (got {type(value).__name__} {value!r})"
+    return None
+
+
+def check_fields(node: Any, path: str = "", pattern: str = "") -> None:
+    """Every field of a config dataclass tree has its declared type, and every number is finite and in
+    FIELD_BOUNDS; raise ConfigError naming the first field that is not (its dotted path)."""
+    import dataclasses
+    import math
+    import typing
+
+    hints = typing.get_type_hints(type(node))
+    for f in dataclasses.fields(node):
+        name, key, value = f"{path}{f.name}", f"{pattern}{f.name}", getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            check_fields(value, f"{name}.", f"{key}.")
+            continue
+        problem = _type_problem(value, hints[f.name])
+        _require(problem is None, f"{name} must be {problem}")
+        items = [(f"{name}[{i}]", f"{key}.#", v) for i, v in enumerate(value)] if isinstance(value, list) else []
+        for shown, item_key, item in items or [(name, key, value)]:
+            if dataclasses.is_dataclass(item):
+                check_fields(item, f"{shown}.", f"{item_key}.")
+            elif isinstance(item, (int, float)) and not isinstance(item, bool):
+                _require(math.isfinite(item), f"{shown} must be a finite number (got {item})")
+                rule = _bound(item_key)
+                _require(_in_bounds(item, rule), f"{shown} must be {_rule_text(rule)} (got {item})")
+
+
+def _rule_text(rule: str) -> str:
+    return rule if rule[0] not in "([" else f"in {rule}"
 
 
 def validate(cfg: RLHFConfig) -> None:
@@ -725,9 +939,19 @@ def validate(cfg: RLHFConfig) -> None:
     _choice(
         cfg.stage, RL_STAGES + OFFLINE_STAGES + UTILITY_STAGES + GENERATION_STAGES + ONLINE_PREFERENCE_STAGES, "stage"
     )
+    check_fields(cfg)
+    for role in ("policy", "critic"):
+        optim = getattr(cfg, role).optim
+        _choice(optim.scheduler, SCHEDULERS, f"{role}.optim.scheduler")
+        _require(len(optim.betas) == 2, f"{role}.optim.betas must be two numbers [beta1, beta2] (got {optim.betas})")
+    _choice(cfg.run.tracking.wandb_mode, WANDB_MODES, "run.tracking.wandb_mode")
+    from rlhf.models.loading import check_model_weights
+
+    check_model_weights(cfg)
     from rlhf.models.peft_utils import validate_peft
 
     validate_peft(cfg)
+    _check_call_timeout(cfg.cluster)
     if cfg.stage == "distill":
         validate_distill(cfg)
     elif cfg.stage in RL_STAGES:
@@ -752,6 +976,14 @@ def distill_sequences_per_step(cfg: RLHFConfig) -> int:
     if cfg.distill.mode == "offline":
         return cfg.policy.train_batch_size
     return cfg.run.rollout_batch_size * cfg.rollout.n_samples_per_prompt
+
+
+def _check_call_timeout(cluster: ClusterConfig) -> None:
+    _require(
+        cluster.call_timeout_s == 0 or cluster.call_timeout_s > cluster.collective_timeout_s > 0,
+        f"cluster.call_timeout_s ({cluster.call_timeout_s}) must exceed cluster.collective_timeout_s "
+        f"({cluster.collective_timeout_s}), so a stuck collective reports from inside the rank first; or be 0 (no limit)",
+    )
 
 
 def validate_distill(cfg: RLHFConfig) -> None:
@@ -784,6 +1016,7 @@ def validate_distill(cfg: RLHFConfig) -> None:
         rollout = cfg.rollout
         _choice(rollout.backend, ROLLOUT_BACKENDS, "rollout.backend")
         _choice(cfg.cluster.weight_sync_backend, ("auto", "gloo", "nccl"), "cluster.weight_sync_backend")
+        _choice(cfg.cluster.weight_sync_transport, WEIGHT_SYNC_TRANSPORTS, "cluster.weight_sync_transport")
         _require(rollout.n_samples_per_prompt >= 1, "rollout.n_samples_per_prompt must be >= 1")
         _require(rollout.sampling.max_new_tokens >= 1, "rollout.sampling.max_new_tokens must be >= 1")
         _require(rollout.sampling.temperature > 0, "rollout.sampling.temperature must be > 0 for on-policy samples")
@@ -828,6 +1061,7 @@ def validate_rl(cfg: RLHFConfig) -> None:
     )
     _choice(rollout.backend, ROLLOUT_BACKENDS, "rollout.backend")
     _require(rollout.num_engines >= 1, f"rollout.num_engines must be >= 1 (got {rollout.num_engines})")
+    _require(rollout.max_restarts >= 0, f"rollout.max_restarts must be >= 0 (got {rollout.max_restarts})")
     _require(rollout.n_samples_per_prompt >= 1, "rollout.n_samples_per_prompt must be >= 1")
     _require(rollout.sampling.max_new_tokens >= 1, "rollout.sampling.max_new_tokens must be >= 1")
     _require(
@@ -839,10 +1073,14 @@ def validate_rl(cfg: RLHFConfig) -> None:
     _choice(cfg.cluster.device, DEVICES, "cluster.device")
     _choice(cfg.cluster.placement_strategy, PLACEMENT_STRATEGIES, "cluster.placement_strategy")
     _choice(cfg.cluster.weight_sync_backend, ("auto", "gloo", "nccl"), "cluster.weight_sync_backend")
+    _choice(cfg.cluster.weight_sync_transport, WEIGHT_SYNC_TRANSPORTS, "cluster.weight_sync_transport")
     sequences = run.rollout_batch_size * rollout.n_samples_per_prompt
-    _check_train(cfg.policy, "policy", sequences)
+    arithmetic = (
+        f"run.rollout_batch_size {run.rollout_batch_size} × rollout.n_samples_per_prompt {rollout.n_samples_per_prompt}"
+    )
+    _check_train(cfg.policy, "policy", sequences, arithmetic)
     if uses_critic(cfg):
-        _check_train(cfg.critic, "critic", sequences)
+        _check_train(cfg.critic, "critic", sequences, arithmetic)
     _require(cfg.data.max_prompt_length >= 1, "data.max_prompt_length must be >= 1")
     _check_reward(cfg.reward)
 
@@ -945,6 +1183,16 @@ def validate_offline(cfg: RLHFConfig) -> None:
         f"{policy.micro_batch_size} × policy.num_workers {policy.num_workers} = {per_pass} examples per pass "
         f"(offline stages count a preference pair or a KTO example as one example); pick a multiple of {per_pass}",
     )
+
+
+WEIGHT_SYNC_TRANSPORTS = ("auto", "collective", "shm")
+
+
+def weight_sync_transport(cluster: ClusterConfig) -> str:
+    """What the trainer's rank 0 asks for at join: auto stays auto (shm if the engines share its node) on CPU."""
+    if cluster.weight_sync_transport == "auto" and cluster.device != "cpu":
+        return "collective"  # GPU buffers: NCCL, or gloo staging that shm would not beat
+    return cluster.weight_sync_transport
 
 
 def weight_sync_backend(cluster: ClusterConfig) -> str:

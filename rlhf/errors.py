@@ -25,6 +25,30 @@ class WorkerError(RLHFError):
         super().__init__(f"{actor}: {message}{detail}")
 
 
+class WorkerDiedError(WorkerError):
+    """A Ray actor's process died (killed, out of memory, crashed) instead of raising; names its role and rank."""
+
+    def __init__(self, role: str, rank: int, message: str, remote_traceback: str = ""):
+        self.role = role
+        self.rank = rank
+        self.reason = message
+        super().__init__(f"{role} rank {rank}", message, remote_traceback)
+
+
+class RunStoppedError(RLHFError):
+    """A trained or scoring role lost a rank mid-run: the run stopped; its last complete checkpoint is intact."""
+
+    def __init__(self, role: str, rank: int, reason: str, checkpoint: str | None):
+        self.role = role
+        self.rank = rank
+        self.checkpoint = checkpoint
+        if checkpoint:
+            where = f"The last complete checkpoint is {checkpoint}; rerun with run.resume=auto to continue from it."
+        else:
+            where = "No checkpoint was written yet (set run.save_every); rerun to start over."
+        super().__init__(f"{role} rank {rank}: {reason}. The run stopped and its actors were shut down. {where}")
+
+
 class WeightSyncError(RLHFError):
     """Sending trainer weights into the rollout engines failed or timed out."""
 
@@ -35,3 +59,7 @@ class CheckpointError(RLHFError):
 
 class RewardError(RLHFError):
     """A reward source failed to score a batch (e.g. the remote reward server, after its retries)."""
+
+
+class NonFiniteError(RLHFError):
+    """Training skipped run.max_consecutive_nonfinite optimizer steps in a row for a NaN/inf loss or gradient norm."""

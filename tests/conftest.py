@@ -1,4 +1,4 @@
-"""Shared test set-up: CPU-mode environment, markers, one real Ray cluster per session."""
+"""Shared test set-up: CPU-mode environment, markers, one real Ray cluster per session, tiny checkpoints and batches."""
 
 from __future__ import annotations
 
@@ -66,3 +66,46 @@ def ray_cluster():
     )
     yield ray
     ray.shutdown()
+
+
+TINY_VOCAB = 64
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> str:
+    """A random tiny qwen2 causal LM (vocab 64, hidden 128, 2 layers), as a plain HF checkpoint."""
+    from rlhf.models.tiny import build_tiny_model, save_tiny_model
+
+    model = build_tiny_model("qwen2", vocab_size=TINY_VOCAB, seed=0)
+    return str(save_tiny_model(model, None, tmp_path_factory.mktemp("tiny-policy")))
+
+
+@pytest.fixture(scope="session")
+def batch_factory():
+    """`make_batch(rows=8, prompt_len=5, response_len=6, seed=0)`: random rollout batches over the tiny vocab.
+
+    A fixture rather than an import: test folders are no packages (tests/integration/peft must not
+    shadow the peft library).
+    """
+    import torch
+
+    from rlhf.data.batch import RolloutBatch
+
+    def make_batch(rows: int = 8, prompt_len: int = 5, response_len: int = 6, seed: int = 0) -> RolloutBatch:
+        gen = torch.Generator().manual_seed(seed)
+        prompt_ids = torch.randint(1, TINY_VOCAB, (rows, prompt_len), generator=gen)
+        response_ids = torch.randint(1, TINY_VOCAB, (rows, response_len), generator=gen)
+        prompt_mask = torch.ones(rows, prompt_len, dtype=torch.long)
+        response_mask = torch.ones(rows, response_len, dtype=torch.long)
+        for i in range(rows):
+            pad = i % 3  # prompts of length prompt_len, -1, -2 (left padding)
+            prompt_mask[i, :pad] = 0
+            prompt_ids[i, :pad] = 0
+            cut = response_len - i % 4  # responses of length response_len, -1, -2, -3 (right padding)
+            response_mask[i, cut:] = 0
+            response_ids[i, cut:] = 0
+        return RolloutBatch(
+            prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids, response_mask=response_mask
+        )
+
+    return make_batch

@@ -331,104 +331,44 @@ def _rewards_or_scores(estimator: str, token_rewards: Tensor | None, scores: Ten
     return scatter_to_last_token(scores, mask)
 
 
+# Each entry names only the inputs it reads; the rest of the AdvantageEstimator signature lands in
+# `_unused`, so the controller can pass every input to every estimator.
+
+
 @ADVANTAGE_ESTIMATORS.register("gae")
-def _gae(
-    *,
-    token_rewards=None,
-    scores=None,
-    values=None,
-    mask,
-    group_ids=None,
-    gamma=1.0,
-    lam=0.95,
-    norm_by_std=True,
-    eps=1e-6,
-):
+def _gae(*, token_rewards=None, scores=None, values=None, mask, gamma=1.0, lam=0.95, norm_by_std=True, **_unused):
     rewards = _rewards_or_scores("gae", token_rewards, scores, mask)
     _require("gae", values=values)
     return compute_gae_advantages(rewards, values, mask, gamma=gamma, lam=lam, whiten=norm_by_std)
 
 
 @ADVANTAGE_ESTIMATORS.register("grpo")
-def _grpo(
-    *,
-    token_rewards=None,
-    scores=None,
-    values=None,
-    mask,
-    group_ids=None,
-    gamma=1.0,
-    lam=0.95,
-    norm_by_std=True,
-    eps=1e-6,
-):
+def _grpo(*, scores=None, mask, group_ids=None, norm_by_std=True, eps=1e-6, **_unused):
     _require("grpo", scores=scores, group_ids=group_ids)
     return compute_grpo_advantages(scores, mask, group_ids, norm_by_std=norm_by_std, eps=eps)
 
 
 @ADVANTAGE_ESTIMATORS.register("dr_grpo")
-def _dr_grpo(
-    *,
-    token_rewards=None,
-    scores=None,
-    values=None,
-    mask,
-    group_ids=None,
-    gamma=1.0,
-    lam=0.95,
-    norm_by_std=True,
-    eps=1e-6,
-):
+def _dr_grpo(*, scores=None, mask, group_ids=None, eps=1e-6, **_unused):
     _require("dr_grpo", scores=scores, group_ids=group_ids)
     return compute_grpo_advantages(scores, mask, group_ids, norm_by_std=False, eps=eps)
 
 
 @ADVANTAGE_ESTIMATORS.register("rloo")
-def _rloo(
-    *,
-    token_rewards=None,
-    scores=None,
-    values=None,
-    mask,
-    group_ids=None,
-    gamma=1.0,
-    lam=0.95,
-    norm_by_std=True,
-    eps=1e-6,
-):
+def _rloo(*, scores=None, mask, group_ids=None, **_unused):
     _require("rloo", scores=scores, group_ids=group_ids)
     return compute_rloo_advantages(scores, mask, group_ids)
 
 
 @ADVANTAGE_ESTIMATORS.register("reinforce_pp")
-def _reinforce_pp(
-    *,
-    token_rewards=None,
-    scores=None,
-    values=None,
-    mask,
-    group_ids=None,
-    gamma=1.0,
-    lam=0.95,
-    norm_by_std=True,
-    eps=1e-6,
-):
+def _reinforce_pp(*, token_rewards=None, scores=None, mask, gamma=1.0, norm_by_std=True, **_unused):
     rewards = _rewards_or_scores("reinforce_pp", token_rewards, scores, mask)
     return compute_reinforce_pp_advantages(rewards, mask, gamma=gamma, norm_by_std=norm_by_std)
 
 
 @ADVANTAGE_ESTIMATORS.register("reinforce_pp_baseline")
 def _reinforce_pp_baseline(
-    *,
-    token_rewards=None,
-    scores=None,
-    values=None,
-    mask,
-    group_ids=None,
-    gamma=1.0,
-    lam=0.95,
-    norm_by_std=True,
-    eps=1e-6,
+    *, token_rewards=None, scores=None, mask, group_ids=None, gamma=1.0, norm_by_std=True, **_unused
 ):
     _require("reinforce_pp_baseline", scores=scores, group_ids=group_ids)
     return compute_reinforce_pp_baseline_advantages(

@@ -21,6 +21,7 @@ Per-token values at masked positions are computed and then discarded, so they mu
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -33,7 +34,20 @@ from rlhf.errors import ConfigError
 
 
 class DistillationLoss(Protocol):
-    """Shared signature of every ``DISTILLATION_LOSSES`` entry."""
+    """Shared signature of every ``DISTILLATION_LOSSES`` entry.
+
+    Args:
+        student_logits: ``[B, R, V]`` student logits (with gradient).
+        teacher_logits: ``[B, R, V]`` teacher logits (detached inside).
+        mask: ``[B, R]`` real tokens.
+        temperature: softmax temperature for both models (> 0).
+        beta: the JSD interpolation; the KL entries ignore it.
+        agg: a ``LOSS_AGGREGATIONS`` mode.
+        global_tokens, global_seqs, constant_normalizer: see :func:`rlhf.algorithms.aggregation.aggregate`.
+
+    Returns:
+        ``(loss, stats)`` with stats ``distill/loss`` and ``distill/<name>``.
+    """
 
     def __call__(
         self,
@@ -66,154 +80,86 @@ def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
 
 
-def _finish(
-    name: str,
-    per_token: Tensor,
-    mask: Tensor,
-    agg: str,
-    global_tokens: Count | None,
-    global_seqs: Count | None,
-    constant_normalizer: Count | None,
-) -> tuple[Tensor, Stats]:
-    loss = aggregate(
-        per_token,
-        mask,
-        agg,
-        global_tokens=global_tokens,
-        global_seqs=global_seqs,
-        constant_normalizer=constant_normalizer,
-    )
-    return loss, detach_stats({"distill/loss": loss, f"distill/{name}": loss})
+def _divergence_loss(name: str, divergence: Callable[[Tensor, Tensor, float], Tensor]) -> DistillationLoss:
+    """A full ``DistillationLoss`` from a per-token divergence of (student, teacher) log-probs and beta.
+
+    Every entry shares the softmax-with-temperature front and the aggregation back, so each
+    registered divergence holds only its own formula.
+    """
+
+    def loss_fn(
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        mask: Tensor,
+        *,
+        temperature: float = 1.0,
+        beta: float = 0.5,
+        agg: str = "token_mean",
+        global_tokens: Count | None = None,
+        global_seqs: Count | None = None,
+        constant_normalizer: Count | None = None,
+    ) -> tuple[Tensor, Stats]:
+        student, teacher = _log_softmaxes(student_logits, teacher_logits, temperature)
+        per_token = divergence(student, teacher, beta)
+        loss = aggregate(
+            per_token,
+            mask,
+            agg,
+            global_tokens=global_tokens,
+            global_seqs=global_seqs,
+            constant_normalizer=constant_normalizer,
+        )
+        return loss, detach_stats({"distill/loss": loss, f"distill/{name}": loss})
+
+    loss_fn.__name__ = loss_fn.__qualname__ = f"{name}_loss"
+    loss_fn.__doc__ = divergence.__doc__
+    return DISTILLATION_LOSSES.register(name)(loss_fn)
 
 
-@DISTILLATION_LOSSES.register("forward_kl")
-def forward_kl_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    mask: Tensor,
-    *,
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    agg: str = "token_mean",
-    global_tokens: Count | None = None,
-    global_seqs: Count | None = None,
-    constant_normalizer: Count | None = None,
-) -> tuple[Tensor, Stats]:
-    """Forward KL(teacher || student) per token, aggregated over real tokens.
-
-    l_j = sum_v T_jv (log T_jv - log S_jv);  loss = aggregate(l, mask, agg)
+def _forward_kl(student: Tensor, teacher: Tensor, beta: float) -> Tensor:
+    """Forward KL(teacher || student) per token: l_j = sum_v T_jv (log T_jv - log S_jv).
 
     Hinton et al. 2015, arXiv:1503.02531 (without the temperature^2 factor); as OpenRLHF's
-    ``KDLoss`` up to the teacher-entropy constant.
-
-    Args:
-        student_logits: ``[B, R, V]`` student logits (with gradient).
-        teacher_logits: ``[B, R, V]`` teacher logits (detached here).
-        mask: ``[B, R]`` real tokens.
-        temperature: softmax temperature for both models (> 0).
-        beta: unused (part of the shared signature).
-        agg: a ``LOSS_AGGREGATIONS`` mode.
-        global_tokens: see :func:`rlhf.algorithms.aggregation.aggregate`.
-        global_seqs: see ``aggregate``.
-        constant_normalizer: see ``aggregate``.
-
-    Returns:
-        ``(loss, stats)`` with stats ``distill/loss`` and ``distill/forward_kl``.
+    ``KDLoss`` up to the teacher-entropy constant. ``beta`` is unused. Stats: ``distill/loss``,
+    ``distill/forward_kl``.
     """
-    student, teacher = _log_softmaxes(student_logits, teacher_logits, temperature)
-    per_token = _kl(teacher, student)
-    return _finish("forward_kl", per_token, mask, agg, global_tokens, global_seqs, constant_normalizer)
+    return _kl(teacher, student)
 
 
-@DISTILLATION_LOSSES.register("reverse_kl")
-def reverse_kl_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    mask: Tensor,
-    *,
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    agg: str = "token_mean",
-    global_tokens: Count | None = None,
-    global_seqs: Count | None = None,
-    constant_normalizer: Count | None = None,
-) -> tuple[Tensor, Stats]:
-    """Reverse KL(student || teacher) per token, aggregated over real tokens.
-
-    l_j = sum_v S_jv (log S_jv - log T_jv);  loss = aggregate(l, mask, agg)
+def _reverse_kl(student: Tensor, teacher: Tensor, beta: float) -> Tensor:
+    """Reverse KL(student || teacher) per token: l_j = sum_v S_jv (log S_jv - log T_jv).
 
     MiniLLM, Gu et al. 2023, arXiv:2306.08543 (reverse-KL objective, here as a full-vocabulary
-    token-level loss); GKD's beta = 1 end point.
-
-    Args:
-        student_logits: ``[B, R, V]`` student logits (with gradient).
-        teacher_logits: ``[B, R, V]`` teacher logits (detached here).
-        mask: ``[B, R]`` real tokens.
-        temperature: softmax temperature for both models (> 0).
-        beta: unused (part of the shared signature).
-        agg: a ``LOSS_AGGREGATIONS`` mode.
-        global_tokens: see :func:`rlhf.algorithms.aggregation.aggregate`.
-        global_seqs: see ``aggregate``.
-        constant_normalizer: see ``aggregate``.
-
-    Returns:
-        ``(loss, stats)`` with stats ``distill/loss`` and ``distill/reverse_kl``.
+    token-level loss); GKD's beta = 1 end point. ``beta`` is unused. Stats: ``distill/loss``,
+    ``distill/reverse_kl``.
     """
-    student, teacher = _log_softmaxes(student_logits, teacher_logits, temperature)
-    per_token = _kl(student, teacher)
-    return _finish("reverse_kl", per_token, mask, agg, global_tokens, global_seqs, constant_normalizer)
+    return _kl(student, teacher)
 
 
-@DISTILLATION_LOSSES.register("jsd")
-def jsd_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    mask: Tensor,
-    *,
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    agg: str = "token_mean",
-    global_tokens: Count | None = None,
-    global_seqs: Count | None = None,
-    constant_normalizer: Count | None = None,
-) -> tuple[Tensor, Stats]:
-    """Generalised Jensen-Shannon divergence of GKD, per token, aggregated over real tokens.
+def _jsd(student: Tensor, teacher: Tensor, beta: float) -> Tensor:
+    """Generalised Jensen-Shannon divergence of GKD per token.
 
     M   = beta * T + (1 - beta) * S
     l_j = beta * KL(T_j || M_j) + (1 - beta) * KL(S_j || M_j)
-    beta = 0 gives exactly KL(T || S), beta = 1 exactly KL(S || T) (see the module docstring).
+    beta in [0, 1] (ConfigError otherwise); 0.5 is the symmetric JSD; beta = 0 gives exactly
+    KL(T || S), beta = 1 exactly KL(S || T) (see the module docstring).
 
     Agarwal et al. 2023, arXiv:2306.13649 eq. 1; mixture computed in log space with logsumexp
-    as in TRL's ``generalized_jsd_loss``.
-
-    Args:
-        student_logits: ``[B, R, V]`` student logits (with gradient).
-        teacher_logits: ``[B, R, V]`` teacher logits (detached here).
-        mask: ``[B, R]`` real tokens.
-        temperature: softmax temperature for both models (> 0).
-        beta: interpolation in [0, 1]; 0.5 is the symmetric JSD.
-        agg: a ``LOSS_AGGREGATIONS`` mode.
-        global_tokens: see :func:`rlhf.algorithms.aggregation.aggregate`.
-        global_seqs: see ``aggregate``.
-        constant_normalizer: see ``aggregate``.
-
-    Returns:
-        ``(loss, stats)`` with stats ``distill/loss`` and ``distill/jsd``.
-
-    Raises:
-        ConfigError: ``beta`` outside [0, 1].
+    as in TRL's ``generalized_jsd_loss``. Stats: ``distill/loss``, ``distill/jsd``.
     """
     if not 0.0 <= beta <= 1.0:
         raise ConfigError(f"jsd beta must be in [0, 1], got {beta}")
-    student, teacher = _log_softmaxes(student_logits, teacher_logits, temperature)
     if beta == 0.0:
-        per_token = _kl(teacher, student)
-    elif beta == 1.0:
-        per_token = _kl(student, teacher)
-    else:
-        mixture = torch.logsumexp(torch.stack([teacher + math.log(beta), student + math.log(1.0 - beta)]), dim=0)
-        per_token = beta * _kl(teacher, mixture) + (1.0 - beta) * _kl(student, mixture)
-    return _finish("jsd", per_token, mask, agg, global_tokens, global_seqs, constant_normalizer)
+        return _kl(teacher, student)
+    if beta == 1.0:
+        return _kl(student, teacher)
+    mixture = torch.logsumexp(torch.stack([teacher + math.log(beta), student + math.log(1.0 - beta)]), dim=0)
+    return beta * _kl(teacher, mixture) + (1.0 - beta) * _kl(student, mixture)
+
+
+forward_kl_loss = _divergence_loss("forward_kl", _forward_kl)
+reverse_kl_loss = _divergence_loss("reverse_kl", _reverse_kl)
+jsd_loss = _divergence_loss("jsd", _jsd)
 
 
 def distillation_loss(

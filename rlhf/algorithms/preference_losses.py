@@ -17,6 +17,7 @@ and every DPO-family stat uses the implicit rewards r = beta * (policy - ref).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -87,115 +88,76 @@ def _no_label_smoothing(loss_type: str, label_smoothing: float) -> None:
         )
 
 
-@PREFERENCE_LOSSES.register("sigmoid")
-def dpo_sigmoid_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    *,
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
-) -> tuple[Tensor, Stats]:
-    """DPO, optionally conservative (cDPO) with label smoothing eps.
+def _margin_loss(name: str, per_pair: Callable[[Tensor, float, float], Tensor]) -> PreferenceLoss:
+    """A full ``PreferenceLoss`` from a per-pair loss of the margin h, beta and label smoothing.
+
+    h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)). Every DPO-family entry shares
+    the margin in front and the mean plus ``dpo/*`` stats behind, so each holds only its formula.
+    The stats are ``dpo/loss``, ``dpo/chosen_reward``, ``dpo/rejected_reward`` (batch means of
+    beta * (policy - ref)), ``dpo/reward_accuracy`` (fraction with chosen reward > rejected) and
+    ``dpo/margin`` (mean chosen - rejected reward).
+    """
+
+    def loss_fn(
+        policy_chosen_logps: Tensor,
+        policy_rejected_logps: Tensor,
+        ref_chosen_logps: Tensor,
+        ref_rejected_logps: Tensor,
+        *,
+        beta: float = 0.1,
+        label_smoothing: float = 0.0,
+    ) -> tuple[Tensor, Stats]:
+        h = _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+        loss = per_pair(h, beta, label_smoothing).mean()
+        return loss, _dpo_stats(
+            loss, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
+        )
+
+    loss_fn.__name__ = loss_fn.__qualname__ = f"dpo_{name}_loss"
+    loss_fn.__doc__ = per_pair.__doc__
+    return PREFERENCE_LOSSES.register(name)(loss_fn)
+
+
+def _sigmoid(h: Tensor, beta: float, label_smoothing: float) -> Tensor:
+    """DPO, optionally conservative (cDPO) with label smoothing eps (0 <= eps < 0.5).
 
     loss = mean( -(1 - eps) * log sigmoid(beta * h) - eps * log sigmoid(-beta * h) )
 
     DPO: Rafailov et al. 2023, arXiv:2305.18290 eq. 7 (eps = 0). cDPO: Mitchell 2023, "A note on
     DPO with noisy preferences", eq. 3 (as cited by OpenRLHF 09f5ace ``DPOLoss``). With policy ==
-    reference, h = 0 and loss = log 2.
-
-    Args:
-        policy_chosen_logps: ``[B]`` summed log p_policy(chosen | prompt).
-        policy_rejected_logps: ``[B]`` summed log p_policy(rejected | prompt).
-        ref_chosen_logps: ``[B]`` the same under the reference model.
-        ref_rejected_logps: ``[B]``.
-        beta: inverse temperature of the implicit reward.
-        label_smoothing: probability eps that a preference label is flipped (0 <= eps < 0.5).
-
-    Returns:
-        ``(loss, stats)`` with stats ``dpo/loss``, ``dpo/chosen_reward``, ``dpo/rejected_reward``
-        (batch means of beta * (policy - ref)), ``dpo/reward_accuracy`` (fraction with chosen
-        reward > rejected reward) and ``dpo/margin`` (mean chosen - rejected reward).
+    reference, h = 0 and loss = log 2. Inputs are ``[B]`` summed log-probabilities.
     """
-    h = _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    loss = losses.mean()
-    return loss, _dpo_stats(
-        loss, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
-    )
+    return -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
 
 
-@PREFERENCE_LOSSES.register("ipo")
-def ipo_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    *,
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
-) -> tuple[Tensor, Stats]:
+def _ipo(h: Tensor, beta: float, label_smoothing: float) -> Tensor:
     """IPO: regress the margin onto 1 / (2 tau) instead of pushing it to infinity.
 
-    loss = mean( (h - 1 / (2 * beta))^2 )        (beta plays the paper's tau)
+    loss = mean( (h - 1 / (2 * beta))^2 )        (beta plays the paper's tau, > 0)
 
     Azar et al. 2023, arXiv:2310.12036 eq. 17. TRL feeds IPO length-averaged log-probabilities;
     here the caller decides by what it passes (sums by default, see the module docstring).
-
-    Args:
-        policy_chosen_logps: ``[B]``.
-        policy_rejected_logps: ``[B]``.
-        ref_chosen_logps: ``[B]``.
-        ref_rejected_logps: ``[B]``.
-        beta: the regularisation tau (> 0).
-        label_smoothing: must be 0 (only ``sigmoid`` supports it).
-
-    Returns:
-        ``(loss, stats)`` with the ``dpo/*`` stats of :func:`dpo_sigmoid_loss`.
+    label_smoothing must be 0.
     """
     _no_label_smoothing("ipo", label_smoothing)
-    h = _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    loss = ((h - 1.0 / (2.0 * beta)) ** 2).mean()
-    return loss, _dpo_stats(
-        loss, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
-    )
+    return (h - 1.0 / (2.0 * beta)) ** 2
 
 
-@PREFERENCE_LOSSES.register("hinge")
-def dpo_hinge_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    *,
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
-) -> tuple[Tensor, Stats]:
+def _hinge(h: Tensor, beta: float, label_smoothing: float) -> Tensor:
     """Hinge loss on the DPO margin (SLiC-style).
 
-    loss = mean( relu(1 - beta * h) )
+    loss = mean( relu(1 - beta * h) )        (1 / beta is the margin the hinge asks for)
 
     SLiC-HF: Zhao et al. 2023, arXiv:2305.10425 (calibration hinge loss), in the reference-based
-    form of TRL's ``loss_type="hinge"``.
-
-    Args:
-        policy_chosen_logps: ``[B]``.
-        policy_rejected_logps: ``[B]``.
-        ref_chosen_logps: ``[B]``.
-        ref_rejected_logps: ``[B]``.
-        beta: scale of the margin; 1 / beta is the margin the hinge asks for.
-        label_smoothing: must be 0 (only ``sigmoid`` supports it).
-
-    Returns:
-        ``(loss, stats)`` with the ``dpo/*`` stats of :func:`dpo_sigmoid_loss`.
+    form of TRL's ``loss_type="hinge"``. label_smoothing must be 0.
     """
     _no_label_smoothing("hinge", label_smoothing)
-    h = _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    loss = torch.relu(1.0 - beta * h).mean()
-    return loss, _dpo_stats(
-        loss, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
-    )
+    return torch.relu(1.0 - beta * h)
+
+
+dpo_sigmoid_loss = _margin_loss("sigmoid", _sigmoid)
+ipo_loss = _margin_loss("ipo", _ipo)
+dpo_hinge_loss = _margin_loss("hinge", _hinge)
 
 
 def dpo_loss(

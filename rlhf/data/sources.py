@@ -10,6 +10,7 @@ names neither. Hub datasets go through `datasets.load_dataset`.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import re
@@ -86,15 +87,49 @@ def _read_file(path: Path) -> list[Record]:
     if path.name.endswith(".json"):
         return _read_json(path)
     if path.name.endswith(".csv"):
-        with open(path, newline="", encoding="utf-8") as f:
-            return [Record(dict(row), f"{path}, line {i + 2}") for i, row in enumerate(csv.DictReader(f))]
+        return _read_csv(path)
     if path.name.endswith(".parquet"):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return [Record(row, f"{path}, row {i + 1}") for i, row in enumerate(pq.read_table(path).to_pylist())]
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: not a readable Parquet file ({e}); write it with pyarrow or pandas") from None
+        return [Record(row, f"{path}, row {i + 1}") for i, row in enumerate(table.to_pylist())]
     if path.name.endswith(".arrow"):
         return [Record(row, f"{path}, row {i + 1}") for i, row in enumerate(_read_arrow(path).to_pylist())]
     raise DataError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
+
+
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text; DataError naming the line of the first byte that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}, line {line}: byte {data[e.start : e.start + 1]!r} is not UTF-8 text; re-save the file as UTF-8"
+        ) from None
+
+
+def _read_csv(path: Path) -> list[Record]:
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    records = []
+    try:
+        for row in reader:
+            where = f"{path}, line {reader.line_num}"
+            if None in row:  # more values than header columns
+                raise DataError(
+                    f"{where}: {len(row[None]) + len(reader.fieldnames or [])} values but the header has "
+                    f"{len(reader.fieldnames or [])} columns ({', '.join(reader.fieldnames or []) or 'none'}); "
+                    "quote values that contain commas"
+                )
+            records.append(Record(dict(row), where))
+    except csv.Error as e:
+        raise DataError(f"{path}, line {reader.line_num}: malformed CSV ({e})") from None
+    return records
 
 
 def _read_arrow(path: Path):
@@ -117,25 +152,28 @@ def _read_arrow(path: Path):
 
 def _read_jsonl(path: Path) -> list[Record]:
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{path}, line {number}: not valid JSON ({e.msg}, column {e.colno}); "
-                    "each line of a .jsonl file must be one JSON object"
-                ) from None
-            records.append(_as_record(row, f"{path}, line {number}"))
+    for number, line in enumerate(_read_text(path).split("\n"), start=1):  # not splitlines: U+2028 is valid in JSON
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{path}, line {number}: not valid JSON ({e.msg}, column {e.colno}); "
+                "each line of a .jsonl file must be one JSON object"
+            ) from None
+        except RecursionError:
+            raise DataError(f"{path}, line {number}: JSON nested too deeply to read") from None
+        records.append(_as_record(row, f"{path}, line {number}"))
     return records
 
 
 def _read_json(path: Path) -> list[Record]:
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to read") from None
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # JSON Lines saved with a .json suffix, as many Hub datasets are
             return _read_jsonl(path)

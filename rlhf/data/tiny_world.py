@@ -285,6 +285,95 @@ def cot_file(split: str = "train", *, seed: int = 0) -> Path:
     return path
 
 
+# ---------------------------------------------------------------------------------------------
+# Grid split: one task's whole operand grid, a random fifth held out
+
+
+GRID_KINDS = ("sft", "sft_slip", "rl")
+GRID_EVAL_FRACTION = 0.2
+CARRY_SLIP = 0.6  # share of carry/borrow problems whose "sft_slip" demonstration forgets the carry
+
+
+def grid_split(task: str = "add_2d", *, seed: int = 0) -> dict[str, list[Problem]]:
+    """Every problem of one task, split at random into train (4/5) and held-out eval (1/5), disjoint by prompt.
+
+    `split_problems` holds out at most 32 problems per task (11 of sub_1d's 55), and a held-out
+    one-digit fact such as "9-5=" shares nothing with the train facts, so held-out accuracy there
+    cannot show generalisation. Here the held-out set is a fifth of the task's whole operand grid
+    (180 of add_2d's 900 pairs "a+b=", a in 10..99, b in 0..9), and each held-out problem is
+    built from parts seen in training: "47+5=" is held out while "37+5=", "57+5=" (same units
+    step) and "47+3=" (same tens digit) are trained on. A model that learns the rule on the train
+    prompts therefore gains on the held-out ones. Same seed, same split; independent of
+    `split_problems`, so it leaves the cached tiny world unchanged.
+    """
+    known = {t.name: t for t in TASKS}
+    if task not in known:
+        raise DataError(f"unknown tiny-world task {task!r} for a grid split; tasks: {', '.join(known)}")
+    spec = known[task]
+    rng = _rng(seed, "grid", task)
+    pairs = spec.pairs(rng)
+    rng.shuffle(pairs)
+    n_eval = round(len(pairs) * GRID_EVAL_FRACTION)
+    problems = [Problem(spec.name, spec.difficulty, p, a) for p, a in pairs]
+    return {"train": problems[n_eval:], "eval": problems[:n_eval]}
+
+
+def carry_slip(problem: Problem) -> str | None:
+    """The answer with the carry (add_2d) or borrow (sub_2d) forgotten, e.g. "47+5=" -> "42"; None without one."""
+    if problem.task not in ("add_2d", "sub_2d"):
+        return None
+    a, b = (int(x) for x in re.split(r"[+-]", problem.prompt.rstrip("=")))
+    if problem.task == "add_2d" and a % 10 + b >= 10:
+        return str(int(problem.answer) - 10)
+    if problem.task == "sub_2d" and a % 10 < b:
+        return str(int(problem.answer) + 10)
+    return None
+
+
+def slipped_sft_rows(problems: Sequence[Problem], *, seed: int = 0) -> list[dict[str, Any]]:
+    """SFT rows of a careless demonstrator: CARRY_SLIP of the problems that need a carry get `carry_slip`.
+
+    Its demonstrations forget the carry more often than not, so a model trained on them learns to
+    forget it too when greedy, while its samples carry some of the time: a systematic error that
+    more SFT on the same rows cannot fix and a verifiable reward can (benchmarks/learning.py).
+    Problems without a carry keep their correct answer.
+    """
+    rng = _rng(seed, "slip")
+    slipped = []
+    for p in problems:
+        wrong = carry_slip(p)
+        slipped.append(
+            p if wrong is None or rng.random() >= CARRY_SLIP else Problem(p.task, p.difficulty, p.prompt, wrong)
+        )
+    return sft_rows(slipped)
+
+
+def grid_file(kind: str = "rl", split: str = "train", *, task: str = "add_2d", seed: int = 0) -> Path:
+    """The grid split's rows of `kind` and `split` as jsonl, written on first use.
+
+    kind: "sft" (correct answers), "sft_slip" (`slipped_sft_rows`) or "rl" (prompts + reference answers).
+    Lives under the tiny world's extra/ dir (like `cot_file`), outside DATA_KINDS, so adding it did
+    not change the cached tiny world; a file once written is reused, so rename it (or bump
+    TINY_WORLD_VERSION) if its rows ever change. Use the path as data.train / data.eval, e.g.
+    data.train=<grid_file("sft_slip", "train")> for the warm-up and data.eval=<grid_file("rl", "eval")>.
+    """
+    if kind not in GRID_KINDS or split not in SPLITS:
+        raise DataError(
+            f"unknown tiny-world grid data {kind!r}/{split!r}; kinds: {', '.join(GRID_KINDS)}; splits: train, eval"
+        )
+    problems = grid_split(task, seed=seed)[split]  # validates the task before touching the disk
+    path = tiny_world_dir(seed, archs=()).root / "extra" / f"grid_{task}_{kind}_{split}.jsonl"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        if kind == "sft_slip":
+            write_jsonl(tmp, slipped_sft_rows(problems, seed=seed))
+        else:
+            write_jsonl(tmp, sft_rows(problems) if kind == "sft" else rl_rows(problems))
+        tmp.replace(path)
+    return path
+
+
 def rl_rows(problems: Sequence[Problem]) -> list[dict[str, Any]]:
     """RL prompts with the reference answer that the `tiny_world` reward checks against."""
     return [{"prompt": p.prompt, "answer": p.answer, "task": p.task, "difficulty": p.difficulty} for p in problems]

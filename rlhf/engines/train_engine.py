@@ -10,6 +10,15 @@ Loss scaling: a worker computes each micro-batch loss as its *share* of the glob
 micro-batches on all ranks sum to the minibatch loss. DeepSpeed divides by the accumulation steps
 (disabled here) and averages gradients over ranks (undone by multiplying by dp), so the gradient
 is that of the full minibatch loss whatever the data-parallel layout.
+
+Non-finite guard: an optimizer step whose loss (any micro-batch share on any rank) or global
+gradient norm is not finite is skipped on every rank together (one all-reduced flag): no
+parameter, optimizer-state or LR-schedule update, gradients cleared. DeepSpeed's ZeRO and bf16
+optimizers already skip on a non-finite gradient norm (reported as `was_step_applied() == False`);
+plain fp32 without ZeRO does not, so there the engine checks the gradients itself, and a
+non-finite *loss* with finite gradients is caught by the engine in every configuration.
+`NonFiniteCounter` counts the skips; the controllers stop after run.max_consecutive_nonfinite in
+a row (rlhf.trainers.nonfinite).
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from rlhf.config import OptimConfig, TrainConfig
@@ -87,7 +97,8 @@ def deepspeed_config(train_cfg: TrainConfig, *, dp: int, bf16: bool, device: str
         "gradient_accumulation_steps": gradient_accumulation_steps(train_cfg, dp),
         "gradient_clipping": train_cfg.optim.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": bf16},
+        # skip a step whose gradient norm is inf/NaN (the default of deepspeed 0.19; stated, we rely on it)
+        "bf16": {"enabled": bf16, "check_grad_overflow": True} if bf16 else {"enabled": False},
         # torch's AdamW on ZeRO, and with optimizer offload instead of DeepSpeedCPUAdam's JIT build
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
@@ -96,8 +107,29 @@ def deepspeed_config(train_cfg: TrainConfig, *, dp: int, bf16: bool, device: str
     }
 
 
-def build_optimizer(module: nn.Module, optim_cfg: OptimConfig) -> torch.optim.Optimizer:
-    """torch AdamW over the trainable parameters; no weight decay on biases and norms (ndim < 2)."""
+class GatedAdamW(torch.optim.AdamW):
+    """torch AdamW whose `step` does nothing while `skip` is set: how TrainEngine skips an update
+    that DeepSpeed itself would apply (DeepSpeed still runs its step bookkeeping and clears grads)."""
+
+    skip = False
+
+    def step(self, closure=None):  # type: ignore[override]
+        if self.skip:
+            return None
+        return super().step(closure)
+
+
+class GatedLambdaLR(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR that does not advance while its GatedAdamW skips, so a skipped step costs no LR step."""
+
+    def step(self, epoch: Optional[int] = None) -> None:  # type: ignore[override]
+        if getattr(self.optimizer, "skip", False):
+            return
+        super().step(epoch)
+
+
+def build_optimizer(module: nn.Module, optim_cfg: OptimConfig) -> GatedAdamW:
+    """AdamW over the trainable parameters; no weight decay on biases and norms (ndim < 2)."""
     decay, no_decay = [], []
     for p in module.parameters():
         if p.requires_grad:
@@ -106,12 +138,12 @@ def build_optimizer(module: nn.Module, optim_cfg: OptimConfig) -> torch.optim.Op
     groups = [{"params": decay, "weight_decay": optim_cfg.weight_decay}] if decay else []
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
+    return GatedAdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
 
 
 def build_lr_scheduler(
     optimizer: torch.optim.Optimizer, optim_cfg: OptimConfig, num_training_steps: Optional[int]
-) -> torch.optim.lr_scheduler.LambdaLR:
+) -> GatedLambdaLR:
     """Linear warm-up over `warmup_steps`, then constant or cosine decay to 0 at `num_training_steps`."""
     if optim_cfg.scheduler not in SCHEDULERS:
         raise ConfigError(f"unknown optim.scheduler {optim_cfg.scheduler!r}; known: {', '.join(SCHEDULERS)}")
@@ -129,7 +161,7 @@ def build_lr_scheduler(
         progress = min((step - warmup) / max(num_training_steps - warmup, 1), 1.0)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return GatedLambdaLR(optimizer, factor)
 
 
 # -- the engine ------------------------------------------------------------------------------
@@ -170,6 +202,13 @@ class TrainEngine:
         self.micro_batch_size = train_cfg.micro_batch_size
         self.minibatch_rows = train_cfg.train_batch_size // dp
         """Rows of one optimizer step on this rank."""
+        self._gate = optimizer
+        # DeepSpeed's ZeRO and bf16 optimizers report (and skip) a non-finite gradient norm; the plain
+        # torch optimizer it uses for fp32 without ZeRO has no such check, so the engine checks there
+        self._checks_own_grads = not hasattr(self.engine.optimizer, "overflow")
+        self._loss_nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        self._own_grad_norm: Optional[float] = None
+        self.nonfinite = NonFiniteCounter()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.engine(*args, **kwargs)
@@ -182,15 +221,53 @@ class TrainEngine:
 
     def backward(self, loss_share: Tensor) -> None:
         """Backward of one micro-batch's share of the global minibatch loss (see the module docstring)."""
+        self._loss_nonfinite |= ~torch.isfinite(loss_share.detach()).all()  # no host sync here
         self.engine.backward(loss_share * self.dp, scale_wrt_gas=False)
 
     def step(self) -> None:
-        """Called after every micro-batch; DeepSpeed steps the optimizer at the accumulation boundary."""
-        self.engine.step()
+        """Called after every micro-batch; DeepSpeed steps the optimizer at the accumulation boundary.
+
+        At the boundary the step is skipped on every rank when any rank saw a non-finite loss share
+        or the global gradient norm is not finite (see the module docstring); `nonfinite` counts it.
+        Collective at the boundary: one all-reduce of two flags.
+        """
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()
+            return
+        flags = torch.stack([self._loss_nonfinite, self._grads_nonfinite()]).float()
+        if self.dp > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        loss_bad, grads_bad = (bool(f) for f in flags.tolist())
+        self._gate.skip = loss_bad or grads_bad
+        step = self.global_steps
+        try:
+            self.engine.step()  # DeepSpeed's bookkeeping; AdamW and the LR schedule do nothing while skipping
+        finally:
+            self._gate.skip = False
+            self._loss_nonfinite = torch.zeros_like(self._loss_nonfinite)
+        grads_bad = grads_bad or not self.engine.was_step_applied()  # ZeRO / bf16 skipped it on its own
+        self.nonfinite.record(step=step, loss=loss_bad, grad_norm=grads_bad)
+
+    def _grads_nonfinite(self) -> Tensor:
+        """Whether this rank's gradients have a non-finite norm, where DeepSpeed does not check (else False).
+
+        Without ZeRO the boundary backward has already all-reduced full gradients on every rank.
+        """
+        self._own_grad_norm = None
+        if not self._checks_own_grads:
+            return torch.zeros((), dtype=torch.bool, device=self.device)
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros((), dtype=torch.bool, device=self.device)
+        norm = torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))
+        self._own_grad_norm = float(norm)
+        return ~torch.isfinite(norm)
 
     def grad_norm(self) -> float:
-        """Global gradient norm (before clipping) of the last optimizer step."""
+        """Global gradient norm (before clipping) of the last optimizer step (inf when it was not finite)."""
         norm = self.engine.get_global_grad_norm()
+        if norm is None:  # DeepSpeed keeps none for plain fp32 without ZeRO: the engine's own
+            norm = self._own_grad_norm
         return float(norm) if norm is not None else float("nan")
 
     def lr(self) -> float:
@@ -271,6 +348,43 @@ class TrainEngine:
         else:
             logger.warning("%s has no RNG state for rank %d; random streams restart", directory, self.rank)
         return dict(client_state or {})
+
+
+@dataclass
+class NonFiniteCounter:
+    """Optimizer steps skipped for a non-finite loss or gradient norm: in a row, in total, and the last one."""
+
+    consecutive: int = 0
+    total: int = 0
+    last_step: int = -1
+    """DeepSpeed global step (0-based) of the last skipped optimizer step; -1 before any."""
+    last_was_loss: bool = False
+    """Whether the last skip was for a non-finite loss (else for the gradient norm alone)."""
+
+    def record(self, *, step: int, loss: bool, grad_norm: bool) -> None:
+        if not (loss or grad_norm):
+            self.consecutive = 0
+            return
+        self.consecutive += 1
+        self.total += 1
+        self.last_step = step
+        self.last_was_loss = loss
+        logger.warning(
+            "optimizer step %d skipped: non-finite %s (%d in a row, %d in total)",
+            step,
+            "loss" if loss else "gradient norm",
+            self.consecutive,
+            self.total,
+        )
+
+    def metrics(self, prefix: str, skipped: int) -> dict[str, float]:
+        """`<prefix>/nonfinite_*` of one update call that skipped `skipped` optimizer steps."""
+        return {
+            f"{prefix}/nonfinite_skipped": float(skipped),
+            f"{prefix}/nonfinite_consecutive": float(self.consecutive),
+            f"{prefix}/nonfinite_total": float(self.total),
+            f"{prefix}/nonfinite_loss": float(self.last_was_loss) if self.total else 0.0,
+        }
 
 
 def init_distributed(backend: str, timeout_s: float) -> None:

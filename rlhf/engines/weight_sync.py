@@ -23,6 +23,22 @@ announces the stream), so a missing peer raises `WeightSyncError` after `timeout
 backend instead of hanging in a collective. A tensor larger than `bucket_bytes` travels alone.
 Buffers go over the wire as bytes, so any dtype works on gloo and NCCL alike.
 
+Transports (`create(transport=...)`; rank 0 decides, the engines follow):
+  collective  the bucketed broadcast above, over gloo or NCCL (any placement);
+  shm         the same buckets written once into a shared-memory segment that every engine maps
+              (`rlhf.engines.shm_sync`): at most one copy per side, no socket. Needs the
+              engines on rank 0's node; the join proves it by having each engine open rank 0's segment;
+  auto        shm when every engine could open the segment, else collective.
+On shm, per bucket rank 0 copies the tensors into the segment and publishes the header under the store
+key `shm/<round>/<seq>` ({"offset", "dtype", "numel", "entries"}, {"end": true} or {"aborted": n});
+engines set `shm/<round>/ready/<rank>`, yield zero-copy views while rank 0 writes the next bucket, and
+set `shm/<round>/done/<rank>` (empty, or why they stopped) at the end.
+Views stay valid until the engine's next `receive` (vLLM's layer-wise reload keeps them until the
+layer is complete; the hf backend keeps them as its weights): rank 0 only writes the segment again
+after every engine has called `receive` for the next round. An engine whose stream was aborted holds
+weights that must be synced again, as on the collective path. Timeouts and aborts raise the same
+`WeightSyncError`s as the collective path.
+
 NCCL needs every rank on a GPU of its own: two ranks on one device fail at join with
 "Duplicate GPU detected" (measured, NCCL 2.28 on one H100). A trainer and an engine colocated on
 one GPU (cluster single_gpu) must use "gloo", which stages the buckets through host memory.
@@ -34,22 +50,25 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from rlhf.engines.shm_sync import SHM_DIR, ShmSegment, aligned, read_bucket, shm_available, write_bucket
 from rlhf.errors import WeightSyncError
 from rlhf.utils.distributed import free_port, node_ip
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "SyncStats", "WeightSyncGroup", "free_port", "node_ip"]
+__all__ = ["BACKENDS", "TRANSPORTS", "SyncStats", "WeightSyncGroup", "free_port", "node_ip"]
 
 BACKENDS = ("gloo", "nccl")
+TRANSPORTS = ("collective", "shm", "auto")
 _END_OF_STREAM = -1
 _ABORTED = -2
 _STORE_PREFIX = "rlhf_weight_sync"
@@ -80,24 +99,38 @@ class WeightSyncGroup:
     def __init__(
         self,
         store: dist.Store,
-        pg: dist.ProcessGroup,
+        pg: Optional[dist.ProcessGroup],
         rank: int,
         world_size: int,
         device: torch.device,
         timeout_s: float,
+        segment: Optional[ShmSegment] = None,
     ):
         self._store = store
         self._pg = pg
+        self._segment = segment
+        self.transport = "collective" if segment is None else "shm"
+        """The transport the group uses: "collective" or "shm" (what rank 0 decided at join)."""
         self.rank = rank
         self.world_size = world_size
         self.device = device
         self.timeout_s = timeout_s
         self._round = 0
+        self._published = 0  # store keys the last shm round wrote, deleted at the next
         self.last_stats = SyncStats()
 
     @classmethod
     def create(
-        cls, host: str, port: int, rank: int, world_size: int, backend: str = "gloo", timeout_s: float = 600.0
+        cls,
+        host: str,
+        port: int,
+        rank: int,
+        world_size: int,
+        backend: str = "gloo",
+        timeout_s: float = 600.0,
+        transport: str = "collective",
+        shm_bytes: int = 0,
+        shm_dir: str = SHM_DIR,
     ) -> WeightSyncGroup:
         """Join the group; blocks until all `world_size` ranks have joined (rank 0 hosts the store).
 
@@ -108,16 +141,29 @@ class WeightSyncGroup:
             world_size: 1 + number of rollout engines.
             backend: "gloo" (CPU buffers) or "nccl" (buffers on the current CUDA device).
             timeout_s: limit for joining and for each later send/receive handshake and collective.
+            transport: rank 0's choice, "collective", "shm" or "auto" (module docstring); the
+                engines' value is ignored, they follow rank 0.
+            shm_bytes: rank 0, shm/auto: bytes to reserve now (the full model's size), so that a
+                tmpfs too small for it makes "auto" fall back here instead of failing a later send.
+            shm_dir: the tmpfs holding the segment.
         """
         if backend not in BACKENDS:
             raise WeightSyncError(f"weight sync backend {backend!r} is not supported; use one of {BACKENDS}")
+        if transport not in TRANSPORTS:
+            raise WeightSyncError(f"weight sync transport {transport!r} is not supported; use one of {TRANSPORTS}")
         if not 0 <= rank < world_size:
             raise WeightSyncError(f"weight sync rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
         timeout = timedelta(seconds=timeout_s)
         what = f"weight sync rank {rank}/{world_size} ({backend}) at {host}:{port}"
+        segment = None
         try:
             store = dist.TCPStore(host, port, world_size, rank == 0, timeout, wait_for_workers=False)
             store = dist.PrefixStore(_STORE_PREFIX, store)
+            segment = _choose_transport(store, rank, world_size, transport, shm_bytes, shm_dir, timeout)
+            if segment is not None:  # the handshake was the join barrier; no process group needed
+                group = cls(store, None, rank, world_size, torch.device("cpu"), timeout_s, segment)
+                logger.debug("%s joined (shared memory)", what)
+                return group
             if backend == "gloo":
                 pg, device = _gloo_group(store, rank, world_size, timeout), torch.device("cpu")
             else:
@@ -126,8 +172,12 @@ class WeightSyncGroup:
             # NCCL connects lazily, so every backend proves the group works with one tiny collective.
             group._broadcast(torch.zeros(1, dtype=torch.int64, device=device), "the join check")
         except WeightSyncError:
+            if segment is not None:
+                segment.close()
             raise
         except Exception as e:  # torch raises RuntimeError / DistError subclasses here
+            if segment is not None:
+                segment.close()
             raise WeightSyncError(
                 f"{what} could not join within {timeout_s:g}s: {e}. Check that all {world_size} ranks call "
                 f"WeightSyncGroup.create with the same host, port and world_size, that the port is free "
@@ -144,11 +194,17 @@ class WeightSyncGroup:
             raise WeightSyncError(f"bucket_bytes must be positive, got {bucket_bytes}")
         start = time.perf_counter()
         self._round += 1
+        stats = SyncStats()
+        if self._segment is not None:
+            self._send_shm(named_tensors, bucket_bytes, stats)
+            stats.seconds = time.perf_counter() - start
+            self.last_stats = stats
+            self._log_sent(stats)
+            return stats
         self._wait_for_receivers()
         self._store.set(f"begin/{self._round}", "1")
-        stats = SyncStats()
         try:
-            self._send_buckets(named_tensors, bucket_bytes, stats)
+            self._send_buckets(named_tensors, bucket_bytes, stats, self._send_bucket)
         except WeightSyncError:
             raise  # the transport itself failed: the receivers see it too
         except BaseException:
@@ -158,15 +214,19 @@ class WeightSyncGroup:
         self._broadcast(self._marker(_END_OF_STREAM), "the end-of-stream marker")
         stats.seconds = time.perf_counter() - start
         self.last_stats = stats
+        self._log_sent(stats)
+        return stats
+
+    def _log_sent(self, stats: SyncStats) -> None:
         logger.info(
-            "weight sync sent %d tensors, %.1f MiB in %d buckets, %.3fs (%.2f GiB/s)",
+            "weight sync (%s) sent %d tensors, %.1f MiB in %d buckets, %.3fs (%.2f GiB/s)",
+            self.transport,
             stats.num_tensors,
             stats.num_bytes / 2**20,
             stats.num_buckets,
             stats.seconds,
             stats.gib_per_s,
         )
-        return stats
 
     def receive(self) -> Iterator[tuple[str, Tensor]]:
         """Ranks > 0: yield (name, tensor) as buckets arrive, in the sender's order within a dtype.
@@ -176,6 +236,9 @@ class WeightSyncGroup:
         """
         if self.rank == 0:
             raise WeightSyncError("rank 0 sends weights; receive() is for ranks > 0")
+        if self._segment is not None:
+            yield from self._receive_shm()
+            return
         start = time.perf_counter()
         self._round += 1
         self._store.add(f"ready/{self._round}", 1)
@@ -208,7 +271,10 @@ class WeightSyncGroup:
         self.last_stats = stats
 
     def close(self) -> None:
-        """Drop the process group and the store connection (rank 0's store stops serving)."""
+        """Drop the process group or segment and the store connection (rank 0's store stops serving)."""
+        segment, self._segment = self._segment, None
+        if segment is not None:
+            segment.close()
         pg, self._pg = self._pg, None
         if pg is not None and hasattr(pg, "shutdown"):
             try:
@@ -219,22 +285,144 @@ class WeightSyncGroup:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _send_buckets(self, named_tensors: Iterable[tuple[str, Tensor]], bucket_bytes: int, stats: SyncStats) -> None:
-        """Pack tensors into one open bucket per dtype; send a bucket when the next tensor would overflow it."""
+    def _send_buckets(
+        self,
+        named_tensors: Iterable[tuple[str, Tensor]],
+        bucket_bytes: int,
+        stats: SyncStats,
+        emit: Callable[[list[tuple[str, Tensor]], SyncStats], None],
+    ) -> None:
+        """Pack tensors into one open bucket per dtype; emit a bucket when the next tensor would overflow it."""
         pending: dict[torch.dtype, list[tuple[str, Tensor]]] = {}
         pending_bytes: dict[torch.dtype, int] = {}
         for name, tensor in named_tensors:
             size = tensor.numel() * tensor.element_size()
             bucket = pending.setdefault(tensor.dtype, [])
             if bucket and pending_bytes[tensor.dtype] + size > bucket_bytes:
-                self._send_bucket(bucket, stats)
+                emit(bucket, stats)
                 bucket.clear()
                 pending_bytes[tensor.dtype] = 0
             bucket.append((name, tensor))
             pending_bytes[tensor.dtype] = pending_bytes.get(tensor.dtype, 0) + size
         for bucket in pending.values():
             if bucket:
-                self._send_bucket(bucket, stats)
+                emit(bucket, stats)
+
+    # -- shared-memory transport ---------------------------------------------------------------
+
+    def _send_shm(self, named_tensors: Iterable[tuple[str, Tensor]], bucket_bytes: int, stats: SyncStats) -> None:
+        """Write every bucket into the segment (the engines read while the next one is written), then
+        wait until every engine has read the whole stream. Any failure releases the engines at once.
+
+        Every wait is a blocking store call (no polling): under CPU contention each handshake costs a
+        scheduling round trip, so a round has three of them plus one per bucket.
+        """
+        round_ = self._round
+        engines = range(1, self.world_size)
+        self._wait_all([f"shm/{round_}/ready/{k}" for k in engines], "called receive()")
+        previous, self._published, cursor = self._published, 0, 0
+
+        def emit(bucket: list[tuple[str, Tensor]], stats: SyncStats) -> None:
+            nonlocal cursor
+            header = write_bucket(self._segment, cursor, bucket)
+            cursor = aligned(cursor + header["numel"] * bucket[0][1].element_size())
+            self._publish(header)
+            stats.num_buckets += 1
+            stats.num_tensors += len(bucket)
+            stats.num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+
+        try:
+            self._send_buckets(named_tensors, bucket_bytes, stats, emit)
+        except BaseException:
+            try:
+                self._publish({"aborted": stats.num_tensors})
+            except Exception as e:  # the store itself failed: the engines time out instead
+                logger.debug("weight sync: could not publish the abort: %s", e)
+            raise
+        self._publish({"end": True})
+        self._forget_round(round_ - 1, previous)  # while the engines read the last bucket
+        done = [f"shm/{round_}/done/{k}" for k in engines]
+        self._wait_all(done, "finished reading the shared-memory stream")
+        reasons = [f"rank {k}: {r.decode()}" for k, r in zip(engines, self._store.multi_get(done)) if r]
+        if reasons:
+            raise WeightSyncError(f"weight sync: engine(s) stopped reading the stream: {'; '.join(reasons)}")
+
+    def _publish(self, header: dict) -> None:
+        self._store.set(f"shm/{self._round}/{self._published}", json.dumps(header))
+        self._published += 1
+
+    def _wait_all(self, keys: list[str], what: str) -> None:
+        """Block until every engine's key exists; WeightSyncError naming how many did after `timeout_s`."""
+        if not keys:
+            return
+        try:
+            self._store.wait(keys, timedelta(seconds=self.timeout_s))
+        except Exception as e:
+            arrived = sum(self._store.check([key]) for key in keys)
+            raise WeightSyncError(
+                f"weight sync: only {arrived} of {len(keys)} engines {what} within {self.timeout_s:g}s; "
+                f"start receive_weights on every engine together with send (an engine died or stopped "
+                f"consuming receive()): {e}"
+            ) from e
+
+    def _forget_round(self, round_: int, published: int) -> None:
+        """Delete the store keys of a finished round (every engine has started the next one)."""
+        if round_ < 1:
+            return
+        keys = [f"shm/{round_}/{seq}" for seq in range(published)]
+        keys += [f"shm/{round_}/{kind}/{k}" for kind in ("ready", "done") for k in range(1, self.world_size)]
+        for key in keys:
+            self._store.delete_key(key)
+
+    def _receive_shm(self) -> Iterator[tuple[str, Tensor]]:
+        start = time.perf_counter()
+        self._round += 1
+        round_ = self._round
+        self._store.set_timeout(timedelta(seconds=self.timeout_s))  # bounds each blocking get below
+        self._store.set(f"shm/{round_}/ready/{self.rank}", "1")
+        stats, seq, reason = SyncStats(), 0, "stopped reading"
+        try:
+            while True:
+                header = json.loads(self._get(f"shm/{round_}/{seq}", seq))
+                seq += 1
+                if header.get("end"):
+                    break
+                if "aborted" in header:
+                    raise WeightSyncError(
+                        f"weight sync rank {self.rank}: rank 0 aborted the stream after {header['aborted']} tensors "
+                        f"(its error is in the trainer's traceback); the engine holds a mix of old and new weights"
+                    )
+                views = read_bucket(self._segment, header)
+                stats.num_buckets += 1
+                stats.num_bytes += sum(t.numel() * t.element_size() for _, t in views)
+                for name, tensor in views:
+                    stats.num_tensors += 1
+                    yield name, tensor
+            reason = ""
+            stats.seconds = time.perf_counter() - start
+            self.last_stats = stats
+        except GeneratorExit:
+            reason = f"stopped reading after {stats.num_tensors} tensors (the engine's error says why)"
+            raise
+        except BaseException as e:
+            reason = f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            if self._store is not None:
+                try:  # done, or why not: rank 0 waits for every engine's answer
+                    self._store.set(f"shm/{round_}/done/{self.rank}", reason)
+                except Exception as e:  # rank 0 (the store's host) is gone
+                    logger.debug("weight sync rank %d: could not report the end of the stream: %s", self.rank, e)
+
+    def _get(self, key: str, seq: int) -> bytes:
+        try:
+            return self._store.get(key)
+        except Exception as e:
+            what = "rank 0's next bucket" if seq else "rank 0 to start sending"
+            raise WeightSyncError(
+                f"weight sync rank {self.rank}: waited {self.timeout_s:g}s for {what}: {e}. "
+                f"Call the trainer's sync together with receive_weights on the engines."
+            ) from e
 
     def _marker(self, value: int) -> Tensor:
         return torch.tensor([value], dtype=torch.int64, device=self.device)
@@ -291,6 +479,85 @@ class WeightSyncGroup:
                 f"weight sync rank {self.rank}: waited {self.timeout_s:g}s for {what}: {e}. "
                 f"Call the trainer's sync together with receive_weights on the engines."
             ) from e
+
+
+def _choose_transport(
+    store: dist.Store, rank: int, world_size: int, transport: str, shm_bytes: int, shm_dir: str, timeout: timedelta
+) -> Optional[ShmSegment]:
+    """Rank 0 offers a segment, every engine tries to open it, rank 0 decides; the shm segment or None.
+
+    Rank 0 unlinks the segment's name as soon as every engine has answered, so nothing is left in the
+    tmpfs whatever happens to the processes later.
+    """
+    if rank != 0:
+        return _answer_offer(store, rank, timeout)
+    segment, why = None, ""
+    if transport != "collective":
+        if not shm_available(shm_dir):
+            why = f"{shm_dir} is not a writable directory"
+        else:
+            try:
+                segment = ShmSegment.create(shm_bytes, shm_dir)
+            except WeightSyncError as e:
+                why = str(e)
+    offer = "" if segment is None else json.dumps({"path": segment.path, "token": segment.token.hex()})
+    try:
+        store.set("transport/offer", offer)
+        replies = {}
+        for k in range(1, world_size):
+            store.wait([f"transport/probe/{k}"], timeout)
+            replies[k] = store.get(f"transport/probe/{k}").decode()
+    except BaseException:
+        if segment is not None:
+            segment.close()
+        raise
+    if segment is not None:
+        segment.unlink()
+    refused = {k: r for k, r in replies.items() if r != "ok"}
+    if segment is not None and not refused:
+        store.set("transport/decision", "shm")
+        return segment
+    if segment is not None:
+        segment.close()
+        segment = None
+        why = "; ".join(f"engine rank {k} {r}" for k, r in refused.items())
+    if transport == "shm":
+        message = (
+            f"weight sync transport 'shm' needs every engine on rank 0's node, sharing {shm_dir}: {why}. "
+            f"Set cluster.weight_sync_transport=auto (falls back to the collective) or collective."
+        )
+        store.set("transport/decision", "error:" + message)
+        raise WeightSyncError(message)
+    if transport == "auto":
+        logger.info("weight sync: shared memory not usable (%s); using the %s broadcast", why, "collective")
+    store.set("transport/decision", "collective")
+    return None
+
+
+def _answer_offer(store: dist.Store, rank: int, timeout: timedelta) -> Optional[ShmSegment]:
+    store.wait(["transport/offer"], timeout)
+    offer, segment, reply = store.get("transport/offer").decode(), None, "skip"
+    if offer:
+        spec = json.loads(offer)
+        try:
+            segment, reply = ShmSegment.open(spec["path"], bytes.fromhex(spec["token"])), "ok"
+        except (OSError, WeightSyncError) as e:
+            reply = f"cannot open {spec['path']}: {e}"
+    try:
+        store.set(f"transport/probe/{rank}", reply)
+        store.wait(["transport/decision"], timeout)
+        decision = store.get("transport/decision").decode()
+    except BaseException:
+        if segment is not None:
+            segment.close()
+        raise
+    if decision == "shm" and segment is not None:
+        return segment
+    if segment is not None:
+        segment.close()
+    if decision.startswith("error:"):
+        raise WeightSyncError(decision.removeprefix("error:"))
+    return None
 
 
 def _numel(shape: list[int]) -> int:

@@ -71,6 +71,54 @@ def resolve_model_path(path: str | Path) -> str:
     return str(path)
 
 
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+"""Weight files that torch.load unpickles (a pickle can run arbitrary code when loaded)."""
+NOT_WEIGHTS = ("training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth")
+"""Pickled files that transformers' Trainer writes next to the weights; never loaded as model weights."""
+MODEL_PATH_FIELDS = (
+    "model.path",
+    "critic_model_path",
+    "reward.model_path",
+    "reward.judge.model_path",
+    "distill.teacher_path",
+    "offline.reference_path",
+    "export.base",
+    "eval.reference_model",
+)
+"""Config fields that name a model checkpoint (checked by `check_model_weights`)."""
+
+
+def check_weight_files(path: str | Path, *, use_safetensors: bool = True, field: str = "model.path") -> None:
+    """ConfigError when the local checkpoint directory `path` has pickled weights but no .safetensors,
+    unless `use_safetensors` is False. Hub names, tiny names and missing paths pass (checked elsewhere)."""
+    if not use_safetensors or is_tiny_model_name(path):
+        return
+    directory = Path(path).expanduser()
+    if not directory.is_dir() or any(directory.glob("*.safetensors")):
+        return
+    pickled = sorted(
+        p.name
+        for p in directory.iterdir()
+        if p.is_file() and p.name.endswith(PICKLE_WEIGHT_SUFFIXES) and p.name not in NOT_WEIGHTS
+    )
+    if pickled:
+        raise ConfigError(
+            f"{field}={str(path)!r} holds only pickled weights ({', '.join(pickled[:4])}), and loading a pickle "
+            "can run arbitrary code. Convert the checkpoint to safetensors (load it once and "
+            "save_pretrained(dir, safe_serialization=True)), or, for a checkpoint you trust, set model.use_safetensors=false"
+        )
+
+
+def check_model_weights(cfg) -> None:
+    """`check_weight_files` on every model field of an RLHFConfig (MODEL_PATH_FIELDS) that names a local directory."""
+    for field in MODEL_PATH_FIELDS:
+        value = cfg
+        for part in field.split("."):
+            value = getattr(value, part)
+        if value:
+            check_weight_files(value, use_safetensors=cfg.model.use_safetensors, field=field)
+
+
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer at `path` (see resolve_model_path), with a pad token (eos when it has none)."""
     resolved = resolve_model_path(path)
@@ -94,22 +142,34 @@ def load_causal_lm(
     dtype: torch.dtype | str,
     trust_remote_code: bool = False,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    use_safetensors: bool | None = None,
 ) -> PreTrainedModel:
     """The causal LM at `path` (see resolve_model_path) in `dtype`, with eos/pad ids set.
 
     `dtype` is a torch dtype, "float32", "bfloat16", "float16", or "auto" (the checkpoint's).
     Missing bos/eos/pad ids in the model and generation configs are filled from `tokenizer` when
-    given; a missing pad id otherwise falls back to the eos id.
+    given; a missing pad id otherwise falls back to the eos id. `use_safetensors=True` (pass
+    ModelConfig.use_safetensors) refuses pickled weights: a local directory with only those raises
+    ConfigError, a Hub repo without .safetensors fails to load; False and None (transformers' default:
+    safetensors first, pickled .bin through torch.load(weights_only=True)) load them. validate() already
+    refuses local pickled checkpoints of every model field unless model.use_safetensors=false.
     """
     if isinstance(dtype, str) and dtype != "auto":
         if dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)} or 'auto'")
         dtype = DTYPES[dtype]
     resolved = resolve_model_path(path)
+    check_weight_files(resolved, use_safetensors=bool(use_safetensors))
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            resolved,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True if use_safetensors else None,  # None: safetensors first, else .bin
+        )
     except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load a causal LM from {resolved!r}: {e}") from e
+        hint = "; set model.use_safetensors=false to accept pickled weights you trust" if use_safetensors else ""
+        raise ConfigError(f"cannot load a causal LM from {resolved!r}: {e}{hint}") from e
     fill_special_token_ids(model, tokenizer)
     return model
 

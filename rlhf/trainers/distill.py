@@ -30,16 +30,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
 from rlhf.config import RLHFConfig, distill_sequences_per_step, validate
 from rlhf.data.batch import RolloutBatch
 from rlhf.errors import CheckpointError, ConfigError
 from rlhf.trainers.checkpointing import CheckpointManager, read_state
 from rlhf.trainers.distill_data import DistillRows, load_distill_rows
+from rlhf.trainers.nonfinite import NonFiniteGuard
 from rlhf.trainers.rl import build_rollout_batch, make_progress, sample_seed
 from rlhf.trainers.roles import connect_weight_sync, start_group, sync_weights
 from rlhf.utils.metrics import MetricsSink, PhaseTimer
+from rlhf.utils.redact import config_container
 from rlhf.workers.distill_policy import DistillPolicyWorker
 from rlhf.workers.policy import PolicyWorker
 from rlhf.workers.rollout import RolloutGroup
@@ -139,9 +140,8 @@ class DistillTrainer:
         prompts_per_draw = cfg.run.rollout_batch_size if cfg.distill.mode == "on_policy" else self.rows_per_step
         self.stream = run.train.stream(prompts_per_draw, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
         self.checkpoints = CheckpointManager(run.output_dir / "checkpoints", keep_last=cfg.run.keep_last)
-        self.metrics = MetricsSink.for_run(
-            run.output_dir, cfg.run, config=OmegaConf.to_container(OmegaConf.structured(cfg))
-        )
+        self.nonfinite = NonFiniteGuard(cfg.run.max_consecutive_nonfinite)
+        self.metrics = MetricsSink.for_run(run.output_dir, cfg.run, config=config_container(cfg))
         self.step_done = 0
         self.rollout: RolloutGroup | None = None
         self._start_roles()
@@ -250,7 +250,8 @@ class DistillTrainer:
             if run_cfg.eval_every and self.step_done % run_cfg.eval_every == 0:
                 metrics.update(self.evaluate())
             last = self.metrics.log(self.step_done, metrics)
-            if run_cfg.save_every and self.step_done % run_cfg.save_every == 0:
+            clean = self.nonfinite.check(self.step_done, last, self.checkpoints.latest())
+            if clean and run_cfg.save_every and self.step_done % run_cfg.save_every == 0:
                 self.save_checkpoint()
         if not run_cfg.eval_every or self.step_done % run_cfg.eval_every:
             last.update(self.metrics.log(self.step_done, self.evaluate()))
@@ -274,7 +275,7 @@ class DistillTrainer:
         state = {
             "step": self.step_done,
             "row_stream": {**self.stream.state(), **self.stream_identity()},
-            "config": OmegaConf.to_container(OmegaConf.structured(self.cfg)),
+            "config": config_container(self.cfg),
         }
         with self.checkpoints.write(self.step_done, state) as tmp:
             self.policy.call(PolicyWorker.save_checkpoint, str(tmp / "policy"))

@@ -25,7 +25,9 @@ j of prompt i is drawn with seed run.seed × 2^32 + i × n + j (rlhf.engines.rol
 shard is always generated as one call over the same prompts, so an interrupted and resumed run
 writes byte-identical rows to an uninterrupted one.
 
-Not built: seed-prompt expansion (the model writing new instructions from examples).
+Seed-prompt expansion (generate.expand.enabled=true, rlhf.trainers.expand) first has the model write
+new instructions from a few seed prompts of data.train into expanded/; generate.expand.then_generate
+then samples the seeds plus those instead of the seeds alone.
 """
 
 from __future__ import annotations
@@ -35,10 +37,11 @@ import hashlib
 import json
 import logging
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from rlhf.config import (
     DEVICES,
@@ -53,6 +56,9 @@ from rlhf.config import (
     validate,
 )
 from rlhf.errors import ConfigError
+
+if TYPE_CHECKING:
+    from rlhf.trainers.expand import ExpansionJob
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +107,9 @@ def validate_generation(cfg: RLHFConfig) -> None:
             not g.pairs or cfg.rollout.n_samples_per_prompt >= 2,
             "generate.pairs=true pairs the best and worst sample of a prompt: set rollout.n_samples_per_prompt >= 2",
         )
+        from rlhf.trainers.expand import validate_expand
+
+        validate_expand(cfg)
     else:
         from rlhf.trainers.evaluate import validate_eval
 
@@ -294,23 +303,29 @@ def preference_pairs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class ShardStore:
-    """Shard k of each set lives at <root>/<set>/train-<k>-of-<total>.<format>; written atomically."""
+    """Shard k of each set lives at <root>/<set>/train-<k>-of-<total>.<format>; written atomically.
 
-    def __init__(self, root: Path, fmt: str, num_shards: int):
-        self.root, self.fmt, self.num_shards = root, fmt, num_shards
+    The `marker` set's file is written last, even when empty: shard k is done exactly when it exists.
+    """
+
+    def __init__(self, root: Path, fmt: str, num_shards: int, marker: str = "samples"):
+        self.root, self.fmt, self.num_shards, self.marker = root, fmt, num_shards, marker
 
     def path(self, subset: str, k: int) -> Path:
         return self.root / subset / f"train-{k:05d}-of-{self.num_shards:05d}.{self.fmt}"
 
     def done(self, k: int) -> bool:
-        return self.path("samples", k).exists()
+        return self.path(self.marker, k).exists()
 
     def write(self, k: int, subsets: dict[str, list[dict[str, Any]]]) -> None:
-        """Write every non-empty subset of shard k, samples last (its rename marks the shard done)."""
-        for subset in sorted(subsets, key=lambda s: s == "samples"):
+        """Write every non-empty subset of shard k, the marker set last (its rename marks the shard done)."""
+        for subset in sorted(subsets, key=lambda s: s == self.marker):
             rows = subsets[subset]
-            if rows or subset == "samples":
+            if rows or subset == self.marker:
                 write_rows(self.path(subset, k), rows, self.fmt)
+
+    def read_shard(self, subset: str, k: int) -> list[dict[str, Any]]:
+        return read_rows(self.path(subset, k))
 
     def read(self, subset: str) -> list[dict[str, Any]]:
         return [row for k in range(self.num_shards) for row in read_rows(self.path(subset, k))]
@@ -364,32 +379,48 @@ class GenerationJob:
     rewards: Any
     store: ShardStore
     manifest: dict[str, Any]
+    expansion: Optional[ExpansionJob] = None
+    """Seed-prompt expansion to run first (generate.expand.enabled), else None."""
 
 
 def prepare_generation(cfg: RLHFConfig) -> GenerationJob:
     """Validate, load and tokenise the prompts, load the reward terms, check the output directory."""
     from rlhf.models.loading import load_tokenizer, resolve_model_path
     from rlhf.rewards import build_reward_pipeline
+    from rlhf.trainers.expand import prepare_expansion
 
     validate(cfg)
     g = cfg.generate
     model_path = resolve_model_path(cfg.model.path)
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
     prompts = load_prompt_set(cfg.data.train, cfg, tokenizer, limit=g.max_prompts)
-    rewards = build_reward_pipeline(cfg, tokenizer) if has_reward(cfg) else None
+    samples_wanted = not g.expand.enabled or g.expand.then_generate
+    rewards = build_reward_pipeline(cfg, tokenizer) if has_reward(cfg) and samples_wanted else None
     root = Path(g.output or Path(cfg.run.output_dir) / "generated")
+    manifest = {"fingerprint": fingerprint(cfg, model_path, len(prompts))}
+    check_manifest(root / MANIFEST, manifest)
+    expansion = prepare_expansion(cfg, model_path, tokenizer, prompts, root) if g.expand.enabled else None
+    job = GenerationJob(
+        cfg, model_path, tokenizer, prompts, rewards, ShardStore(root, g.format, 0), manifest, expansion
+    )
+    return plan_shards(job, prompts)
+
+
+def plan_shards(job: GenerationJob, prompts: PromptSet) -> GenerationJob:
+    """The job sampling `prompts`: its shard store and manifest (the fingerprint is kept)."""
+    g = job.cfg.generate
     num_shards = -(-len(prompts) // g.shard_size)
     manifest = {
-        "fingerprint": fingerprint(cfg, model_path, len(prompts)),
+        "fingerprint": job.manifest["fingerprint"],
         "num_prompts": len(prompts),
         "num_shards": num_shards,
         "shard_size": g.shard_size,
-        "n_samples_per_prompt": cfg.rollout.n_samples_per_prompt,
+        "n_samples_per_prompt": job.cfg.rollout.n_samples_per_prompt,
         "format": g.format,
         "complete": False,
     }
-    check_manifest(root / MANIFEST, manifest)
-    return GenerationJob(cfg, model_path, tokenizer, prompts, rewards, ShardStore(root, g.format, num_shards), manifest)
+    store = ShardStore(job.store.root, g.format, num_shards)
+    return dataclasses.replace(job, prompts=prompts, store=store, manifest=manifest)
 
 
 def fingerprint(cfg: RLHFConfig, model_path: str, num_prompts: int) -> str:
@@ -420,13 +451,50 @@ def check_manifest(path: Path, manifest: dict[str, Any]) -> None:
 
 
 def run_generate(cfg: RLHFConfig) -> dict[str, float]:
-    """stage=generate: write (or finish) the dataset; returns its counts."""
-    from rlhf.utils.ray_session import ray_session
-
+    """stage=generate: expand the seed prompts (generate.expand) and/or write (or finish) the samples; counts."""
     job = prepare_generation(cfg)
+    with LazyEngines(job) as engines:
+        result: dict[str, float] = {}
+        if job.expansion is not None:
+            from rlhf.trainers.expand import expansion_metrics, run_expansion, with_expanded
+
+            kept = run_expansion(job.expansion, engines)
+            result = expansion_metrics(job.expansion)
+            if not cfg.generate.expand.then_generate:
+                return result
+            job = plan_shards(job, with_expanded(job.prompts, kept, job.tokenizer, cfg))
+        return {**result, **sample(job, engines)}
+
+
+class LazyEngines:
+    """The run's SampleEngines, started with Ray on the first call: a finished run rerun starts nothing."""
+
+    def __init__(self, job: GenerationJob):
+        self.job, self.stack, self.engines = job, ExitStack(), None
+
+    def __call__(self) -> SampleEngines:
+        if self.engines is None:
+            from rlhf.utils.ray_session import ray_session
+
+            job = self.job
+            self.stack.enter_context(ray_session(job.cfg.cluster))
+            self.engines = SampleEngines(job.cfg, job.model_path, job.tokenizer, job.rewards)
+            self.stack.callback(self.engines.close)
+        return self.engines
+
+    def __enter__(self) -> LazyEngines:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stack.close()
+
+
+def sample(job: GenerationJob, engines: LazyEngines) -> dict[str, float]:
+    """Write the sample shards still missing (up to generate.max_shards_per_run), then count."""
+    cfg = job.cfg
     job.store.root.mkdir(parents=True, exist_ok=True)
     job.store.remove_temporaries()
-    _write_manifest(job.store.root, job.manifest)
+    write_json(job.store.root / MANIFEST, job.manifest)
     todo = [k for k in range(job.store.num_shards) if not job.store.done(k)]
     logger.info(
         "generate: %d prompts × %d samples, %d shards (%d to do) into %s",
@@ -435,12 +503,7 @@ def run_generate(cfg: RLHFConfig) -> dict[str, float]:
     if cfg.generate.max_shards_per_run:
         todo = todo[: cfg.generate.max_shards_per_run]
     if todo:
-        with ray_session(cfg.cluster):
-            engines = SampleEngines(cfg, job.model_path, job.tokenizer, job.rewards)
-            try:
-                generate_shards(job, engines, todo)
-            finally:
-                engines.close()
+        generate_shards(job, engines(), todo)
     return finish(job)
 
 
@@ -487,12 +550,13 @@ def finish(job: GenerationJob) -> dict[str, float]:
     result["generate/truncated_frac"] = sum(r["finish_reason"] == "length" for r in samples) / len(samples)
     if samples and "score" in samples[0]:
         result["reward/mean"] = sum(r["score"] for r in samples) / len(samples)
-    _write_manifest(store.root, {**job.manifest, **counts, "complete": True, "metrics": result})
+    write_json(store.root / MANIFEST, {**job.manifest, **counts, "complete": True, "metrics": result})
     logger.info("generate: complete, %s", ", ".join(f"{k}={v:g}" for k, v in result.items()))
     return {**result, "generate/complete": 1.0}
 
 
-def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:
-    tmp = root / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, root / MANIFEST)
+def write_json(path: Path, content: dict[str, Any]) -> None:
+    """Write a small JSON file atomically (temporary name, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from omegaconf import OmegaConf
 from torch import Tensor
 
 from rlhf.config import RLHFConfig, validate
@@ -27,8 +26,10 @@ from rlhf.data.collate import collate_kto, collate_packed, collate_pairs, collat
 from rlhf.data.loader import OfflineLoader
 from rlhf.errors import DataError
 from rlhf.trainers.checkpointing import CheckpointManager, read_state
+from rlhf.trainers.nonfinite import NonFiniteGuard
 from rlhf.trainers.roles import start_group
 from rlhf.utils.metrics import MetricsSink, PhaseTimer
+from rlhf.utils.redact import config_container
 from rlhf.workers.group import WorkerGroup
 from rlhf.workers.objectives import OBJECTIVES, Objective, loss_mask
 from rlhf.workers.offline_policy import OfflinePolicyWorker
@@ -200,9 +201,8 @@ class OfflineTrainer:
             run.collate(run.eval[i : i + self.batch_size]) for i in range(0, len(run.eval), self.batch_size)
         ]
         self.checkpoints = CheckpointManager(run.output_dir / "checkpoints", keep_last=cfg.run.keep_last)
-        self.metrics = MetricsSink.for_run(
-            run.output_dir, cfg.run, config=OmegaConf.to_container(OmegaConf.structured(cfg))
-        )
+        self.nonfinite = NonFiniteGuard(cfg.run.max_consecutive_nonfinite)
+        self.metrics = MetricsSink.for_run(run.output_dir, cfg.run, config=config_container(cfg))
         self.step_done = 0
         self.worker_cls = RewardModelWorker if self.objective.model_kind == "reward" else OfflinePolicyWorker
         self.reference: Optional[ReferenceLogprobs] = None
@@ -301,9 +301,10 @@ class OfflineTrainer:
             if run_cfg.eval_every and self.step_done % run_cfg.eval_every == 0:
                 metrics.update(self.evaluate())
             last = self.metrics.log(self.step_done, metrics)
+            clean = self.nonfinite.check(self.step_done, last, self.checkpoints.latest())
             if hasattr(progress, "set_postfix") and headline in last:
                 progress.set_postfix({headline: f"{last[headline]:.4g}"})
-            if run_cfg.save_every and self.step_done % run_cfg.save_every == 0:
+            if clean and run_cfg.save_every and self.step_done % run_cfg.save_every == 0:
                 self.save_checkpoint()
         if self.eval_batches and (not run_cfg.eval_every or self.step_done % run_cfg.eval_every):
             last.update(self.metrics.log(self.step_done, self.evaluate()))
@@ -314,7 +315,7 @@ class OfflineTrainer:
         state = {
             "step": self.step_done,
             "data_stream": self.loader.state(),
-            "config": OmegaConf.to_container(OmegaConf.structured(self.cfg)),
+            "config": config_container(self.cfg),
         }
         with self.checkpoints.write(self.step_done, state) as tmp:
             self.policy.call(self.worker_cls.save_checkpoint, str(tmp / "policy"))

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
 from rlhf.algorithms import ADVANTAGE_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_in_reward, masked_mean
 from rlhf.algorithms.sampling import informative_groups, select_groups
@@ -20,9 +19,11 @@ from rlhf.data.batch import RolloutBatch, pad_sequences
 from rlhf.data.stream import PromptBatch
 from rlhf.rewards import build_reward_pipeline
 from rlhf.trainers.checkpointing import CheckpointManager, read_state
+from rlhf.trainers.nonfinite import NonFiniteGuard
 from rlhf.trainers.prepare import EncodedPrompts, PreparedRun
-from rlhf.trainers.roles import connect_weight_sync, start_group, sync_weights
+from rlhf.trainers.roles import RolloutSupervisor, connect_weight_sync, start_group, stop_on_dead_rank
 from rlhf.utils.metrics import MetricsSink, PhaseTimer
+from rlhf.utils.redact import config_container
 from rlhf.workers.critic import CriticWorker
 from rlhf.workers.group import WorkerGroup
 from rlhf.workers.policy import PolicyWorker
@@ -47,11 +48,18 @@ class RLTrainer:
             else FixedKLController(cfg.algorithm.kl_coef)
         )
         self.checkpoints = CheckpointManager(run.output_dir / "checkpoints", keep_last=cfg.run.keep_last)
-        self.metrics = MetricsSink.for_run(
-            run.output_dir, cfg.run, config=OmegaConf.to_container(OmegaConf.structured(cfg))
-        )
+        self.nonfinite = NonFiniteGuard(cfg.run.max_consecutive_nonfinite)
+        self.metrics = MetricsSink.for_run(run.output_dir, cfg.run, config=config_container(cfg))
         self.step_done = 0
         self._start_roles()
+        # every generate and sync goes through it: a dead engine is restarted with the current weights
+        self.engines = RolloutSupervisor(
+            self.rollout,
+            self.policy,
+            cfg.cluster,
+            bucket_mb=cfg.rollout.weight_sync_bucket_mb,
+            max_restarts=cfg.rollout.max_restarts,
+        )
 
     # ------------------------------------------------------------------ set-up
     def _group(self, worker_cls, role: str, num_workers: int, resources, **init_kwargs) -> WorkerGroup:
@@ -124,6 +132,7 @@ class RLTrainer:
         perf = {
             "perf/tokens_per_s": tokens / timer.seconds["generate"],
             "perf/samples_per_s": len(batch) / timer.seconds["step"],
+            **self.engines.metrics(),  # faults/rollout_restarts
         }
         return {**rollout_stats, **reward_stats, **adv_stats, **train_stats, **sync_stats, **timer.metrics(), **perf}
 
@@ -184,7 +193,7 @@ class RLTrainer:
         n = n or self.n
         sampling = self.cfg.rollout.eval_sampling if eval_mode else self.cfg.rollout.sampling
         seed = sample_seed(self.cfg.run.seed, step, sampling_round)
-        outputs = self.rollout.generate(prompts.token_ids, sampling, n=n, seed=seed)
+        outputs = self.engines.generate(prompts.token_ids, sampling, n=n, seed=seed)
         batch = build_rollout_batch(prompts, outputs, pad_id=self.tokenizer.pad_token_id)
         lengths = batch.response_mask.sum(-1).float()
         truncated = torch.tensor([g.finish_reason == "length" for gens in outputs for g in gens], dtype=torch.float)
@@ -243,13 +252,18 @@ class RLTrainer:
 
     def sync(self) -> dict[str, float]:
         """Stream the new policy weights into every rollout engine (bucketed, one collective)."""
-        stats = sync_weights(self.policy, self.rollout, self.cfg.rollout.weight_sync_bucket_mb)
+        stats = self.engines.sync()
         if stats.get("weight_sync/seconds"):
             stats["weight_sync/gb_per_s"] = stats["weight_sync/mib"] * 2**20 / 1e9 / stats["weight_sync/seconds"]
         return stats
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, float]:
+        """Train to run.total_steps; a rank lost for good stops the run with RunStoppedError (last checkpoint named)."""
+        with stop_on_dead_rank(self.checkpoints):
+            return self._fit()
+
+    def _fit(self) -> dict[str, float]:
         run_cfg = self.cfg.run
         self.resume()
         last: dict[str, float] = {}
@@ -261,10 +275,11 @@ class RLTrainer:
             if run_cfg.eval_every and self.step_done % run_cfg.eval_every == 0:
                 metrics.update(self.evaluate())
             last = self.metrics.log(self.step_done, metrics)
+            clean = self.nonfinite.check(self.step_done, last, self.checkpoints.latest())
             rewards.append(last["reward/mean"])
             if hasattr(progress, "set_postfix"):
                 progress.set_postfix(reward=f"{last['reward/mean']:.3f}")
-            if run_cfg.save_every and self.step_done % run_cfg.save_every == 0:
+            if clean and run_cfg.save_every and self.step_done % run_cfg.save_every == 0:
                 self.save_checkpoint()
         if not run_cfg.eval_every or self.step_done % run_cfg.eval_every:
             last.update(self.metrics.log(self.step_done, self.evaluate()))
@@ -295,7 +310,7 @@ class RLTrainer:
             "prompt_stream": self.run.train.state(),
             "kl_coef": self.kl_ctl.value,
             "rewards": self.run.rewards.state_dict(),
-            "config": OmegaConf.to_container(OmegaConf.structured(self.cfg)),
+            "config": config_container(self.cfg),
         }
         with self.checkpoints.write(self.step_done, state) as tmp:
             pending = [(self.policy, self.policy.run(PolicyWorker.save_checkpoint, str(tmp / "policy")))]

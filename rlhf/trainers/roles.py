@@ -1,20 +1,32 @@
-"""Role plumbing shared by the controllers: start a worker group, wire and run the policy→rollout weight sync."""
+"""Role plumbing shared by the controllers: start a worker group, wire and run the policy→rollout weight
+sync, keep the rollout engines alive (`RolloutSupervisor`), stop cleanly when a rank dies (`stop_on_dead_rank`)."""
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Optional, TypeVar
 
-from rlhf.config import ClusterConfig, ResourceConfig, weight_sync_backend
+from rlhf.config import ClusterConfig, ResourceConfig, SamplingConfig, weight_sync_backend, weight_sync_transport
+from rlhf.engines.rollout import Generation
+from rlhf.errors import RunStoppedError, WorkerDiedError
+from rlhf.trainers.checkpointing import CheckpointManager
 from rlhf.utils.ray_session import runtime_env_vars
-from rlhf.workers.group import WorkerGroup
+from rlhf.workers.group import WorkerGroup, wait_all
 from rlhf.workers.policy import PolicyWorker
 from rlhf.workers.rollout import RolloutGroup
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def start_group(
     cluster: ClusterConfig, worker_cls: type, role: str, num_workers: int, resources: ResourceConfig, **init_kwargs: Any
 ) -> WorkerGroup:
-    """`num_workers` actors of `worker_cls` placed and configured by the cluster preset."""
+    """`num_workers` actors of `worker_cls` placed and configured by the cluster preset; every wait on
+    them is limited by cluster.call_timeout_s."""
     return WorkerGroup(
         worker_cls,
         role=role,
@@ -25,25 +37,128 @@ def start_group(
         env_vars=runtime_env_vars(cluster),
         device=cluster.device,
         threads_per_worker=cluster.threads_per_worker,
+        call_timeout_s=cluster.call_timeout_s,
     )
 
 
 def connect_weight_sync(policy: WorkerGroup, rollout: RolloutGroup, cluster: ClusterConfig) -> None:
-    """Join the policy's rank 0 and every engine in one weight-sync group (call after init_model)."""
+    """Join the policy's rank 0 and every engine in one weight-sync group (call after init_model).
+
+    The transport follows `cluster.weight_sync_transport` (shared memory when every engine is on the
+    trainer's node and the device is cpu, under auto). Calling it again re-forms the group (every member leaves its old one first).
+    """
     host, port = policy.call(PolicyWorker.free_address)
-    backend = weight_sync_backend(cluster)
-    sender = policy.run(PolicyWorker.init_weight_sync, host, port, 1 + rollout.num_ranks, backend)
-    rollout.init_weight_sync(host, port, backend, cluster.collective_timeout_s)
-    policy.wait(sender)
+    backend, transport = weight_sync_backend(cluster), weight_sync_transport(cluster)
+    sender = policy.run(PolicyWorker.init_weight_sync, host, port, 1 + rollout.num_ranks, backend, transport)
+    receivers = rollout.init_weight_sync_async(host, port, backend, cluster.collective_timeout_s)
+    wait_all([(policy, sender), (rollout.group, receivers)])
 
 
 def sync_weights(policy: WorkerGroup, rollout: RolloutGroup, bucket_mb: int) -> dict[str, float]:
     """Stream the policy's current weights into every rollout engine (bucketed, one collective).
 
-    Returns the sender's `weight_sync/...` stats (seconds, MiB, tensors, buckets).
+    Sender and receivers are awaited together, so a death on either side raises at once (an
+    engine's death before the sender's resulting WeightSyncError). Returns the sender's
+    `weight_sync/...` stats (seconds, MiB, tensors, buckets).
     """
     sender = policy.run(PolicyWorker.sync_weights, bucket_mb)
     receivers = rollout.receive_weights_async()
-    stats = policy.wait(sender)
-    rollout.wait(receivers)
+    stats, _ = wait_all([(policy, sender), (rollout.group, receivers)])
     return dict(stats or {})
+
+
+class RolloutSupervisor:
+    """The rollout engines as the controller calls them: a dead engine is restarted and the call retried.
+
+    Design: the dead engine is recreated exactly as it was built (`WorkerGroup.restart`: same
+    bundle, environment and constructor arguments), so it comes up with the checkpoint's weights
+    and in no weight-sync group. The group is then re-formed for every engine (a collective group
+    cannot admit a new member; re-forming reuses the one join path that is tested everywhere) and
+    the policy's current weights are pushed to all engines, after which the failed generate or
+    sync is retried. Surviving engines receive weights they already hold: a restart costs one
+    extra sync and needs no weight snapshot on disk.
+
+    Engines are pinged before each sync, so one that died while idle (during scoring or the
+    update) is replaced before the trainer starts sending. One that dies inside the sync delays
+    recovery by up to cluster.collective_timeout_s (the trainer's send has to time out before it
+    can join the new group). Restarts are counted over the run (`faults/rollout_restarts`); the
+    death after `max_restarts` restarts raises WorkerDiedError.
+    """
+
+    def __init__(
+        self, rollout: RolloutGroup, policy: WorkerGroup, cluster: ClusterConfig, *, bucket_mb: int, max_restarts: int
+    ) -> None:
+        self.rollout = rollout
+        self.policy = policy
+        self.cluster = cluster
+        self.bucket_mb = bucket_mb
+        self.max_restarts = max_restarts
+        self.restarts = 0
+        """Engines restarted so far in this run."""
+        self._stale = False  # restarted engines are outside the weight-sync group and hold old weights
+
+    def generate(
+        self, prompt_token_ids: list[list[int]], sampling: SamplingConfig, n: int, seed: Optional[int] = None
+    ) -> list[list[Generation]]:
+        """`RolloutGroup.generate`, retried on fresh engines (with the current weights) if one dies."""
+        return self._call(lambda: self.rollout.generate(prompt_token_ids, sampling, n, seed), is_sync=False)
+
+    def sync(self) -> dict[str, float]:
+        """`sync_weights` into every engine, replacing engines found dead first."""
+        return self._call(self._sync_live_engines, is_sync=True)
+
+    def metrics(self) -> dict[str, float]:
+        return {"faults/rollout_restarts": float(self.restarts)}
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _call(self, fn: Callable[[], T], *, is_sync: bool) -> T:
+        while True:
+            try:
+                if self._stale:
+                    connect_weight_sync(self.policy, self.rollout, self.cluster)
+                    if not is_sync:  # a sync call pushes the weights itself
+                        sync_weights(self.policy, self.rollout, self.bucket_mb)
+                    self._stale = False
+                return fn()
+            except WorkerDiedError as error:
+                if error.role != self.rollout.role:
+                    raise
+                self._restart_dead(error)
+
+    def _sync_live_engines(self) -> dict[str, float]:
+        dead = self.rollout.group.dead_ranks()
+        if dead:
+            raise WorkerDiedError(self.rollout.role, dead[0], "engine found dead before the weight sync")
+        return sync_weights(self.policy, self.rollout, self.bucket_mb)
+
+    def _restart_dead(self, error: WorkerDiedError) -> None:
+        dead = self.rollout.group.dead_ranks()
+        if not dead:  # the engine that failed the call answers a ping: nothing to restart, do not hide it
+            raise error
+        if self.restarts + len(dead) > self.max_restarts:
+            raise WorkerDiedError(
+                error.role,
+                dead[0],
+                f"{error.reason}; engines {dead} are dead and {self.restarts} restarts were already made, the most "
+                f"rollout.max_restarts={self.max_restarts} allows (raise it, or find the cause in the engine's log: "
+                f"out of memory?)",
+                error.remote_traceback,
+            ) from error
+        for rank in dead:
+            logger.warning("rollout engine %d died (%s); restarting it", rank, error.reason)
+            self.rollout.group.restart(rank)
+            self.restarts += 1
+        self._stale = True
+
+
+@contextmanager
+def stop_on_dead_rank(checkpoints: CheckpointManager) -> Iterator[None]:
+    """A dead rank that reaches the controller (a trained, reference or reward rank, or a rollout
+    engine past its restarts) becomes RunStoppedError naming the newest complete checkpoint;
+    the caller's `close()` then shuts the remaining actors down."""
+    try:
+        yield
+    except WorkerDiedError as error:
+        latest = checkpoints.latest()
+        raise RunStoppedError(error.role, error.rank, error.reason, str(latest) if latest else None) from error

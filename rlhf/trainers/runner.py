@@ -10,8 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from omegaconf import OmegaConf
-
 from rlhf.config import RLHFConfig
 
 
@@ -22,11 +20,11 @@ class Trainer(Protocol):
 
 
 def fit_on_cluster(cfg: RLHFConfig, output_dir: Path, make_trainer: Callable[[], Trainer]) -> dict[str, Any]:
-    """Write <output_dir>/config.yaml, then build the trainer inside a Ray session and fit it."""
+    """Write <output_dir>/config.yaml (secrets masked), then build the trainer inside a Ray session and fit it."""
     from rlhf.utils.ray_session import ray_session
+    from rlhf.utils.redact import save_config
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.structured(cfg), output_dir / "config.yaml")
+    save_config(cfg, output_dir / "config.yaml")
     with ray_session(cfg.cluster):
         trainer = make_trainer()
         try:

@@ -69,6 +69,7 @@ class CriticWorker(TrainableWorker):
         require_fields(self.role, batch, "values", "returns")
         algo = self.algo_cfg
         engine.train()
+        skipped_before = engine.nonfinite.total
         stats = StepStats()
         for minibatch in self._minibatches(batch, algo.ppo_epochs):
             tokens, seqs = self._global_counts(minibatch.response_mask)
@@ -93,7 +94,7 @@ class CriticWorker(TrainableWorker):
             stats.minibatches += 1
             stats.add_mean("critic/grad_norm", engine.grad_norm())
             stats.add_mean("critic/lr", engine.lr())
-        return stats.reduce(self.world_size, engine.device)
+        return self._update_metrics(stats, "critic", skipped_before)
 
     @dispatch("broadcast", collect="first")
     def save_hf(self, directory: str) -> str:

@@ -71,6 +71,7 @@ class DistillPolicyWorker(PolicyWorker):
         engine = self._require_engine()
         _check_rows(batch, teacher_logprobs, teacher_ids)
         engine.train()
+        skipped_before = engine.nonfinite.total
         stats = StepStats()
         rows = engine.minibatch_rows
         for index, minibatch in enumerate(self._minibatches(batch, epochs=1)):
@@ -89,7 +90,7 @@ class DistillPolicyWorker(PolicyWorker):
             stats.minibatches += 1
             stats.add_mean("distill/grad_norm", engine.grad_norm())
             stats.add_mean("distill/lr", engine.lr())
-        return stats.reduce(self.world_size, engine.device)
+        return self._update_metrics(stats, "distill", skipped_before)
 
     def _micro_batch_distill_loss(
         self, micro: RolloutBatch, teacher: Tensor, ids: Optional[Tensor], tokens: Tensor, seqs: Tensor

@@ -22,8 +22,14 @@ Collect modes: list (answers in rank order), concat (RolloutBatch.concat, torch.
 list concatenation), first (rank 0's answer), mean (per-key mean of dicts of floats, or of floats).
 
 Any remote exception, a dead actor or a timeout becomes `WorkerError` naming the role and rank,
-with the remote traceback; `wait` returns as soon as any rank fails, so a rank blocked in a
-collective with a dead peer cannot hang the driver. Call `shutdown()` after such an error.
+with the remote traceback (`WorkerDiedError` when the actor's process is gone); `wait` returns as
+soon as any rank fails, so a rank blocked in a collective with a dead peer cannot hang the driver.
+A rank that raises while its peers still run is often the victim of a peer's death (its collective
+lost a member): `wait` then gives the peers a few seconds and reports the death, the root cause,
+if one shows up. `wait` without a timeout uses the group's `call_timeout_s`. Call `shutdown()`
+after such an error, or `restart(rank)` to replace a dead rank (rollout engines do; see
+rlhf.trainers.roles.RolloutSupervisor). `wait_all` waits for calls on several groups that depend
+on each other (weight sync: the policy sends while the engines receive).
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from torch import Tensor
 from rlhf.config import ResourceConfig
 from rlhf.data.batch import RolloutBatch
 from rlhf.engines.train_engine import init_distributed
-from rlhf.errors import ConfigError, WorkerError
+from rlhf.errors import ConfigError, WorkerDiedError, WorkerError
 from rlhf.utils.distributed import free_port, node_ip, process_env, rank_env
 
 logger = logging.getLogger(__name__)
@@ -57,6 +63,8 @@ CollectMode = Literal["list", "concat", "first", "mean"]
 DISPATCH_MODES: tuple[str, ...] = ("broadcast", "split_dp", "rank0", "all")
 COLLECT_MODES: tuple[str, ...] = ("list", "concat", "first", "mean")
 PLACEMENT_STRATEGIES: tuple[str, ...] = ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
+PEER_DEATH_GRACE_S = 5.0
+"""After a rank raised, how long `wait` looks for a dead peer among the still-running ranks."""
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -173,6 +181,7 @@ class WorkerGroup:
         placement_group: Optional[PlacementGroup] = None,
         bundle_indices: Optional[Sequence[int]] = None,
         startup_timeout_s: float = 300.0,
+        call_timeout_s: Optional[float] = None,
     ):
         if num_workers < 1:
             raise ConfigError(f"{role}: num_workers must be >= 1, got {num_workers}")
@@ -180,6 +189,8 @@ class WorkerGroup:
             raise TypeError(f"{role}: worker_cls must be a subclass of rlhf.workers.group.Worker, got {worker_cls!r}")
         self.worker_cls = worker_cls
         self.role = role
+        self.startup_timeout_s = startup_timeout_s
+        self.call_timeout_s = call_timeout_s or None  # `wait`'s limit when none is given; 0/None: no limit
         self.world_size = num_workers
         self._owns_placement_group = placement_group is None
         if placement_group is None:
@@ -197,6 +208,8 @@ class WorkerGroup:
         self.placement_group = placement_group
         self.bundle_indices = list(bundle_indices)
         self._actors: list[Any] = []
+        self._actor_options: list[dict[str, Any]] = []
+        self._rendezvous: dict[str, str] = {}
         try:
             self._start_actors(
                 resources, init_args, dict(init_kwargs or {}), dict(env_vars or {}), device, threads_per_worker
@@ -221,25 +234,10 @@ class WorkerGroup:
         """Block until every rank answered, then collect per the method's mode.
 
         Raises WorkerError at the first failing rank (remote exception, dead actor) or when
-        `timeout` seconds pass first; the other ranks are left running (call `shutdown`).
+        `timeout` seconds (default: the group's call_timeout_s) pass first; the other ranks are
+        left running (call `shutdown`).
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        remaining = dict(zip(pending.refs, pending.ranks))
-        results: dict[int, Any] = {}
-        while remaining:
-            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            ready, _ = ray.wait(list(remaining), num_returns=1, timeout=left)
-            if not ready:
-                waiting = sorted(remaining.values())
-                raise WorkerError(
-                    f"{self.role} ranks {waiting}",
-                    f"{pending.method} did not finish within {timeout:g}s; raise the timeout or check the "
-                    f"workers' logs (a rank may be stuck in a collective)",
-                )
-            for ref in ready:
-                rank = remaining.pop(ref)
-                results[rank] = self._get(ref, rank, pending.method)
-        return _collect(pending.spec.collect, [results[r] for r in pending.ranks], f"{self.role}.{pending.method}")
+        return wait_all([(self, pending)], timeout=timeout)[0]
 
     def call(self, method: Callable[..., Any], *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> Any:
         """`wait(run(method, ...))`: a blocking call, for phases with nothing to overlap."""
@@ -248,6 +246,36 @@ class WorkerGroup:
     def ping(self, timeout: float = 60.0) -> list[dict[str, Any]]:
         """Health check: every rank's (role, rank, pid, node_ip); WorkerError if one is dead or silent."""
         return self.call(Worker.ping, timeout=timeout)
+
+    def dead_ranks(self, timeout: Optional[float] = None) -> list[int]:
+        """Ranks whose actor process is gone. Live ranks answer a ping after their running call,
+        so this waits for busy ranks (up to `timeout`, default call_timeout_s; WorkerError after)."""
+        pending = self.run(Worker.ping)
+        dead = []
+        for ref, rank in zip(pending.refs, pending.ranks):
+            try:
+                wait_all([(self, Pending(pending.method, pending.spec, (rank,), (ref,)))], timeout=timeout)
+            except WorkerDiedError:
+                dead.append(rank)
+        return dead
+
+    def restart(self, rank: int, timeout_s: Optional[float] = None) -> None:
+        """Replace rank `rank`'s actor with a new one built exactly like it (same bundle, environment,
+        constructor arguments, rendezvous address); blocks until its constructor finished (within
+        `timeout_s`, default the group's startup_timeout_s).
+
+        The new actor has none of the old one's state beyond its constructor: the caller re-runs
+        whatever set-up followed (rollout engines: weight-sync join and the current weights).
+        """
+        try:
+            ray.kill(self._actors[rank], no_restart=True)
+        except Exception as e:  # already dead
+            logger.debug("%s rank %d: kill before restart: %s", self.role, rank, e)
+        self._actors[rank] = self._new_actor(rank)
+        name, spec = self._resolve(Worker.set_env)
+        ref = self._actors[rank].set_env.remote(self._rendezvous)  # the first call: waits for the constructor
+        wait_all([(self, Pending(name, spec, (rank,), (ref,)))], timeout=timeout_s or self.startup_timeout_s)
+        logger.warning("%s rank %d restarted", self.role, rank)
 
     def shutdown(self) -> None:
         """Kill the actors and remove the placement group if this group created it (idempotent)."""
@@ -280,7 +308,8 @@ class WorkerGroup:
         device: str,
         threads: int,
     ) -> None:
-        remote_cls = ray.remote(self.worker_cls)
+        self._remote_cls = ray.remote(self.worker_cls)
+        self._init_args = (tuple(init_args), init_kwargs)
         local_ranks, local_sizes = _local_ranks(self.placement_group, self.bundle_indices)
         for rank, bundle in enumerate(self.bundle_indices):
             env = {
@@ -294,21 +323,28 @@ class WorkerGroup:
                 "RLHF_ROLE": self.role,
                 **env_vars,
             }
-            actor = remote_cls.options(
-                num_cpus=resources.num_cpus,
-                num_gpus=resources.num_gpus,
-                max_restarts=0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.placement_group, placement_group_bundle_index=bundle
-                ),
-                runtime_env={"env_vars": env},
-            ).remote(*init_args, **init_kwargs)
-            self._actors.append(actor)
+            self._actor_options.append(
+                dict(
+                    num_cpus=resources.num_cpus,
+                    num_gpus=resources.num_gpus,
+                    max_restarts=0,  # restarts are explicit (`restart`): the caller knows what state to rebuild
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        placement_group=self.placement_group, placement_group_bundle_index=bundle
+                    ),
+                    runtime_env={"env_vars": env},
+                )
+            )
+            self._actors.append(self._new_actor(rank))
+
+    def _new_actor(self, rank: int) -> Any:
+        args, kwargs = self._init_args
+        return self._remote_cls.options(**self._actor_options[rank]).remote(*args, **kwargs)
 
     def _set_rendezvous(self, timeout_s: float) -> None:
         # Rank 0's node and a port free there; every rank learns it before any method runs.
         host, port = self.call(Worker.free_address, timeout=timeout_s)
-        self.call(Worker.set_env, {"MASTER_ADDR": host, "MASTER_PORT": str(port)}, timeout=timeout_s)
+        self._rendezvous = {"MASTER_ADDR": host, "MASTER_PORT": str(port)}
+        self.call(Worker.set_env, self._rendezvous, timeout=timeout_s)
 
     def _resolve(self, method: Callable[..., Any]) -> tuple[str, DispatchSpec]:
         name = getattr(method, "__name__", None)
@@ -332,9 +368,80 @@ class WorkerGroup:
             cause = e.cause if e.cause is not None else e
             raise WorkerError(actor, f"{method} raised {type(cause).__name__}: {cause}", str(e)) from None
         except RayActorError as e:
-            raise WorkerError(actor, f"actor died during {method}", str(e)) from None
+            raise WorkerDiedError(self.role, rank, f"actor died during {method}", str(e)) from None
         except (GetTimeoutError, RayError) as e:
             raise WorkerError(actor, f"{method} failed: {type(e).__name__}", str(e)) from None
+
+
+def wait_all(calls: Sequence[tuple[WorkerGroup, Pending]], timeout: Optional[float] = None) -> list[Any]:
+    """Wait for calls on one or more groups together; each call's answers collected per its mode.
+
+    For calls that depend on each other (a collective spanning groups), so a failure on either
+    side raises at once. `timeout` defaults to the largest call_timeout_s of the groups (None if
+    one has none). A rank that raises while others still run makes `wait_all` look for a dead
+    rank for up to PEER_DEATH_GRACE_S and raise that `WorkerDiedError` (the likely root cause).
+    """
+    if timeout is None:
+        limits = [group.call_timeout_s for group, _ in calls]
+        timeout = None if None in limits else max(limits)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    remaining = {
+        ref: (i, rank) for i, (_, pending) in enumerate(calls) for ref, rank in zip(pending.refs, pending.ranks)
+    }
+    results: list[dict[int, Any]] = [{} for _ in calls]
+    while remaining:
+        left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        ready, _ = ray.wait(list(remaining), num_returns=1, timeout=left)
+        if not ready:
+            raise WorkerError(_waiting_ranks(calls, remaining.values()), _timeout_message(calls, timeout))
+        for ref in ready:
+            i, rank = remaining.pop(ref)
+            group, pending = calls[i]
+            try:
+                results[i][rank] = group._get(ref, rank, pending.method)
+            except WorkerDiedError:
+                raise
+            except WorkerError as error:
+                _raise_peer_death(calls, remaining, error)
+                raise
+    return [
+        _collect(pending.spec.collect, [results[i][r] for r in pending.ranks], f"{group.role}.{pending.method}")
+        for i, (group, pending) in enumerate(calls)
+    ]
+
+
+def _raise_peer_death(calls: Sequence[tuple[WorkerGroup, Pending]], remaining: dict, error: WorkerError) -> None:
+    """Raise the first WorkerDiedError among `remaining` that shows up within PEER_DEATH_GRACE_S."""
+    deadline = time.monotonic() + PEER_DEATH_GRACE_S
+    waiting = dict(remaining)
+    while waiting:
+        ready, _ = ray.wait(list(waiting), num_returns=1, timeout=max(deadline - time.monotonic(), 0.0))
+        if not ready:
+            return
+        for ref in ready:
+            i, rank = waiting.pop(ref)
+            group, pending = calls[i]
+            try:
+                group._get(ref, rank, pending.method)
+            except WorkerDiedError as died:
+                raise died from error
+            except WorkerError:
+                pass
+
+
+def _waiting_ranks(calls: Sequence[tuple[WorkerGroup, Pending]], waiting: Any) -> str:
+    by_call: dict[int, list[int]] = {}
+    for i, rank in waiting:
+        by_call.setdefault(i, []).append(rank)
+    return ", ".join(f"{calls[i][0].role} ranks {sorted(ranks)}" for i, ranks in sorted(by_call.items()))
+
+
+def _timeout_message(calls: Sequence[tuple[WorkerGroup, Pending]], timeout: Optional[float]) -> str:
+    methods = "/".join(pending.method for _, pending in calls)
+    return (
+        f"{methods} did not finish within {timeout:g}s; raise the timeout (cluster.call_timeout_s) or check "
+        f"the workers' logs (a rank may be stuck in a collective)"
+    )
 
 
 def resource_bundle(resources: ResourceConfig) -> dict[str, float]:

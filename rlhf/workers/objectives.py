@@ -200,6 +200,11 @@ class DPOObjective(_PairObjective):
 
     Summed response log-probabilities (rlhf.algorithms.preference_losses.dpo_loss); stats
     dpo/{loss, chosen_reward, rejected_reward, reward_accuracy, margin}.
+
+    `nll_weight` > 0 adds the chosen responses' per-token NLL (mean over pairs), RPO / iterative
+    RPO (Pang et al. 2024, arXiv:2404.19733 eq. 1; TRL's DPOConfig.rpo_alpha, 1.0 recommended):
+    without it DPO may lower the chosen responses' likelihood along with the rejected ones'.
+    Stat dpo/chosen_nll; dpo/loss is then the sum.
     """
 
     needs_reference = True
@@ -207,10 +212,16 @@ class DPOObjective(_PairObjective):
 
     prefix = "dpo"
 
+    def __init__(self, cfg: OfflineConfig, *, nll_weight: float = 0.0):
+        super().__init__(cfg)
+        self.nll_weight = nll_weight
+
     def pair_loss(self, model, micro, aux):
-        policy_chosen, policy_rejected = _pairs(sequence_logprobs(model, micro))
+        mask = loss_mask(micro)
+        summed = torch.where(mask, token_logprobs(model, micro), torch.zeros((), device=mask.device)).sum(-1)
+        policy_chosen, policy_rejected = _pairs(summed)
         ref_chosen, ref_rejected = _pairs(_require_aux("dpo", aux).to(policy_chosen))
-        return dpo_loss(
+        loss, stats = dpo_loss(
             policy_chosen,
             policy_rejected,
             ref_chosen,
@@ -219,6 +230,11 @@ class DPOObjective(_PairObjective):
             loss_type=self.cfg.preference_loss,
             label_smoothing=self.cfg.label_smoothing,
         )
+        if self.nll_weight:
+            chosen_nll = -(policy_chosen / mask[0::2].sum(-1).clamp(min=1)).mean()
+            loss = loss + self.nll_weight * chosen_nll
+            stats = {**stats, "dpo/loss": loss.detach(), "dpo/chosen_nll": chosen_nll.detach()}
+        return loss, stats
 
 
 @OBJECTIVES.register("simpo")

@@ -60,11 +60,12 @@ class OfflineTrainableWorker(TrainableWorker):
                 f"{self.objective.rows_per_example} rows each = {rows}; send whole minibatches"
             )
         engine.train()
+        skipped_before = engine.nonfinite.total
         stats = StepStats()
         self._minibatch(batch, aux, stats, train=True)
         stats.add_mean("train/grad_norm", engine.grad_norm())
         stats.add_mean("train/lr", engine.lr())
-        return stats.reduce(self.world_size, engine.device)
+        return self._update_metrics(stats, "train", skipped_before)
 
     @dispatch("split_dp", collect="first")
     def evaluate(self, batch: RolloutBatch, aux: Optional[Tensor] = None) -> dict[str, float]:

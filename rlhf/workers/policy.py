@@ -113,6 +113,7 @@ class PolicyWorker(TrainableWorker):
             needed.append("ref_logprobs")
         require_fields(self.role, batch, *needed)
         engine.train()
+        skipped_before = engine.nonfinite.total
         stats = StepStats()
         for minibatch in self._minibatches(batch, self.algo_cfg.ppo_epochs):
             tokens, seqs = self._global_counts(minibatch.response_mask)
@@ -122,7 +123,7 @@ class PolicyWorker(TrainableWorker):
             stats.minibatches += 1
             stats.add_mean("policy/grad_norm", engine.grad_norm())
             stats.add_mean("policy/lr", engine.lr())
-        return stats.reduce(self.world_size, engine.device)
+        return self._update_metrics(stats, "policy", skipped_before)
 
     def _micro_batch_loss(
         self, micro: RolloutBatch, tokens: Tensor, seqs: Tensor, temperature: float, stats: StepStats
@@ -196,16 +197,31 @@ class PolicyWorker(TrainableWorker):
         return "" if saved is None else str(saved)
 
     @dispatch("rank0", collect="first")
-    def init_weight_sync(self, host: str, port: int, world_size: int, backend: str = "gloo") -> None:
-        """Join the weight-sync group as its rank 0 (engines are ranks 1..world_size-1).
+    def init_weight_sync(
+        self, host: str, port: int, world_size: int, backend: str = "gloo", transport: str = "collective"
+    ) -> str:
+        """Join the weight-sync group as its rank 0 (engines are ranks 1..world_size-1); returns the transport.
 
         Blocks until every engine joins: start the engines' join with `run` before waiting on this.
+        `transport` (collective, shm, auto) is decided here; a shared-memory segment is sized for the
+        full model, so a too-small /dev/shm makes "auto" fall back at join rather than fail a sync.
         """
         if self._weight_sync is not None:
             self._weight_sync.close()
+        module = self._require_engine().module
+        full_bytes = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in module.parameters())
+        full_bytes += sum(b.numel() * b.element_size() for b in module.buffers())
         self._weight_sync = WeightSyncGroup.create(
-            host, port, 0, world_size, backend=backend, timeout_s=self.cluster_cfg.collective_timeout_s
+            host,
+            port,
+            0,
+            world_size,
+            backend=backend,
+            timeout_s=self.cluster_cfg.collective_timeout_s,
+            transport=transport,
+            shm_bytes=full_bytes,
         )
+        return self._weight_sync.transport
 
     @dispatch("rank0", collect="first")
     def close_weight_sync(self) -> None:
@@ -243,6 +259,7 @@ class PolicyWorker(TrainableWorker):
             "weight_sync/mib": sent.num_bytes / 2**20,
             "weight_sync/tensors": float(sent.num_tensors),
             "weight_sync/buckets": float(sent.num_buckets),
+            "weight_sync/shm": float(self._weight_sync.transport == "shm"),
         }
 
 

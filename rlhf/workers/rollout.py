@@ -14,6 +14,10 @@ Weight sync (rank 0 is the trainer's rank 0, engine k is rank k + 1 of `1 + roll
     receivers = rollout.receive_weights_async()
     policy.wait(sender); rollout.wait(receivers)
 
+A dead engine is replaced by `restart_dead_engines` (same bundle, same constructor arguments); it
+starts from the checkpoint on disk, so the caller re-forms the weight-sync group and pushes the
+current weights (rlhf.trainers.roles.RolloutSupervisor does both and retries the failed call).
+
 Prompts are spread over the engines in contiguous, near-equal slices (order preserved); the
 engine holding the slice that starts at prompt `offset` samples with seed `seed + offset * n`,
 so outputs do not depend on the number of engines (see rlhf.engines.rollout.base).
@@ -25,6 +29,7 @@ import logging
 import time
 from typing import Any, Optional
 
+import torch
 from ray.util.placement_group import PlacementGroup
 
 from rlhf.config import ClusterConfig, ModelConfig, ResourceConfig, RolloutConfig, SamplingConfig
@@ -75,7 +80,8 @@ class RolloutWorker(Worker):
         if self.weight_sync is None:
             raise WeightSyncError("receive_weights before init_weight_sync; join the weight-sync group first")
         start = time.perf_counter()
-        self.backend.load_weights(self.weight_sync.receive())
+        # shm: the views stay valid until the next receive, so the hf backend adopts them (no copy)
+        self.backend.load_weights(self.weight_sync.receive(), share=self.weight_sync.transport == "shm")
         self.backend.reset_prefix_cache()
         stats = self.weight_sync.last_stats
         return {
@@ -84,6 +90,16 @@ class RolloutWorker(Worker):
             "transfer_s": stats.seconds,
             "total_s": time.perf_counter() - start,
         }
+
+    @dispatch("broadcast", collect="list")
+    def weights_digest(self) -> str:
+        """sha256 of the engine's weights (hf backend): equal digests mean bit-identical weights."""
+        model = getattr(self.backend, "model", None)
+        if model is None:
+            raise WeightSyncError(
+                f"weights_digest reads the hf backend's model; {type(self.backend).__name__} has none"
+            )
+        return weights_digest(model)
 
     @dispatch("broadcast", collect="list")
     def close_weight_sync(self) -> None:
@@ -130,6 +146,7 @@ class RolloutGroup:
             threads_per_worker=cluster_cfg.threads_per_worker,
             placement_group=placement_group,
             bundle_indices=bundle_indices,
+            call_timeout_s=cluster_cfg.call_timeout_s,
         )
 
     @property
@@ -178,6 +195,19 @@ class RolloutGroup:
         """Every engine leaves the weight-sync group (before the trainer closes its side)."""
         self.group.call(RolloutWorker.close_weight_sync)
 
+    @property
+    def role(self) -> str:
+        """The engines' role name, as WorkerError/WorkerDiedError report it."""
+        return self.group.role
+
+    def restart_dead_engines(self, timeout_s: Optional[float] = None) -> list[int]:
+        """Recreate every engine whose process is gone; returns their ranks (the weight-sync group
+        must be re-formed afterwards: the new engines are in none, and hold the checkpoint's weights)."""
+        dead = self.group.dead_ranks(timeout=timeout_s)
+        for rank in dead:
+            self.group.restart(rank)
+        return dead
+
     def wait(self, pending: Pending, timeout: Optional[float] = None) -> Any:
         """Block for a pending call; remote failures raise WorkerError with the engine's traceback."""
         return self.group.wait(pending, timeout=timeout)
@@ -206,6 +236,20 @@ def engine_resources(rollout_cfg: RolloutConfig, cluster_cfg: ClusterConfig) -> 
             f"(the per-shard share), got {resources.num_gpus}"
         )
     return ResourceConfig(num_cpus=resources.num_cpus, num_gpus=tp)
+
+
+def weights_digest(model: Any) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every parameter and buffer, in name order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def even_slices(length: int, parts: int) -> list[tuple[int, int]]:

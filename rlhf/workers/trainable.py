@@ -93,6 +93,14 @@ class TrainableWorker(Worker):
         for _ in range(epochs):
             yield from batch.chunks(rows)
 
+    def _update_metrics(self, stats: StepStats, prefix: str, skipped_before: int) -> dict[str, float]:
+        """The update's global stats plus `<prefix>/nonfinite_*`: the optimizer steps skipped since the
+        engine's skip total was `skipped_before` (every rank skips together, so they agree)."""
+        engine = self._require_engine()
+        values = stats.reduce(self.world_size, engine.device)
+        values.update(engine.nonfinite.metrics(prefix, engine.nonfinite.total - skipped_before))
+        return values
+
     def _global_counts(self, mask: Tensor) -> tuple[Tensor, Tensor]:
         """(real tokens, sequences) of the global minibatch: one all-reduce of two numbers."""
         counts = torch.stack([count_tokens(mask), count_seqs(mask)]).to(self._require_engine().device)

@@ -43,7 +43,8 @@ def run_cli(tmp_path: Path, *overrides: str, timeout: int = 300) -> subprocess.C
 @pytest.mark.slow  # tests/integration/online_dpo runs two rounds and a resume in the default suite
 def test_two_rounds_end_to_end(tmp_path):
     out = tmp_path / "run"
-    proc = run_cli(tmp_path, "run.total_steps=2", f"run.output_dir={out}")
+    # reference=previous here: the integration tests train with a reference model (initial)
+    proc = run_cli(tmp_path, "run.total_steps=2", "online_dpo.reference=previous", f"run.output_dir={out}")
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     rounds = [r for r in read_metrics(out / "metrics.jsonl") if "online_dpo/pairs" in r]
     assert [r["step"] for r in rounds] == [1, 2]

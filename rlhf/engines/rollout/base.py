@@ -59,9 +59,11 @@ class RolloutBackend(Protocol):
         """Per prompt, `n` generations (see the module docstring for logprob and seed conventions)."""
         ...
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
+    def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]], share: bool = False) -> None:
         """Copy weights (Hugging Face checkpoint names) into the live model, in place.
 
+        `share`: the tensors stay valid, and change only during the next `load_weights` (the
+        shared-memory weight sync), so a backend may adopt them as its weights instead of copying.
         Cached prompt prefixes still hold the old weights' KV: call `reset_prefix_cache` next.
         """
         ...

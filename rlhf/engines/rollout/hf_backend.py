@@ -68,7 +68,7 @@ class HFBackend:
                 results[i].append(generation)
         return results
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
+    def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]], share: bool = False) -> None:
         targets = dict(self.model.named_parameters(remove_duplicate=False))
         targets.update(self.model.named_buffers(remove_duplicate=False))
         unknown = []
@@ -81,6 +81,8 @@ class HFBackend:
                     raise WeightSyncError(
                         f"weight {name!r} has shape {tuple(tensor.shape)}, the rollout model expects {tuple(target.shape)}"
                     )
+                elif share and tensor.dtype == target.dtype and tensor.device == target.device:
+                    target.data = tensor  # adopt the shared-memory view: the sender's write was the load
                 else:
                     target.copy_(tensor)
         if unknown:

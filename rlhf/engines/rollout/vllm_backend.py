@@ -104,7 +104,8 @@ class VLLMBackend:
         copies = n // per_request
         return [[_to_generation(c) for _ in range(copies) for c in out.outputs] for out in outputs]
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
+    def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]], share: bool = False) -> None:
+        # `share` is not used: vLLM repacks the weights into its own layout, so it always copies
         worker = self._in_process_worker()
         if worker is not None:
             # `model.load_weights` fails on CPU (weights are repacked for oneDNN after loading);

@@ -1,7 +1,9 @@
 """A trained 2-rank ZeRO-3 policy (full and LoRA) streams its weights into the real vLLM engine.
 
 After the update and one bucketed sync, the engine's sampled-token logprobs match the trainer's
-float32 logprobs of the new weights, and differ from the original weights' logprobs.
+float32 logprobs of the new weights, and differ from the original weights' logprobs. The full case
+syncs over shared memory (vLLM's layer-wise reload keeps the zero-copy views until a layer is
+complete), the LoRA case over the gloo broadcast; test_shm_transport compares the two bit for bit.
 Tolerance 1e-4: both sides are float32 forwards of the same weights; STACK notes ~1e-5 for
 summation-order differences between vLLM's CPU kernels and torch, while one update here moves
 logprobs by more than 1e-2.
@@ -41,8 +43,8 @@ def make_config(lora_rank: int) -> RLHFConfig:
     return cfg
 
 
-@pytest.mark.parametrize("lora_rank", [0, 8], ids=["full", "lora"])
-def test_trained_zero3_policy_syncs_into_vllm(ray_cluster, lora_rank):
+@pytest.mark.parametrize(("lora_rank", "transport"), [(0, "shm"), (8, "collective")], ids=["full-shm", "lora"])
+def test_trained_zero3_policy_syncs_into_vllm(ray_cluster, lora_rank, transport):
     cfg = make_config(lora_rank)
     path = resolve_model_path("tiny")
     tokenizer = load_tokenizer(path)
@@ -65,9 +67,9 @@ def test_trained_zero3_policy_syncs_into_vllm(ray_cluster, lora_rank):
     try:
         policy.call(PolicyWorker.init_model, path)
         host, port = policy.call(PolicyWorker.free_address)
-        joining = policy.run(PolicyWorker.init_weight_sync, host, port, 1 + rollout.num_ranks, "gloo")
+        joining = policy.run(PolicyWorker.init_weight_sync, host, port, 1 + rollout.num_ranks, "gloo", transport)
         rollout.init_weight_sync(host, port, "gloo", 120)
-        policy.wait(joining)
+        assert policy.wait(joining) == transport
 
         batch = build_rollout_batch(prompts, rollout.generate(prompts.token_ids, sampling, n=2, seed=1), pad_id=0)
         old = policy.call(PolicyWorker.compute_logprobs, batch)
@@ -81,6 +83,7 @@ def test_trained_zero3_policy_syncs_into_vllm(ray_cluster, lora_rank):
         stats = policy.wait(sending)
         rollout.wait(receiving)
         assert stats["weight_sync/buckets"] >= 2
+        assert stats["weight_sync/shm"] == float(transport == "shm")
 
         fresh = build_rollout_batch(prompts, rollout.generate(prompts.token_ids, sampling, n=2, seed=2), pad_id=0)
         trained = policy.call(PolicyWorker.compute_logprobs, fresh)

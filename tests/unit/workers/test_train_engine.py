@@ -14,7 +14,10 @@ from safetensors.torch import load_file
 
 from rlhf.config import LoraConfig, OptimConfig, TrainConfig
 from rlhf.engines.train_engine import (
+    GatedAdamW,
+    NonFiniteCounter,
     build_lr_scheduler,
+    build_optimizer,
     deepspeed_config,
     gradient_accumulation_steps,
     iter_full_parameters,
@@ -123,3 +126,43 @@ def test_hf_checkpoint_is_sharded_atomically_and_reloads(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(target)
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(reloaded.state_dict()[name], tensor, rtol=0, atol=0)
+
+
+def test_bf16_configs_state_deepspeeds_overflow_check():
+    # the non-finite guard relies on DeepSpeed skipping bf16 steps with an inf/NaN gradient norm
+    assert deepspeed_config(TrainConfig(), dp=2, bf16=True, device="cpu")["bf16"] == {
+        "enabled": True,
+        "check_grad_overflow": True,
+    }
+
+
+def test_gated_optimizer_and_schedule_stand_still_while_skipping():
+    param = torch.nn.Parameter(torch.ones(2))
+    opt = build_optimizer(torch.nn.Linear(1, 1), OptimConfig())
+    assert isinstance(opt, GatedAdamW)
+    opt = GatedAdamW([param], lr=1.0)
+    sched = build_lr_scheduler(opt, OptimConfig(lr=1.0, warmup_steps=3), num_training_steps=None)
+    param.grad = torch.tensor([1.0, float("nan")])
+    opt.skip = True
+    opt.step()
+    sched.step()
+    assert torch.equal(param.detach(), torch.ones(2)) and not opt.state
+    assert sched.get_last_lr() == [0.25] and sched.last_epoch == 0
+    opt.skip = False
+    param.grad = torch.tensor([1.0, 1.0])
+    opt.step()
+    sched.step()
+    assert (param.detach() < 1).all() and sched.get_last_lr() == [0.5]
+
+
+def test_nonfinite_counter_counts_streaks_and_totals():
+    counter = NonFiniteCounter()
+    for step, (loss, grad) in enumerate([(True, True), (False, True), (False, False), (True, False)]):
+        counter.record(step=step, loss=loss, grad_norm=grad)
+    assert (counter.consecutive, counter.total, counter.last_step, counter.last_was_loss) == (1, 3, 3, True)
+    assert counter.metrics("policy", skipped=2) == {
+        "policy/nonfinite_skipped": 2.0,
+        "policy/nonfinite_consecutive": 1.0,
+        "policy/nonfinite_total": 3.0,
+        "policy/nonfinite_loss": 1.0,
+    }
