@@ -160,7 +160,13 @@ def load_base_model(path: str, model_cfg: ModelConfig, *, dtype: torch.dtype, to
     from rlhf.models.loading import fill_special_token_ids, load_causal_lm, resolve_model_path
 
     if peft_method(model_cfg) != "qlora":
-        return load_causal_lm(path, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code, tokenizer=tokenizer)
+        return load_causal_lm(
+            path,
+            dtype=dtype,
+            trust_remote_code=model_cfg.trust_remote_code,
+            tokenizer=tokenizer,
+            use_safetensors=model_cfg.use_safetensors,
+        )
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quantization = BitsAndBytesConfig(
@@ -176,6 +182,7 @@ def load_base_model(path: str, model_cfg: ModelConfig, *, dtype: torch.dtype, to
         dtype=dtype,
         device_map={"": torch.cuda.current_device()},
         trust_remote_code=model_cfg.trust_remote_code,
+        use_safetensors=True if model_cfg.use_safetensors else None,
     )
     fill_special_token_ids(model, tokenizer)
     return model

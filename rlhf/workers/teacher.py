@@ -57,7 +57,10 @@ class TeacherWorker(FrozenModelWorker):
     def init_model(self, model_path: str) -> dict[str, int]:
         """Load the teacher; returns {"num_parameters", "vocab_size"} (the width of its logits)."""
         model = load_causal_lm(
-            model_path, dtype=self.model_cfg.dtype, trust_remote_code=self.model_cfg.trust_remote_code
+            model_path,
+            dtype=self.model_cfg.dtype,
+            trust_remote_code=self.model_cfg.trust_remote_code,
+            use_safetensors=self.model_cfg.use_safetensors,
         )
         model.requires_grad_(False)
         self.model = model.eval().to(self.device)
