@@ -934,6 +934,15 @@ def _rule_text(rule: str) -> str:
     return rule if rule[0] not in "([" else f"in {rule}"
 
 
+def _check_cluster(cluster: ClusterConfig) -> None:
+    """The cluster preset's choices, the same for every stage that starts Ray."""
+    _choice(cluster.device, DEVICES, "cluster.device")
+    _choice(cluster.placement_strategy, PLACEMENT_STRATEGIES, "cluster.placement_strategy")
+    _choice(cluster.weight_sync_backend, ("auto", "gloo", "nccl"), "cluster.weight_sync_backend")
+    _choice(cluster.weight_sync_transport, WEIGHT_SYNC_TRANSPORTS, "cluster.weight_sync_transport")
+    _check_call_timeout(cluster)
+
+
 def validate(cfg: RLHFConfig) -> None:
     """Check every field once, before any cluster work; raise ConfigError saying what to change."""
     _choice(
@@ -951,7 +960,7 @@ def validate(cfg: RLHFConfig) -> None:
     from rlhf.models.peft_utils import validate_peft
 
     validate_peft(cfg)
-    _check_call_timeout(cfg.cluster)
+    _check_cluster(cfg.cluster)
     if cfg.stage == "distill":
         validate_distill(cfg)
     elif cfg.stage in RL_STAGES:
@@ -1004,8 +1013,6 @@ def validate_distill(cfg: RLHFConfig) -> None:
     _require(run.total_steps >= 1, f"run.total_steps must be >= 1 (got {run.total_steps})")
     _require(run.eval_every >= 0, f"run.eval_every must be >= 0 (got {run.eval_every})")
     _choice(cfg.model.dtype, DTYPES, "model.dtype")
-    _choice(cfg.cluster.device, DEVICES, "cluster.device")
-    _choice(cfg.cluster.placement_strategy, PLACEMENT_STRATEGIES, "cluster.placement_strategy")
     rows = distill_sequences_per_step(cfg)
     _check_train(cfg.policy, "policy", rows)
     _require(
@@ -1015,8 +1022,6 @@ def validate_distill(cfg: RLHFConfig) -> None:
     if d.mode == "on_policy":
         rollout = cfg.rollout
         _choice(rollout.backend, ROLLOUT_BACKENDS, "rollout.backend")
-        _choice(cfg.cluster.weight_sync_backend, ("auto", "gloo", "nccl"), "cluster.weight_sync_backend")
-        _choice(cfg.cluster.weight_sync_transport, WEIGHT_SYNC_TRANSPORTS, "cluster.weight_sync_transport")
         _require(rollout.n_samples_per_prompt >= 1, "rollout.n_samples_per_prompt must be >= 1")
         _require(rollout.sampling.max_new_tokens >= 1, "rollout.sampling.max_new_tokens must be >= 1")
         _require(rollout.sampling.temperature > 0, "rollout.sampling.temperature must be > 0 for on-policy samples")
@@ -1070,10 +1075,6 @@ def validate_rl(cfg: RLHFConfig) -> None:
     _require(rollout.sampling.temperature > 0, "rollout.sampling.temperature must be > 0 for training rollouts")
     _choice(cfg.model.dtype, DTYPES, "model.dtype")
     _require(cfg.model.lora.rank >= 0, f"model.lora.rank must be >= 0 (got {cfg.model.lora.rank})")
-    _choice(cfg.cluster.device, DEVICES, "cluster.device")
-    _choice(cfg.cluster.placement_strategy, PLACEMENT_STRATEGIES, "cluster.placement_strategy")
-    _choice(cfg.cluster.weight_sync_backend, ("auto", "gloo", "nccl"), "cluster.weight_sync_backend")
-    _choice(cfg.cluster.weight_sync_transport, WEIGHT_SYNC_TRANSPORTS, "cluster.weight_sync_transport")
     sequences = run.rollout_batch_size * rollout.n_samples_per_prompt
     arithmetic = (
         f"run.rollout_batch_size {run.rollout_batch_size} × rollout.n_samples_per_prompt {rollout.n_samples_per_prompt}"
@@ -1167,8 +1168,6 @@ def validate_offline(cfg: RLHFConfig) -> None:
     )
     _choice(cfg.model.dtype, DTYPES, "model.dtype")
     _require(cfg.model.lora.rank >= 0, f"model.lora.rank must be >= 0 (got {cfg.model.lora.rank})")
-    _choice(cfg.cluster.device, DEVICES, "cluster.device")
-    _choice(cfg.cluster.placement_strategy, PLACEMENT_STRATEGIES, "cluster.placement_strategy")
     _choice(policy.zero_stage, ZERO_STAGES, "policy.zero_stage")
     _require(policy.num_workers >= 1, f"policy.num_workers must be >= 1 (got {policy.num_workers})")
     _require(policy.micro_batch_size >= 1, f"policy.micro_batch_size must be >= 1 (got {policy.micro_batch_size})")

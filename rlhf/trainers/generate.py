@@ -44,9 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from rlhf.config import (
-    DEVICES,
     DTYPES,
-    PLACEMENT_STRATEGIES,
     ROLLOUT_BACKENDS,
     RLHFConfig,
     SamplingConfig,
@@ -129,8 +127,6 @@ def _check_sampling(cfg: RLHFConfig) -> None:
         _require(sampling.temperature >= 0, f"rollout.{name}.temperature must be >= 0 (0: greedy)")
     _require(cfg.data.max_prompt_length >= 1, "data.max_prompt_length must be >= 1")
     _choice(cfg.model.dtype, DTYPES, "model.dtype")
-    _choice(cfg.cluster.device, DEVICES, "cluster.device")
-    _choice(cfg.cluster.placement_strategy, PLACEMENT_STRATEGIES, "cluster.placement_strategy")
 
 
 def sampling_seed(run_seed: int) -> int:

@@ -121,7 +121,6 @@ def validate_online_dpo(cfg: RLHFConfig) -> None:
         0 < rollout.sampling.top_p <= 1, f"rollout.sampling.top_p must be in (0, 1] (got {rollout.sampling.top_p})"
     )
     _require(rollout.sampling.temperature > 0, "rollout.sampling.temperature must be > 0 to sample distinct responses")
-    _choice(cfg.cluster.weight_sync_backend, ("auto", "gloo", "nccl"), "cluster.weight_sync_backend")
     _choice(cfg.model.dtype, DTYPES, "model.dtype")
     _require(cfg.data.max_prompt_length >= 1, "data.max_prompt_length must be >= 1")
     method = peft_method(cfg.model)
