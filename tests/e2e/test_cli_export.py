@@ -108,7 +108,10 @@ def test_export_refuses_to_overwrite_its_input(tmp_path):
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("stage", ["sft", pytest.param("dpo", marks=pytest.mark.slow)])
+# Both slow: LoRA merged under ZeRO-3 is covered by tests/integration/sync (lora case), the export CLI by
+# test_export_merges_a_lora_adapter_through_the_cli.
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_lora_training_under_zero3_then_export(tmp_path, stage):
     """LoRA SFT and LoRA DPO (reference = the frozen base) on 2 ZeRO-3 ranks export a merged model equal to peft's."""
     run = tmp_path / "run"

@@ -53,7 +53,7 @@ def assert_ok(proc: subprocess.CompletedProcess) -> None:
     [
         ("grpo", 2, "vllm"),
         pytest.param("grpo", 3, "hf", marks=pytest.mark.slow),  # ZeRO-3 and hf are each covered by a ppo case
-        ("ppo", 2, "hf"),
+        pytest.param("ppo", 2, "hf", marks=pytest.mark.slow),  # hf backend: every RL learning test runs on it
         ("ppo", 3, "vllm"),
     ],
 )

@@ -60,6 +60,7 @@ def started_from(step_dir: Path) -> str:
     return OmegaConf.load(step_dir / "config.yaml").model.path
 
 
+@pytest.mark.slow  # the pipeline runner is covered by the SFT→RM→PPO recipe; DPO after SFT by tests/integration/offline
 def test_sft_then_dpo_pipeline(tmp_path):
     run_pipeline(tmp_path, "sft_dpo")
     out = tmp_path / "sft_dpo"

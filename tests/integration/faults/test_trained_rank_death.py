@@ -1,10 +1,10 @@
 """A policy rank killed with SIGKILL mid-run stops the run with RunStoppedError naming the role, rank and
 last checkpoint, well before any timeout; the checkpoint is intact and run.resume=auto continues from it.
 
-The kill comes from a timer thread shortly after step 3's update starts (checkpoints of steps 1 and 2
-are on disk). Wherever it lands (update, sync, next step's logprobs), the death reaches the
-controller: rank 0's collective fails on its lost peer, and the group reports the dead peer, the
-root cause. cluster.collective_timeout_s is 120 s, so stopping sooner than that shows nothing waited
+The kill comes right before step 3's update is sent (checkpoints of steps 1 and 2 are on disk): rank
+1 is gone when the update reaches the group, rank 0's collective fails on its lost peer, and the
+group reports the dead peer, the root cause. (A timer that killed "shortly after the update started"
+missed on an idle machine: the 3-step run had already finished.) cluster.collective_timeout_s is 120 s, so stopping sooner than that shows nothing waited
 for a timeout.
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
 import time
 
 import psutil
@@ -33,19 +32,17 @@ logger = logging.getLogger(__name__)
 
 
 class RankKillingTrainer(RLTrainer):
-    """SIGKILLs policy rank 1's process 0.2 s after step 3's update starts."""
+    """SIGKILLs policy rank 1's process just before step 3's update."""
 
     killed_at: float | None = None
 
     def update(self, batch):
         if self.step_done == 2:
             pid = self.policy.ping()[1]["pid"]
-            threading.Timer(0.2, self._kill, [pid]).start()
+            os.kill(pid, signal.SIGKILL)
+            psutil.Process(pid).wait(timeout=30)
+            self.killed_at = time.monotonic()
         return super().update(batch)
-
-    def _kill(self, pid: int) -> None:
-        self.killed_at = time.monotonic()
-        os.kill(pid, signal.SIGKILL)
 
 
 def test_killed_policy_rank_stops_run_and_resume_continues(ray_cluster, tmp_path):
