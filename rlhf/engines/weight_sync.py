@@ -527,6 +527,7 @@ def _choose_transport(
             f"Set cluster.weight_sync_transport=auto (falls back to the collective) or collective."
         )
         store.set("transport/decision", "error:" + message)
+        _await_engines_read_error(store, world_size, timeout)
         raise WeightSyncError(message)
     if transport == "auto":
         logger.info("weight sync: shared memory not usable (%s); using the %s broadcast", why, "collective")
@@ -556,8 +557,18 @@ def _answer_offer(store: dist.Store, rank: int, timeout: timedelta) -> Optional[
     if segment is not None:
         segment.close()
     if decision.startswith("error:"):
+        store.set(f"transport/error_read/{rank}", "1")  # rank 0 keeps the store up until every engine has read it
         raise WeightSyncError(decision.removeprefix("error:"))
     return None
+
+
+def _await_engines_read_error(store: dist.Store, world_size: int, timeout: timedelta) -> None:
+    """Hold rank 0's store open until the engines have read the refusal (else they see 'connection reset')."""
+    limit = min(timeout, timedelta(seconds=30))
+    try:
+        store.wait([f"transport/error_read/{k}" for k in range(1, world_size)], limit)
+    except Exception:  # an engine that died or hangs: rank 0's own error is what matters
+        logger.debug("weight sync: not every engine confirmed reading the transport refusal", exc_info=True)
 
 
 def _numel(shape: list[int]) -> int:
