@@ -78,18 +78,27 @@ def _zero_masked(values: Tensor, mask: Tensor) -> Tensor:
 
 
 def _group_statistics(scores: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-sequence (group mean, group unbiased std, group size), each ``[B]``.
+    """Per-sequence (group mean, group unbiased std, group size), each ``[B]`` float64.
 
-    A group of one has mean = its score and std 0, so ``score - mean`` is exactly 0.
+    Each group is shifted by its own lowest score and summed in float64 (the shifted-data
+    algorithm for the variance). A group of equal scores then has a mean equal to its score and
+    a std of exactly 0, whatever the magnitude or the group size; callers take ``score - mean``
+    in float64 too, so a constant group's deviation is exactly 0. (Without the shift a float32
+    mean is an ulp off, the std is an ulp, and GRPO's division turns rounding into an advantage of
+    ±0.05..0.9.) A group of one has mean = its score and std 0.
     """
     group_ids = torch.as_tensor(group_ids, device=scores.device)
     _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
-    sizes = counts.to(scores.dtype)
-    sums = torch.zeros_like(sizes).index_add_(0, inverse, scores)
-    means = sums / sizes
-    deviations = scores - means[inverse]
+    wide = scores.to(torch.float64)
+    lowest = torch.full(counts.shape, torch.inf, dtype=torch.float64, device=scores.device)
+    lowest = lowest.scatter_reduce(0, inverse, wide, "amin")
+    shifted = wide - lowest[inverse]
+    sizes = counts.to(torch.float64)
+    shifted_means = torch.zeros_like(sizes).index_add_(0, inverse, shifted) / sizes
+    deviations = shifted - shifted_means[inverse]
     sq_sums = torch.zeros_like(sizes).index_add_(0, inverse, deviations**2)
     stds = (sq_sums / (sizes - 1).clamp(min=1)).sqrt()
+    means = lowest + shifted_means
     return means[inverse], stds[inverse], sizes[inverse]
 
 
@@ -209,10 +218,10 @@ def compute_grpo_advantages(
     """
     scores = _float_scores(scores)
     means, stds, _ = _group_statistics(scores, group_ids)
-    advantages = scores - means
+    advantages = scores.to(torch.float64) - means
     if norm_by_std:
         advantages = advantages / (stds + eps)
-    advantages = _zero_masked(advantages.unsqueeze(-1).expand(mask.shape).to(scores.dtype), mask)
+    advantages = _zero_masked(advantages.to(scores.dtype).unsqueeze(-1).expand(mask.shape), mask)
     return advantages, advantages
 
 
@@ -235,8 +244,8 @@ def compute_rloo_advantages(scores: Tensor, mask: Tensor, group_ids: Tensor) -> 
     """
     scores = _float_scores(scores)
     means, _, sizes = _group_statistics(scores, group_ids)
-    advantages = (scores - means) * sizes / (sizes - 1).clamp(min=1)
-    advantages = _zero_masked(advantages.unsqueeze(-1).expand(mask.shape), mask)
+    advantages = (scores.to(torch.float64) - means) * sizes / (sizes - 1).clamp(min=1)
+    advantages = _zero_masked(advantages.to(scores.dtype).unsqueeze(-1).expand(mask.shape), mask)
     return advantages, advantages
 
 
@@ -303,7 +312,7 @@ def compute_reinforce_pp_baseline_advantages(
     if token_rewards is None:
         token_rewards = scatter_to_last_token(scores, mask)
     means, _, _ = _group_statistics(scores, group_ids)
-    baselined = token_rewards - scatter_to_last_token(means, mask)
+    baselined = token_rewards - scatter_to_last_token(means.to(token_rewards.dtype), mask)
     returns = compute_discounted_returns(baselined, mask, gamma=gamma)
     return _normalise_over_batch(returns, mask, norm_by_std), returns
 

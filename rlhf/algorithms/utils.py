@@ -84,12 +84,15 @@ def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: fl
     Returns:
         Tensor shaped like ``values``.
     """
-    mean = masked_mean(values, mask)
-    var = masked_var(values, mask)
-    whitened = (values - mean) * torch.rsqrt(var + eps)
+    # float64 statistics: a float32 mean of equal values is an ulp off, and rsqrt(var + eps)
+    # would scale that rounding by up to 1e4 into a spurious signal; in float64 it is exact.
+    wide = values.to(torch.float64)
+    mean = masked_mean(wide, mask)
+    var = masked_var(wide, mask)
+    whitened = (wide - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
-    return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+    return torch.where(mask.bool(), whitened.to(values.dtype), torch.zeros_like(values))
 
 
 def sequence_logprobs(logprobs: Tensor, mask: Tensor, average: bool = False) -> Tensor:

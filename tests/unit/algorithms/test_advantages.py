@@ -174,3 +174,52 @@ def test_missing_inputs_raise_config_error_naming_them():
         ADVANTAGE_ESTIMATORS.get("grpo")(scores=torch.ones(2), mask=mask)
     with pytest.raises(ConfigError, match="token_rewards or scores"):
         ADVANTAGE_ESTIMATORS.get("reinforce_pp")(mask=mask)
+
+
+GROUP_SIZES = [2, 3, 5, 8, 16, 33, 64]
+MAGNITUDES = [1e-3, 0.7, 1.3, 15.9, 1e3]
+
+
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_constant_group_gets_exactly_zero_advantage(name, dtype):
+    # A group of equal scores carries no signal: every group estimator must give exactly 0
+    # (arXiv:2402.03300 §4.1.2), not the float32 rounding of the group mean divided by a std of an
+    # ulp (0.7 × 8 used to give 0.056 on every row, scores near 16 up to ±0.93).
+    for size in GROUP_SIZES:
+        for magnitude in MAGNITUDES:
+            for value in (magnitude, -magnitude, magnitude * 1.1):
+                scores = torch.full((2 * size,), value, dtype=dtype)
+                scores[size:] = value / 3  # a second constant group with another value
+                group_ids = torch.arange(2).repeat_interleave(size)
+                mask = torch.ones(2 * size, 3, dtype=torch.bool)
+                advantages, _ = ADVANTAGE_ESTIMATORS.get(name)(scores=scores, mask=mask, group_ids=group_ids)
+                assert advantages.dtype == dtype
+                assert torch.count_nonzero(advantages) == 0, (name, size, value)
+
+
+@pytest.mark.parametrize("size", GROUP_SIZES)
+@pytest.mark.parametrize("magnitude", MAGNITUDES)
+def test_grpo_matches_the_formula_in_float64_on_unfriendly_scores(size, magnitude):
+    # non-binary scores of every magnitude: the float32 result equals the formula evaluated in float64
+    generator = torch.Generator().manual_seed(size)
+    scores64 = magnitude * (1 + torch.rand(size, generator=generator, dtype=torch.float64))
+    scores = scores64.float()
+    mask = torch.ones(size, 1, dtype=torch.bool)
+    advantages, _ = compute_grpo_advantages(scores, mask, torch.zeros(size, dtype=torch.long), eps=0.0)
+    exact = scores.double() - scores.double().mean()
+    exact = exact / exact.pow(2).sum().div(size - 1).sqrt()
+    torch.testing.assert_close(advantages[:, 0].double(), exact, rtol=1e-5, atol=1e-6)
+    rloo, _ = compute_rloo_advantages(scores, mask, torch.zeros(size, dtype=torch.long))
+    exact_rloo = scores.double() - (scores.double().sum() - scores.double()) / (size - 1)
+    torch.testing.assert_close(rloo[:, 0].double(), exact_rloo, rtol=1e-5, atol=1e-6 * magnitude)
+
+
+def test_whitening_a_constant_batch_gives_zero():
+    # REINFORCE++ whitens over the batch: equal returns everywhere must whiten to 0, not to
+    # rounding × rsqrt(1e-8)
+    for value in (0.7, 1.3, 15.9, 1e3):
+        token_rewards = torch.zeros(64, 4)
+        token_rewards[:, -1] = value
+        advantages, _ = compute_reinforce_pp_advantages(token_rewards, torch.ones(64, 4), gamma=1.0)
+        assert torch.count_nonzero(advantages) == 0, value

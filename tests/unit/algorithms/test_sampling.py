@@ -56,3 +56,19 @@ def test_select_groups_rejects_too_few_groups():
 
     with pytest.raises(ValueError, match="needs 3 groups, got 2"):
         select_groups(torch.tensor([True, True, False, False]), torch.tensor([0, 0, 1, 1]), 3)
+
+
+def test_filter_and_grpo_agree_on_constant_and_spread_groups_of_any_size_and_scale():
+    # DAPO keeps exactly the groups with a nonzero GRPO advantage: constant groups of any size and
+    # magnitude are dropped, groups with a 10% spread kept
+    for size in (2, 3, 8, 16, 64):
+        for magnitude in (1e-3, 0.7, 15.9, 1e3):
+            constant = torch.full((size,), magnitude)
+            spread = constant.clone()
+            spread[0] = magnitude * 1.1
+            scores = torch.cat([constant, spread])
+            group_ids = torch.arange(2).repeat_interleave(size)
+            keep = informative_groups(scores, group_ids)
+            assert keep.tolist() == [False] * size + [True] * size, (size, magnitude)
+            advantages, _ = compute_grpo_advantages(scores, torch.ones(2 * size, 1), group_ids)
+            assert torch.equal(keep, (advantages != 0).any(dim=-1))
