@@ -58,6 +58,7 @@ def assert_ok(proc: subprocess.CompletedProcess) -> None:
     ],
 )
 def test_rl_stage_runs_end_to_end(tmp_path, stage, zero, backend):
+    """Sampling at temperature 0.7; the policy takes one optimizer step per RL step (train_batch_size 16)."""
     out = tmp_path / "run"
     proc = run_cli(
         tmp_path,
@@ -65,6 +66,8 @@ def test_rl_stage_runs_end_to_end(tmp_path, stage, zero, backend):
         f"policy.zero_stage={zero}",
         f"critic.zero_stage={zero}",
         f"rollout.backend={backend}",
+        "rollout.sampling.temperature=0.7",
+        "policy.train_batch_size=16",
         "run.total_steps=2",
         f"run.output_dir={out}",
     )
@@ -75,8 +78,11 @@ def test_rl_stage_runs_end_to_end(tmp_path, stage, zero, backend):
     for row in steps:
         assert row["timing/generate"] > 0 and row["timing/sync"] > 0
         assert row["weight_sync/mib"] > 0 and row["weight_sync/buckets"] >= 1
-        # engine vs trainer float32 logprobs of the same samples; step 2 runs on synced weights
+        # engine vs trainer float32 logprobs of the same samples, both at temperature 0.7 (at 1 the
+        # trainer's differ by ~0.1); step 2 runs on synced weights
         assert row["rollout/logprob_diff"] < 1e-4
+        # the update's first (here: only) minibatch scores at the temperature old_logprobs used: ratio 1
+        assert row["policy/approx_kl"] < 1e-8 and row["policy/clip_frac"] == 0.0
         if stage == "ppo":
             assert "critic/loss" in row
     assert any("eval/accuracy" in r for r in rows)
