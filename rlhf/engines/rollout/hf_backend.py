@@ -124,11 +124,10 @@ class HFBackend:
                 input_ids=inputs, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True
             )
             past = out.past_key_values
-            logits = sampling_logits(out.logits[:, -1, :].float(), sampling)
-            sampled = _sample(logits, sampling, generators)
+            sampled, sampled_logprobs = sample_next(out.logits[:, -1, :].float(), sampling, generators)
             active = ~done
             tokens[active, step] = sampled[active]
-            logprobs[active, step] = torch.log_softmax(logits, dim=-1).gather(1, sampled[:, None]).squeeze(1)[active]
+            logprobs[active, step] = sampled_logprobs[active]
             lengths += active.long()
             hit_eos = active & torch.isin(sampled, self.eos_ids)
             done |= hit_eos
@@ -161,6 +160,16 @@ class HFBackend:
 
     def _decode(self, token_ids: Tensor) -> str:
         return self.tokenizer.decode(token_ids.tolist(), skip_special_tokens=True)
+
+
+def sample_next(
+    logits: Tensor, sampling: SamplingConfig, generators: list[torch.Generator] | None
+) -> tuple[Tensor, Tensor]:
+    """Next tokens [B] from raw logits [B, V], and their logprobs [B] under the distribution they were
+    drawn from (`sampling_logits`: the behaviour policy's, as vLLM's processed_logprobs)."""
+    logits = sampling_logits(logits, sampling)
+    tokens = _sample(logits, sampling, generators)
+    return tokens, torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)
 
 
 def sampling_logits(logits: Tensor, sampling: SamplingConfig) -> Tensor:
