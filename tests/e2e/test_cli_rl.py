@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from rlhf.utils.metrics import read_metrics
 
@@ -117,14 +118,34 @@ def test_unknown_stage_lists_known(tmp_path):
     assert "unknown advantage estimator 'grpoo'" in text and "known: grpo" in text
 
 
-def test_resume_reproduces_next_step(tmp_path):
-    """Stopped after step 2 and resumed, step 3 matches an uninterrupted run (deterministic mode)."""
+def timeless(row: dict[str, float]) -> dict[str, float]:
+    """A metrics row without what the clock measures (phase timings, throughput, sync speed)."""
+    clock = ("timing/", "perf/", "weight_sync/seconds", "weight_sync/gb_per_s")
+    return {k: v for k, v in row.items() if not k.startswith(clock)}
+
+
+def checkpoint_weights(step_dir: Path) -> dict[str, torch.Tensor]:
+    """The policy's module weights in a step checkpoint (DeepSpeed's model-states file of rank 0)."""
+    (states,) = (step_dir / "policy").rglob("mp_rank_00_model_states.pt")
+    return torch.load(states, map_location="cpu", weights_only=False)["module"]
+
+
+def test_deterministic_runs_repeat_and_resume_reproduces_next_step(tmp_path):
+    """run.deterministic=true: two runs with one seed log the same numbers and save the same weights;
+    stopped after step 2 and resumed, step 3 matches an uninterrupted run."""
     common = ["stage=grpo", "rollout.backend=vllm", "run.deterministic=true", "run.save_every=1"]
     full, part = tmp_path / "full", tmp_path / "part"
     assert_ok(run_cli(tmp_path, *common, "run.total_steps=3", f"run.output_dir={full}"))
     assert_ok(run_cli(tmp_path, *common, "run.total_steps=2", f"run.output_dir={part}"))
-    assert_ok(run_cli(tmp_path, *common, "run.total_steps=3", f"run.output_dir={part}"))
+    # steps 1-2 of the two runs, metrics and the weights checkpointed after step 2, exactly
     a = {r["step"]: r for r in read_metrics(full / "metrics.jsonl") if "policy/loss" in r}
+    b = {r["step"]: r for r in read_metrics(part / "metrics.jsonl") if "policy/loss" in r}
+    assert [timeless(b[s]) for s in (1, 2)] == [timeless(a[s]) for s in (1, 2)]
+    weights = [checkpoint_weights(run / "checkpoints" / "step_00000002") for run in (full, part)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+    assert_ok(run_cli(tmp_path, *common, "run.total_steps=3", f"run.output_dir={part}"))
     b = {r["step"]: r for r in read_metrics(part / "metrics.jsonl") if "policy/loss" in r}
     assert sorted(b) == [1, 2, 3]
     for key in ("reward/mean", "rollout/response_length", "policy/loss", "policy/entropy"):
