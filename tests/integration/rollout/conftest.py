@@ -43,6 +43,19 @@ CUT_MARGIN = 1e-4
 token is left out of a truncated-distribution comparison: float32 rounding may cut it either way."""
 
 
+def sample_batch(prompts, outputs, pad_id):
+    """(RolloutBatch of every prompt + generation, the engine's logprobs [rows, R]), right-padded with 0."""
+    import torch
+
+    from rlhf.data.batch import RolloutBatch, pad_sequences
+
+    rows = [(p, g) for p, gens in zip(prompts, outputs) for g in gens]
+    prompt_ids, prompt_mask = pad_sequences([p for p, _ in rows], pad_id=pad_id, left=True)
+    response_ids, response_mask = pad_sequences([g.token_ids for _, g in rows], pad_id=pad_id, left=False)
+    engine, _ = pad_sequences([g.logprobs for _, g in rows], pad_id=0, left=False, dtype=torch.float32)
+    return RolloutBatch(prompt_ids, prompt_mask, response_ids, response_mask), engine
+
+
 def sampled_distribution_logprobs(model, prompts, outputs, pad_id, sampling):
     """(engine, expected, compared): [rows, R] logprobs of every sampled response token as the engine
     reported them and as the sampling distribution gives them, from one float32 forward of prompt +
@@ -50,15 +63,11 @@ def sampled_distribution_logprobs(model, prompts, outputs, pad_id, sampling):
     response positions to compare (real tokens whose cut is not within CUT_MARGIN of flipping)."""
     import torch
 
-    from rlhf.data.batch import RolloutBatch, pad_sequences
     from rlhf.engines.rollout import logprob_temperature
     from rlhf.models.logprobs import response_logits
 
-    rows = [(p, g) for p, gens in zip(prompts, outputs) for g in gens]
-    prompt_ids, prompt_mask = pad_sequences([p for p, _ in rows], pad_id=pad_id, left=True)
-    response_ids, response_mask = pad_sequences([g.token_ids for _, g in rows], pad_id=pad_id, left=False)
-    engine, _ = pad_sequences([g.logprobs for _, g in rows], pad_id=0, left=False, dtype=torch.float32)
-    batch = RolloutBatch(prompt_ids, prompt_mask, response_ids, response_mask)
+    batch, engine = sample_batch(prompts, outputs, pad_id)
+    response_ids, response_mask = batch.response_ids, batch.response_mask
     with torch.no_grad():
         device = next(model.parameters()).device
         logits = response_logits(model, batch.to(device), temperature=logprob_temperature(sampling)).cpu()

@@ -18,13 +18,12 @@ import ray
 import torch
 
 from rlhf.config import ClusterConfig, ModelConfig, ResourceConfig, RolloutConfig, SamplingConfig
-from rlhf.data.batch import RolloutBatch, pad_sequences
 from rlhf.engines.rollout import Generation
 from rlhf.errors import ConfigError, WorkerError
 from rlhf.models.logprobs import response_logprobs
 from rlhf.workers.rollout import RolloutGroup, engine_resources, even_slices
 
-from .conftest import sampled_distribution_logprobs
+from .conftest import sample_batch, sampled_distribution_logprobs
 
 logger = logging.getLogger(__name__)
 # Ray workers cannot import test modules: ship the Trainer actor class (and its helpers) by value.
@@ -91,11 +90,8 @@ def _parity_error(
 ) -> float:
     """max |engine logprob - HF float32 forward logprob at `temperature`| over every response token:
     the trainer's computation (rlhf.models.logprobs.response_logprobs) against the engine's."""
-    rows = [(p, g) for p, gens in zip(prompts, outputs) for g in gens]
-    prompt_ids, prompt_mask = pad_sequences([p for p, _ in rows], pad_id=pad_id, left=True)
-    response_ids, response_mask = pad_sequences([g.token_ids for _, g in rows], pad_id=pad_id, left=False)
-    engine_logprobs, _ = pad_sequences([g.logprobs for _, g in rows], pad_id=0, left=False, dtype=torch.float32)
-    batch = RolloutBatch(prompt_ids, prompt_mask, response_ids, response_mask)
+    batch, engine_logprobs = sample_batch(prompts, outputs, pad_id)
+    response_mask = batch.response_mask
     with torch.no_grad():
         reference, _ = response_logprobs(model, batch, temperature=temperature)
     return float(((reference - engine_logprobs).abs() * response_mask).max())
