@@ -502,7 +502,9 @@ class RunConfig:
     seed: int = 0
     """Global seed."""
     deterministic: bool = False
-    """Deterministic algorithms and seeded sampling (for exact resume)."""
+    """Deterministic torch algorithms in the driver and every actor (cuBLAS workspace fixed on GPU), so
+    a rerun on the same machine and layout repeats the run exactly; sampling is seeded from run.seed
+    either way. What it does and does not guarantee: docs/reliability.md."""
     tensorboard: bool = True
     """Write TensorBoard events next to metrics.jsonl."""
     wandb: bool = False

@@ -11,6 +11,8 @@ One step, with S the student (the policy, model.path) and T the teacher (distill
 
 GKD (Agarwal et al. 2023, arXiv:2306.13649, Algorithm 1) is mode=on_policy with lmbda < 1 and
 loss=jsd; classic word-level KD (Hinton et al. 2015) is mode=offline with loss=forward_kl.
+rollout.sampling.temperature only decides which responses the student samples; the loss compares
+whole distributions at distill.temperature, and no logprob of the engines is used.
 Evaluation (step 0, every run.eval_every steps, and at the end) measures per-token forward and
 reverse KL on the held-out rows' responses and, on-policy, on the student's own samples.
 

@@ -473,7 +473,7 @@ class LazyEngines:
             from rlhf.utils.ray_session import ray_session
 
             job = self.job
-            self.stack.enter_context(ray_session(job.cfg.cluster))
+            self.stack.enter_context(ray_session(job.cfg.cluster, deterministic=job.cfg.run.deterministic))
             self.engines = SampleEngines(job.cfg, job.model_path, job.tokenizer, job.rewards)
             self.stack.callback(self.engines.close)
         return self.engines

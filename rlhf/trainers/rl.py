@@ -17,6 +17,7 @@ from rlhf.algorithms.sampling import informative_groups, select_groups
 from rlhf.config import RLHFConfig, TrainConfig, uses_critic, uses_reference
 from rlhf.data.batch import RolloutBatch, pad_sequences
 from rlhf.data.stream import PromptBatch
+from rlhf.engines.rollout import logprob_temperature
 from rlhf.rewards import build_reward_pipeline
 from rlhf.trainers.checkpointing import CheckpointManager, read_state
 from rlhf.trainers.nonfinite import NonFiniteGuard
@@ -39,6 +40,8 @@ class RLTrainer:
         self.cfg, self.run = cfg, run
         self.tokenizer = run.tokenizer
         self.n = cfg.rollout.n_samples_per_prompt
+        # the policy that sampled: old/new/reference logprobs and entropy are all at this temperature
+        self.temperature = logprob_temperature(cfg.rollout.sampling)
         self.estimate_advantages = ADVANTAGE_ESTIMATORS.get(cfg.algorithm.advantage)
         self.collect = self._collect_informative if cfg.algorithm.dynamic_sampling else self._collect_once
         self.kl_in_reward = cfg.algorithm.kl_coef > 0 and not cfg.algorithm.use_kl_loss
@@ -210,8 +213,8 @@ class RLTrainer:
         return batch.replace(scores=scores), stats
 
     def logprobs(self, batch: RolloutBatch) -> RolloutBatch:
-        old = self.policy.run(PolicyWorker.compute_logprobs, batch)
-        ref = self.reference.run(ReferenceWorker.compute_logprobs, batch) if self.reference else None
+        old = self.policy.run(PolicyWorker.compute_logprobs, batch, self.temperature)
+        ref = self.reference.run(ReferenceWorker.compute_logprobs, batch, self.temperature) if self.reference else None
         batch = batch.replace(old_logprobs=self.policy.wait(old))
         if ref is not None:
             batch = batch.replace(ref_logprobs=self.reference.wait(ref))
@@ -242,7 +245,7 @@ class RLTrainer:
         return batch.replace(token_rewards=token_rewards, advantages=advantages, returns=returns), stats
 
     def update(self, batch: RolloutBatch) -> dict[str, float]:
-        pending = [(self.policy, self.policy.run(PolicyWorker.update, batch))]
+        pending = [(self.policy, self.policy.run(PolicyWorker.update, batch, self.temperature))]
         if self.critic:
             pending.append((self.critic, self.critic.run(CriticWorker.update, batch)))
         stats: dict[str, float] = {}

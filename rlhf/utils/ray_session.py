@@ -10,6 +10,7 @@ from pathlib import Path
 
 from rlhf.config import ClusterConfig
 from rlhf.utils.distributed import clear_stale_build_locks, torch_extensions_dir
+from rlhf.utils.seeding import DETERMINISTIC_KEYS, deterministic_mode
 
 logger = logging.getLogger(__name__)
 
@@ -19,7 +20,11 @@ def cache_dir() -> Path:
 
 
 def runtime_env_vars(cluster: ClusterConfig) -> dict[str, str]:
-    """Variables that must be set before torch/deepspeed/vllm import in every actor."""
+    """Variables that must be set before torch/deepspeed/vllm import in every actor.
+
+    A run.deterministic run's variables (rlhf.utils.seeding.deterministic_env) are taken from this
+    process's environment, where `ray_session` puts them for the run.
+    """
     env = {
         "TOKENIZERS_PARALLELISM": "false",
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
@@ -29,15 +34,26 @@ def runtime_env_vars(cluster: ClusterConfig) -> dict[str, str]:
     if cluster.device == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
         env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
-    for key in ("RAY_AUTH_MODE", "HF_HOME", "HF_HUB_OFFLINE", "VLLM_CACHE_ROOT"):
+    for key in ("RAY_AUTH_MODE", "HF_HOME", "HF_HUB_OFFLINE", "VLLM_CACHE_ROOT", *DETERMINISTIC_KEYS):
         if key in os.environ:
             env[key] = os.environ[key]
     return env
 
 
 @contextmanager
-def ray_session(cluster: ClusterConfig) -> Iterator[None]:
-    """ray.init for this run (joining `cluster.address` or RAY_ADDRESS if set), shut down after."""
+def ray_session(cluster: ClusterConfig, *, deterministic: bool = False) -> Iterator[None]:
+    """ray.init for this run (joining `cluster.address` or RAY_ADDRESS if set), shut down after.
+
+    `deterministic` (run.deterministic): this process and every actor of the run use deterministic
+    algorithms (rlhf.utils.seeding.deterministic_mode; docs/reliability.md says what that guarantees).
+    """
+    with deterministic_mode(deterministic, cluster.device):
+        with _ray_session(cluster):
+            yield
+
+
+@contextmanager
+def _ray_session(cluster: ClusterConfig) -> Iterator[None]:
     import ray
 
     env = runtime_env_vars(cluster)

@@ -36,6 +36,7 @@ from rlhf.config import ClusterConfig, ModelConfig, ResourceConfig, RolloutConfi
 from rlhf.engines.rollout import ROLLOUT_BACKENDS, Generation
 from rlhf.engines.weight_sync import WeightSyncGroup
 from rlhf.errors import ConfigError, WeightSyncError
+from rlhf.utils.ray_session import runtime_env_vars
 from rlhf.workers.group import Pending, Worker, WorkerGroup, dispatch
 
 logger = logging.getLogger(__name__)
@@ -142,6 +143,7 @@ class RolloutGroup:
             resources=engine_resources(rollout_cfg, cluster_cfg),
             placement_strategy=cluster_cfg.placement_strategy,
             init_args=(model_path, model_cfg, rollout_cfg, cluster_cfg, seed),
+            env_vars=runtime_env_vars(cluster_cfg),
             device=cluster_cfg.device,
             threads_per_worker=cluster_cfg.threads_per_worker,
             placement_group=placement_group,

@@ -66,6 +66,10 @@ class VLLMBackend:
             seed=seed,
             trust_remote_code=model_cfg.trust_remote_code,
             enforce_eager=rollout_cfg.enforce_eager or not self.on_gpu,  # CPU has no CUDA graphs
+            # logprobs of the distribution sampled from (temperature, top-k, top-p), not the raw model's:
+            # the behaviour policy's (rlhf.engines.rollout.base). On CUDA vLLM then samples with its torch
+            # sampler instead of FlashInfer's, which cannot return them.
+            logprobs_mode="processed_logprobs",
         )
         if self.on_gpu:
             engine_args.update(
@@ -94,7 +98,7 @@ class VLLMBackend:
                 top_k=max(sampling.top_k, 0),  # ours: -1 off; vLLM: 0 off
                 max_tokens=sampling.max_new_tokens,
                 stop=list(sampling.stop) or None,
-                logprobs=0,  # the sampled token's logprob only (raw: logprobs_mode="raw_logprobs")
+                logprobs=0,  # the sampled token's logprob only (processed: see logprobs_mode)
                 seed=None if seed is None else seed + i * n,  # vLLM adds the sample index per child
             )
             for i in range(len(prompt_token_ids))

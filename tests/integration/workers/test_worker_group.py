@@ -91,6 +91,12 @@ class EchoWorker(Worker):
         """No @dispatch: run() must refuse it."""
 
 
+class DeterminismProbe(Worker):
+    @dispatch("broadcast", collect="list")
+    def deterministic(self) -> tuple[bool, bool]:
+        return self.deterministic, torch.are_deterministic_algorithms_enabled()
+
+
 class OtherWorker(Worker):
     @dispatch("broadcast", collect="list")
     def echo(self, value):
@@ -234,3 +240,20 @@ def test_roles_share_bundles_of_one_placement_group(ray_session):
 def test_unplaceable_group_fails_fast(ray_session):
     with pytest.raises(WorkerError, match="could not be placed"):
         create_placement_group([{"CPU": 64.0}], "PACK", timeout_s=2, name="too-big")
+
+
+def test_run_deterministic_switches_every_actor_it_starts(ray_session):
+    """run.deterministic, as the CLI passes it to the run's Ray session, reaches the actors the run starts."""
+    from rlhf.config import ClusterConfig
+    from rlhf.trainers.roles import start_group
+    from rlhf.utils.ray_session import ray_session as run_session
+
+    cluster = ClusterConfig()
+    resources = ResourceConfig(num_cpus=0.25)
+    for deterministic in (True, False):
+        with run_session(cluster, deterministic=deterministic):
+            group = start_group(cluster, DeterminismProbe, f"probe-{deterministic}", 1, resources)
+        try:
+            assert group.call(DeterminismProbe.deterministic) == [(deterministic, deterministic)]
+        finally:
+            group.shutdown()
