@@ -12,7 +12,9 @@ PPO epoch = that / train_batch_size; gradient accumulation = train_batch_size / 
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from rlhf.errors import ConfigError
@@ -551,7 +553,7 @@ class OfflineConfig:
     label_smoothing: float = 0.0
     """cDPO: probability that a preference label is flipped (sigmoid only, in [0, 0.5))."""
     simpo_gamma_beta_ratio: float = 0.5
-    """SimPO target margin gamma divided by beta."""
+    """SimPO target margin gamma divided by beta (TRL's simpo_gamma is gamma = offline.beta × this)."""
     orpo_lambda: float = 0.1
     """ORPO weight of the odds-ratio term next to the chosen responses' NLL."""
     kto_desirable_weight: float = 1.0
@@ -943,8 +945,13 @@ def _check_cluster(cluster: ClusterConfig) -> None:
     _check_call_timeout(cluster)
 
 
-def validate(cfg: RLHFConfig) -> None:
-    """Check every field once, before any cluster work; raise ConfigError saying what to change."""
+def validate(cfg: RLHFConfig, *, produced: Collection[Path] = ()) -> None:
+    """Check every field once, before any cluster work; raise ConfigError saying what to change.
+
+    Machine-independent: a cuda preset validates on a machine without a GPU (what this machine has
+    is checked when Ray starts, rlhf.utils.ray_session). Local model and dataset paths must exist,
+    except inside the `produced` directories (resolved), which an earlier pipeline step will write.
+    """
     _choice(
         cfg.stage, RL_STAGES + OFFLINE_STAGES + UTILITY_STAGES + GENERATION_STAGES + ONLINE_PREFERENCE_STAGES, "stage"
     )
@@ -954,9 +961,11 @@ def validate(cfg: RLHFConfig) -> None:
         _choice(optim.scheduler, SCHEDULERS, f"{role}.optim.scheduler")
         _require(len(optim.betas) == 2, f"{role}.optim.betas must be two numbers [beta1, beta2] (got {optim.betas})")
     _choice(cfg.run.tracking.wandb_mode, WANDB_MODES, "run.tracking.wandb_mode")
-    from rlhf.models.loading import check_model_weights
+    from rlhf.data.sources import check_dataset_paths
+    from rlhf.models.loading import check_model_paths
 
-    check_model_weights(cfg)
+    check_model_paths(cfg, produced)
+    check_dataset_paths(cfg, produced)
     from rlhf.models.peft_utils import validate_peft
 
     validate_peft(cfg)
