@@ -244,7 +244,11 @@ class RolloutConfig:
     enforce_eager: bool = True
     """Disable CUDA graphs (start-up speed; required on CPU)."""
     enable_sleep: bool = False
-    """Free vLLM memory between rollouts (colocated single-GPU mode)."""
+    """Roles sharing a GPU (cluster=single_gpu): the engines sleep after each generate (KV cache dropped, weights
+    to host memory) so the trainer has the memory, wake their weights for each weight sync and their KV cache
+    for the next generate (rlhf.workers.rollout.SleepBetweenRollouts). In the stages that train between
+    rollouts (RL, online_dpo, on-policy distill) and for the LLM judge's engines; generate/eval keep their
+    engines awake (nothing trains between their batches). No-op on CPU."""
     weight_sync_bucket_mb: int = 64
     """Bucket size for streaming weights to the engines."""
     hf_batch_size: int = 64
