@@ -12,7 +12,9 @@ PPO epoch = that / train_batch_size; gradient accumulation = train_batch_size / 
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from rlhf.errors import ConfigError
@@ -242,7 +244,11 @@ class RolloutConfig:
     enforce_eager: bool = True
     """Disable CUDA graphs (start-up speed; required on CPU)."""
     enable_sleep: bool = False
-    """Free vLLM memory between rollouts (colocated single-GPU mode)."""
+    """Roles sharing a GPU (cluster=single_gpu): the engines sleep after each generate (KV cache dropped, weights
+    to host memory) so the trainer has the memory, wake their weights for each weight sync and their KV cache
+    for the next generate (rlhf.workers.rollout.SleepBetweenRollouts). In the stages that train between
+    rollouts (RL, online_dpo, on-policy distill) and for the LLM judge's engines; generate/eval keep their
+    engines awake (nothing trains between their batches). No-op on CPU."""
     weight_sync_bucket_mb: int = 64
     """Bucket size for streaming weights to the engines."""
     hf_batch_size: int = 64
@@ -553,7 +559,7 @@ class OfflineConfig:
     label_smoothing: float = 0.0
     """cDPO: probability that a preference label is flipped (sigmoid only, in [0, 0.5))."""
     simpo_gamma_beta_ratio: float = 0.5
-    """SimPO target margin gamma divided by beta."""
+    """SimPO target margin gamma divided by beta (TRL's simpo_gamma is gamma = offline.beta × this)."""
     orpo_lambda: float = 0.1
     """ORPO weight of the odds-ratio term next to the chosen responses' NLL."""
     kto_desirable_weight: float = 1.0
@@ -945,8 +951,13 @@ def _check_cluster(cluster: ClusterConfig) -> None:
     _check_call_timeout(cluster)
 
 
-def validate(cfg: RLHFConfig) -> None:
-    """Check every field once, before any cluster work; raise ConfigError saying what to change."""
+def validate(cfg: RLHFConfig, *, produced: Collection[Path] = ()) -> None:
+    """Check every field once, before any cluster work; raise ConfigError saying what to change.
+
+    Machine-independent: a cuda preset validates on a machine without a GPU (what this machine has
+    is checked when Ray starts, rlhf.utils.ray_session). Local model and dataset paths must exist,
+    except inside the `produced` directories (resolved), which an earlier pipeline step will write.
+    """
     _choice(
         cfg.stage, RL_STAGES + OFFLINE_STAGES + UTILITY_STAGES + GENERATION_STAGES + ONLINE_PREFERENCE_STAGES, "stage"
     )
@@ -956,9 +967,11 @@ def validate(cfg: RLHFConfig) -> None:
         _choice(optim.scheduler, SCHEDULERS, f"{role}.optim.scheduler")
         _require(len(optim.betas) == 2, f"{role}.optim.betas must be two numbers [beta1, beta2] (got {optim.betas})")
     _choice(cfg.run.tracking.wandb_mode, WANDB_MODES, "run.tracking.wandb_mode")
-    from rlhf.models.loading import check_model_weights
+    from rlhf.data.sources import check_dataset_paths
+    from rlhf.models.loading import check_model_paths
 
-    check_model_weights(cfg)
+    check_model_paths(cfg, produced)
+    check_dataset_paths(cfg, produced)
     from rlhf.models.peft_utils import validate_peft
 
     validate_peft(cfg)

@@ -16,7 +16,7 @@ A pipeline file names an output directory, overrides common to every stage, and 
 `{name}` stands for the final model of an earlier step (`<output_dir>/<name>/final`). Each step is
 composed from conf/ exactly as `rlhf <overrides>` would be, into `<output_dir>/<name>/`. Every step's
 config is composed and validated before the first one starts, so a typo in the last stage fails
-in seconds, not after hours of SFT. A step that finished (marker file written after its final
+in seconds, not after hours of SFT (a path inside an earlier step's directory counts as existing). A step that finished (marker file written after its final
 model) is skipped when the pipeline runs again, so an interrupted pipeline resumes where it stopped.
 Extra command-line overrides apply to every step, after `common`.
 """
@@ -147,8 +147,9 @@ def compose_step(pipeline: Pipeline, step: PipelineStep) -> Any:
         raise ConfigError(f"{pipeline.source}, step {step.name!r}: {e}") from e
     finally:
         GlobalHydra.instance().clear()
-    try:
-        validate(cfg)
+    earlier = pipeline.steps[: pipeline.steps.index(step)]
+    try:  # an earlier step's outputs (its final model, generated data) do not exist before it runs
+        validate(cfg, produced=[pipeline.step_dir(s.name).resolve() for s in earlier])
     except ConfigError as e:
         raise ConfigError(f"{pipeline.source}, step {step.name!r}: {e}") from e
     return cfg

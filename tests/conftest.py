@@ -109,3 +109,61 @@ def batch_factory():
         )
 
     return make_batch
+
+
+class RecordingBackend:
+    """A rollout engine's real backend, with the calls that cross the engine boundary recorded in order:
+    "generate", "load_weights", "sleep" and "wake:<tags>" ("wake:all" for every tag)."""
+
+    RECORDED = ("generate", "load_weights", "sleep", "wake_up")
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.calls: list[str] = []
+
+    def __getattr__(self, name):
+        attribute = getattr(self.backend, name)
+        if name not in self.RECORDED:
+            return attribute
+
+        def recorded(*args, **kwargs):
+            if name == "wake_up":
+                tags = args[0] if args else kwargs.get("tags")
+                self.calls.append("wake:" + ("+".join(tags) if tags is not None else "all"))
+            else:
+                self.calls.append(name)
+            return attribute(*args, **kwargs)
+
+        return recorded
+
+
+def _install_recorder(worker) -> None:
+    worker.backend = RecordingBackend(worker.backend)
+
+
+def _remove_recorder(worker) -> list[str]:
+    if not isinstance(worker.backend, RecordingBackend):
+        return []
+    calls, worker.backend = worker.backend.calls, worker.backend.backend
+    return calls
+
+
+@pytest.fixture(scope="session")
+def engine_calls():
+    """Record what crosses the rollout engines' boundary, inside their actors (a wrapper around the real backend):
+    `engine_calls.record(group)` starts recording on every RolloutWorker of a WorkerGroup, `engine_calls.take(group)`
+    returns each engine's calls in order and puts the plain backend back (a no-op when nothing is recorded)."""
+    import sys
+    from types import SimpleNamespace
+
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import test modules
+
+    def record(group) -> None:
+        ray.get([actor.__ray_call__.remote(_install_recorder) for actor in group.actors])
+
+    def take(group) -> list[list[str]]:
+        return ray.get([actor.__ray_call__.remote(_remove_recorder) for actor in group.actors])
+
+    return SimpleNamespace(record=record, take=take)

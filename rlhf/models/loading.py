@@ -17,12 +17,13 @@ pad token (pad falls back to eos), and the model config and generation config ca
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf.data.sources import looks_like_path
+from rlhf.data.sources import is_produced, looks_like_path
 from rlhf.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -46,29 +47,39 @@ def is_tiny_model_name(path: str | Path) -> bool:
 def resolve_model_path(path: str | Path) -> str:
     """A local directory or Hub name to hand to `from_pretrained`; tiny-world names are built if needed.
 
-    Raises ConfigError for an unknown tiny name, and for a string that can only be a local path
-    (absolute, ./ or ~ prefixed, or with more than one "/") when nothing exists there.
+    Raises ConfigError as `check_model_path` does.
     """
+    check_model_path(path)
     if is_tiny_model_name(path):
-        if path not in TINY_MODEL_NAMES:
-            raise ConfigError(f"unknown tiny model {path!r}; known: {', '.join(TINY_MODEL_NAMES)}")
         from rlhf.data.tiny_world import tiny_world_dir
 
         arch, name = TINY_MODEL_NAMES[str(path)]
         return str(tiny_world_dir(archs=(arch,)).checkpoint(arch, name))
+    local = Path(path).expanduser()
+    return str(local) if local.exists() else str(path)
+
+
+def check_model_path(path: str | Path, what: str = "model path") -> None:
+    """ConfigError, without loading or building anything, when `path` can name no model: an unknown
+    tiny name, a string that can only be a local path (absolute, ./ or ~ prefixed, or with more than
+    one "/") where nothing exists, or a directory without config.json or tokenizer_config.json.
+    Hub names pass (they are resolved when loaded). `what` names the value in the message."""
+    if is_tiny_model_name(path):
+        if path not in TINY_MODEL_NAMES:
+            raise ConfigError(f"unknown tiny model {path!r}; known: {', '.join(TINY_MODEL_NAMES)}")
+        return
     local = Path(path).expanduser()
     if local.exists():
         if local.is_dir() and not (local / "config.json").exists() and not (local / "tokenizer_config.json").exists():
             raise ConfigError(
                 f"{str(path)!r} exists but holds no config.json or tokenizer_config.json; point at a Hugging Face checkpoint directory"
             )
-        return str(local)
+        return
     if isinstance(path, Path) or looks_like_path(path):
         raise ConfigError(
-            f"model path {str(path)!r} does not exist (relative paths start from {Path.cwd()}); "
+            f"{what} {str(path)!r} does not exist (relative paths start from {Path.cwd()}); "
             f"fix the path, give a Hub name like 'Qwen/Qwen2.5-0.5B', or a tiny model ({', '.join(TINY_MODEL_NAMES)})"
         )
-    return str(path)
 
 
 PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -85,7 +96,7 @@ MODEL_PATH_FIELDS = (
     "export.base",
     "eval.reference_model",
 )
-"""Config fields that name a model checkpoint (checked by `check_model_weights`)."""
+"""Config fields that name a model checkpoint (checked by `check_model_paths`)."""
 
 
 def check_weight_files(path: str | Path, *, use_safetensors: bool = True, field: str = "model.path") -> None:
@@ -109,14 +120,19 @@ def check_weight_files(path: str | Path, *, use_safetensors: bool = True, field:
         )
 
 
-def check_model_weights(cfg) -> None:
-    """`check_weight_files` on every model field of an RLHFConfig (MODEL_PATH_FIELDS) that names a local directory."""
+def check_model_paths(cfg, produced: Collection[Path] = ()) -> None:
+    """`check_model_path` and `check_weight_files` on every model field of an RLHFConfig (MODEL_PATH_FIELDS)
+    that is set; a path inside one of the `produced` directories (what an earlier pipeline step writes)
+    counts as existing."""
     for field in MODEL_PATH_FIELDS:
         value = cfg
         for part in field.split("."):
             value = getattr(value, part)
-        if value:
-            check_weight_files(value, use_safetensors=cfg.model.use_safetensors, field=field)
+        if not value:
+            continue
+        if not is_produced(value, produced):
+            check_model_path(value, what=field)
+        check_weight_files(value, use_safetensors=cfg.model.use_safetensors, field=field)
 
 
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

@@ -144,8 +144,6 @@ def _validate_qlora(cfg: RLHFConfig) -> None:
         raise ConfigError(f"{needs}: set cluster.device=cuda (got {cfg.cluster.device}), or use model.peft.method=lora")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(f"{needs} and the bitsandbytes package: pip install bitsandbytes, or use lora")
-    if cfg.cluster.address is None and not torch.cuda.is_available():
-        raise ConfigError(f"{needs}, and torch sees none on this machine; use model.peft.method=lora")
     if cfg.policy.zero_stage == 3:
         raise ConfigError(
             "model.peft.method=qlora: 4-bit base weights cannot be ZeRO-3 partitioned; set policy.zero_stage<=2"

@@ -40,7 +40,7 @@ from rlhf.trainers.checkpointing import CheckpointManager, read_state
 from rlhf.trainers.distill_data import DistillRows, load_distill_rows
 from rlhf.trainers.nonfinite import NonFiniteGuard
 from rlhf.trainers.rl import build_rollout_batch, make_progress, sample_seed
-from rlhf.trainers.roles import connect_weight_sync, start_group, sync_weights
+from rlhf.trainers.roles import RolloutSupervisor, connect_weight_sync, start_group
 from rlhf.utils.metrics import MetricsSink, PhaseTimer
 from rlhf.utils.redact import config_container
 from rlhf.workers.distill_policy import DistillPolicyWorker
@@ -146,6 +146,8 @@ class DistillTrainer:
         self.metrics = MetricsSink.for_run(run.output_dir, cfg.run, config=config_container(cfg))
         self.step_done = 0
         self.rollout: RolloutGroup | None = None
+        self.engines: RolloutSupervisor | None = None
+        """On-policy: every generate and sync (restarts dead engines; sleeps them between rollouts)."""
         self._start_roles()
 
     def _start_roles(self) -> None:
@@ -184,6 +186,13 @@ class DistillTrainer:
         require_equal_vocab(student_vocab, teacher_info["vocab_size"], self.run.student_path, self.run.teacher_path)
         if self.rollout is not None:
             connect_weight_sync(self.policy, self.rollout, cluster)
+            self.engines = RolloutSupervisor(
+                self.rollout,
+                self.policy,
+                cluster,
+                bucket_mb=cfg.rollout.weight_sync_bucket_mb,
+                max_restarts=cfg.rollout.max_restarts,
+            )
 
     # ------------------------------------------------------------------ one step
     def step(self, step: int) -> dict[str, Any]:
@@ -198,9 +207,9 @@ class DistillTrainer:
                 teacher = self.score(batch)
             with timer("update"):
                 stats.update(self.update(batch, teacher))
-            if self.rollout is not None:
+            if self.engines is not None:
                 with timer("sync"):
-                    sync_weights(self.policy, self.rollout, self.cfg.rollout.weight_sync_bucket_mb)
+                    self.engines.sync()
         stats["perf/tokens_per_s"] = float(batch.response_mask.sum()) / timer.seconds["step"]
         return {**stats, **timer.metrics()}
 
@@ -217,10 +226,10 @@ class DistillTrainer:
 
     def sample(self, rows: list[dict[str, Any]], step: int, *, data: DistillRows | None = None):
         """The student's samples (rollout.n_samples_per_prompt each) of the prompts of `rows`."""
-        assert self.rollout is not None
+        assert self.engines is not None
         prompts = (data or self.run.train).prompts([m["row"] for m in rows])
         n, seed = self.cfg.rollout.n_samples_per_prompt, sample_seed(self.cfg.run.seed, step)
-        outputs = self.rollout.generate(prompts.token_ids, self.cfg.rollout.sampling, n=n, seed=seed)
+        outputs = self.engines.generate(prompts.token_ids, self.cfg.rollout.sampling, n=n, seed=seed)
         batch = build_rollout_batch(prompts, outputs, pad_id=self.run.tokenizer.pad_token_id)
         lengths = batch.response_mask.sum(-1).float()
         return batch, {"distill/on_policy": 1.0, "rollout/response_length": float(lengths.mean())}
@@ -302,8 +311,8 @@ class DistillTrainer:
         self.policy.call(PolicyWorker.load_checkpoint, str(checkpoint / "policy"))
         self.step_done = int(state["step"])
         self.stream.load_state(saved)
-        if self.rollout is not None:
-            sync_weights(self.policy, self.rollout, self.cfg.rollout.weight_sync_bucket_mb)
+        if self.engines is not None:
+            self.engines.sync()
 
     def stream_identity(self) -> dict[str, Any]:
         """What the stream's position means: a saved position only resumes a stream with the same values."""

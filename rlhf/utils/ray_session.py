@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rlhf.config import ClusterConfig
+from rlhf.errors import ConfigError
 from rlhf.utils.distributed import clear_stale_build_locks, torch_extensions_dir
 from rlhf.utils.seeding import DETERMINISTIC_KEYS, deterministic_mode
 
@@ -40,6 +41,21 @@ def runtime_env_vars(cluster: ClusterConfig) -> dict[str, str]:
     return env
 
 
+def check_local_devices(cluster: ClusterConfig) -> None:
+    """ConfigError before a local Ray starts when this machine lacks the device the preset places actors on.
+
+    Kept out of rlhf.config.validate, so a GPU preset validates anywhere (in CI, on a laptop before submitting)."""
+    if cluster.device != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"cluster.device=cuda (cluster={cluster.name}), but torch sees no CUDA GPU on this machine and there is "
+            "no cluster to join (cluster.address, RAY_ADDRESS); use cluster=cpu_debug, or run where the GPUs are"
+        )
+
+
 @contextmanager
 def ray_session(cluster: ClusterConfig, *, deterministic: bool = False) -> Iterator[None]:
     """ray.init for this run (joining `cluster.address` or RAY_ADDRESS if set), shut down after.
@@ -63,6 +79,8 @@ def _ray_session(cluster: ClusterConfig) -> Iterator[None]:
     started_here = not ray.is_initialized()
     if started_here:
         address = cluster.address or os.environ.get("RAY_ADDRESS")
+        if not address:
+            check_local_devices(cluster)
         kwargs = {} if address else {"num_cpus": cluster.num_cpus, "num_gpus": cluster.num_gpus}
         ray.init(address=address, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True, **kwargs)
         logger.info("ray cluster resources: %s", ray.cluster_resources())

@@ -8,9 +8,10 @@ from rlhf.engines.rollout import hf_backend, vllm_backend  # noqa: F401  (regist
 from rlhf.engines.rollout.base import (
     FINISH_REASONS,
     ROLLOUT_BACKENDS,
+    SLEEP_TAGS,
     Generation,
     RolloutBackend,
     logprob_temperature,
 )
 
-__all__ = ["FINISH_REASONS", "ROLLOUT_BACKENDS", "Generation", "RolloutBackend", "logprob_temperature"]
+__all__ = ["FINISH_REASONS", "ROLLOUT_BACKENDS", "SLEEP_TAGS", "Generation", "RolloutBackend", "logprob_temperature"]

@@ -21,7 +21,7 @@ Conventions shared by every backend:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -31,6 +31,8 @@ from rlhf.algorithms.registry import Registry
 from rlhf.config import ClusterConfig, ModelConfig, RolloutConfig, SamplingConfig
 
 FINISH_REASONS = ("stop", "length")
+SLEEP_TAGS = ("weights", "kv_cache")
+"""What a sleeping engine has released, in the order `wake_up` should take it back (vLLM's tag names)."""
 GREEDY_BELOW = 1e-5
 """Temperatures below this mean greedy decoding (vLLM's _SAMPLING_EPS); n greedy samples are identical."""
 
@@ -84,11 +86,13 @@ class RolloutBackend(Protocol):
         ...
 
     def sleep(self) -> None:
-        """Release accelerator memory (weights and KV cache) until `wake_up`; no-op on CPU."""
+        """Release accelerator memory until `wake_up` (rollout.enable_sleep on cuda; no-op otherwise): the KV
+        cache is dropped and the weights move to host memory (vLLM's sleep level 1)."""
         ...
 
-    def wake_up(self) -> None:
-        """Undo `sleep`; no-op on CPU."""
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Take back what `sleep` released: `tags` from SLEEP_TAGS ("weights" first, so new weights can be
+        loaded before the KV cache is allocated again), None for all; no-op where `sleep` is."""
         ...
 
     def reset_prefix_cache(self) -> None:

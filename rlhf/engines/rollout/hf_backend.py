@@ -14,7 +14,7 @@ them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -93,12 +93,12 @@ class HFBackend:
             )
 
     def sleep(self) -> None:
-        if self.sleep_enabled:
+        if self.sleep_enabled:  # no KV cache outlives a generate call: only the weights hold memory
             self.model.to("cpu")
             torch.cuda.empty_cache()
 
-    def wake_up(self) -> None:
-        if self.sleep_enabled:
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        if self.sleep_enabled and (tags is None or "weights" in tags):
             self.model.to(self.device)
 
     def reset_prefix_cache(self) -> None:

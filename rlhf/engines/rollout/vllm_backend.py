@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from torch import Tensor
 
@@ -120,11 +120,11 @@ class VLLMBackend:
 
     def sleep(self) -> None:
         if self.sleep_enabled:
-            self.llm.sleep(level=1)
+            self.llm.sleep(level=1)  # KV cache discarded, weights offloaded to CPU; the scheduler pauses
 
-    def wake_up(self) -> None:
-        if self.sleep_enabled:
-            self.llm.wake_up()
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        if self.sleep_enabled:  # the scheduler resumes once every tag is awake again
+            self.llm.wake_up(tags=list(tags) if tags is not None else None)
 
     def reset_prefix_cache(self) -> None:
         self.llm.reset_prefix_cache()

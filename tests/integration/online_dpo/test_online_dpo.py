@@ -182,6 +182,7 @@ def test_first_step_is_ln2_against_either_reference(ray_cluster, tmp_path):
 LEARN = [
     "+experiment=tiny_online_dpo",
     "rollout.backend=hf",
+    "rollout.enable_sleep=true",  # the single_gpu hand-off (no-op on CPU) runs through every round and the resume
     "run.eval_size=8",
     "run.progress_bar=false",
     "run.tensorboard=false",

@@ -53,8 +53,11 @@ def make_batch(tokenizer) -> RolloutBatch:
     return RolloutBatch(prompt_ids, prompt_mask, response_ids, response_mask, metadata=metadata)
 
 
-def test_rule_model_and_judge_terms_together(ray_cluster, tokenizer, reward_model_path):
+def test_rule_model_and_judge_terms_together(ray_cluster, tokenizer, reward_model_path, engine_calls):
+    """With rollout.enable_sleep (a judge sharing the trainer's GPU) the judge's engine sleeps after each
+    batch of verdicts and wakes whole before the next (no weight sync: its weights never change)."""
     cfg = RLHFConfig()
+    cfg.rollout.enable_sleep = True
     cfg.policy.micro_batch_size = 2
     cfg.reward.model_path = reward_model_path
     cfg.reward.model_weight = 0.5
@@ -68,6 +71,8 @@ def test_rule_model_and_judge_terms_together(ray_cluster, tokenizer, reward_mode
     assert [t.name for t in pipeline.terms] == ["tiny_world", "model", "judge"]
     try:
         pipeline.start(lambda *args, **kwargs: start_group(cfg.cluster, *args, **kwargs))
+        judge_engines = pipeline.terms[2].judge.engines.group
+        engine_calls.record(judge_engines)
         batch = make_batch(tokenizer)
         scores, stats = pipeline.score(batch)
 
@@ -82,6 +87,7 @@ def test_rule_model_and_judge_terms_together(ray_cluster, tokenizer, reward_mode
         judge_scores = torch.tensor([0.25 if p is None else p for p in parsed])
         assert stats["reward/judge_unparseable"] == float(sum(p is None for p in parsed)) == unparseable
         torch.testing.assert_close(stats["reward/judge_mean"], judge_scores.mean())
+        assert engine_calls.take(judge_engines) == [["generate", "sleep", "wake:weights+kv_cache", "generate", "sleep"]]
     finally:
         pipeline.close()
 

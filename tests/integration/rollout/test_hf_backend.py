@@ -94,6 +94,12 @@ def test_sleep_frees_gpu_memory_and_wake_up_restores(tiny_checkpoint):
     weight_bytes = sum(p.numel() * p.element_size() for p in backend.model.parameters())
     awake = torch.cuda.memory_allocated()
     backend.sleep()
-    assert awake - torch.cuda.memory_allocated() >= weight_bytes
-    backend.wake_up()
+    asleep = torch.cuda.memory_allocated()
+    assert awake - asleep >= weight_bytes
+    backend.wake_up(["weights"])  # before a weight sync: the weights come back (this backend keeps no KV cache)
+    assert torch.cuda.memory_allocated() - asleep >= weight_bytes
+    backend.wake_up(["kv_cache"])  # before the next generate
+    assert backend.generate(PROMPTS, GREEDY, n=1, seed=None) == before
+    backend.sleep()
+    backend.wake_up()  # None: everything at once
     assert backend.generate(PROMPTS, GREEDY, n=1, seed=None) == before

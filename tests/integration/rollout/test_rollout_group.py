@@ -21,7 +21,7 @@ from rlhf.config import ClusterConfig, ModelConfig, ResourceConfig, RolloutConfi
 from rlhf.engines.rollout import Generation
 from rlhf.errors import ConfigError, WorkerError
 from rlhf.models.logprobs import response_logprobs
-from rlhf.workers.rollout import RolloutGroup, engine_resources, even_slices
+from rlhf.workers.rollout import EngineMemory, RolloutGroup, SleepBetweenRollouts, engine_resources, even_slices
 
 from .conftest import sample_batch, sampled_distribution_logprobs
 
@@ -183,16 +183,31 @@ def test_greedy_samples_are_identical_with_untempered_logprobs(engines, tiny_che
 
 
 @pytest.mark.ray
-def test_weight_sync_from_a_trainer_actor(engines, tiny_checkpoint, pad_id, record_property):
+def test_weight_sync_from_a_trainer_actor(engines, tiny_checkpoint, pad_id, record_property, engine_calls):
+    """The first round goes through rollout.enable_sleep's hand-off as the trainers drive it (generate,
+    sleep, wake the weights, sync, wake the KV cache, generate, sleep): the real engines on CPU, where
+    sleep and wake are no-ops, still sample the new weights, and the engine boundary sees the calls in
+    that order. The fixture's engines (enable_sleep=false) keep everything resident: no calls at all."""
     trainer = ray.remote(num_cpus=1)(Trainer).remote(tiny_checkpoint)
+    engine_calls.record(engines.group)
     try:
         host, port = ray.get(trainer.endpoint.remote())
         joining = trainer.join.remote(host, port, 1 + engines.num_ranks)
         engines.init_weight_sync(host, port, "gloo", timeout_s=120)
         ray.get(joining)
 
+        assert type(engines.memory) is EngineMemory  # enable_sleep=false
+        engines.memory.before_generate()
+        engines.memory.after_generate()
+        engines.memory.before_sync()
+        memory = SleepBetweenRollouts(engines)  # what RolloutGroup picks for enable_sleep=true
+        memory.before_generate()
+        engines.generate(PROMPTS, SAMPLING, n=1, seed=5)
+        memory.after_generate()
+
         old_model, new_model = _load_model(tiny_checkpoint), _load_model(tiny_checkpoint, perturb_seed=1)
         ray.get(trainer.load.remote(1))
+        memory.before_sync()
         sending = trainer.send.remote()
         received = engines.wait(engines.receive_weights_async())
         sent = ray.get(sending)
@@ -206,12 +221,16 @@ def test_weight_sync_from_a_trainer_actor(engines, tiny_checkpoint, pad_id, reco
         )
         record_property("weight_sync_seconds", sent["seconds"])
 
+        memory.before_generate()
         outputs = engines.generate(PROMPTS, SAMPLING, n=2, seed=5)
+        memory.after_generate()
         new_error = _parity_error(new_model, PROMPTS, outputs, pad_id)
         old_error = _parity_error(old_model, PROMPTS, outputs, pad_id)
         logger.info("after sync: error vs new weights %.2e, vs old weights %.2e", new_error, old_error)
         assert new_error < PARITY_TOL
         assert old_error > 1e-2
+        handoff = ["generate", "sleep", "wake:weights", "load_weights", "wake:kv_cache", "generate", "sleep"]
+        assert engine_calls.take(engines.group) == [handoff] * engines.num_engines
 
         # A second round on the same group restores the original weights for the module's other tests.
         ray.get(trainer.load.remote(None))
@@ -224,6 +243,7 @@ def test_weight_sync_from_a_trainer_actor(engines, tiny_checkpoint, pad_id, reco
         engines.close_weight_sync()
         ray.get(trainer.close.remote())
         ray.kill(trainer)
+        engine_calls.take(engines.group)  # the plain backend back for the module's other tests (if it failed early)
 
 
 @pytest.mark.ray
