@@ -7,7 +7,7 @@ import pytest
 from rlhf.config import RLHFConfig
 from rlhf.errors import ConfigError
 from rlhf.models.loading import load_tokenizer, resolve_model_path
-from rlhf.trainers.prepare import check_critic_tokenizer, prepare
+from rlhf.trainers.prepare import prepare
 
 
 def ppo_config(critic_model_path) -> RLHFConfig:
@@ -22,6 +22,8 @@ def test_a_critic_with_another_tokenizer_is_refused_before_anything_starts(other
 
 
 def test_a_critic_with_the_policys_tokenizer_or_none_passes(tmp_path):
+    from rlhf.trainers.prepare import check_critic_tokenizer
+
     tiny = load_tokenizer(resolve_model_path("tiny"))
     check_critic_tokenizer(ppo_config(resolve_model_path("tiny")), tiny)
     (tmp_path / "config.json").write_text('{"model_type": "qwen2", "vocab_size": 100}')  # no tokenizer saved
