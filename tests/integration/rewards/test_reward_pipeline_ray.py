@@ -36,15 +36,21 @@ def tokenizer():
     return load_tokenizer(resolve_model_path("tiny"))
 
 
-@pytest.fixture(scope="module")
-def reward_model_path(tmp_path_factory, tokenizer) -> str:
+def save_reward_model(path, tokenizer, *, seed: int, with_tokenizer: bool) -> str:
+    """A random tiny reward model for `tokenizer`'s ids (saved with the tokenizer, or without one)."""
     config = tiny_config("qwen2", vocab_size=len(tokenizer))
     config.num_labels = 1
     config.pad_token_id = tokenizer.pad_token_id
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-rm")
+    torch.manual_seed(seed)
     AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
+    if with_tokenizer:
+        tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def reward_model_path(tmp_path_factory, tokenizer) -> str:
+    return save_reward_model(tmp_path_factory.mktemp("tiny-rm"), tokenizer, seed=0, with_tokenizer=False)
 
 
 def make_batch(tokenizer) -> RolloutBatch:
@@ -108,15 +114,8 @@ CONVERSATIONS = [
 @pytest.fixture(scope="module")
 def other_reward_model_path(tmp_path_factory, other_tokenizer_dir) -> str:
     """A random tiny reward model saved with a tokenizer of reversed ids and another chat template."""
-    other = load_tokenizer(other_tokenizer_dir)
-    config = tiny_config("qwen2", vocab_size=len(other))
-    config.num_labels = 1
-    config.pad_token_id = other.pad_token_id
-    torch.manual_seed(1)
     path = tmp_path_factory.mktemp("tiny-rm-other-tokenizer")
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
-    other.save_pretrained(path)
-    return str(path)
+    return save_reward_model(path, load_tokenizer(other_tokenizer_dir), seed=1, with_tokenizer=True)
 
 
 def policy_batch(tokenizer) -> RolloutBatch:
