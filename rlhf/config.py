@@ -34,7 +34,8 @@ class LoraConfig:
 
 @dataclass
 class PeftConfig:
-    """Which parameters of the policy train (rlhf.models.peft_utils.apply_peft)."""
+    """Which parameters of the trained model (policy, stage=rm's reward model, PPO's critic) train
+    (rlhf.models.peft_utils.apply_peft); a reward model's or critic's scalar head always trains."""
 
     method: str = "none"
     """none (full fine-tuning; LoRA when model.lora.rank > 0), lora, qlora (4-bit base, CUDA +
@@ -95,7 +96,7 @@ class ModelConfig:
     """LoRA adapters on the policy (merged into the base weights for rollout); also the low-rank
     settings (rank, alpha, dropout, target_modules) of peft.method qlora, loha and lokr."""
     peft: PeftConfig = field(default_factory=PeftConfig)
-    """Parameter-efficient method of the policy (rlhf.models.peft_utils); none + lora.rank > 0 is LoRA."""
+    """Parameter-efficient method of the trained models (rlhf.models.peft_utils); none + lora.rank > 0 is LoRA."""
 
 
 @dataclass
@@ -1096,7 +1097,10 @@ def validate_rl(cfg: RLHFConfig) -> None:
     )
     _check_train(cfg.policy, "policy", sequences, arithmetic)
     if uses_critic(cfg):
+        from rlhf.models.peft_utils import check_scalar_head_peft
+
         _check_train(cfg.critic, "critic", sequences, arithmetic)
+        check_scalar_head_peft(cfg.model, f"critic (algorithm.advantage={algo.advantage})")
     _require(cfg.data.max_prompt_length >= 1, "data.max_prompt_length must be >= 1")
     _check_reward(cfg.reward)
 
@@ -1153,10 +1157,10 @@ def validate_offline(cfg: RLHFConfig) -> None:
         f"data.packing=true packs PT/SFT sequences; offline.objective={off.objective} trains on "
         f"{objective.example_kind} examples: set data.packing=false",
     )
-    _require(
-        objective.model_kind != "reward" or cfg.model.lora.rank == 0,
-        "reward-model training does not support LoRA yet; set model.lora.rank=0",
-    )
+    if objective.model_kind == "reward":
+        from rlhf.models.peft_utils import check_scalar_head_peft
+
+        check_scalar_head_peft(cfg.model, f"reward model (offline.objective={off.objective})")
     LOSS_AGGREGATIONS.check(off.loss_agg, "offline.loss_agg")
     PREFERENCE_LOSSES.check(off.preference_loss, "offline.preference_loss")
     _require(off.epochs >= 1, f"offline.epochs must be >= 1 (got {off.epochs})")

@@ -80,6 +80,45 @@ def tiny_model_path(tmp_path_factory) -> str:
     return str(save_tiny_model(model, None, tmp_path_factory.mktemp("tiny-policy")))
 
 
+# "### user:\n3+4=<|end|>\n### assistant:\n" where the tiny template writes "<|bos|><|user|>\n3+4=<|end|><|assistant|>\n"
+OTHER_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '### ' + message['role'] + ':\\n' + message['content'] + eos_token + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '### assistant:\\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def other_tokenizer_dir(tmp_path_factory):
+    """A tokenizer directory that differs from the tiny world's by construction: every token id reversed
+    (the same text splits into the same pieces, each with another id) and another chat template."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from rlhf.models.loading import load_tokenizer, resolve_model_path
+
+    tiny = load_tokenizer(resolve_model_path("tiny"))
+    spec = json.loads(tiny.backend_tokenizer.to_str())
+    last = len(tiny) - 1
+    spec["model"]["vocab"] = {piece: last - i for piece, i in spec["model"]["vocab"].items()}
+    for added in spec["added_tokens"]:
+        added["id"] = last - added["id"]
+    other = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        bos_token=tiny.bos_token,
+        eos_token=tiny.eos_token,
+        pad_token=tiny.pad_token,
+        unk_token=tiny.unk_token,
+        additional_special_tokens=[t for t in tiny.all_special_tokens if t not in tiny.special_tokens_map.values()],
+        clean_up_tokenization_spaces=False,
+    )
+    other.chat_template = OTHER_CHAT_TEMPLATE
+    path = tmp_path_factory.mktemp("other-tokenizer")
+    other.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def batch_factory():
     """`make_batch(rows=8, prompt_len=5, response_len=6, seed=0)`: random rollout batches over the tiny vocab.

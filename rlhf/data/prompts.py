@@ -23,6 +23,10 @@ from rlhf.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
+RAW_PROMPT = "raw_prompt"
+"""Metadata key of the prompt as the dataset wrote it (text or chat messages), added by
+`prompt_metadata`: a reward model with its own tokenizer re-renders the conversation from it."""
+
 TINY_SOURCES = ("tiny", "tiny:train", "tiny:eval")
 """Whole tiny-world prompt sets. A task subset is written "tiny:<split>:<task>+<task>..." (see
 `load_prompt_dataset`), e.g. "tiny:train:copy+reverse+add_1d+sub_1d"."""
@@ -125,6 +129,11 @@ def _prompt_example(record: Record, prompt_key: str, answer_key: str | None) -> 
             )
         metadata["answer"] = str(answer)
     return PromptExample(prompt, metadata, record.where)
+
+
+def prompt_metadata(row: PromptExample) -> dict[str, Any]:
+    """What travels with a prompt to the reward terms: the row's fields plus RAW_PROMPT."""
+    return {**row.metadata, RAW_PROMPT: row.prompt}
 
 
 def encode_prompts(

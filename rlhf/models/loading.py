@@ -152,6 +152,35 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreT
     return tokenizer
 
 
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
+"""Files of which a checkpoint directory holds at least one when a tokenizer was saved with it."""
+
+
+def checkpoint_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase | None:
+    """The tokenizer saved with the checkpoint at `path` (see load_tokenizer), or None for a local
+    directory that holds none (e.g. a critic or a reward model saved without one)."""
+    resolved = Path(resolve_model_path(path))
+    if resolved.is_dir() and not any((resolved / name).exists() for name in TOKENIZER_FILES):
+        return None
+    return load_tokenizer(resolved, trust_remote_code=trust_remote_code)
+
+
+def check_vocabulary_fits(
+    path: str | Path, tokenizer: PreTrainedTokenizerBase, *, field: str, trust_remote_code: bool = False
+) -> None:
+    """ConfigError when the model at `path` (config field `field`) has fewer token embeddings than
+    `tokenizer` has tokens, so the tokenizer's ids cannot be its inputs."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code)
+    vocab_size = getattr(config, "vocab_size", None)
+    if vocab_size is not None and vocab_size < len(tokenizer):
+        raise ConfigError(
+            f"{field}={str(path)!r} embeds {vocab_size} tokens but the policy's tokenizer has {len(tokenizer)}: it was "
+            f"made for another tokenizer; save that tokenizer with the checkpoint, or use one made for the policy's"
+        )
+
+
 def load_causal_lm(
     path: str | Path,
     *,

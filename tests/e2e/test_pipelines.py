@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 pytestmark = [pytest.mark.ray]
@@ -81,6 +82,24 @@ def test_sft_then_reward_model_then_ppo_pipeline(tmp_path):
     assert started_from(out / "rm") == sft_final and started_from(out / "ppo") == sft_final
     ppo_cfg = OmegaConf.load(out / "ppo" / "config.yaml")
     assert ppo_cfg.reward.model_path == str((out / "rm" / "final").resolve()) and ppo_cfg.reward.fn is None
+    rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert any("reward/model_mean" in r and "critic/loss" in r for r in rows)
+
+
+@pytest.mark.slow  # the recipe by the test above; LoRA on the reward model and the critic by tests/integration/peft
+def test_sft_rm_ppo_pipeline_with_lora_on_every_trained_model(tmp_path):
+    """model.peft applies to the reward model and the critic too; the LoRA reward model's merged final/ is PPO's RM."""
+    from safetensors.torch import load_file
+
+    proc = run_pipeline(tmp_path, "sft_rm_ppo", "model.peft.method=lora", "model.lora.rank=4")
+    out = tmp_path / "sft_rm_ppo"
+    assert (out / "rm" / "final" / "adapter" / "adapter_config.json").is_file()
+    sft = load_file(out / "sft" / "final" / "model.safetensors")
+    rm = load_file(out / "rm" / "final" / "model.safetensors")
+    adapted = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "score.weight")
+    frozen = [name for name in rm if not name.endswith(adapted)]
+    assert frozen and all(torch.equal(rm[name], sft[name]) for name in frozen)  # only LoRA's targets and the head moved
+    assert "shares the policy's tokenizer: it scores the policy's token ids" in proc.stderr
     rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert any("reward/model_mean" in r and "critic/loss" in r for r in rows)
 
