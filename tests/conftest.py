@@ -120,6 +120,27 @@ def other_tokenizer_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def scripted_checkpoint(tmp_path_factory):
+    """`make(script) -> path`: a checkpoint (with the tiny world's tokenizer) that writes what `script` says.
+
+    See rlhf.models.tiny.build_scripted_model: the next token depends only on the current one, so a
+    test forces each output by construction instead of depending on what a trained model samples.
+    """
+    from transformers import AutoTokenizer
+
+    from rlhf.data.tiny_world import tiny_world_dir
+    from rlhf.models.tiny import build_scripted_model, save_tiny_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_world_dir(archs=()).tokenizer_dir)
+
+    def make(script: dict[str, str | list[str]]) -> str:
+        model = build_scripted_model(tokenizer, script)
+        return str(save_tiny_model(model, tokenizer, tmp_path_factory.mktemp("scripted")))
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def batch_factory():
     """`make_batch(rows=8, prompt_len=5, response_len=6, seed=0)`: random rollout batches over the tiny vocab.
 

@@ -225,6 +225,26 @@ def evaluate_accuracy(
     return sum(check_answer(text, row["answer"]) for text, row in zip(responses, rows)) / len(rows)
 
 
+@torch.no_grad()
+def answer_probabilities(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict[str, Any]]
+) -> list[float]:
+    """P(the reference answer, then end of turn | the chat prompt) of each {"prompt", "answer"} row.
+
+    The probability that a temperature-1 sample is exactly the answer: a lower bound on the expected
+    rule reward that depends on the weights alone. Learning tests compare two models on it, free of
+    the noise of a sampled accuracy.
+    """
+    examples = [encode_sft_example(tokenizer, row["prompt"], str(row["answer"])) for row in rows]
+    input_ids, attention_mask = pad_sequences([ids for ids, _ in examples], pad_id=tokenizer.pad_token_id, left=False)
+    labels, _ = pad_sequences([labels for _, labels in examples], pad_id=IGNORE_INDEX, left=False)
+    model.eval()
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    picked = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(targets != IGNORE_INDEX, picked, 0.0).sum(-1).exp().tolist()
+
+
 def accuracy_by_task(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,

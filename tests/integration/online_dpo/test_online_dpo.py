@@ -153,9 +153,13 @@ def test_first_step_is_ln2_against_either_reference(ray_cluster, tmp_path):
     try:
         assert trainer.reference is not None
         batch, _, _ = trainer._collect_once(0, PhaseTimer())
-        # one minibatch of 2 pairs (rows 0/1, 2/3): which sample wins does not matter here, and
-        # taking them by position does not depend on what the tiny model happens to sample
-        minibatch = batch.select(list(range(4)))
+        # real samples, scores forced: how many prompts the rule reward splits into a pair is sampling
+        # luck, so sample j of each prompt scores j (pairing itself: test_pairs_are_best_vs_worst_...)
+        batch = batch.replace(scores=(torch.arange(len(batch)) % 4).float())
+        pairs, stats = trainer.pairs(batch)
+        assert len(pairs) == 16 and stats["online_dpo/pairs"] == 8, stats  # best (sample 3) vs worst (0), 8 prompts
+        assert pairs.response_ids[0::2].equal(batch.response_ids[3::4])
+        minibatch = pairs.select(list(range(4)))
         initial = trainer.reference_sums(minibatch)
         previous = trainer._round_start_logprobs(minibatch)
         assert torch.isfinite(initial).all() and (initial < 0).all()
