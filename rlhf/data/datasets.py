@@ -4,7 +4,7 @@ Sources (`load_records`):
   a local .json/.jsonl/.csv/.parquet/.arrow file or a directory of them (rlhf.data.sources;
   `datasets.save_to_disk` directories included), a Hub dataset name (through `datasets`), or a
   tiny-world file "tiny:<kind>:<split>" with kind in pretrain, sft, preference, preference_hard,
-  kto, carry_sft, cot and split in train, eval (rlhf.data.tiny_world). "tiny", "tiny:train" and
+  kto, carry_sft, carry_cot, cot and split in train, eval (rlhf.data.tiny_world). "tiny", "tiny:train" and
   "tiny:eval" (the RL defaults of data.train/data.eval) mean the tiny file of the stage's format:
   text → pretrain, instruction/messages → sft, preference → preference, kto → kto.
 
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-TINY_OFFLINE_KINDS = ("pretrain", "sft", "preference", "preference_hard", "kto", "carry_sft", "cot")
+TINY_OFFLINE_KINDS = ("pretrain", "sft", "preference", "preference_hard", "kto", "carry_sft", "carry_cot", "cot")
 TINY_KIND_OF_FORMAT = {
     "text": "pretrain",
     "instruction": "sft",

@@ -74,7 +74,7 @@ from rlhf.errors import DataError
 logger = logging.getLogger(__name__)
 
 TINY_WORLD_VERSION = 2
-DATA_KINDS = ("pretrain", "sft", "preference_hard", "kto", "rl", "carry_sft", "preference", "carry")
+DATA_KINDS = ("pretrain", "sft", "preference_hard", "kto", "rl", "carry_sft", "carry_cot", "preference", "carry")
 SPLITS = ("train", "eval")
 TINY_ARCHS = ("qwen2", "llama")  # rlhf.models.tiny.TINY_ARCHITECTURES, without importing torch here
 CHECKPOINT_NAMES = ("policy-init", "policy-sft", "judge")  # judge: JUDGE_ARCH only
@@ -356,22 +356,46 @@ def carry_slip(problem: Problem) -> str | None:
     return None
 
 
-def slipped_sft_rows(problems: Sequence[Problem], *, seed: int = 0) -> list[dict[str, Any]]:
+def slipped_sft_rows(
+    problems: Sequence[Problem], *, seed: int = 0, chain_of_thought: bool = False
+) -> list[dict[str, Any]]:
     """SFT rows of a careless demonstrator: CARRY_SLIP of the problems that need a carry get `carry_slip`.
 
     Its demonstrations forget the carry more often than not, so a model trained on them learns to
     forget it too when greedy, while its samples carry some of the time: a systematic error that
     more SFT on the same rows cannot fix and a verifiable reward can (benchmarks/learning.py).
-    Problems without a carry keep their correct answer.
+    Problems without a carry keep their correct answer. chain_of_thought=True writes worked
+    solutions instead (`slipped_chain_of_thought`, the carry world's ReFT warm-up data), with the
+    same problems slipped.
     """
     rng = _rng(seed, "slip")
-    slipped = []
+    rows = []
     for p in problems:
-        wrong = carry_slip(p)
-        slipped.append(
-            p if wrong is None or rng.random() >= CARRY_SLIP else Problem(p.task, p.difficulty, p.prompt, wrong)
-        )
-    return sft_rows(slipped)
+        slipped = carry_slip(p) is not None and rng.random() < CARRY_SLIP
+        if chain_of_thought:
+            rows.append(
+                {
+                    "prompt": p.prompt,
+                    "response": slipped_chain_of_thought(p, slipped),
+                    "answer": p.answer,
+                    "task": p.task,
+                }
+            )
+        else:
+            rows += sft_rows([Problem(p.task, p.difficulty, p.prompt, carry_slip(p)) if slipped else p])  # type: ignore[arg-type]
+    return rows
+
+
+def slipped_chain_of_thought(problem: Problem, slipped: bool) -> str:
+    """`chain_of_thought`, or with the carry forgotten: "47+5=" -> "7+5=12 40+2=42 #### 42" (only the units' last digit added)."""
+    if not slipped:
+        return chain_of_thought(problem)
+    a, b = (int(x) for x in re.split(r"[+-]", problem.prompt.rstrip("=")))
+    symbol = "+" if problem.task == "add_2d" else "-"
+    units, tens = a % 10, a - a % 10
+    partial = units + b if symbol == "+" else units - b
+    wrong = carry_slip(problem)
+    return f"{units}{symbol}{b}={partial} {tens}+{abs(partial) % 10}={wrong} #### {wrong}"
 
 
 def grid_file(kind: str = "rl", split: str = "train", *, task: str = "add_2d", seed: int = 0) -> Path:
@@ -430,10 +454,10 @@ def generate_rows(kind: str, split: str = "train", *, seed: int = 0) -> list[dic
         raise DataError(
             f"unknown tiny-world data {kind!r}/{split!r}; kinds: {', '.join(DATA_KINDS)}; splits: train, eval"
         )
-    if kind in ("carry_sft", "preference", "carry"):
+    if kind in ("carry_sft", "carry_cot", "preference", "carry"):
         grid = grid_split(CARRY_TASK, seed=seed)[split]
-        if kind == "carry_sft":
-            return slipped_sft_rows(grid, seed=seed)
+        if kind in ("carry_sft", "carry_cot"):
+            return slipped_sft_rows(grid, seed=seed, chain_of_thought=kind == "carry_cot")
         return carry_preference_rows(grid) if kind == "preference" else rl_rows(grid)
     problems = split_problems(seed)[split]
     if kind == "pretrain":
