@@ -18,7 +18,8 @@ composed from conf/ exactly as `rlhf <overrides>` would be, into `<output_dir>/<
 config is composed and validated before the first one starts, so a typo in the last stage fails
 in seconds, not after hours of SFT. A step that finished (marker file written after its final
 model) is skipped when the pipeline runs again, so an interrupted pipeline resumes where it stopped.
-Extra command-line overrides apply to every step, after `common`.
+Extra command-line overrides apply to every step, after `common`; one written `<step>:<override>`
+applies to that step only, after its own overrides (`rlhf-pipeline sft_rm_ppo ppo:run.total_steps=100`).
 
 Each step ends with a summary line (logged, and written to <output_dir>/pipeline_summary.txt):
 its held-out metrics at the first and last evaluation (eval/loss, eval/accuracy,
@@ -54,6 +55,8 @@ REWARD_KEYS = ("reward/model_raw_mean", "reward/judge_mean", "reward/mean")
 FINAL_ACCURACY = "final_eval/accuracy"
 """Greedy held-out accuracy after the step (run.final_eval), the recipe summary's score."""
 _REFERENCE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_STEP_PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):[^=]*=")
+"""A command-line override for one step: `<step>:<key>=<value>` (a ":" in the value does not count)."""
 
 
 @dataclass(frozen=True)
@@ -129,8 +132,18 @@ def load_pipeline(name_or_path: str, extra_overrides: list[str] | tuple[str, ...
     for override in extra_overrides:
         if override.startswith("output_dir="):
             output_dir = Path(override.partition("=")[2])
-    rest = tuple(o for o in extra_overrides if not o.startswith("output_dir="))
-    return Pipeline(str(path), output_dir, tuple(common) + rest, tuple(steps))
+    rest = [o for o in extra_overrides if not o.startswith("output_dir=")]
+    names = [s.name for s in steps]
+    for override in rest:
+        prefix = _STEP_PREFIX.match(override)
+        if prefix and prefix.group(1) not in names:
+            raise ConfigError(f"{override!r} names no step of {path} (steps: {', '.join(names)})")
+    steps = [
+        PipelineStep(s.name, s.overrides + tuple(o.split(":", 1)[1] for o in rest if o.startswith(f"{s.name}:")))
+        for s in steps
+    ]
+    everywhere = tuple(o for o in rest if not _STEP_PREFIX.match(o))
+    return Pipeline(str(path), output_dir, tuple(common) + everywhere, tuple(steps))
 
 
 def step_overrides(pipeline: Pipeline, step: PipelineStep) -> list[str]:
