@@ -40,7 +40,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 from rlhf.data.batch import pad_sequences
 from rlhf.data.tiny_world import JUDGE_TEMPLATE, JUDGE_VERDICTS, Problem, carry_mistake, slipped_sft_rows
 from rlhf.models.tiny import save_tiny_model
-from rlhf.models.warmup import IGNORE_INDEX, warm_up
+from rlhf.models.warmup import IGNORE_INDEX, generate_from_ids, warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -100,26 +100,6 @@ def train_judge(model: Any, tokenizer: PreTrainedTokenizerBase, problems: Sequen
     return losses
 
 
-@torch.no_grad()
-def judge_verdicts(model: Any, tokenizer: PreTrainedTokenizerBase, conversations: Sequence[list[int]]) -> list[str]:
-    """Greedy verdicts to rendered conversations (token ids), as the judge engine decodes them."""
-    verdicts = []
-    for start in range(0, len(conversations), 128):
-        input_ids, attention_mask = pad_sequences(
-            list(conversations[start : start + 128]), pad_id=tokenizer.pad_token_id, left=True
-        )
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=JUDGE_MAX_NEW_TOKENS,
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        verdicts += tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)
-    return verdicts
-
-
 def build_tiny_judge(
     out_dir: Path, init_dir: Path, tokenizer: PreTrainedTokenizerBase, grid: dict[str, list[Problem]], *, seed: int = 0
 ) -> dict[str, Any]:
@@ -135,7 +115,10 @@ def build_tiny_judge(
         losses = train_judge(model, tokenizer, grid["train"], steps=JUDGE_STEPS, seed=seed)
         seconds = time.perf_counter() - start
         graded = [(p, p.answer, True) for p in grid["eval"]] + [(p, carry_mistake(p), False) for p in grid["eval"]]
-        verdicts = judge_verdicts(model, tokenizer, [conversation_ids(tokenizer, p, r) for p, r, _ in graded])
+        conversations = [conversation_ids(tokenizer, p, r) for p, r, _ in graded]
+        verdicts = generate_from_ids(
+            model, tokenizer, conversations, temperature=0.0, max_new_tokens=JUDGE_MAX_NEW_TOKENS
+        )
     finally:
         torch.set_num_threads(threads)
     pattern = re.compile(JudgeConfig.pattern)

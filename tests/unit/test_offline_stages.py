@@ -71,6 +71,9 @@ def test_stage_composes_and_validates(stage):
         (["stage=dpo", "data.packing=true"], "data.packing=true packs PT/SFT sequences"),
         (["stage=rm", "model.lora.rank=8"], "reward-model training does not support LoRA"),
         (["stage=sft", "offline.epochs=0"], "offline.epochs must be >= 1"),
+        (["stage=dpo", "offline.nll_weight=-1"], "offline.nll_weight must be >= 0"),
+        (["stage=simpo", "offline.nll_weight=1"], "adds an NLL term to the dpo objective only"),
+        (["stage=online_dpo", "offline.nll_weight=1"], "reads its NLL weight from online_dpo.nll_weight"),
     ],
 )
 def test_bad_values_raise_config_error(overrides, message):
