@@ -18,7 +18,7 @@ The warmed-up tiny models (rlhf.models.warmup) copy and reverse well, longer wor
 and get held-out arithmetic mostly wrong: about a third of eval prompts right when sampling at
 temperature 1, which leaves GRPO room to raise accuracy.
 
-The carry world (the recipes' data; rlhf-pipeline sft_dpo, sft_rm_ppo, rlaif): the grid split of
+The carry world (the data of the recipes in conf/pipeline/): the grid split of
 two-digit addition (`grid_split`, 720 train and 180 held-out problems "a+b=", a in 10..99, b in
 0..9), with the demonstrations of a careless demonstrator who forgets the carry in 60% of the
 problems that need one (`carry_sft`, see `slipped_sft_rows`), so the SFT model forgets it too, and
@@ -27,7 +27,8 @@ correct answer against the forgotten carry ("47+5=": 52 over 42) or a carry wher
 ("47+2=": 49 over 59). The pairs bring what the demonstrations lack, and checking a carry is a
 rule a 2-layer model learns from the pairs (a reward model reaches ~0.97 held-out accuracy), so
 DPO, a reward model and PPO can fix what more SFT on the same demonstrations cannot. `carry`
-holds the RL prompts with reference answers of the same split (prompt source "tiny:carry:<split>").
+holds the RL prompts with reference answers of the same split (prompt source "tiny:carry:<split>"),
+`carry_cot` the same demonstrations as worked solutions (ReFT's warm-up, `slipped_chain_of_thought`).
 
 `preference_hard` pairs the correct answer of every task with a wrong one a rule makes (off by a
 little, or one letter changed): a 2-layer reward model does not learn to judge those (held-out
