@@ -37,7 +37,7 @@ accuracy ~0.55: a held-out sum is a fact it never saw).
 `materialize_tiny_world` writes everything to a directory; `tiny_world_dir` does so once under
 the cache (`${RLHF_CACHE:-~/.cache/rlhf}/tiny_world/<version-hash>`) and reuses it. Layout:
 
-  data/{pretrain,sft,preference_hard,kto,rl,carry_sft,preference,carry}_{train,eval}.jsonl,
+  data/{pretrain,sft,preference_hard,kto,rl,carry_sft,carry_cot,preference,carry}_{train,eval}.jsonl,
   data/manifest.json
   tokenizer/                        Hugging Face tokenizer dir (rlhf.data.tokenizer)
   models/<arch>/policy-init/        random-init tiny model + tokenizer (arch: qwen2, llama)
