@@ -559,6 +559,9 @@ class OfflineConfig:
     """DPO-family variant (registry PREFERENCE_LOSSES): sigmoid (DPO/cDPO), ipo, hinge."""
     label_smoothing: float = 0.0
     """cDPO: probability that a preference label is flipped (sigmoid only, in [0, 0.5))."""
+    nll_weight: float = 0.0
+    """dpo only: weight of the chosen responses' per-token NLL added to the DPO loss (RPO, Pang et al. 2024
+    arXiv:2404.19733; TRL's rpo_alpha); 0: plain DPO. stage=online_dpo has its own, online_dpo.nll_weight."""
     simpo_gamma_beta_ratio: float = 0.5
     """SimPO target margin gamma divided by beta (TRL's simpo_gamma is gamma = offline.beta × this)."""
     orpo_lambda: float = 0.1
@@ -1171,6 +1174,12 @@ def validate_offline(cfg: RLHFConfig) -> None:
         off.label_smoothing == 0 or off.preference_loss == "sigmoid",
         f"offline.label_smoothing={off.label_smoothing} only applies to offline.preference_loss=sigmoid (cDPO), "
         f"not {off.preference_loss!r}; set it to 0",
+    )
+    _require(off.nll_weight >= 0, f"offline.nll_weight must be >= 0 (got {off.nll_weight})")
+    _require(
+        off.nll_weight == 0 or off.objective == "dpo",
+        f"offline.nll_weight={off.nll_weight} adds an NLL term to the dpo objective only "
+        f"(offline.objective={off.objective}); set it to 0",
     )
     _require(off.simpo_gamma_beta_ratio >= 0, "offline.simpo_gamma_beta_ratio must be >= 0")
     _require(off.orpo_lambda >= 0, f"offline.orpo_lambda must be >= 0 (got {off.orpo_lambda})")

@@ -7,6 +7,8 @@ Model paths in configs accept, besides a directory or a Hub name, these tiny-wor
   tiny:llama                  Llama tiny policy after the warm-up
   tiny-init, tiny-init:qwen2  Qwen2 tiny policy, random init (policy-init)
   tiny-init:llama             Llama tiny policy, random init
+  tiny-judge                  Qwen2 tiny LLM judge of the carry world (rlhf.models.tiny_judge; its
+                              rubric is rlhf.data.tiny_world.JUDGE_TEMPLATE; built on first use, ~40 s)
 
 Tiny names win over a local directory of the same name; write "./tiny" to mean the directory.
 
@@ -35,6 +37,7 @@ TINY_MODEL_NAMES = {
     "tiny-init": ("qwen2", "policy-init"),
     "tiny-init:qwen2": ("qwen2", "policy-init"),
     "tiny-init:llama": ("llama", "policy-init"),
+    "tiny-judge": ("qwen2", "judge"),
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -54,7 +57,7 @@ def resolve_model_path(path: str | Path) -> str:
         from rlhf.data.tiny_world import tiny_world_dir
 
         arch, name = TINY_MODEL_NAMES[str(path)]
-        return str(tiny_world_dir(archs=(arch,)).checkpoint(arch, name))
+        return str(tiny_world_dir(archs=(arch,), judge=name == "judge").checkpoint(arch, name))
     local = Path(path).expanduser()
     return str(local) if local.exists() else str(path)
 

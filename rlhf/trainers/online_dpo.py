@@ -98,6 +98,11 @@ def validate_online_dpo(cfg: RLHFConfig) -> None:
     _require(online.epochs >= 1, f"online_dpo.epochs must be >= 1 (got {online.epochs})")
     _require(online.nll_weight >= 0, f"online_dpo.nll_weight must be >= 0 (got {online.nll_weight})")
     _require(
+        cfg.offline.nll_weight == 0,
+        f"stage=online_dpo reads its NLL weight from online_dpo.nll_weight; set offline.nll_weight=0 "
+        f"(got {cfg.offline.nll_weight})",
+    )
+    _require(
         online.nll_weight == 0 or cfg.offline.objective == "dpo",
         f"online_dpo.nll_weight={online.nll_weight} adds an NLL term to the dpo objective only "
         f"(offline.objective={cfg.offline.objective}); set it to 0 or use offline.objective=dpo",

@@ -23,7 +23,7 @@ from rlhf.trainers.checkpointing import CheckpointManager, read_state
 from rlhf.trainers.nonfinite import NonFiniteGuard
 from rlhf.trainers.prepare import EncodedPrompts, PreparedRun
 from rlhf.trainers.roles import RolloutSupervisor, connect_weight_sync, start_group, stop_on_dead_rank
-from rlhf.utils.metrics import MetricsSink, PhaseTimer
+from rlhf.utils.metrics import MetricsSink, PhaseTimer, reward_trend
 from rlhf.utils.redact import config_container
 from rlhf.workers.critic import CriticWorker
 from rlhf.workers.group import WorkerGroup
@@ -271,6 +271,7 @@ class RLTrainer:
         self.resume()
         last: dict[str, float] = {}
         rewards: list[float] = []
+        trend_key = reward_trend_key(self.cfg)
         progress = make_progress(range(self.step_done, run_cfg.total_steps), run_cfg, initial=self.step_done)
         for step in progress:
             metrics = self.step(step)
@@ -279,14 +280,14 @@ class RLTrainer:
                 metrics.update(self.evaluate())
             last = self.metrics.log(self.step_done, metrics)
             clean = self.nonfinite.check(self.step_done, last, self.checkpoints.latest())
-            rewards.append(last["reward/mean"])
+            rewards.append(last[trend_key])
             if hasattr(progress, "set_postfix"):
                 progress.set_postfix(reward=f"{last['reward/mean']:.3f}")
             if clean and run_cfg.save_every and self.step_done % run_cfg.save_every == 0:
                 self.save_checkpoint()
         if not run_cfg.eval_every or self.step_done % run_cfg.eval_every:
             last.update(self.metrics.log(self.step_done, self.evaluate()))
-        log_reward_trend(rewards)
+        log_reward_trend(rewards, key=trend_key)
         self.save_final()
         return last
 
@@ -380,14 +381,21 @@ def build_rollout_batch(prompts: PromptBatch, outputs, *, pad_id: int) -> Rollou
     )
 
 
-def log_reward_trend(rewards: list[float], window: int = 10) -> None:
-    """One line that says whether training raised the reward: first vs last `window` steps."""
-    if len(rewards) < 2 * window:
+def reward_trend_key(cfg: RLHFConfig) -> str:
+    """The reward metric that shows progress: the reward model's raw score when its scores are normalised
+    (reward/mean of whitened scores is ~0 by construction), else reward/mean."""
+    if cfg.reward.model_path and cfg.reward.model_norm.mode != "none":
+        return "reward/model_raw_mean"
+    return "reward/mean"
+
+
+def log_reward_trend(rewards: list[float], window: int = 10, *, key: str = "reward/mean") -> None:
+    """One line that says whether training raised the reward (`key`'s values): first vs last `window` steps."""
+    trend = reward_trend(rewards, window)
+    if trend is None:
         return
-    first, last = sum(rewards[:window]) / window, sum(rewards[-window:]) / window
-    logger.info(
-        "reward/mean: first %d steps %.3f -> last %d steps %.3f (%+.3f)", window, first, window, last, last - first
-    )
+    first, last = trend
+    logger.info("%s: first %d steps %.3f -> last %d steps %.3f (%+.3f)", key, window, first, window, last, last - first)
 
 
 def optimizer_steps_total(cfg: RLHFConfig, role: TrainConfig) -> int:

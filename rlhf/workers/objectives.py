@@ -206,8 +206,9 @@ class DPOObjective(_PairObjective):
     Summed response log-probabilities (rlhf.algorithms.preference_losses.dpo_loss); stats
     dpo/{loss, chosen_reward, rejected_reward, reward_accuracy, margin}.
 
-    `nll_weight` > 0 adds the chosen responses' per-token NLL (mean over pairs), RPO / iterative
-    RPO (Pang et al. 2024, arXiv:2404.19733 eq. 1; TRL's DPOConfig.rpo_alpha, 1.0 recommended):
+    `nll_weight` (offline.nll_weight unless given) > 0 adds the chosen responses' per-token NLL
+    (mean over pairs), RPO / iterative RPO (Pang et al. 2024, arXiv:2404.19733 eq. 1; TRL's
+    DPOConfig.rpo_alpha, 1.0 recommended):
     without it DPO may lower the chosen responses' likelihood along with the rejected ones'.
     Stat dpo/chosen_nll; dpo/loss is then the sum.
     """
@@ -217,9 +218,9 @@ class DPOObjective(_PairObjective):
 
     prefix = "dpo"
 
-    def __init__(self, cfg: OfflineConfig, *, nll_weight: float = 0.0, temperature: float = 1.0):
+    def __init__(self, cfg: OfflineConfig, *, nll_weight: Optional[float] = None, temperature: float = 1.0):
         super().__init__(cfg, temperature=temperature)
-        self.nll_weight = nll_weight
+        self.nll_weight = cfg.nll_weight if nll_weight is None else nll_weight
 
     def pair_loss(self, model, micro, aux):
         mask = loss_mask(micro)

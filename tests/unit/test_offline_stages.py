@@ -75,6 +75,9 @@ def test_stage_composes_and_validates(stage):
             "are none, lora, ia3, loha, lokr, bitfit, freeze",
         ),
         (["stage=sft", "offline.epochs=0"], "offline.epochs must be >= 1"),
+        (["stage=dpo", "offline.nll_weight=-1"], "offline.nll_weight must be >= 0"),
+        (["stage=simpo", "offline.nll_weight=1"], "adds an NLL term to the dpo objective only"),
+        (["stage=online_dpo", "offline.nll_weight=1"], "reads its NLL weight from online_dpo.nll_weight"),
     ],
 )
 def test_bad_values_raise_config_error(overrides, message):

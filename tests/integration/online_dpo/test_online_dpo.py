@@ -125,6 +125,9 @@ def test_nll_weight_adds_the_chosen_per_token_nll():
     assert float(stats["dpo/chosen_nll"]) == pytest.approx(math.log(vocab))
     assert loss.item() == pytest.approx(math.log(2) + 0.5 * math.log(vocab))
     assert float(stats["dpo/loss"]) == pytest.approx(loss.item())
+    # offline DPO reads the weight from offline.nll_weight (RPO in stage=dpo)
+    offline, _ = DPOObjective(OfflineConfig(beta=0.1, nll_weight=0.5)).pair_loss(UniformLM(vocab), batch, aux)
+    assert offline.item() == pytest.approx(loss.item())
 
 
 def test_config_errors_name_the_field(tmp_path):
