@@ -293,6 +293,8 @@ class TrainConfig:
     """ZeRO-3: parameters with fewer elements stay whole on every rank (0 partitions everything)."""
     micro_batch_size: int = 8
     """Sequences per forward/backward per rank."""
+    max_tokens_per_micro_batch: Optional[int] = None
+    """Token budget: pack sequences (real prompt + response tokens) into micro-batches of at most this many tokens instead of micro_batch_size padded rows, and balance ranks by tokens (RL roles; None or 0: off)."""
     train_batch_size: int = 32
     """Sequences per optimizer step, across all ranks."""
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -401,6 +403,8 @@ class RewardConfig:
     """Reward model checkpoint (sequence classification) hosted on RewardWorkers."""
     num_workers: int = 1
     """Reward model actors (when model_path is set)."""
+    max_tokens_per_micro_batch: Optional[int] = None
+    """Reward model token budget: packed micro-batches of at most this many real tokens (None or 0: policy.micro_batch_size padded rows)."""
     model_weight: float = 1.0
     """Multiplier of the (normalised) reward-model score in the total reward."""
     model_norm: RewardNormConfig = field(default_factory=RewardNormConfig)
@@ -409,6 +413,14 @@ class RewardConfig:
     """HTTP reward server (used when remote.url is set)."""
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     """LLM judge (used when judge.model_path is set)."""
+
+
+@dataclass
+class ReferenceConfig:
+    """The frozen reference policy of the RL stages (the KL term)."""
+
+    max_tokens_per_micro_batch: Optional[int] = None
+    """Token budget: packed micro-batches of at most this many real tokens (None or 0: policy.micro_batch_size padded rows)."""
 
 
 @dataclass
@@ -725,6 +737,8 @@ class RLHFConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     policy: TrainConfig = field(default_factory=TrainConfig)
     critic: TrainConfig = field(default_factory=lambda: TrainConfig(optim=OptimConfig(lr=5e-5)))
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    """The RL stages' reference policy."""
     reward: RewardConfig = field(default_factory=RewardConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -1106,6 +1120,25 @@ def validate_rl(cfg: RLHFConfig) -> None:
         check_scalar_head_peft(cfg.model, f"critic (algorithm.advantage={algo.advantage})")
     _require(cfg.data.max_prompt_length >= 1, "data.max_prompt_length must be >= 1")
     _check_reward(cfg.reward)
+    _check_token_budgets(cfg)
+
+
+def _check_token_budgets(cfg: RLHFConfig) -> None:
+    """Every token budget holds the longest sequence a rollout can make (prompt + response)."""
+    longest = cfg.data.max_prompt_length + cfg.rollout.sampling.max_new_tokens
+    budgets = {
+        "policy": cfg.policy.max_tokens_per_micro_batch,
+        "critic": cfg.critic.max_tokens_per_micro_batch if uses_critic(cfg) else None,
+        "reference": cfg.reference.max_tokens_per_micro_batch,
+        "reward": cfg.reward.max_tokens_per_micro_batch,
+    }
+    for role, budget in budgets.items():
+        _require(
+            not budget or budget >= longest,
+            f"{role}.max_tokens_per_micro_batch={budget} cannot hold the longest sequence, data.max_prompt_length "
+            f"{cfg.data.max_prompt_length} + rollout.sampling.max_new_tokens {cfg.rollout.sampling.max_new_tokens} "
+            f"= {longest} tokens; set it to at least {longest} (or 0 for padded micro-batches)",
+        )
 
 
 REWARD_NORM_MODES = ("none", "running", "batch")

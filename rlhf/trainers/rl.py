@@ -77,18 +77,40 @@ class RLTrainer:
             seed=cfg.run.seed,
             constant_normalizer=cfg.rollout.sampling.max_new_tokens,
         )
-        frozen = dict(model_cfg=cfg.model, cluster_cfg=cfg.cluster, micro_batch_size=cfg.policy.micro_batch_size)
+        reference_budget = cfg.reference.max_tokens_per_micro_batch
         self.policy = self._group(
-            PolicyWorker, "policy", cfg.policy.num_workers, cfg.cluster.policy, train_cfg=cfg.policy, **trained
+            PolicyWorker,
+            "policy",
+            cfg.policy.num_workers,
+            cfg.cluster.policy,
+            train_cfg=cfg.policy,
+            **token_balance(cfg.policy),
+            **trained,
         )
         self.reference = (
-            self._group(ReferenceWorker, "reference", 1, cfg.cluster.reference, **frozen)
+            self._group(
+                ReferenceWorker,
+                "reference",
+                1,
+                cfg.cluster.reference,
+                model_cfg=cfg.model,
+                cluster_cfg=cfg.cluster,
+                micro_batch_size=cfg.policy.micro_batch_size,
+                max_tokens_per_micro_batch=reference_budget,
+                balance_tokens=bool(reference_budget),
+            )
             if uses_reference(cfg)
             else None
         )
         self.critic = (
             self._group(
-                CriticWorker, "critic", cfg.critic.num_workers, cfg.cluster.critic, train_cfg=cfg.critic, **trained
+                CriticWorker,
+                "critic",
+                cfg.critic.num_workers,
+                cfg.cluster.critic,
+                train_cfg=cfg.critic,
+                **token_balance(cfg.critic),
+                **trained,
             )
             if uses_critic(cfg)
             else None
@@ -396,6 +418,14 @@ def log_reward_trend(rewards: list[float], window: int = 10, *, key: str = "rewa
         return
     first, last = trend
     logger.info("%s: first %d steps %.3f -> last %d steps %.3f (%+.3f)", key, window, first, window, last, last - first)
+
+
+def token_balance(role: TrainConfig) -> dict[str, Any]:
+    """start_group's token balancing for a trained role: on with a token budget, minibatch by minibatch."""
+    return {
+        "balance_tokens": bool(role.max_tokens_per_micro_batch),
+        "minibatch_rows": role.train_batch_size // role.num_workers,
+    }
 
 
 def optimizer_steps_total(cfg: RLHFConfig, role: TrainConfig) -> int:

@@ -16,7 +16,7 @@ from rlhf.models.loading import load_causal_lm
 from rlhf.models.logprobs import response_logprobs
 from rlhf.workers.frozen import FrozenModelWorker
 from rlhf.workers.group import dispatch
-from rlhf.workers.trainable import device_chunks
+from rlhf.workers.trainable import forward_in_row_order
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +40,11 @@ class ReferenceWorker(FrozenModelWorker):
     @dispatch("split_dp", collect="concat")
     def compute_logprobs(self, batch: RolloutBatch, temperature: float = 1.0) -> Tensor:
         """Reference logprobs [B, R] of the response tokens, softmax at `temperature` (the policy's)."""
-        if self.model is None:
+        model = self.model
+        if model is None:
             raise RuntimeError(f"{self.role} rank {self.rank}: call init_model first")
-        parts = []
-        with torch.no_grad():
-            for micro in device_chunks(batch, self.micro_batch_size, self.device):
-                logprobs, _ = response_logprobs(self.model, micro, temperature=temperature)
-                parts.append(logprobs.float().cpu())
-        return torch.cat(parts) if parts else torch.zeros(0, batch.response_ids.shape[1])
+        return forward_in_row_order(
+            self._micro_batches(batch),
+            lambda micro: response_logprobs(model, micro, temperature=temperature)[0],
+            empty=torch.zeros(0, batch.response_ids.shape[1]),
+        )

@@ -18,7 +18,7 @@ from rlhf.models.loading import DTYPES, resolve_model_path
 from rlhf.models.logprobs import last_token_scores
 from rlhf.workers.frozen import FrozenModelWorker
 from rlhf.workers.group import dispatch
-from rlhf.workers.trainable import device_chunks
+from rlhf.workers.trainable import forward_in_row_order
 
 logger = logging.getLogger(__name__)
 
@@ -50,15 +50,9 @@ class RewardWorker(FrozenModelWorker):
     @dispatch("split_dp", collect="concat")
     def score(self, batch: RolloutBatch) -> Tensor:
         """Reward [B] per sequence: the head at the last real token of prompt + response."""
-        if self.model is None:
-            raise RuntimeError(f"{self.role} rank {self.rank}: call init_model first")
-        parts = []
-        with torch.no_grad():
-            for micro in device_chunks(batch, self.micro_batch_size, self.device):
-                parts.append(self._score(micro))
-        return torch.cat(parts) if parts else torch.zeros(0)
-
-    def _score(self, batch: RolloutBatch) -> Tensor:
         model = self.model
-        assert model is not None
-        return last_token_scores(model, batch).cpu()
+        if model is None:
+            raise RuntimeError(f"{self.role} rank {self.rank}: call init_model first")
+        return forward_in_row_order(
+            self._micro_batches(batch), lambda micro: last_token_scores(model, micro), empty=torch.zeros(0)
+        )
