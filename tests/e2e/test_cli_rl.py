@@ -156,9 +156,11 @@ def test_failing_actor_stops_run_with_its_traceback(tmp_path):
     """A reward-model actor that cannot load its checkpoint stops the run: exit 2, role named, remote traceback."""
     broken = tmp_path / "broken-rm"
     broken.mkdir()
+    from rlhf.models.loading import load_tokenizer
     from rlhf.models.tiny import tiny_config
 
-    config = tiny_config("qwen2", vocab_size=64)
+    # made for the policy's tokenizer, so the start-up tokenizer check passes and the actor's load fails
+    config = tiny_config("qwen2", vocab_size=len(load_tokenizer("tiny")))
     config.architectures = ["Qwen2ForSequenceClassification"]
     config.num_labels = 1
     config.save_pretrained(broken)
