@@ -451,8 +451,8 @@ class ClusterConfig:
     two ranks on one shared GPU, as in single_gpu mode)."""
     weight_sync_transport: str = "auto"
     """collective (broadcast over weight_sync_backend), shm (a shared-memory segment in /dev/shm that the
-    engines map: trainer rank 0 and every engine on one node), or auto: shm on cluster.device cpu when
-    every engine can open rank 0's segment (checked at join), else collective."""
+    engines map: trainer rank 0 and every engine on one Ray node), or auto: shm on cluster.device cpu when
+    every engine has rank 0's Ray node id and can open its segment (checked at join), else collective."""
 
 
 @dataclass
@@ -1188,7 +1188,7 @@ WEIGHT_SYNC_TRANSPORTS = ("auto", "collective", "shm")
 
 
 def weight_sync_transport(cluster: ClusterConfig) -> str:
-    """What the trainer's rank 0 asks for at join: auto stays auto (shm if the engines share its node) on CPU."""
+    """What the trainer's rank 0 asks for at join: auto stays auto (shm if the engines share its Ray node) on CPU."""
     if cluster.weight_sync_transport == "auto" and cluster.device != "cpu":
         return "collective"  # GPU buffers: NCCL, or gloo staging that shm would not beat
     return cluster.weight_sync_transport
