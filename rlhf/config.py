@@ -12,7 +12,9 @@ PPO epoch = that / train_batch_size; gradient accumulation = train_batch_size / 
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from rlhf.errors import ConfigError
@@ -32,7 +34,8 @@ class LoraConfig:
 
 @dataclass
 class PeftConfig:
-    """Which parameters of the policy train (rlhf.models.peft_utils.apply_peft)."""
+    """Which parameters of the trained model (policy, stage=rm's reward model, PPO's critic) train
+    (rlhf.models.peft_utils.apply_peft); a reward model's or critic's scalar head always trains."""
 
     method: str = "none"
     """none (full fine-tuning; LoRA when model.lora.rank > 0), lora, qlora (4-bit base, CUDA +
@@ -93,7 +96,7 @@ class ModelConfig:
     """LoRA adapters on the policy (merged into the base weights for rollout); also the low-rank
     settings (rank, alpha, dropout, target_modules) of peft.method qlora, loha and lokr."""
     peft: PeftConfig = field(default_factory=PeftConfig)
-    """Parameter-efficient method of the policy (rlhf.models.peft_utils); none + lora.rank > 0 is LoRA."""
+    """Parameter-efficient method of the trained models (rlhf.models.peft_utils); none + lora.rank > 0 is LoRA."""
 
 
 @dataclass
@@ -242,7 +245,11 @@ class RolloutConfig:
     enforce_eager: bool = True
     """Disable CUDA graphs (start-up speed; required on CPU)."""
     enable_sleep: bool = False
-    """Free vLLM memory between rollouts (colocated single-GPU mode)."""
+    """Roles sharing a GPU (cluster=single_gpu): the engines sleep after each generate (KV cache dropped, weights
+    to host memory) so the trainer has the memory, wake their weights for each weight sync and their KV cache
+    for the next generate (rlhf.workers.rollout.SleepBetweenRollouts). In the stages that train between
+    rollouts (RL, online_dpo, on-policy distill) and for the LLM judge's engines; generate/eval keep their
+    engines awake (nothing trains between their batches). No-op on CPU."""
     weight_sync_bucket_mb: int = 64
     """Bucket size for streaming weights to the engines."""
     hf_batch_size: int = 64
@@ -502,7 +509,9 @@ class RunConfig:
     seed: int = 0
     """Global seed."""
     deterministic: bool = False
-    """Deterministic algorithms and seeded sampling (for exact resume)."""
+    """Deterministic torch algorithms in the driver and every actor (cuBLAS workspace fixed on GPU), so
+    a rerun on the same machine and layout repeats the run exactly; sampling is seeded from run.seed
+    either way. What it does and does not guarantee: docs/reliability.md."""
     tensorboard: bool = True
     """Write TensorBoard events next to metrics.jsonl."""
     wandb: bool = False
@@ -550,8 +559,11 @@ class OfflineConfig:
     """DPO-family variant (registry PREFERENCE_LOSSES): sigmoid (DPO/cDPO), ipo, hinge."""
     label_smoothing: float = 0.0
     """cDPO: probability that a preference label is flipped (sigmoid only, in [0, 0.5))."""
+    nll_weight: float = 0.0
+    """dpo only: weight of the chosen responses' per-token NLL added to the DPO loss (RPO, Pang et al. 2024
+    arXiv:2404.19733; TRL's rpo_alpha); 0: plain DPO. stage=online_dpo has its own, online_dpo.nll_weight."""
     simpo_gamma_beta_ratio: float = 0.5
-    """SimPO target margin gamma divided by beta."""
+    """SimPO target margin gamma divided by beta (TRL's simpo_gamma is gamma = offline.beta × this)."""
     orpo_lambda: float = 0.1
     """ORPO weight of the odds-ratio term next to the chosen responses' NLL."""
     kto_desirable_weight: float = 1.0
@@ -943,8 +955,13 @@ def _check_cluster(cluster: ClusterConfig) -> None:
     _check_call_timeout(cluster)
 
 
-def validate(cfg: RLHFConfig) -> None:
-    """Check every field once, before any cluster work; raise ConfigError saying what to change."""
+def validate(cfg: RLHFConfig, *, produced: Collection[Path] = ()) -> None:
+    """Check every field once, before any cluster work; raise ConfigError saying what to change.
+
+    Machine-independent: a cuda preset validates on a machine without a GPU (what this machine has
+    is checked when Ray starts, rlhf.utils.ray_session). Local model and dataset paths must exist,
+    except inside the `produced` directories (resolved), which an earlier pipeline step will write.
+    """
     _choice(
         cfg.stage, RL_STAGES + OFFLINE_STAGES + UTILITY_STAGES + GENERATION_STAGES + ONLINE_PREFERENCE_STAGES, "stage"
     )
@@ -954,9 +971,11 @@ def validate(cfg: RLHFConfig) -> None:
         _choice(optim.scheduler, SCHEDULERS, f"{role}.optim.scheduler")
         _require(len(optim.betas) == 2, f"{role}.optim.betas must be two numbers [beta1, beta2] (got {optim.betas})")
     _choice(cfg.run.tracking.wandb_mode, WANDB_MODES, "run.tracking.wandb_mode")
-    from rlhf.models.loading import check_model_weights
+    from rlhf.data.sources import check_dataset_paths
+    from rlhf.models.loading import check_model_paths
 
-    check_model_weights(cfg)
+    check_model_paths(cfg, produced)
+    check_dataset_paths(cfg, produced)
     from rlhf.models.peft_utils import validate_peft
 
     validate_peft(cfg)
@@ -1081,7 +1100,10 @@ def validate_rl(cfg: RLHFConfig) -> None:
     )
     _check_train(cfg.policy, "policy", sequences, arithmetic)
     if uses_critic(cfg):
+        from rlhf.models.peft_utils import check_scalar_head_peft
+
         _check_train(cfg.critic, "critic", sequences, arithmetic)
+        check_scalar_head_peft(cfg.model, f"critic (algorithm.advantage={algo.advantage})")
     _require(cfg.data.max_prompt_length >= 1, "data.max_prompt_length must be >= 1")
     _check_reward(cfg.reward)
 
@@ -1138,10 +1160,10 @@ def validate_offline(cfg: RLHFConfig) -> None:
         f"data.packing=true packs PT/SFT sequences; offline.objective={off.objective} trains on "
         f"{objective.example_kind} examples: set data.packing=false",
     )
-    _require(
-        objective.model_kind != "reward" or cfg.model.lora.rank == 0,
-        "reward-model training does not support LoRA yet; set model.lora.rank=0",
-    )
+    if objective.model_kind == "reward":
+        from rlhf.models.peft_utils import check_scalar_head_peft
+
+        check_scalar_head_peft(cfg.model, f"reward model (offline.objective={off.objective})")
     LOSS_AGGREGATIONS.check(off.loss_agg, "offline.loss_agg")
     PREFERENCE_LOSSES.check(off.preference_loss, "offline.preference_loss")
     _require(off.epochs >= 1, f"offline.epochs must be >= 1 (got {off.epochs})")
@@ -1152,6 +1174,12 @@ def validate_offline(cfg: RLHFConfig) -> None:
         off.label_smoothing == 0 or off.preference_loss == "sigmoid",
         f"offline.label_smoothing={off.label_smoothing} only applies to offline.preference_loss=sigmoid (cDPO), "
         f"not {off.preference_loss!r}; set it to 0",
+    )
+    _require(off.nll_weight >= 0, f"offline.nll_weight must be >= 0 (got {off.nll_weight})")
+    _require(
+        off.nll_weight == 0 or off.objective == "dpo",
+        f"offline.nll_weight={off.nll_weight} adds an NLL term to the dpo objective only "
+        f"(offline.objective={off.objective}); set it to 0",
     )
     _require(off.simpo_gamma_beta_ratio >= 0, "offline.simpo_gamma_beta_ratio must be >= 0")
     _require(off.orpo_lambda >= 0, f"offline.orpo_lambda must be >= 0 (got {off.orpo_lambda})")

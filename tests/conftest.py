@@ -80,6 +80,66 @@ def tiny_model_path(tmp_path_factory) -> str:
     return str(save_tiny_model(model, None, tmp_path_factory.mktemp("tiny-policy")))
 
 
+# "### user:\n3+4=<|end|>\n### assistant:\n" where the tiny template writes "<|bos|><|user|>\n3+4=<|end|><|assistant|>\n"
+OTHER_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '### ' + message['role'] + ':\\n' + message['content'] + eos_token + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '### assistant:\\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def other_tokenizer_dir(tmp_path_factory):
+    """A tokenizer directory that differs from the tiny world's by construction: every token id reversed
+    (the same text splits into the same pieces, each with another id) and another chat template."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from rlhf.models.loading import load_tokenizer, resolve_model_path
+
+    tiny = load_tokenizer(resolve_model_path("tiny"))
+    spec = json.loads(tiny.backend_tokenizer.to_str())
+    last = len(tiny) - 1
+    spec["model"]["vocab"] = {piece: last - i for piece, i in spec["model"]["vocab"].items()}
+    for added in spec["added_tokens"]:
+        added["id"] = last - added["id"]
+    other = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        bos_token=tiny.bos_token,
+        eos_token=tiny.eos_token,
+        pad_token=tiny.pad_token,
+        unk_token=tiny.unk_token,
+        additional_special_tokens=[t for t in tiny.all_special_tokens if t not in tiny.special_tokens_map.values()],
+        clean_up_tokenization_spaces=False,
+    )
+    other.chat_template = OTHER_CHAT_TEMPLATE
+    path = tmp_path_factory.mktemp("other-tokenizer")
+    other.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def scripted_checkpoint(tmp_path_factory):
+    """`make(script) -> path`: a checkpoint (with the tiny world's tokenizer) that writes what `script` says.
+
+    See rlhf.models.tiny.build_scripted_model: the next token depends only on the current one, so a
+    test forces each output by construction instead of depending on what a trained model samples.
+    """
+    from transformers import AutoTokenizer
+
+    from rlhf.data.tiny_world import tiny_world_dir
+    from rlhf.models.tiny import build_scripted_model, save_tiny_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_world_dir(archs=()).tokenizer_dir)
+
+    def make(script: dict[str, str | list[str]]) -> str:
+        model = build_scripted_model(tokenizer, script)
+        return str(save_tiny_model(model, tokenizer, tmp_path_factory.mktemp("scripted")))
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def batch_factory():
     """`make_batch(rows=8, prompt_len=5, response_len=6, seed=0)`: random rollout batches over the tiny vocab.
@@ -109,3 +169,61 @@ def batch_factory():
         )
 
     return make_batch
+
+
+class RecordingBackend:
+    """A rollout engine's real backend, with the calls that cross the engine boundary recorded in order:
+    "generate", "load_weights", "sleep" and "wake:<tags>" ("wake:all" for every tag)."""
+
+    RECORDED = ("generate", "load_weights", "sleep", "wake_up")
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.calls: list[str] = []
+
+    def __getattr__(self, name):
+        attribute = getattr(self.backend, name)
+        if name not in self.RECORDED:
+            return attribute
+
+        def recorded(*args, **kwargs):
+            if name == "wake_up":
+                tags = args[0] if args else kwargs.get("tags")
+                self.calls.append("wake:" + ("+".join(tags) if tags is not None else "all"))
+            else:
+                self.calls.append(name)
+            return attribute(*args, **kwargs)
+
+        return recorded
+
+
+def _install_recorder(worker) -> None:
+    worker.backend = RecordingBackend(worker.backend)
+
+
+def _remove_recorder(worker) -> list[str]:
+    if not isinstance(worker.backend, RecordingBackend):
+        return []
+    calls, worker.backend = worker.backend.calls, worker.backend.backend
+    return calls
+
+
+@pytest.fixture(scope="session")
+def engine_calls():
+    """Record what crosses the rollout engines' boundary, inside their actors (a wrapper around the real backend):
+    `engine_calls.record(group)` starts recording on every RolloutWorker of a WorkerGroup, `engine_calls.take(group)`
+    returns each engine's calls in order and puts the plain backend back (a no-op when nothing is recorded)."""
+    import sys
+    from types import SimpleNamespace
+
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import test modules
+
+    def record(group) -> None:
+        ray.get([actor.__ray_call__.remote(_install_recorder) for actor in group.actors])
+
+    def take(group) -> list[list[str]]:
+        return ray.get([actor.__ray_call__.remote(_remove_recorder) for actor in group.actors])
+
+    return SimpleNamespace(record=record, take=take)

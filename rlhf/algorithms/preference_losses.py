@@ -210,16 +210,19 @@ def simpo_loss(
 ) -> tuple[Tensor, Stats]:
     """SimPO: reference-free DPO on length-normalised log-probabilities with a target margin.
 
-    loss = mean( -log sigmoid(beta * (chosen_avg - rejected_avg) - gamma) ),  gamma = beta * ratio
+    loss = mean( -log sigmoid(beta * (chosen_avg - rejected_avg) - gamma) ),  gamma = beta * gamma_beta_ratio
 
-    Meng et al. 2024, arXiv:2405.14734 eq. 6; parametrised by gamma / beta as TRL's CPO/SimPO
-    (``simpo_gamma``) and the authors' code.
+    Meng et al. 2024, arXiv:2405.14734 eq. 6. Parametrised by gamma / beta as the authors' code
+    (princeton-nlp/SimPO, ``gamma_beta_ratio``). TRL's CPOTrainer (loss_type="simpo") takes the
+    margin itself: its ``simpo_gamma`` is gamma = ``beta * gamma_beta_ratio`` (TRL subtracts
+    simpo_gamma / beta from the log-ratio difference before scaling by beta); e.g. beta 2.0 with
+    gamma_beta_ratio 0.5 is simpo_gamma 1.0.
 
     Args:
         chosen_logps_avg: ``[B]`` mean per-token log-probability of the chosen responses.
         rejected_logps_avg: ``[B]`` the same for the rejected responses.
         beta: reward scale.
-        gamma_beta_ratio: target margin gamma divided by beta.
+        gamma_beta_ratio: target margin gamma divided by beta (TRL's ``simpo_gamma / beta``).
 
     Returns:
         ``(loss, stats)`` with stats ``simpo/loss``, ``simpo/chosen_reward``,

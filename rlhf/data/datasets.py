@@ -3,10 +3,10 @@
 Sources (`load_records`):
   a local .json/.jsonl/.csv/.parquet/.arrow file or a directory of them (rlhf.data.sources;
   `datasets.save_to_disk` directories included), a Hub dataset name (through `datasets`), or a
-  tiny-world file "tiny:<kind>:<split>" with kind in pretrain, sft, preference, kto and split in
-  train, eval. "tiny", "tiny:train" and "tiny:eval" (the RL defaults of data.train/data.eval)
-  mean the tiny file of the stage's format: text → pretrain, instruction/messages → sft,
-  preference → preference, kto → kto.
+  tiny-world file "tiny:<kind>:<split>" with kind in pretrain, sft, preference, preference_hard,
+  kto, carry_sft, carry_cot, cot and split in train, eval (rlhf.data.tiny_world). "tiny", "tiny:train" and
+  "tiny:eval" (the RL defaults of data.train/data.eval) mean the tiny file of the stage's format:
+  text → pretrain, instruction/messages → sft, preference → preference, kto → kto.
 
 Mixing (`mix_records`, DataConfig.mixture): the mixture has as many rows as its sources
 together (N = Σ n_i, after each source's max_rows). Source i gets c_i = w_i / Σw × N rows,
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-TINY_OFFLINE_KINDS = ("pretrain", "sft", "preference", "kto", "cot")
+TINY_OFFLINE_KINDS = ("pretrain", "sft", "preference", "preference_hard", "kto", "carry_sft", "carry_cot", "cot")
 TINY_KIND_OF_FORMAT = {
     "text": "pretrain",
     "instruction": "sft",
@@ -126,7 +126,7 @@ def load_records(source: str, *, split: str = "train", kind: str | None = None) 
 
 
 def _tiny_path(source: str, split: str, kind: str | None):
-    from rlhf.data.tiny_world import SPLITS, tiny_world_dir
+    from rlhf.data.tiny_world import SPLITS, tiny_data_file
 
     parts = source.split(":")
     usage = (
@@ -143,11 +143,7 @@ def _tiny_path(source: str, split: str, kind: str | None):
         parts.append(split)
     if len(parts) != 3 or parts[1] not in TINY_OFFLINE_KINDS or parts[2] not in SPLITS:
         raise ConfigError(f"unknown tiny offline source {source!r}; {usage}")
-    if parts[1] == "cot":  # chain-of-thought SFT rows (instruction format), the ReFT warm-up data
-        from rlhf.data.tiny_world import cot_file
-
-        return cot_file(parts[2])
-    return tiny_world_dir(archs=()).data(parts[1], parts[2])
+    return tiny_data_file(parts[1], parts[2])
 
 
 def mix_records(parts: Sequence[Sequence[Record]], weights: Sequence[float], *, seed: int = 0) -> list[Record]:

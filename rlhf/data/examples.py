@@ -227,6 +227,23 @@ def encode_dataset(
     return EncodedDataset(kind, examples, stats)
 
 
+def encode_answers(
+    tokenizer: PreTrainedTokenizerBase, turns: Sequence[tuple[str | Messages, str]], *, where: str
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids) of each (prompt, answer text) as the offline stages encode a row's answer.
+
+    With the tokenizer's chat template (when it has one) the whole conversation is rendered and the
+    prompt and the answer are tokenized apart; without one the prompt is plain text and the answer
+    gets an eos. rlhf.rewards.pipeline encodes the policy's samples this way for a reward model whose
+    tokenizer differs from the policy's, so the model sees them as stage=rm showed it its pairs.
+    `where` names the inputs in errors.
+    """
+    from rlhf.config import DataConfig
+
+    encoder = _Encoder(tokenizer, DataConfig(use_chat_template=bool(tokenizer.chat_template)), needs_chat=False)
+    return [encoder._turn(Record({}, f"{where} {i}"), prompt, answer) for i, (prompt, answer) in enumerate(turns)]
+
+
 def _log_stats(name: str, kind: str, stats: EncodeStats, data_cfg: DataConfig) -> None:
     logger.info(
         "encoded %s data (format %s): %d rows, %d kept, %d truncated, %d dropped (max_length=%d, overlong=%s), "

@@ -23,9 +23,15 @@ from rlhf.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
+RAW_PROMPT = "raw_prompt"
+"""Metadata key of the prompt as the dataset wrote it (text or chat messages), added by
+`prompt_metadata`: a reward model with its own tokenizer re-renders the conversation from it."""
+
 TINY_SOURCES = ("tiny", "tiny:train", "tiny:eval")
 """Whole tiny-world prompt sets. A task subset is written "tiny:<split>:<task>+<task>..." (see
 `load_prompt_dataset`), e.g. "tiny:train:copy+reverse+add_1d+sub_1d"."""
+TINY_CARRY_SOURCES = {"tiny:carry:train": "train", "tiny:carry:eval": "eval"}
+"""The carry world's prompts (rlhf.data.tiny_world: the add_2d grid split, 720 train / 180 held out)."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,7 @@ def load_prompt_dataset(
         source: a local .json/.jsonl/.csv/.parquet file or a directory of them, a Hub dataset
             name ("org/name"), or "tiny" / "tiny:train" / "tiny:eval" for the tiny world's RL
             prompts (rlhf.data.tiny_world; "tiny" follows `split`), or a task subset of them,
+            "tiny:carry:train" / "tiny:carry:eval" for the carry world's (the recipes'), or
             "tiny:<split>:<task>+<task>..." (e.g. "tiny:train:copy+reverse+add_1d+sub_1d"; "+"
             rather than "," so the name survives a Hydra override). In a subset every listed task
             is equally common: rows of the smaller tasks are repeated, in order, up to the count
@@ -68,6 +75,10 @@ def load_prompt_dataset(
 
         tiny_split = str(source).partition(":")[2] or split
         source = tiny_world_dir(archs=()).data("rl", tiny_split)
+    elif str(source) in TINY_CARRY_SOURCES:
+        from rlhf.data.tiny_world import tiny_world_dir
+
+        source = tiny_world_dir(archs=()).data("carry", TINY_CARRY_SOURCES[str(source)])
     elif str(source).startswith("tiny:"):
         return _tiny_task_subset(str(source), prompt_key, answer_key)
     examples = [_prompt_example(r, prompt_key, answer_key) for r in read_records(source, split=split)]
@@ -83,7 +94,7 @@ def _tiny_task_subset(source: str, prompt_key: str, answer_key: str | None) -> l
     known = [t.name for t in TASKS]
     if len(parts) != 3 or parts[1] not in ("train", "eval") or not parts[2]:
         raise ConfigError(
-            f"unknown tiny prompt source {source!r}; use one of {', '.join(TINY_SOURCES)} or "
+            f"unknown tiny prompt source {source!r}; use one of {', '.join((*TINY_SOURCES, *TINY_CARRY_SOURCES))} or "
             f"'tiny:<train|eval>:<task>+<task>...' with tasks from {', '.join(known)}"
         )
     tasks = parts[2].split("+")
@@ -125,6 +136,11 @@ def _prompt_example(record: Record, prompt_key: str, answer_key: str | None) -> 
             )
         metadata["answer"] = str(answer)
     return PromptExample(prompt, metadata, record.where)
+
+
+def prompt_metadata(row: PromptExample) -> dict[str, Any]:
+    """What travels with a prompt to the reward terms: the row's fields plus RAW_PROMPT."""
+    return {**row.metadata, RAW_PROMPT: row.prompt}
 
 
 def encode_prompts(

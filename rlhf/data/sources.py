@@ -14,11 +14,12 @@ import io
 import json
 import logging
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf.errors import DataError
+from rlhf.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,40 @@ class Record:
 def looks_like_path(source: str) -> bool:
     """True for strings that can only mean a local path (a Hub name is "name" or "org/name")."""
     return source.startswith(("/", "~", ".")) or source.count("/") > 1 or "\\" in source or source.endswith(SUFFIXES)
+
+
+DATASET_FIELDS = ("data.train", "data.eval", "eval.data", "eval.samples")
+"""Config fields that name a dataset a run reads (besides data.mixture[i].path); see `check_dataset_paths`."""
+
+
+def check_dataset_paths(cfg: Any, produced: Collection[Path] = ()) -> None:
+    """ConfigError naming the field when a dataset field (DATASET_FIELDS, data.mixture[i].path) can only
+    be a local path (`looks_like_path`) and nothing exists there, unless the path lies in one of the
+    `produced` directories (what an earlier pipeline step writes). Hub names and tiny-world names pass:
+    they are checked when the run loads them."""
+    values = [(field, _field_value(cfg, field)) for field in DATASET_FIELDS]
+    values += [(f"data.mixture[{i}].path", spec.path) for i, spec in enumerate(cfg.data.mixture)]
+    for field, source in values:
+        if not source or not looks_like_path(source) or Path(source).expanduser().exists():
+            continue
+        if is_produced(source, produced):
+            continue
+        raise ConfigError(
+            f"{field}={source!r}: no dataset file or directory there (relative paths start from {Path.cwd()}); "
+            "fix the path, or give a Hub dataset name like 'openai/gsm8k'"
+        )
+
+
+def is_produced(path: str | Path, produced: Collection[Path]) -> bool:
+    """`path` is, or lies inside, one of the `produced` directories (given resolved)."""
+    resolved = Path(path).expanduser().resolve()
+    return any(resolved == p or p in resolved.parents for p in produced)
+
+
+def _field_value(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def read_records(source: str | Path, *, split: str = "train") -> list[Record]:

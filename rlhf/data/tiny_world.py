@@ -18,13 +18,32 @@ The warmed-up tiny models (rlhf.models.warmup) copy and reverse well, longer wor
 and get held-out arithmetic mostly wrong: about a third of eval prompts right when sampling at
 temperature 1, which leaves GRPO room to raise accuracy.
 
+The carry world (the data of the recipes in conf/pipeline/): the grid split of
+two-digit addition (`grid_split`, 720 train and 180 held-out problems "a+b=", a in 10..99, b in
+0..9), with the demonstrations of a careless demonstrator who forgets the carry in 60% of the
+problems that need one (`carry_sft`, see `slipped_sft_rows`), so the SFT model forgets it too, and
+preference pairs that differ exactly in the carry (`preference`, see `carry_preference_rows`): the
+correct answer against the forgotten carry ("47+5=": 52 over 42) or a carry where none belongs
+("47+2=": 49 over 59). The pairs bring what the demonstrations lack, and checking a carry is a
+rule a 2-layer model learns from the pairs (a reward model reaches ~0.97 held-out accuracy), so
+DPO, a reward model and PPO can fix what more SFT on the same demonstrations cannot. `carry`
+holds the RL prompts with reference answers of the same split (prompt source "tiny:carry:<split>"),
+`carry_cot` the same demonstrations as worked solutions (ReFT's warm-up, `slipped_chain_of_thought`).
+
+`preference_hard` pairs the correct answer of every task with a wrong one a rule makes (off by a
+little, or one letter changed): a 2-layer reward model does not learn to judge those (held-out
+accuracy ~0.55: a held-out sum is a fact it never saw).
+
 `materialize_tiny_world` writes everything to a directory; `tiny_world_dir` does so once under
 the cache (`${RLHF_CACHE:-~/.cache/rlhf}/tiny_world/<version-hash>`) and reuses it. Layout:
 
-  data/{pretrain,sft,preference,kto,rl}_{train,eval}.jsonl, data/manifest.json
+  data/{pretrain,sft,preference_hard,kto,rl,carry_sft,carry_cot,preference,carry}_{train,eval}.jsonl,
+  data/manifest.json
   tokenizer/                        Hugging Face tokenizer dir (rlhf.data.tokenizer)
   models/<arch>/policy-init/        random-init tiny model + tokenizer (arch: qwen2, llama)
   models/<arch>/policy-sft/         the same after a short supervised warm-up (+ warmup.json)
+  models/qwen2/judge/               the tiny LLM judge of the carry world (rlhf.models.tiny_judge;
+                                    built on request, judge=True; + judge.json)
 
 Each part is written to a temporary directory and renamed into place when complete, under a
 file lock, so concurrent processes build it once and a crash never leaves half a part behind.
@@ -55,11 +74,19 @@ from rlhf.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-TINY_WORLD_VERSION = 1
-DATA_KINDS = ("pretrain", "sft", "preference", "kto", "rl")
+TINY_WORLD_VERSION = 2
+DATA_KINDS = ("pretrain", "sft", "preference_hard", "kto", "rl", "carry_sft", "carry_cot", "preference", "carry")
 SPLITS = ("train", "eval")
 TINY_ARCHS = ("qwen2", "llama")  # rlhf.models.tiny.TINY_ARCHITECTURES, without importing torch here
-CHECKPOINT_NAMES = ("policy-init", "policy-sft")
+CHECKPOINT_NAMES = ("policy-init", "policy-sft", "judge")  # judge: JUDGE_ARCH only
+JUDGE_ARCH = "qwen2"
+CARRY_TASK = "add_2d"
+"""The task of the carry world's grid split."""
+JUDGE_TEMPLATE = "<|bos|><|user|>\n{prompt}<|end|><|assistant|>\n{response}<|end|>"
+"""The tiny judge's rubric (reward.judge.template, with use_chat_template=false, in the rlaif recipe):
+the conversation exactly as the policy's chat template renders it; the verdict follows its last token."""
+JUDGE_VERDICTS = {True: "Right. Score: 10", False: "Wrong. Score: 1"}
+"""The tiny judge's verdicts on a right and a wrong answer (JudgeConfig.pattern reads the score)."""
 
 EVAL_PER_TASK = 32  # at most this many held-out problems per task (and at most a fifth of it)
 TRAIN_PER_TASK = 800  # at most this many train problems per task, so no task dominates
@@ -225,8 +252,8 @@ def sft_rows(problems: Sequence[Problem]) -> list[dict[str, Any]]:
     ]
 
 
-def preference_rows(problems: Sequence[Problem], *, seed: int = 0) -> list[dict[str, Any]]:
-    """Preference pairs: `chosen` is the correct answer, `rejected` a plausible wrong one."""
+def hard_preference_rows(problems: Sequence[Problem], *, seed: int = 0) -> list[dict[str, Any]]:
+    """The `preference_hard` pairs: `chosen` is the correct answer, `rejected` a plausible wrong one (`wrong_answer`)."""
     rng = _rng(seed, "preference")
     return [
         {"prompt": p.prompt, "chosen": p.answer, "rejected": wrong_answer(p, rng), "task": p.task} for p in problems
@@ -330,22 +357,46 @@ def carry_slip(problem: Problem) -> str | None:
     return None
 
 
-def slipped_sft_rows(problems: Sequence[Problem], *, seed: int = 0) -> list[dict[str, Any]]:
+def slipped_sft_rows(
+    problems: Sequence[Problem], *, seed: int = 0, chain_of_thought: bool = False
+) -> list[dict[str, Any]]:
     """SFT rows of a careless demonstrator: CARRY_SLIP of the problems that need a carry get `carry_slip`.
 
     Its demonstrations forget the carry more often than not, so a model trained on them learns to
     forget it too when greedy, while its samples carry some of the time: a systematic error that
     more SFT on the same rows cannot fix and a verifiable reward can (benchmarks/learning.py).
-    Problems without a carry keep their correct answer.
+    Problems without a carry keep their correct answer. chain_of_thought=True writes worked
+    solutions instead (`slipped_chain_of_thought`, the carry world's ReFT warm-up data), with the
+    same problems slipped.
     """
     rng = _rng(seed, "slip")
-    slipped = []
+    rows = []
     for p in problems:
-        wrong = carry_slip(p)
-        slipped.append(
-            p if wrong is None or rng.random() >= CARRY_SLIP else Problem(p.task, p.difficulty, p.prompt, wrong)
-        )
-    return sft_rows(slipped)
+        slipped = carry_slip(p) is not None and rng.random() < CARRY_SLIP
+        if chain_of_thought:
+            rows.append(
+                {
+                    "prompt": p.prompt,
+                    "response": slipped_chain_of_thought(p, slipped),
+                    "answer": p.answer,
+                    "task": p.task,
+                }
+            )
+        else:
+            rows += sft_rows([Problem(p.task, p.difficulty, p.prompt, carry_slip(p)) if slipped else p])  # type: ignore[arg-type]
+    return rows
+
+
+def slipped_chain_of_thought(problem: Problem, slipped: bool) -> str:
+    """`chain_of_thought`, or with the carry forgotten: "47+5=" -> "7+5=12 40+2=42 #### 42" (only the units' last digit added)."""
+    if not slipped:
+        return chain_of_thought(problem)
+    a, b = (int(x) for x in re.split(r"[+-]", problem.prompt.rstrip("=")))
+    symbol = "+" if problem.task == "add_2d" else "-"
+    units, tens = a % 10, a - a % 10
+    partial = units + b if symbol == "+" else units - b
+    wrong = carry_slip(problem)
+    return f"{units}{symbol}{b}={partial} {tens}+{abs(partial) % 10}={wrong} #### {wrong}"
 
 
 def grid_file(kind: str = "rl", split: str = "train", *, task: str = "add_2d", seed: int = 0) -> Path:
@@ -374,6 +425,25 @@ def grid_file(kind: str = "rl", split: str = "train", *, task: str = "add_2d", s
     return path
 
 
+def carry_mistake(problem: Problem) -> str:
+    """The carry world's wrong answer: the carry forgotten (`carry_slip`), or else one added where none belongs."""
+    return carry_slip(problem) or str(int(problem.answer) + 10)
+
+
+def carry_preference_rows(problems: Sequence[Problem]) -> list[dict[str, Any]]:
+    """Pairs that differ exactly in the carry: the correct answer over `carry_mistake`, with "carry": needed or not."""
+    return [
+        {
+            "prompt": p.prompt,
+            "chosen": p.answer,
+            "rejected": carry_mistake(p),
+            "task": p.task,
+            "carry": carry_slip(p) is not None,
+        }
+        for p in problems
+    ]
+
+
 def rl_rows(problems: Sequence[Problem]) -> list[dict[str, Any]]:
     """RL prompts with the reference answer that the `tiny_world` reward checks against."""
     return [{"prompt": p.prompt, "answer": p.answer, "task": p.task, "difficulty": p.difficulty} for p in problems]
@@ -385,13 +455,18 @@ def generate_rows(kind: str, split: str = "train", *, seed: int = 0) -> list[dic
         raise DataError(
             f"unknown tiny-world data {kind!r}/{split!r}; kinds: {', '.join(DATA_KINDS)}; splits: train, eval"
         )
+    if kind in ("carry_sft", "carry_cot", "preference", "carry"):
+        grid = grid_split(CARRY_TASK, seed=seed)[split]
+        if kind in ("carry_sft", "carry_cot"):
+            return slipped_sft_rows(grid, seed=seed, chain_of_thought=kind == "carry_cot")
+        return carry_preference_rows(grid) if kind == "preference" else rl_rows(grid)
     problems = split_problems(seed)[split]
     if kind == "pretrain":
         return pretrain_rows(problems, seed=seed)
     if kind == "sft":
         return sft_rows(problems)
-    if kind == "preference":
-        return preference_rows(problems, seed=seed)
+    if kind == "preference_hard":
+        return hard_preference_rows(problems, seed=seed)
     if kind == "kto":
         return kto_rows(problems, seed=seed)
     return rl_rows(problems)
@@ -425,11 +500,11 @@ class TinyWorldPaths:
         return self.data_dir / f"{kind}_{split}.jsonl"
 
     def checkpoint(self, arch: str = "qwen2", name: str = "policy-sft") -> Path:
-        """A model checkpoint dir: arch in TINY_ARCHS, name in CHECKPOINT_NAMES."""
-        if arch not in TINY_ARCHS or name not in CHECKPOINT_NAMES:
+        """A model checkpoint dir: arch in TINY_ARCHS, name in CHECKPOINT_NAMES (judge: JUDGE_ARCH only)."""
+        if arch not in TINY_ARCHS or name not in CHECKPOINT_NAMES or (name == "judge" and arch != JUDGE_ARCH):
             raise DataError(
                 f"unknown tiny-world checkpoint {arch!r}/{name!r}; archs: {', '.join(TINY_ARCHS)}; "
-                f"names: {', '.join(CHECKPOINT_NAMES)}"
+                f"names: {', '.join(CHECKPOINT_NAMES)} (judge: {JUDGE_ARCH} only)"
             )
         return self.root / "models" / arch / name
 
@@ -445,21 +520,32 @@ def tiny_world_hash(seed: int = 0) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
-def tiny_world_dir(seed: int = 0, *, archs: Sequence[str] = TINY_ARCHS) -> TinyWorldPaths:
+def tiny_world_dir(seed: int = 0, *, archs: Sequence[str] = TINY_ARCHS, judge: bool = False) -> TinyWorldPaths:
     """The cached tiny world for `seed`, built on first use (data, tokenizer, checkpoints of `archs`).
 
     Pass archs=() when only the data and tokenizer are needed: that part builds in about a second,
-    while each arch's warm-up takes about half a minute (one CPU thread).
+    while each arch's warm-up takes about half a minute (one CPU thread). judge=True also builds
+    the tiny judge (about 40 s more; see `materialize_tiny_world`).
     """
-    return materialize_tiny_world(cache_root() / "tiny_world" / tiny_world_hash(seed), seed=seed, archs=archs)
+    return materialize_tiny_world(
+        cache_root() / "tiny_world" / tiny_world_hash(seed), seed=seed, archs=archs, judge=judge
+    )
 
 
-def materialize_tiny_world(out_dir: str | Path, *, seed: int = 0, archs: Sequence[str] = TINY_ARCHS) -> TinyWorldPaths:
-    """Write the tiny world under `out_dir`; parts already there are kept (idempotent)."""
+def materialize_tiny_world(
+    out_dir: str | Path, *, seed: int = 0, archs: Sequence[str] = TINY_ARCHS, judge: bool = False
+) -> TinyWorldPaths:
+    """Write the tiny world under `out_dir`; parts already there are kept (idempotent).
+
+    judge: also models/qwen2/judge (rlhf.models.tiny_judge: from policy-init, trained on the carry
+    world), which the rlaif recipe's reward.judge.model_path=tiny-judge loads.
+    """
     paths = TinyWorldPaths(Path(out_dir).expanduser(), seed)
     unknown = [a for a in archs if a not in TINY_ARCHS]
     if unknown:
         raise DataError(f"unknown tiny-world arch {unknown[0]!r}; known: {', '.join(TINY_ARCHS)}")
+    if judge and JUDGE_ARCH not in archs:
+        archs = (*archs, JUDGE_ARCH)
     paths.root.mkdir(parents=True, exist_ok=True)
     with _locked(paths.root / ".lock"):
         _build_once(paths.data_dir, lambda tmp: _write_data(tmp, seed))
@@ -467,7 +553,16 @@ def materialize_tiny_world(out_dir: str | Path, *, seed: int = 0, archs: Sequenc
         _build_once(paths.tokenizer_dir, lambda tmp: _write_tokenizer(tmp, paths))
         for arch in archs:
             _build_once(paths.root / "models" / arch, lambda tmp, arch=arch: _write_checkpoints(tmp, paths, arch))
+        if judge:
+            _build_once(paths.checkpoint(JUDGE_ARCH, "judge"), lambda tmp: _write_judge(tmp, paths))
     return paths
+
+
+def tiny_data_file(kind: str, split: str = "train", *, seed: int = 0) -> Path:
+    """The jsonl file of a tiny-world data kind (DATA_KINDS, or "cot"), built if needed."""
+    if kind == "cot":
+        return cot_file(split, seed=seed)
+    return tiny_world_dir(seed, archs=()).data(kind, split)
 
 
 def _write_data(tmp: Path, seed: int) -> None:
@@ -516,6 +611,20 @@ def _write_checkpoints(tmp: Path, paths: TinyWorldPaths, arch: str) -> None:
         seed=paths.seed,
         sft_rows=read_jsonl(paths.data("sft", "train")),
         eval_rows=read_jsonl(paths.data("rl", "eval")),
+    )
+
+
+def _write_judge(tmp: Path, paths: TinyWorldPaths) -> None:
+    from transformers import AutoTokenizer
+
+    from rlhf.models.tiny_judge import build_tiny_judge
+
+    build_tiny_judge(
+        tmp,
+        paths.checkpoint(JUDGE_ARCH, "policy-init"),
+        AutoTokenizer.from_pretrained(paths.tokenizer_dir),
+        grid_split(CARRY_TASK, seed=paths.seed),
+        seed=paths.seed,
     )
 
 

@@ -118,3 +118,29 @@ def render_chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | Sequenc
 def encode_chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | Sequence[dict[str, Any]]) -> list[int]:
     """Token ids of the rendered chat prompt (special tokens come from the template, none are added)."""
     return tokenizer(render_chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+
+
+PROBE_TEXT = "Hello, World! 12+34=46 \t naïve café — 数学 🙂\n  end"
+"""Text encoded by both tokenizers in `tokenizer_differences`: letters, digits, punctuation, spaces,
+non-ASCII, so normalisers, pre-tokenisers and added BOS/EOS that differ show up in the ids."""
+
+
+def tokenizer_differences(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> list[str]:
+    """What differs between two tokenizers in ways that change token ids or their meaning; [] when
+    token ids of one mean the same text to the other (vocabulary, special tokens, chat template, and
+    the ids of PROBE_TEXT, which catch normalisation and added special tokens)."""
+    differences = []
+    if a.get_vocab() != b.get_vocab():
+        differences.append(f"vocabulary ({len(a)} vs {len(b)} tokens)")
+    if _special_tokens(a) != _special_tokens(b):
+        differences.append("special tokens")
+    if (a.chat_template or None) != (b.chat_template or None):
+        differences.append("chat template")
+    if a(PROBE_TEXT)["input_ids"] != b(PROBE_TEXT)["input_ids"]:
+        differences.append("encoding of a probe text")
+    return differences
+
+
+def _special_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple:
+    named = {name: getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    return tuple(sorted(named.items())), tuple(sorted(tokenizer.all_special_tokens))

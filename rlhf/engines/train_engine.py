@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from rlhf.config import OptimConfig, TrainConfig
 from rlhf.errors import CheckpointError, ConfigError
-from rlhf.models.peft_utils import export_root, is_peft_layer, merged_layer_tensors, plain_tensor
+from rlhf.models.peft_utils import is_peft_layer, merged_layer_tensors, plain_module, plain_tensor
 from rlhf.utils.seeding import get_rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
@@ -418,6 +418,7 @@ def _export_units(module: nn.Module) -> list[_Unit]:
     seen: set[int] = set()
 
     def visit(prefix: str, mod: nn.Module) -> None:
+        mod = plain_module(mod)  # a nested PeftModel (the critic's backbone), a modules_to_save head
         if is_peft_layer(mod):
             units.append(_Unit(prefix.rstrip("."), list(mod.parameters()), peft_layer=mod))
             return
@@ -431,7 +432,7 @@ def _export_units(module: nn.Module) -> list[_Unit]:
         for name, child in mod.named_children():
             visit(f"{prefix}{name}.", child)
 
-    visit("", export_root(module))
+    visit("", module)
     return units
 
 

@@ -7,6 +7,8 @@ Model paths in configs accept, besides a directory or a Hub name, these tiny-wor
   tiny:llama                  Llama tiny policy after the warm-up
   tiny-init, tiny-init:qwen2  Qwen2 tiny policy, random init (policy-init)
   tiny-init:llama             Llama tiny policy, random init
+  tiny-judge                  Qwen2 tiny LLM judge of the carry world (rlhf.models.tiny_judge; its
+                              rubric is rlhf.data.tiny_world.JUDGE_TEMPLATE; built on first use, ~40 s)
 
 Tiny names win over a local directory of the same name; write "./tiny" to mean the directory.
 
@@ -17,12 +19,13 @@ pad token (pad falls back to eos), and the model config and generation config ca
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf.data.sources import looks_like_path
+from rlhf.data.sources import is_produced, looks_like_path
 from rlhf.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -34,6 +37,7 @@ TINY_MODEL_NAMES = {
     "tiny-init": ("qwen2", "policy-init"),
     "tiny-init:qwen2": ("qwen2", "policy-init"),
     "tiny-init:llama": ("llama", "policy-init"),
+    "tiny-judge": ("qwen2", "judge"),
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,29 +50,39 @@ def is_tiny_model_name(path: str | Path) -> bool:
 def resolve_model_path(path: str | Path) -> str:
     """A local directory or Hub name to hand to `from_pretrained`; tiny-world names are built if needed.
 
-    Raises ConfigError for an unknown tiny name, and for a string that can only be a local path
-    (absolute, ./ or ~ prefixed, or with more than one "/") when nothing exists there.
+    Raises ConfigError as `check_model_path` does.
     """
+    check_model_path(path)
     if is_tiny_model_name(path):
-        if path not in TINY_MODEL_NAMES:
-            raise ConfigError(f"unknown tiny model {path!r}; known: {', '.join(TINY_MODEL_NAMES)}")
         from rlhf.data.tiny_world import tiny_world_dir
 
         arch, name = TINY_MODEL_NAMES[str(path)]
-        return str(tiny_world_dir(archs=(arch,)).checkpoint(arch, name))
+        return str(tiny_world_dir(archs=(arch,), judge=name == "judge").checkpoint(arch, name))
+    local = Path(path).expanduser()
+    return str(local) if local.exists() else str(path)
+
+
+def check_model_path(path: str | Path, what: str = "model path") -> None:
+    """ConfigError, without loading or building anything, when `path` can name no model: an unknown
+    tiny name, a string that can only be a local path (absolute, ./ or ~ prefixed, or with more than
+    one "/") where nothing exists, or a directory without config.json or tokenizer_config.json.
+    Hub names pass (they are resolved when loaded). `what` names the value in the message."""
+    if is_tiny_model_name(path):
+        if path not in TINY_MODEL_NAMES:
+            raise ConfigError(f"unknown tiny model {path!r}; known: {', '.join(TINY_MODEL_NAMES)}")
+        return
     local = Path(path).expanduser()
     if local.exists():
         if local.is_dir() and not (local / "config.json").exists() and not (local / "tokenizer_config.json").exists():
             raise ConfigError(
                 f"{str(path)!r} exists but holds no config.json or tokenizer_config.json; point at a Hugging Face checkpoint directory"
             )
-        return str(local)
+        return
     if isinstance(path, Path) or looks_like_path(path):
         raise ConfigError(
-            f"model path {str(path)!r} does not exist (relative paths start from {Path.cwd()}); "
+            f"{what} {str(path)!r} does not exist (relative paths start from {Path.cwd()}); "
             f"fix the path, give a Hub name like 'Qwen/Qwen2.5-0.5B', or a tiny model ({', '.join(TINY_MODEL_NAMES)})"
         )
-    return str(path)
 
 
 PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -85,7 +99,7 @@ MODEL_PATH_FIELDS = (
     "export.base",
     "eval.reference_model",
 )
-"""Config fields that name a model checkpoint (checked by `check_model_weights`)."""
+"""Config fields that name a model checkpoint (checked by `check_model_paths`)."""
 
 
 def check_weight_files(path: str | Path, *, use_safetensors: bool = True, field: str = "model.path") -> None:
@@ -109,14 +123,19 @@ def check_weight_files(path: str | Path, *, use_safetensors: bool = True, field:
         )
 
 
-def check_model_weights(cfg) -> None:
-    """`check_weight_files` on every model field of an RLHFConfig (MODEL_PATH_FIELDS) that names a local directory."""
+def check_model_paths(cfg, produced: Collection[Path] = ()) -> None:
+    """`check_model_path` and `check_weight_files` on every model field of an RLHFConfig (MODEL_PATH_FIELDS)
+    that is set; a path inside one of the `produced` directories (what an earlier pipeline step writes)
+    counts as existing."""
     for field in MODEL_PATH_FIELDS:
         value = cfg
         for part in field.split("."):
             value = getattr(value, part)
-        if value:
-            check_weight_files(value, use_safetensors=cfg.model.use_safetensors, field=field)
+        if not value:
+            continue
+        if not is_produced(value, produced):
+            check_model_path(value, what=field)
+        check_weight_files(value, use_safetensors=cfg.model.use_safetensors, field=field)
 
 
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -134,6 +153,35 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreT
         logger.info("tokenizer of %s has no pad token; using eos %r", resolved, tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
+"""Files of which a checkpoint directory holds at least one when a tokenizer was saved with it."""
+
+
+def checkpoint_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase | None:
+    """The tokenizer saved with the checkpoint at `path` (see load_tokenizer), or None for a local
+    directory that holds none (e.g. a critic or a reward model saved without one)."""
+    resolved = Path(resolve_model_path(path))
+    if resolved.is_dir() and not any((resolved / name).exists() for name in TOKENIZER_FILES):
+        return None
+    return load_tokenizer(resolved, trust_remote_code=trust_remote_code)
+
+
+def check_vocabulary_fits(
+    path: str | Path, tokenizer: PreTrainedTokenizerBase, *, field: str, trust_remote_code: bool = False
+) -> None:
+    """ConfigError when the model at `path` (config field `field`) has fewer token embeddings than
+    `tokenizer` has tokens, so the tokenizer's ids cannot be its inputs."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code)
+    vocab_size = getattr(config, "vocab_size", None)
+    if vocab_size is not None and vocab_size < len(tokenizer):
+        raise ConfigError(
+            f"{field}={str(path)!r} embeds {vocab_size} tokens but the policy's tokenizer has {len(tokenizer)}: it was "
+            f"made for another tokenizer; save that tokenizer with the checkpoint, or use one made for the policy's"
+        )
 
 
 def load_causal_lm(

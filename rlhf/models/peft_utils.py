@@ -20,6 +20,11 @@ peft's merge_and_unload would write without modifying the live model:
 
 Virtual tokens and prefixes have no place in the base weights: such adapters are saved beside the
 unchanged base model, and RL stages (whose rollout engines run plain weights) reject them.
+
+Models with a scalar head (the reward model of stage=rm, the critic) take SCALAR_HEAD_PEFT_METHODS:
+the method applies to the transformer, and the head always trains in full (it starts fresh and is
+the model's whole output). For the reward model the head is peft's `modules_to_save` (task SEQ_CLS),
+so its adapter directory restores it; exports write the trained copy under the plain name.
 """
 
 from __future__ import annotations
@@ -58,6 +63,10 @@ PROMPT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
 ADAPTER_METHODS = LOW_RANK_METHODS + ("ia3",) + PROMPT_METHODS
 """Methods that wrap the model in a peft PeftModel (saved in peft's adapter format)."""
 PATTERN_METHODS = ("bitfit", "freeze")
+SCALAR_HEAD_PEFT_METHODS = ("none", "lora", "ia3", "loha", "lokr", "bitfit", "freeze")
+"""Methods for a model whose output is a trained scalar head (reward model, critic). Prompt methods
+are left out (their virtual tokens cannot be merged into the weights the RL stages load, and shift
+the last-token positions the head reads), and so is qlora (4-bit loading exists for causal LMs only)."""
 QUANT_TYPES = ("nf4", "fp4")
 
 _BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
@@ -113,6 +122,16 @@ def validate_peft(cfg: RLHFConfig) -> None:
         _validate_qlora(cfg)
 
 
+def check_scalar_head_peft(model_cfg: ModelConfig, role: str) -> None:
+    """ConfigError when model.peft.method cannot train `role`, a model with a scalar head (SCALAR_HEAD_PEFT_METHODS)."""
+    method = peft_method(model_cfg)
+    if method not in SCALAR_HEAD_PEFT_METHODS:
+        raise ConfigError(
+            f"model.peft.method={method} cannot train the {role}: allowed there are "
+            f"{', '.join(SCALAR_HEAD_PEFT_METHODS)} (the scalar head always trains in full)"
+        )
+
+
 def _validate_patterns(method: str, peft: Any) -> None:
     if peft.trainable_patterns and method != "freeze":
         raise ConfigError(f"model.peft.trainable_patterns needs model.peft.method=freeze (got {method})")
@@ -144,8 +163,6 @@ def _validate_qlora(cfg: RLHFConfig) -> None:
         raise ConfigError(f"{needs}: set cluster.device=cuda (got {cfg.cluster.device}), or use model.peft.method=lora")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(f"{needs} and the bitsandbytes package: pip install bitsandbytes, or use lora")
-    if cfg.cluster.address is None and not torch.cuda.is_available():
-        raise ConfigError(f"{needs}, and torch sees none on this machine; use model.peft.method=lora")
     if cfg.policy.zero_stage == 3:
         raise ConfigError(
             "model.peft.method=qlora: 4-bit base weights cannot be ZeRO-3 partitioned; set policy.zero_stage<=2"
@@ -188,13 +205,23 @@ def load_base_model(path: str, model_cfg: ModelConfig, *, dtype: torch.dtype, to
     return model
 
 
-def apply_peft(model: nn.Module, model_cfg: ModelConfig) -> nn.Module:
-    """`model` set up for `peft_method(model_cfg)`: wrapped by peft, or with only some parameters trainable."""
+def apply_peft(
+    model: nn.Module, model_cfg: ModelConfig, *, task_type: str = "CAUSAL_LM", head: Optional[str] = None
+) -> nn.Module:
+    """`model` set up for `peft_method(model_cfg)`: wrapped by peft, or with only some parameters trainable.
+
+    `task_type` is peft's (CAUSAL_LM for a policy, SEQ_CLS for a reward model, FEATURE_EXTRACTION for a
+    bare transformer such as the critic's backbone). `head` names a submodule that trains in full
+    whatever the method (the reward model's `score`): peft's modules_to_save for adapters, left
+    trainable by bitfit/freeze.
+    """
     method = peft_method(model_cfg)
     if method == "none":
         return model
     if method in PATTERN_METHODS:
         freeze_parameters(model, method, model_cfg.peft)
+        if head is not None:
+            model.get_submodule(head).requires_grad_(True)
         return model
     if method == "qlora":
         from peft import prepare_model_for_kbit_training
@@ -206,8 +233,9 @@ def apply_peft(model: nn.Module, model_cfg: ModelConfig) -> nn.Module:
         )
     from peft import get_peft_model
 
+    config = peft_config(method, model_cfg, task_type=task_type, modules_to_save=[head] if head else None)
     try:
-        wrapped = get_peft_model(model, peft_config(method, model_cfg))
+        wrapped = get_peft_model(model, config)
     except ValueError as e:  # peft: target modules not found, feed-forward modules not among targets, ...
         raise ConfigError(f"model.peft.method={method}: peft cannot wrap this model: {e}") from e
     if method in ("prompt_tuning", "p_tuning"):
@@ -220,12 +248,16 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig) -> nn.Module:
     return apply_peft(model, ModelConfig(lora=lora_cfg))
 
 
-def peft_config(method: str, model_cfg: ModelConfig) -> Any:
-    """peft's config object for one of ADAPTER_METHODS."""
+def peft_config(
+    method: str, model_cfg: ModelConfig, *, task_type: str = "CAUSAL_LM", modules_to_save: Optional[list[str]] = None
+) -> Any:
+    """peft's config object for one of ADAPTER_METHODS (`modules_to_save`: trained in full, saved with the adapter)."""
     import peft
 
     lora, cfg = model_cfg.lora, model_cfg.peft
-    common: dict[str, Any] = {"task_type": "CAUSAL_LM"}
+    common: dict[str, Any] = {"task_type": task_type}
+    if modules_to_save:
+        common["modules_to_save"] = list(modules_to_save)
     if method in ("lora", "qlora"):
         return peft.LoraConfig(
             r=lora.rank,
@@ -334,6 +366,20 @@ def export_root(module: nn.Module) -> nn.Module:
     """The module whose parameter names match the plain HF checkpoint (unwraps PeftModel/VirtualTokenLM)."""
     peft_model = find_peft_model(module)
     return peft_model.get_base_model() if peft_model is not None else module
+
+
+def plain_module(module: nn.Module) -> nn.Module:
+    """What a plain checkpoint holds in place of `module`: `export_root` of a PeftModel, the copy that
+    runs (and trains) inside peft's ModulesToSaveWrapper (e.g. a reward model's head), else `module`."""
+    try:
+        from peft.utils.other import ModulesToSaveWrapper
+    except ImportError:
+        return module
+    if isinstance(module, ModulesToSaveWrapper):
+        if module.disable_adapters or not module.active_adapters:
+            return module.original_module
+        return module.modules_to_save[module.active_adapters[0]]
+    return export_root(module)
 
 
 # -- merged tensors of one adapter layer -----------------------------------------------------

@@ -188,6 +188,24 @@ def generate_responses(
     batch_size: int = 128,
 ) -> list[str]:
     """Decoded responses to chat-rendered `prompts` with HF generate (greedy when temperature is 0)."""
+    rows = [encode_chat_prompt(tokenizer, p) for p in prompts]
+    return generate_from_ids(
+        model, tokenizer, rows, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size
+    )
+
+
+@torch.no_grad()
+def generate_from_ids(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Sequence[list[int]],
+    *,
+    temperature: float = 1.0,
+    max_new_tokens: int = 8,
+    seed: int = 0,
+    batch_size: int = 128,
+) -> list[str]:
+    """`generate_responses` for prompts already tokenized (e.g. a judge's rubric, no chat template)."""
     sampling: dict[str, Any] = {"do_sample": False}
     if temperature > 0:
         sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
@@ -195,9 +213,10 @@ def generate_responses(
     model.eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for start in range(0, len(prompts), batch_size):
-            rows = [encode_chat_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
-            input_ids, attention_mask = pad_sequences(rows, pad_id=tokenizer.pad_token_id, left=True)
+        for start in range(0, len(rows), batch_size):
+            input_ids, attention_mask = pad_sequences(
+                list(rows[start : start + batch_size]), pad_id=tokenizer.pad_token_id, left=True
+            )
             output = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -223,6 +242,26 @@ def evaluate_accuracy(
         return 0.0
     responses = generate_responses(model, tokenizer, [r["prompt"] for r in rows], temperature=temperature, seed=seed)
     return sum(check_answer(text, row["answer"]) for text, row in zip(responses, rows)) / len(rows)
+
+
+@torch.no_grad()
+def answer_probabilities(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict[str, Any]]
+) -> list[float]:
+    """P(the reference answer, then end of turn | the chat prompt) of each {"prompt", "answer"} row.
+
+    The probability that a temperature-1 sample is exactly the answer: a lower bound on the expected
+    rule reward that depends on the weights alone. Learning tests compare two models on it, free of
+    the noise of a sampled accuracy.
+    """
+    examples = [encode_sft_example(tokenizer, row["prompt"], str(row["answer"])) for row in rows]
+    input_ids, attention_mask = pad_sequences([ids for ids, _ in examples], pad_id=tokenizer.pad_token_id, left=False)
+    labels, _ = pad_sequences([labels for _, labels in examples], pad_id=IGNORE_INDEX, left=False)
+    model.eval()
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    picked = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(targets != IGNORE_INDEX, picked, 0.0).sum(-1).exp().tolist()
 
 
 def accuracy_by_task(

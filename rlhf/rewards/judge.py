@@ -121,8 +121,7 @@ class LLMJudge:
             num_engines=cfg.num_engines,
             n_samples_per_prompt=1,
             tensor_parallel_size=1,
-            enable_sleep=False,
-        )
+        )  # enable_sleep as the policy's engines: on a shared GPU the judge sleeps between its verdicts too
         self.cluster_cfg = dataclasses.replace(cluster_cfg, rollout=cluster_cfg.reward)
         self.sampling = SamplingConfig(temperature=0.0, max_new_tokens=cfg.max_new_tokens)
         self.seed = seed
@@ -154,11 +153,15 @@ class LLMJudge:
             self.render(self.cfg.template, self.fields, i, meta, prompt=p, response=r)
             for i, (p, r, meta) in enumerate(zip(prompts, responses, metadata))
         ]
-        return self._engines().generate_async(ids, self.sampling, n=1, seed=None)
+        engines = self._engines()
+        engines.memory.before_generate()
+        return engines.generate_async(ids, self.sampling, n=1, seed=None)
 
     def collect(self, pending) -> tuple[Tensor, int, list[str]]:
         """(normalised scores [B], number unparseable, verdict texts)."""
-        verdicts = [gens[0].text for gens in self._engines().wait(pending)]
+        engines = self._engines()
+        verdicts = [gens[0].text for gens in engines.wait(pending)]
+        engines.memory.after_generate()
         parsed = [parse_pointwise(v, self.pattern, self.cfg.score_min, self.cfg.score_max) for v in verdicts]
         unparseable = sum(p is None for p in parsed)
         self.unparseable_total += unparseable
@@ -175,7 +178,10 @@ class LLMJudge:
             self.render(self.cfg.pairwise_template, self.pair_fields, i, meta, prompt=p, response_a=a, response_b=b)
             for i, (p, a, b, meta) in enumerate(zip(prompts, responses_a, responses_b, metadata))
         ]
-        outputs = self._engines().generate(ids, self.sampling, n=1, seed=None)
+        engines = self._engines()
+        engines.memory.before_generate()
+        outputs = engines.generate(ids, self.sampling, n=1, seed=None)
+        engines.memory.after_generate()
         verdicts = [gens[0].text for gens in outputs]
         choices = [parse_pairwise(v, self.pairwise_pattern) for v in verdicts]
         self.unparseable_total += sum(c is None for c in choices)

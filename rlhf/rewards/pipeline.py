@@ -11,6 +11,9 @@ Terms, each with a weight (total = Σ weight × term):
   reward.model_path                   a sequence-classification RM on RewardWorkers, normalised by model_norm
   reward.remote.url                   an HTTP reward server (rlhf.rewards.remote)
   reward.judge.model_path             an LLM judge on its own rollout engines (rlhf.rewards.judge)
+The RM scores the policy's token ids only when it shares the policy's tokenizer; otherwise each
+sample is re-encoded for it (ModelTerm). The judge and the remote server always get text, which
+the judge renders with its own tokenizer and chat template.
 reward/<name>_mean logs each term's *unweighted* mean; reward/mean, /std, /max the weighted total.
 Actor-backed terms are submitted first and collected last, so they overlap the driver-side ones.
 
@@ -33,7 +36,7 @@ from torch import Tensor
 
 from rlhf.config import RLHFConfig
 from rlhf.data.batch import RolloutBatch
-from rlhf.errors import ConfigError
+from rlhf.errors import ConfigError, DataError
 from rlhf.rewards.normalize import RewardNormalizer
 from rlhf.rewards.registry import RewardFn, load_reward_fn, score
 
@@ -86,12 +89,21 @@ class FunctionTerm(RewardTerm):
 
 @dataclass
 class ModelTerm(RewardTerm):
-    """A sequence-classification reward model on `num_workers` RewardWorkers, its scores normalised."""
+    """A sequence-classification reward model on `num_workers` RewardWorkers, its scores normalised.
+
+    A reward model with its own tokenizer (`own_tokenizer`: vocabulary, special tokens or chat template
+    differ from the policy's) would read the policy's ids as other tokens. Its inputs are then each
+    sample's prompt as the dataset wrote it (metadata RAW_PROMPT) and the response decoded by the
+    policy's tokenizer, encoded with the reward model's tokenizer and chat template the way stage=rm
+    encodes its pairs (`reward_model_batch`), as verl re-renders the raw chat for such a reward model.
+    """
 
     model_path: str = ""
     num_workers: int = 1
     normalizer: RewardNormalizer = field(default_factory=RewardNormalizer)
     cfg: Optional[RLHFConfig] = field(default=None, repr=False)
+    own_tokenizer: Any = field(default=None, repr=False)
+    """The reward model's tokenizer when it differs from the policy's, else None (it scores the policy's ids)."""
     group: Any = field(default=None, repr=False)
 
     def start(self, make_group: Callable[..., Any]) -> None:
@@ -113,7 +125,8 @@ class ModelTerm(RewardTerm):
     def submit(self, inputs: RewardInputs) -> Any:
         from rlhf.workers.reward import RewardWorker
 
-        return self.group.run(RewardWorker.score, inputs.batch)
+        batch = inputs.batch if self.own_tokenizer is None else reward_model_batch(self.own_tokenizer, inputs)
+        return self.group.run(RewardWorker.score, batch)
 
     def collect(self, handle: Any, stats: dict[str, Any]) -> Tensor:
         raw = self.group.wait(handle)
@@ -124,6 +137,64 @@ class ModelTerm(RewardTerm):
         if self.group is not None:
             self.group.shutdown()
             self.group = None
+
+
+def reward_model_batch(tokenizer: Any, inputs: RewardInputs) -> RolloutBatch:
+    """The samples of `inputs` as a reward model with its own `tokenizer` reads them (see ModelTerm).
+
+    Each conversation is the prompt as the dataset wrote it plus the decoded response as the
+    assistant's turn, closed as in the reward model's training pairs (also when the policy was cut
+    off by max_new_tokens), encoded by rlhf.data.examples.encode_answers.
+    """
+    from rlhf.data.batch import pad_sequences
+    from rlhf.data.examples import encode_answers
+    from rlhf.data.prompts import RAW_PROMPT
+
+    missing = [i for i, row in enumerate(inputs.metadata) if RAW_PROMPT not in row]
+    if missing:
+        raise DataError(
+            f"reward.model_path has its own tokenizer, so each sample is re-encoded from its prompt as the dataset "
+            f"wrote it, but rows {missing[:5]} of the batch carry no metadata[{RAW_PROMPT!r}]; load prompts with "
+            f"rlhf.data.prompts.prompt_metadata, or use a reward model with the policy's tokenizer"
+        )
+    conversations = [(row[RAW_PROMPT], response) for row, response in zip(inputs.metadata, inputs.responses)]
+    encoded = encode_answers(tokenizer, conversations, where="reward-model input")
+    prompt_ids, prompt_mask = pad_sequences([p for p, _ in encoded], pad_id=tokenizer.pad_token_id, left=True)
+    response_ids, response_mask = pad_sequences([r for _, r in encoded], pad_id=tokenizer.pad_token_id, left=False)
+    return RolloutBatch(prompt_ids, prompt_mask, response_ids, response_mask)
+
+
+def reward_model_tokenizer(model_path: str, policy_tokenizer: Any, *, trust_remote_code: bool) -> Any:
+    """The reward model's tokenizer when it differs from the policy's, else None; logs which path scoring takes.
+
+    A checkpoint saved without a tokenizer is taken to share the policy's (once its embeddings are
+    checked to cover the policy's vocabulary).
+    """
+    from rlhf.data.tokenizer import tokenizer_differences
+    from rlhf.models.loading import check_vocabulary_fits, checkpoint_tokenizer
+
+    own = checkpoint_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    if own is None:
+        check_vocabulary_fits(
+            model_path, policy_tokenizer, field="reward.model_path", trust_remote_code=trust_remote_code
+        )
+        logger.warning(
+            "reward model %s holds no tokenizer: it scores the policy's token ids, so it must have been trained with "
+            "the policy's tokenizer (save its tokenizer with it to have samples re-encoded when it differs)",
+            model_path,
+        )
+        return None
+    differences = tokenizer_differences(policy_tokenizer, own)
+    if not differences:
+        logger.info("reward model %s shares the policy's tokenizer: it scores the policy's token ids", model_path)
+        return None
+    logger.info(
+        "reward model %s has its own tokenizer (%s differ): samples are decoded and re-encoded with its tokenizer "
+        "and chat template",
+        model_path,
+        ", ".join(differences),
+    )
+    return own
 
 
 @dataclass
@@ -257,6 +328,9 @@ def build_reward_pipeline(cfg: RLHFConfig, tokenizer: Any) -> RewardPipeline:
                 num_workers=reward.num_workers,
                 normalizer=RewardNormalizer(norm.mode, clip=norm.clip, eps=norm.eps),
                 cfg=cfg,
+                own_tokenizer=reward_model_tokenizer(
+                    reward.model_path, tokenizer, trust_remote_code=cfg.model.trust_remote_code
+                ),
             )
         )
     if reward.remote.url:

@@ -6,8 +6,8 @@ Every reward function, built in or a user plugin, has one batched signature:
 
 one finite float per response, and `[]` for an empty batch. `prompts[i]` is the policy's rendered
 prompt; `metadata[i]` holds the prompt row's other fields (the reference answer is
-metadata[i]["answer"], see rlhf.data.prompts), plus "prompt_text" and "response_length" (response
-tokens) added by rlhf.rewards.pipeline. Hyperparameters are keyword-only arguments with defaults,
+metadata[i]["answer"], see rlhf.data.prompts) and "raw_prompt" (the prompt as the dataset wrote it), plus
+"prompt_text" and "response_length" (response tokens) added by the trainer and rlhf.rewards.pipeline. Hyperparameters are keyword-only arguments with defaults,
 or without a default when the user must give them (format_regex's `pattern`); a keyword-only
 `max_response_length` is filled from rollout.sampling.max_new_tokens. `load_reward_fn` binds them
 with functools.partial, so a config names a function and its arguments (reward.fn + reward.kwargs,

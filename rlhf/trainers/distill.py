@@ -11,6 +11,8 @@ One step, with S the student (the policy, model.path) and T the teacher (distill
 
 GKD (Agarwal et al. 2023, arXiv:2306.13649, Algorithm 1) is mode=on_policy with lmbda < 1 and
 loss=jsd; classic word-level KD (Hinton et al. 2015) is mode=offline with loss=forward_kl.
+rollout.sampling.temperature only decides which responses the student samples; the loss compares
+whole distributions at distill.temperature, and no logprob of the engines is used.
 Evaluation (step 0, every run.eval_every steps, and at the end) measures per-token forward and
 reverse KL on the held-out rows' responses and, on-policy, on the student's own samples.
 
@@ -38,7 +40,13 @@ from rlhf.trainers.checkpointing import CheckpointManager, read_state
 from rlhf.trainers.distill_data import DistillRows, load_distill_rows
 from rlhf.trainers.nonfinite import NonFiniteGuard
 from rlhf.trainers.rl import build_rollout_batch, make_progress, sample_seed
-from rlhf.trainers.roles import check_shared_output_dir, connect_weight_sync, start_group, sync_weights, write_placement
+from rlhf.trainers.roles import (
+    RolloutSupervisor,
+    check_shared_output_dir,
+    connect_weight_sync,
+    start_group,
+    write_placement,
+)
 from rlhf.utils.metrics import MetricsSink, PhaseTimer
 from rlhf.utils.redact import config_container
 from rlhf.workers.distill_policy import DistillPolicyWorker
@@ -144,6 +152,8 @@ class DistillTrainer:
         self.metrics = MetricsSink.for_run(run.output_dir, cfg.run, config=config_container(cfg))
         self.step_done = 0
         self.rollout: RolloutGroup | None = None
+        self.engines: RolloutSupervisor | None = None
+        """On-policy: every generate and sync (restarts dead engines; sleeps them between rollouts)."""
         self._start_roles()
 
     def _start_roles(self) -> None:
@@ -180,7 +190,16 @@ class DistillTrainer:
         teacher_info = self.teacher.wait(teacher)
         student_vocab = self.policy.call(DistillPolicyWorker.vocab_size)
         require_equal_vocab(student_vocab, teacher_info["vocab_size"], self.run.student_path, self.run.teacher_path)
-        weight_sync = connect_weight_sync(self.policy, self.rollout, cluster) if self.rollout is not None else None
+        weight_sync = None
+        if self.rollout is not None:
+            weight_sync = connect_weight_sync(self.policy, self.rollout, cluster)
+            self.engines = RolloutSupervisor(
+                self.rollout,
+                self.policy,
+                cluster,
+                bucket_mb=cfg.rollout.weight_sync_bucket_mb,
+                max_restarts=cfg.rollout.max_restarts,
+            )
         check_shared_output_dir(self.run.output_dir, {"policy": self.policy})
         groups = {"policy": self.policy, "teacher": self.teacher, "rollout": self.rollout and self.rollout.group}
         write_placement(self.run.output_dir, groups, weight_sync)
@@ -198,9 +217,9 @@ class DistillTrainer:
                 teacher = self.score(batch)
             with timer("update"):
                 stats.update(self.update(batch, teacher))
-            if self.rollout is not None:
+            if self.engines is not None:
                 with timer("sync"):
-                    sync_weights(self.policy, self.rollout, self.cfg.rollout.weight_sync_bucket_mb)
+                    self.engines.sync()
         stats["perf/tokens_per_s"] = float(batch.response_mask.sum()) / timer.seconds["step"]
         return {**stats, **timer.metrics()}
 
@@ -217,10 +236,10 @@ class DistillTrainer:
 
     def sample(self, rows: list[dict[str, Any]], step: int, *, data: DistillRows | None = None):
         """The student's samples (rollout.n_samples_per_prompt each) of the prompts of `rows`."""
-        assert self.rollout is not None
+        assert self.engines is not None
         prompts = (data or self.run.train).prompts([m["row"] for m in rows])
         n, seed = self.cfg.rollout.n_samples_per_prompt, sample_seed(self.cfg.run.seed, step)
-        outputs = self.rollout.generate(prompts.token_ids, self.cfg.rollout.sampling, n=n, seed=seed)
+        outputs = self.engines.generate(prompts.token_ids, self.cfg.rollout.sampling, n=n, seed=seed)
         batch = build_rollout_batch(prompts, outputs, pad_id=self.run.tokenizer.pad_token_id)
         lengths = batch.response_mask.sum(-1).float()
         return batch, {"distill/on_policy": 1.0, "rollout/response_length": float(lengths.mean())}
@@ -302,8 +321,8 @@ class DistillTrainer:
         self.policy.call(PolicyWorker.load_checkpoint, str(checkpoint / "policy"))
         self.step_done = int(state["step"])
         self.stream.load_state(saved)
-        if self.rollout is not None:
-            sync_weights(self.policy, self.rollout, self.cfg.rollout.weight_sync_bucket_mb)
+        if self.engines is not None:
+            self.engines.sync()
 
     def stream_identity(self) -> dict[str, Any]:
         """What the stream's position means: a saved position only resumes a stream with the same values."""

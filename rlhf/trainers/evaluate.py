@@ -154,7 +154,7 @@ def evaluate_model(cfg: RLHFConfig, model_path: str, output: Optional[Path] = No
     source = cfg.eval.data or cfg.data.eval
     prompts = load_prompt_set(source, cfg, tokenizer, limit=cfg.eval.max_prompts)
     rewards = build_reward_pipeline(cfg, tokenizer) if has_reward(cfg) else None
-    with ray_session(cfg.cluster):
+    with ray_session(cfg.cluster, deterministic=cfg.run.deterministic):
         engines = SampleEngines(cfg, path, tokenizer, rewards)
         try:
             tally, greedy_responses = sample_and_score(cfg, engines, prompts)

@@ -158,7 +158,7 @@ class PromptSet:
 
 def load_prompt_set(source: str, cfg: RLHFConfig, tokenizer: Any, *, limit: int = 0) -> PromptSet:
     """The first `limit` (0: all) prompts of `source`, checked and tokenised like RL prompts."""
-    from rlhf.data.prompts import encode_prompts, load_prompt_dataset
+    from rlhf.data.prompts import encode_prompts, load_prompt_dataset, prompt_metadata
 
     answer_key = cfg.data.answer_key if cfg.reward.fn or cfg.reward.components else None
     rows = load_prompt_dataset(source, prompt_key=cfg.data.prompt_key, answer_key=answer_key)
@@ -167,7 +167,7 @@ def load_prompt_set(source: str, cfg: RLHFConfig, tokenizer: Any, *, limit: int 
         rows, tokenizer, max_prompt_length=cfg.data.max_prompt_length, use_chat_template=cfg.data.use_chat_template
     )
     texts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in token_ids]
-    return PromptSet([r.prompt for r in rows], token_ids, texts, [dict(r.metadata) for r in rows])
+    return PromptSet([r.prompt for r in rows], token_ids, texts, [prompt_metadata(r) for r in rows])
 
 
 # ---------------------------------------------------------------------------------------- engines
@@ -225,10 +225,12 @@ class SampleEngines:
 
 def sample_rows(prompts: PromptSet, start: int, outputs: list, scores: Optional[list[float]]) -> list[dict[str, Any]]:
     """Dataset rows of prompts start, start+1, ... (prompt-major, as the engines return them)."""
+    from rlhf.data.prompts import RAW_PROMPT  # the "prompt" column already holds it
+
     rows = []
     for offset, generations in enumerate(outputs):
         i = start + offset
-        extra = {k: v for k, v in prompts.metadata[i].items() if k not in SAMPLE_COLUMNS}
+        extra = {k: v for k, v in prompts.metadata[i].items() if k not in SAMPLE_COLUMNS and k != RAW_PROMPT}
         for j, gen in enumerate(generations):
             row: dict[str, Any] = {
                 "prompt_index": i,
@@ -473,7 +475,7 @@ class LazyEngines:
             from rlhf.utils.ray_session import ray_session
 
             job = self.job
-            self.stack.enter_context(ray_session(job.cfg.cluster))
+            self.stack.enter_context(ray_session(job.cfg.cluster, deterministic=job.cfg.run.deterministic))
             self.engines = SampleEngines(job.cfg, job.model_path, job.tokenizer, job.rewards)
             self.stack.callback(self.engines.close)
         return self.engines

@@ -141,12 +141,14 @@ class ReferenceLogprobs:
     `precompute` scores the given examples once (TRL's precompute_ref_log_probs); afterwards a
     row found in the cache costs nothing, and any other row (KTO's mismatched rows, which are
     re-paired in every batch) is scored on the spot. With offline.reference=online nothing is
-    cached.
+    cached. `temperature`: the softmax temperature of the scores, the policy objective's (1 on a
+    data set; online DPO's sampling temperature).
     """
 
-    def __init__(self, group: WorkerGroup, *, cache: bool):
+    def __init__(self, group: WorkerGroup, *, cache: bool, temperature: float = 1.0):
         self.group = group
         self.cache: Optional[dict[tuple, float]] = {} if cache else None
+        self.temperature = temperature
 
     def precompute(self, examples: list[Any], collate: Callable[[list[Any]], RolloutBatch]) -> None:
         for start in range(0, len(examples), REFERENCE_CHUNK):
@@ -161,7 +163,7 @@ class ReferenceLogprobs:
         values = torch.tensor([cached.get(key, math.nan) for key in keys], dtype=torch.float32)
         if missing:
             part = batch.select(missing)
-            token_logprobs = self.group.call(ReferenceWorker.compute_logprobs, part)
+            token_logprobs = self.group.call(ReferenceWorker.compute_logprobs, part, self.temperature)
             sums = torch.where(loss_mask(part), token_logprobs, torch.zeros(())).sum(-1)
             values[missing] = sums
             if self.cache is not None:

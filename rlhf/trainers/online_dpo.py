@@ -11,6 +11,10 @@ One round (one run step), with π the policy and r the configured reward (rule, 
               pairs per optimizer step                                (OfflinePolicyWorker.train_step)
     sync    = π's new weights into the rollout engines
 
+Every log-probability of the round (policy, reference, round-start policy) is taken at the sampling
+temperature (rlhf.engines.rollout.logprob_temperature): the policy the loss moves is the one that
+sampled the pairs, as in TRL's online DPO, which divides the logits by its temperature.
+
 The reference (online_dpo.reference) is the frozen initial policy (online DPO, Guo et al. 2024,
 arXiv:2402.04792 with a reward instead of an AI annotator) or the policy as it was when the round
 began (iterative DPO: Xiong et al. 2023, arXiv:2312.11456 Algorithm 1; Snorkel's iterative
@@ -94,6 +98,11 @@ def validate_online_dpo(cfg: RLHFConfig) -> None:
     _require(online.epochs >= 1, f"online_dpo.epochs must be >= 1 (got {online.epochs})")
     _require(online.nll_weight >= 0, f"online_dpo.nll_weight must be >= 0 (got {online.nll_weight})")
     _require(
+        cfg.offline.nll_weight == 0,
+        f"stage=online_dpo reads its NLL weight from online_dpo.nll_weight; set offline.nll_weight=0 "
+        f"(got {cfg.offline.nll_weight})",
+    )
+    _require(
         online.nll_weight == 0 or cfg.offline.objective == "dpo",
         f"online_dpo.nll_weight={online.nll_weight} adds an NLL term to the dpo objective only "
         f"(offline.objective={cfg.offline.objective}); set it to 0 or use offline.objective=dpo",
@@ -138,12 +147,16 @@ def optimizer_steps_bound(cfg: RLHFConfig) -> int:
 
 
 class OnlineDPOPolicyWorker(OfflinePolicyWorker):
-    """OfflinePolicyWorker whose DPO objective also carries online_dpo.nll_weight (the chosen samples' NLL)."""
+    """OfflinePolicyWorker whose objective scores at the sampling temperature and, for DPO, also carries
+    online_dpo.nll_weight (the chosen samples' NLL)."""
 
-    def __init__(self, *args: Any, nll_weight: float = 0.0, **kwargs: Any):
+    def __init__(self, *args: Any, nll_weight: float = 0.0, temperature: float = 1.0, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        cfg = self.objective.cfg
         if nll_weight:
-            self.objective = DPOObjective(self.objective.cfg, nll_weight=nll_weight)
+            self.objective = DPOObjective(cfg, nll_weight=nll_weight, temperature=temperature)
+        else:
+            self.objective = type(self.objective)(cfg, temperature=temperature)
 
 
 class OnlineDPOTrainer(RLTrainer):
@@ -167,6 +180,7 @@ class OnlineDPOTrainer(RLTrainer):
             cluster_cfg=cfg.cluster,
             seed=cfg.run.seed,
             nll_weight=cfg.online_dpo.nll_weight,
+            temperature=self.temperature,
         )
         self.critic = None
         self.reference = None
@@ -180,7 +194,7 @@ class OnlineDPOTrainer(RLTrainer):
                 cluster_cfg=cfg.cluster,
                 micro_batch_size=cfg.policy.micro_batch_size * self.objective.rows_per_example,
             )
-            self.reference_sums = ReferenceLogprobs(self.reference, cache=False)
+            self.reference_sums = ReferenceLogprobs(self.reference, cache=False, temperature=self.temperature)
         elif self.objective.needs_reference:
             self.reference_sums = self._round_start_logprobs
         self.rollout = RolloutGroup(path, cfg.model, cfg.rollout, cfg.cluster, seed=cfg.run.seed)
@@ -233,7 +247,7 @@ class OnlineDPOTrainer(RLTrainer):
 
     def _round_start_logprobs(self, pairs: RolloutBatch) -> Tensor:
         """Iterative DPO's reference: the policy's summed logprobs before this round's first update."""
-        token_logprobs = self.policy.call(PolicyWorker.compute_logprobs, pairs)
+        token_logprobs = self.policy.call(PolicyWorker.compute_logprobs, pairs, self.temperature)
         return torch.where(loss_mask(pairs), token_logprobs, torch.zeros(())).sum(-1)
 
     def train_pairs(self, pairs: RolloutBatch, aux: Optional[Tensor], step: int) -> dict[str, float]:

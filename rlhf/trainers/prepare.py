@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf.config import RLHFConfig, validate
+from rlhf.config import RLHFConfig, uses_critic, validate
 from rlhf.data.stream import PromptStream
+from rlhf.errors import ConfigError
 from rlhf.rewards.pipeline import RewardPipeline
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ class PreparedRun:
 
 
 def encode_dataset(source: str, cfg: RLHFConfig, tokenizer, *, limit: int | None = None) -> EncodedPrompts:
-    from rlhf.data.prompts import encode_prompts, load_prompt_dataset
+    from rlhf.data.prompts import encode_prompts, load_prompt_dataset, prompt_metadata
 
     rows = load_prompt_dataset(source, prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key)
     if limit is not None:
@@ -46,7 +47,7 @@ def encode_dataset(source: str, cfg: RLHFConfig, tokenizer, *, limit: int | None
         rows, tokenizer, max_prompt_length=cfg.data.max_prompt_length, use_chat_template=cfg.data.use_chat_template
     )
     texts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in token_ids]
-    return EncodedPrompts(token_ids=token_ids, texts=texts, metadata=[row.metadata for row in rows])
+    return EncodedPrompts(token_ids=token_ids, texts=texts, metadata=[prompt_metadata(row) for row in rows])
 
 
 def prepare(cfg: RLHFConfig) -> PreparedRun:
@@ -57,6 +58,7 @@ def prepare(cfg: RLHFConfig) -> PreparedRun:
     validate(cfg)
     model_path = resolve_model_path(cfg.model.path)
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    check_critic_tokenizer(cfg, tokenizer)
     train = encode_dataset(cfg.data.train, cfg, tokenizer)
     evaluation = encode_dataset(cfg.data.eval, cfg, tokenizer, limit=cfg.run.eval_size) if cfg.data.eval else None
     rewards = build_reward_pipeline(cfg, tokenizer)
@@ -77,3 +79,29 @@ def prepare(cfg: RLHFConfig) -> PreparedRun:
     return PreparedRun(
         cfg, str(model_path), tokenizer, stream, evaluation, rewards.primary_fn, Path(cfg.run.output_dir), rewards
     )
+
+
+def check_critic_tokenizer(cfg: RLHFConfig, policy_tokenizer: Any) -> None:
+    """ConfigError when critic_model_path was made for another tokenizer than the policy's.
+
+    The critic gives one value per policy token and reads the policy's token ids, so its checkpoint
+    must share the policy's tokenizer (rlhf.data.tokenizer.tokenizer_differences), or, saved without
+    one (as CriticWorker.save_hf writes it), embed at least the policy's vocabulary.
+    """
+    from rlhf.data.tokenizer import tokenizer_differences
+    from rlhf.models.loading import check_vocabulary_fits, checkpoint_tokenizer
+
+    path, trust = cfg.critic_model_path, cfg.model.trust_remote_code
+    if not path or not uses_critic(cfg):
+        return
+    own = checkpoint_tokenizer(path, trust_remote_code=trust)
+    if own is None:
+        check_vocabulary_fits(path, policy_tokenizer, field="critic_model_path", trust_remote_code=trust)
+        return
+    differences = tokenizer_differences(policy_tokenizer, own)
+    if differences:
+        raise ConfigError(
+            f"critic_model_path={path!r} has another tokenizer than the policy ({', '.join(differences)} differ); the "
+            f"critic values each policy token and reads the policy's token ids: start it from a checkpoint with the "
+            f"policy's tokenizer, or leave critic_model_path unset (the policy's weights with a fresh value head)"
+        )

@@ -17,6 +17,7 @@ from rlhf.algorithms.sampling import informative_groups, select_groups
 from rlhf.config import RLHFConfig, TrainConfig, uses_critic, uses_reference
 from rlhf.data.batch import RolloutBatch, pad_sequences
 from rlhf.data.stream import PromptBatch
+from rlhf.engines.rollout import logprob_temperature
 from rlhf.rewards import build_reward_pipeline
 from rlhf.trainers.checkpointing import CheckpointManager, read_state
 from rlhf.trainers.nonfinite import NonFiniteGuard
@@ -29,7 +30,7 @@ from rlhf.trainers.roles import (
     stop_on_dead_rank,
     write_placement,
 )
-from rlhf.utils.metrics import MetricsSink, PhaseTimer
+from rlhf.utils.metrics import MetricsSink, PhaseTimer, reward_trend
 from rlhf.utils.redact import config_container
 from rlhf.workers.critic import CriticWorker
 from rlhf.workers.group import WorkerGroup
@@ -46,6 +47,8 @@ class RLTrainer:
         self.cfg, self.run = cfg, run
         self.tokenizer = run.tokenizer
         self.n = cfg.rollout.n_samples_per_prompt
+        # the policy that sampled: old/new/reference logprobs and entropy are all at this temperature
+        self.temperature = logprob_temperature(cfg.rollout.sampling)
         self.estimate_advantages = ADVANTAGE_ESTIMATORS.get(cfg.algorithm.advantage)
         self.collect = self._collect_informative if cfg.algorithm.dynamic_sampling else self._collect_once
         self.kl_in_reward = cfg.algorithm.kl_coef > 0 and not cfg.algorithm.use_kl_loss
@@ -227,8 +230,8 @@ class RLTrainer:
         return batch.replace(scores=scores), stats
 
     def logprobs(self, batch: RolloutBatch) -> RolloutBatch:
-        old = self.policy.run(PolicyWorker.compute_logprobs, batch)
-        ref = self.reference.run(ReferenceWorker.compute_logprobs, batch) if self.reference else None
+        old = self.policy.run(PolicyWorker.compute_logprobs, batch, self.temperature)
+        ref = self.reference.run(ReferenceWorker.compute_logprobs, batch, self.temperature) if self.reference else None
         batch = batch.replace(old_logprobs=self.policy.wait(old))
         if ref is not None:
             batch = batch.replace(ref_logprobs=self.reference.wait(ref))
@@ -259,7 +262,7 @@ class RLTrainer:
         return batch.replace(token_rewards=token_rewards, advantages=advantages, returns=returns), stats
 
     def update(self, batch: RolloutBatch) -> dict[str, float]:
-        pending = [(self.policy, self.policy.run(PolicyWorker.update, batch))]
+        pending = [(self.policy, self.policy.run(PolicyWorker.update, batch, self.temperature))]
         if self.critic:
             pending.append((self.critic, self.critic.run(CriticWorker.update, batch)))
         stats: dict[str, float] = {}
@@ -285,6 +288,7 @@ class RLTrainer:
         self.resume()
         last: dict[str, float] = {}
         rewards: list[float] = []
+        trend_key = reward_trend_key(self.cfg)
         progress = make_progress(range(self.step_done, run_cfg.total_steps), run_cfg, initial=self.step_done)
         for step in progress:
             metrics = self.step(step)
@@ -293,14 +297,14 @@ class RLTrainer:
                 metrics.update(self.evaluate())
             last = self.metrics.log(self.step_done, metrics)
             clean = self.nonfinite.check(self.step_done, last, self.checkpoints.latest())
-            rewards.append(last["reward/mean"])
+            rewards.append(last[trend_key])
             if hasattr(progress, "set_postfix"):
                 progress.set_postfix(reward=f"{last['reward/mean']:.3f}")
             if clean and run_cfg.save_every and self.step_done % run_cfg.save_every == 0:
                 self.save_checkpoint()
         if not run_cfg.eval_every or self.step_done % run_cfg.eval_every:
             last.update(self.metrics.log(self.step_done, self.evaluate()))
-        log_reward_trend(rewards)
+        log_reward_trend(rewards, key=trend_key)
         self.save_final()
         return last
 
@@ -394,14 +398,21 @@ def build_rollout_batch(prompts: PromptBatch, outputs, *, pad_id: int) -> Rollou
     )
 
 
-def log_reward_trend(rewards: list[float], window: int = 10) -> None:
-    """One line that says whether training raised the reward: first vs last `window` steps."""
-    if len(rewards) < 2 * window:
+def reward_trend_key(cfg: RLHFConfig) -> str:
+    """The reward metric that shows progress: the reward model's raw score when its scores are normalised
+    (reward/mean of whitened scores is ~0 by construction), else reward/mean."""
+    if cfg.reward.model_path and cfg.reward.model_norm.mode != "none":
+        return "reward/model_raw_mean"
+    return "reward/mean"
+
+
+def log_reward_trend(rewards: list[float], window: int = 10, *, key: str = "reward/mean") -> None:
+    """One line that says whether training raised the reward (`key`'s values): first vs last `window` steps."""
+    trend = reward_trend(rewards, window)
+    if trend is None:
         return
-    first, last = sum(rewards[:window]) / window, sum(rewards[-window:]) / window
-    logger.info(
-        "reward/mean: first %d steps %.3f -> last %d steps %.3f (%+.3f)", window, first, window, last, last - first
-    )
+    first, last = trend
+    logger.info("%s: first %d steps %.3f -> last %d steps %.3f (%+.3f)", key, window, first, window, last, last - first)
 
 
 def optimizer_steps_total(cfg: RLHFConfig, role: TrainConfig) -> int:

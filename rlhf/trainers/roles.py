@@ -1,7 +1,7 @@
 """Role plumbing shared by the controllers: start a worker group, wire and run the policy→rollout weight
 sync, check that every trained rank sees run.output_dir (`check_shared_output_dir`), record where each
-rank runs (`write_placement`), keep the rollout engines alive (`RolloutSupervisor`), stop cleanly when a
-rank dies (`stop_on_dead_rank`)."""
+rank runs (`write_placement`), keep the rollout engines alive and hand their memory to the trainer
+between rollouts (`RolloutSupervisor`), stop cleanly when a rank dies (`stop_on_dead_rank`)."""
 
 from __future__ import annotations
 
@@ -142,7 +142,9 @@ def sync_weights(policy: WorkerGroup, rollout: RolloutGroup, bucket_mb: int) -> 
 
 
 class RolloutSupervisor:
-    """The rollout engines as the controller calls them: a dead engine is restarted and the call retried.
+    """The rollout engines as the controller calls them: a dead engine is restarted and the call retried, and
+    with rollout.enable_sleep the engines sleep between rollouts (`RolloutGroup.memory`: awake for each
+    generate, asleep after it, weights woken for each sync), so no trainer branches on it.
 
     Design: the dead engine is recreated exactly as it was built (`WorkerGroup.restart`: same
     bundle, environment and constructor arguments), so it comes up with the checkpoint's weights
@@ -174,8 +176,9 @@ class RolloutSupervisor:
     def generate(
         self, prompt_token_ids: list[list[int]], sampling: SamplingConfig, n: int, seed: Optional[int] = None
     ) -> list[list[Generation]]:
-        """`RolloutGroup.generate`, retried on fresh engines (with the current weights) if one dies."""
-        return self._call(lambda: self.rollout.generate(prompt_token_ids, sampling, n, seed), is_sync=False)
+        """`RolloutGroup.generate`, retried on fresh engines (with the current weights) if one dies; the
+        engines are awake for it and, with rollout.enable_sleep, asleep after it (`RolloutGroup.memory`)."""
+        return self._call(lambda: self._generate(prompt_token_ids, sampling, n, seed), is_sync=False)
 
     def sync(self) -> dict[str, float]:
         """`sync_weights` into every engine, replacing engines found dead first."""
@@ -192,6 +195,7 @@ class RolloutSupervisor:
                 if self._stale:
                     connect_weight_sync(self.policy, self.rollout, self.cluster)
                     if not is_sync:  # a sync call pushes the weights itself
+                        self.rollout.memory.before_sync()
                         sync_weights(self.policy, self.rollout, self.bucket_mb)
                     self._stale = False
                 return fn()
@@ -200,10 +204,19 @@ class RolloutSupervisor:
                     raise
                 self._restart_dead(error)
 
+    def _generate(
+        self, prompt_token_ids: list[list[int]], sampling: SamplingConfig, n: int, seed: Optional[int]
+    ) -> list[list[Generation]]:
+        self.rollout.memory.before_generate()
+        outputs = self.rollout.generate(prompt_token_ids, sampling, n, seed)
+        self.rollout.memory.after_generate()
+        return outputs
+
     def _sync_live_engines(self) -> dict[str, float]:
         dead = self.rollout.group.dead_ranks()
         if dead:
             raise WorkerDiedError(self.rollout.role, dead[0], "engine found dead before the weight sync")
+        self.rollout.memory.before_sync()
         return sync_weights(self.policy, self.rollout, self.bucket_mb)
 
     def _restart_dead(self, error: WorkerDiedError) -> None:

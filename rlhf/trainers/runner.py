@@ -25,7 +25,7 @@ def fit_on_cluster(cfg: RLHFConfig, output_dir: Path, make_trainer: Callable[[],
     from rlhf.utils.redact import save_config
 
     save_config(cfg, output_dir / "config.yaml")
-    with ray_session(cfg.cluster):
+    with ray_session(cfg.cluster, deterministic=cfg.run.deterministic):
         trainer = make_trainer()
         try:
             return trainer.fit()

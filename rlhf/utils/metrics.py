@@ -239,6 +239,13 @@ class PhaseTimer:
         return {f"timing/{phase}": s for phase, s in self.seconds.items()}
 
 
+def reward_trend(values: list[float], window: int = 10) -> tuple[float, float] | None:
+    """(mean of the first `window` values, mean of the last `window`); None with fewer than 2 × window values."""
+    if len(values) < 2 * window:
+        return None
+    return sum(values[:window]) / window, sum(values[-window:]) / window
+
+
 def read_metrics(path: str | Path) -> list[dict[str, float]]:
     """All rows of a metrics.jsonl file."""
     with Path(path).open(encoding="utf-8") as f:

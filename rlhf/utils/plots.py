@@ -17,7 +17,15 @@ from rlhf.utils.metrics import read_metrics
 logger = logging.getLogger(__name__)
 
 FIGURES: dict[str, tuple[str, ...]] = {
-    "reward": ("reward/mean", "reward/max", "eval/reward_mean", "eval/accuracy"),
+    "reward": (
+        "reward/mean",
+        "reward/max",
+        "reward/model_raw_mean",  # the reward model's raw score (reward/mean is ~0 when it is whitened)
+        "reward/judge_mean",
+        "eval/reward_mean",
+        "eval/accuracy",  # RL: held-out rule accuracy; stage=rm: held-out pair accuracy
+        "eval/reward_accuracy",  # DPO family: held-out pairs whose implicit reward ranks chosen first
+    ),
     "kl": ("reward/kl_to_ref", "policy/kl", "distill/kl", "eval/kl"),
     "entropy": ("policy/entropy",),
     "response_length": ("rollout/response_length", "rollout/response_length_max", "eval/response_length"),

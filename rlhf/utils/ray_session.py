@@ -9,7 +9,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rlhf.config import ClusterConfig
+from rlhf.errors import ConfigError
 from rlhf.utils.distributed import clear_stale_build_locks, torch_extensions_dir
+from rlhf.utils.seeding import DETERMINISTIC_KEYS, deterministic_mode
 
 logger = logging.getLogger(__name__)
 
@@ -19,7 +21,11 @@ def cache_dir() -> Path:
 
 
 def runtime_env_vars(cluster: ClusterConfig) -> dict[str, str]:
-    """Variables that must be set before torch/deepspeed/vllm import in every actor."""
+    """Variables that must be set before torch/deepspeed/vllm import in every actor.
+
+    A run.deterministic run's variables (rlhf.utils.seeding.deterministic_env) are taken from this
+    process's environment, where `ray_session` puts them for the run.
+    """
     env = {
         "TOKENIZERS_PARALLELISM": "false",
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
@@ -29,15 +35,41 @@ def runtime_env_vars(cluster: ClusterConfig) -> dict[str, str]:
     if cluster.device == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
         env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
-    for key in ("RAY_AUTH_MODE", "HF_HOME", "HF_HUB_OFFLINE", "VLLM_CACHE_ROOT"):
+    for key in ("RAY_AUTH_MODE", "HF_HOME", "HF_HUB_OFFLINE", "VLLM_CACHE_ROOT", *DETERMINISTIC_KEYS):
         if key in os.environ:
             env[key] = os.environ[key]
     return env
 
 
+def check_local_devices(cluster: ClusterConfig) -> None:
+    """ConfigError before a local Ray starts when this machine lacks the device the preset places actors on.
+
+    Kept out of rlhf.config.validate, so a GPU preset validates anywhere (in CI, on a laptop before submitting)."""
+    if cluster.device != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"cluster.device=cuda (cluster={cluster.name}), but torch sees no CUDA GPU on this machine and there is "
+            "no cluster to join (cluster.address, RAY_ADDRESS); use cluster=cpu_debug, or run where the GPUs are"
+        )
+
+
 @contextmanager
-def ray_session(cluster: ClusterConfig) -> Iterator[None]:
-    """ray.init for this run (joining `cluster.address` or RAY_ADDRESS if set), shut down after."""
+def ray_session(cluster: ClusterConfig, *, deterministic: bool = False) -> Iterator[None]:
+    """ray.init for this run (joining `cluster.address` or RAY_ADDRESS if set), shut down after.
+
+    `deterministic` (run.deterministic): this process and every actor of the run use deterministic
+    algorithms (rlhf.utils.seeding.deterministic_mode; docs/reliability.md says what that guarantees).
+    """
+    with deterministic_mode(deterministic, cluster.device):
+        with _ray_session(cluster):
+            yield
+
+
+@contextmanager
+def _ray_session(cluster: ClusterConfig) -> Iterator[None]:
     import ray
 
     env = runtime_env_vars(cluster)
@@ -47,6 +79,8 @@ def ray_session(cluster: ClusterConfig) -> Iterator[None]:
     started_here = not ray.is_initialized()
     if started_here:
         address = cluster.address or os.environ.get("RAY_ADDRESS")
+        if not address:
+            check_local_devices(cluster)
         kwargs = {} if address else {"num_cpus": cluster.num_cpus, "num_gpus": cluster.num_gpus}
         ray.init(address=address, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True, **kwargs)
         logger.info("ray cluster resources: %s", ray.cluster_resources())

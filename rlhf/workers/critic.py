@@ -1,7 +1,11 @@
 """The critic: DeepSpeed training of a ValueModel (backbone + linear value head) with the clipped value loss.
 
 `values[:, j]` is the value of the state before response token j: the head reads the hidden state
-at full position P + j - 1 (see rlhf.models.value_model). LoRA does not apply to the critic.
+at full position P + j - 1 (see rlhf.models.value_model).
+
+model.peft.method applies to the critic's backbone as to the policy (OpenRLHF trains LoRA critics
+the same way), restricted to rlhf.models.peft_utils.SCALAR_HEAD_PEFT_METHODS; the value head
+always trains in full. `save_hf` writes merged weights.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from torch import Tensor
 from rlhf.algorithms import value_loss
 from rlhf.config import AlgorithmConfig, ClusterConfig, ModelConfig, TrainConfig
 from rlhf.data.batch import RolloutBatch
+from rlhf.models.peft_utils import apply_peft, check_scalar_head_peft
 from rlhf.models.value_model import ValueModel, hf_name, response_values
 from rlhf.workers.group import dispatch
 from rlhf.workers.trainable import StepStats, TrainableWorker, device_chunks, require_fields
@@ -38,18 +43,25 @@ class CriticWorker(TrainableWorker):
     ):
         """`constant_normalizer`: C of the seq_mean_token_sum_norm aggregation."""
         super().__init__(model_cfg, train_cfg, cluster_cfg, seed)
+        check_scalar_head_peft(model_cfg, "critic")
         self.algo_cfg = algo_cfg
         self.constant_normalizer = constant_normalizer
 
     @dispatch("broadcast", collect="first")
     def init_model(self, model_path: str, num_training_steps: Optional[int] = None) -> dict[str, int]:
-        """Backbone from `model_path` (a policy or critic checkpoint); its value head, or a fresh one."""
+        """Backbone from `model_path` (a policy or critic checkpoint) with model.peft applied; its value head,
+        or a fresh one. Returns {"num_parameters", "num_trainable_parameters"}."""
         self._setup_distributed()
         model = ValueModel.from_pretrained(model_path, dtype=self.dtype, head_seed=self.seed)
         if self.model_cfg.gradient_checkpointing:
             model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.backbone = apply_peft(model.backbone, self.model_cfg, task_type="FEATURE_EXTRACTION")
+        counts = {
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "num_trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        }
         self._build_engine(model, num_training_steps)
-        return {"num_parameters": sum(p.numel() for p in model.parameters())}
+        return counts
 
     @dispatch("split_dp", collect="concat")
     def compute_values(self, batch: RolloutBatch) -> Tensor:
@@ -98,7 +110,7 @@ class CriticWorker(TrainableWorker):
 
     @dispatch("broadcast", collect="first")
     def save_hf(self, directory: str) -> str:
-        """Backbone checkpoint plus value_head.* tensors (ValueModel.from_pretrained reads it back)."""
+        """Backbone checkpoint (adapters merged) plus value_head.* tensors (ValueModel.from_pretrained reads it back)."""
         engine = self._require_engine()
         engine.save_hf(directory, config=engine.module.config, rename=hf_name)
         return str(Path(directory))

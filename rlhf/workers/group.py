@@ -55,6 +55,7 @@ from rlhf.data.batch import RolloutBatch
 from rlhf.engines.train_engine import init_distributed
 from rlhf.errors import ConfigError, WorkerDiedError, WorkerError
 from rlhf.utils.distributed import free_port, node_id, node_ip, process_env, rank_env
+from rlhf.utils.seeding import deterministic_from_env
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,9 @@ class Worker:
 
     The group sets RANK/WORLD_SIZE/LOCAL_RANK in the process environment before the actor starts,
     and MASTER_ADDR/MASTER_PORT before any method runs, so subclasses can read `self.rank` in
-    `__init__` and call `setup_distributed()` from their first method.
+    `__init__` and call `setup_distributed()` from their first method. In a run.deterministic run
+    (RLHF_DETERMINISTIC=1 in the actor's environment) torch's deterministic algorithms are on
+    before any subclass code runs.
     """
 
     def __init__(self) -> None:
@@ -125,6 +128,7 @@ class Worker:
         if threads:
             torch.set_num_threads(int(threads))
         _configure_worker_logging(self.rank)
+        self.deterministic = deterministic_from_env()
 
     @dispatch("broadcast", collect="list")
     def ping(self) -> dict[str, Any]:

@@ -60,15 +60,17 @@ def loss_mask(batch: RolloutBatch) -> Tensor:
     return batch.effective_loss_mask.bool()
 
 
-def token_logprobs(model: torch.nn.Module, batch: RolloutBatch) -> Tensor:
-    """[B, R] float32 log p(response token j | everything before it); packed rows included."""
-    return response_logprobs(model, batch)[0]
+def token_logprobs(model: torch.nn.Module, batch: RolloutBatch, temperature: float = 1.0) -> Tensor:
+    """[B, R] float32 log p(response token j | everything before it), softmax at `temperature`; packed rows included."""
+    return response_logprobs(model, batch, temperature=temperature)[0]
 
 
-def sequence_logprobs(model: torch.nn.Module, batch: RolloutBatch, *, average: bool = False) -> Tensor:
+def sequence_logprobs(
+    model: torch.nn.Module, batch: RolloutBatch, *, average: bool = False, temperature: float = 1.0
+) -> Tensor:
     """[B] summed (or token-averaged) log-probabilities of each row's loss tokens."""
     mask = loss_mask(batch)
-    logprobs = torch.where(mask, token_logprobs(model, batch), torch.zeros((), device=mask.device))
+    logprobs = torch.where(mask, token_logprobs(model, batch, temperature), torch.zeros((), device=mask.device))
     total = logprobs.sum(-1)
     return total / mask.sum(-1).clamp(min=1) if average else total
 
@@ -92,8 +94,11 @@ class Objective:
     headline: ClassVar[str] = "loss"
     """The metric (without prefix) that the progress bar shows."""
 
-    def __init__(self, cfg: OfflineConfig):
+    def __init__(self, cfg: OfflineConfig, *, temperature: float = 1.0):
         self.cfg = cfg
+        self.temperature = temperature
+        """Softmax temperature of the policy's logprobs: 1 on a data set; online DPO's sampling temperature
+        (rlhf.engines.rollout.logprob_temperature), so the loss sees the policy that sampled the pairs."""
 
     def local_counts(self, minibatch: RolloutBatch) -> Tensor:
         """1-D float tensor of this rank's counts; summed over ranks it is `counts` of `micro_loss`."""
@@ -165,7 +170,7 @@ class SFTObjective(Objective):
     def micro_loss(self, model, micro, aux, counts, state):
         mask = loss_mask(micro)
         loss, stats = sft_loss(
-            token_logprobs(model, micro),
+            token_logprobs(model, micro, self.temperature),
             mask,
             agg=self.cfg.loss_agg,
             global_tokens=counts[0],
@@ -201,8 +206,9 @@ class DPOObjective(_PairObjective):
     Summed response log-probabilities (rlhf.algorithms.preference_losses.dpo_loss); stats
     dpo/{loss, chosen_reward, rejected_reward, reward_accuracy, margin}.
 
-    `nll_weight` > 0 adds the chosen responses' per-token NLL (mean over pairs), RPO / iterative
-    RPO (Pang et al. 2024, arXiv:2404.19733 eq. 1; TRL's DPOConfig.rpo_alpha, 1.0 recommended):
+    `nll_weight` (offline.nll_weight unless given) > 0 adds the chosen responses' per-token NLL
+    (mean over pairs), RPO / iterative RPO (Pang et al. 2024, arXiv:2404.19733 eq. 1; TRL's
+    DPOConfig.rpo_alpha, 1.0 recommended):
     without it DPO may lower the chosen responses' likelihood along with the rejected ones'.
     Stat dpo/chosen_nll; dpo/loss is then the sum.
     """
@@ -212,13 +218,14 @@ class DPOObjective(_PairObjective):
 
     prefix = "dpo"
 
-    def __init__(self, cfg: OfflineConfig, *, nll_weight: float = 0.0):
-        super().__init__(cfg)
-        self.nll_weight = nll_weight
+    def __init__(self, cfg: OfflineConfig, *, nll_weight: Optional[float] = None, temperature: float = 1.0):
+        super().__init__(cfg, temperature=temperature)
+        self.nll_weight = cfg.nll_weight if nll_weight is None else nll_weight
 
     def pair_loss(self, model, micro, aux):
         mask = loss_mask(micro)
-        summed = torch.where(mask, token_logprobs(model, micro), torch.zeros((), device=mask.device)).sum(-1)
+        logprobs = token_logprobs(model, micro, self.temperature)
+        summed = torch.where(mask, logprobs, torch.zeros((), device=mask.device)).sum(-1)
         policy_chosen, policy_rejected = _pairs(summed)
         ref_chosen, ref_rejected = _pairs(_require_aux("dpo", aux).to(policy_chosen))
         loss, stats = dpo_loss(
@@ -246,7 +253,7 @@ class SimPOObjective(_PairObjective):
     prefix = "simpo"
 
     def pair_loss(self, model, micro, aux):
-        chosen, rejected = _pairs(sequence_logprobs(model, micro, average=True))
+        chosen, rejected = _pairs(sequence_logprobs(model, micro, average=True, temperature=self.temperature))
         return simpo_loss(chosen, rejected, beta=self.cfg.beta, gamma_beta_ratio=self.cfg.simpo_gamma_beta_ratio)
 
 
@@ -259,7 +266,7 @@ class ORPOObjective(_PairObjective):
     prefix = "orpo"
 
     def pair_loss(self, model, micro, aux):
-        chosen, rejected = _pairs(sequence_logprobs(model, micro, average=True))
+        chosen, rejected = _pairs(sequence_logprobs(model, micro, average=True, temperature=self.temperature))
         return orpo_loss(chosen, rejected, -chosen, beta=self.cfg.orpo_lambda)
 
 
@@ -311,7 +318,8 @@ class KTOObjective(Objective):
         if len(kl_rows):
             ref = _require_aux("kto", aux)[kl_rows]
             with torch.no_grad():
-                policy = torch.cat([sequence_logprobs(model, c) for c in minibatch.select(kl_rows).chunks(micro_rows)])
+                chunks = minibatch.select(kl_rows).chunks(micro_rows)
+                policy = torch.cat([sequence_logprobs(model, c, temperature=self.temperature) for c in chunks])
             total = torch.stack([(policy - ref.to(policy)).sum(), torch.tensor(float(len(kl_rows))).to(policy)])
         total = all_reduce(total)
         return {"z0": (total[0] / total[1].clamp(min=1)).clamp(min=0)}
@@ -320,7 +328,7 @@ class KTOObjective(Objective):
         labels = self._labels(micro)
         rows = (labels >= 0).nonzero().flatten()
         labelled = micro.select(rows)
-        policy = sequence_logprobs(model, labelled)
+        policy = sequence_logprobs(model, labelled, temperature=self.temperature)
         ref = _require_aux("kto", aux)[rows].to(policy)
         desirable = labels[rows] == 1
         z0 = state["z0"].to(policy)

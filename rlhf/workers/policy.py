@@ -91,7 +91,11 @@ class PolicyWorker(TrainableWorker):
 
     @dispatch("split_dp", collect="concat")
     def compute_logprobs(self, batch: RolloutBatch, temperature: float = 1.0) -> Tensor:
-        """Logprobs [B, R] of the response tokens under the current weights (eval mode, no grad)."""
+        """Logprobs [B, R] of the response tokens under the current weights (eval mode, no grad).
+
+        `temperature`: the softmax's; for sampled responses the sampling one
+        (rlhf.engines.rollout.logprob_temperature), so they are the sampling policy's logprobs.
+        """
         engine = self._require_engine()
         engine.eval()
         parts = []
@@ -105,7 +109,8 @@ class PolicyWorker(TrainableWorker):
     def update(self, batch: RolloutBatch, temperature: float = 1.0) -> dict[str, float]:
         """ppo_epochs × minibatches of PPO-style updates on this rank's shard; global stats `policy/...`.
 
-        Needs batch.old_logprobs and batch.advantages (and ref_logprobs with the KL loss).
+        Needs batch.old_logprobs and batch.advantages (and ref_logprobs with the KL loss), computed
+        at the same `temperature`, at which the new logprobs and the entropy are computed too.
         """
         engine = self._require_engine()
         needed = ["old_logprobs", "advantages"]

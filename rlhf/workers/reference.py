@@ -39,7 +39,7 @@ class ReferenceWorker(FrozenModelWorker):
 
     @dispatch("split_dp", collect="concat")
     def compute_logprobs(self, batch: RolloutBatch, temperature: float = 1.0) -> Tensor:
-        """Reference logprobs [B, R] of the response tokens."""
+        """Reference logprobs [B, R] of the response tokens, softmax at `temperature` (the policy's)."""
         if self.model is None:
             raise RuntimeError(f"{self.role} rank {self.rank}: call init_model first")
         parts = []

@@ -5,6 +5,10 @@ fresh, identically on every rank (seeded before loading). Pairs are scored at th
 token exactly as rlhf.workers.reward.RewardWorker scores, and `save_hf` writes a plain
 sequence-classification checkpoint with its tokenizer, so `reward.model_path=<output>/final`
 works in the RL stages.
+
+model.peft.method applies (rlhf.models.peft_utils.SCALAR_HEAD_PEFT_METHODS: lora, ia3, loha, lokr
+on the transformer, bitfit, freeze) and the `score` head always trains in full. `save_hf` writes
+the merged weights, plus peft's adapter (with the head) in `adapter/` for the adapter methods.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from typing import Any, Optional
 import torch
 
 from rlhf.config import ClusterConfig, ModelConfig, OfflineConfig, TrainConfig
+from rlhf.engines.adapters import ADAPTER_DIR, has_adapter, save_adapter
 from rlhf.errors import ConfigError
 from rlhf.models.loading import load_tokenizer, resolve_model_path
+from rlhf.models.peft_utils import apply_peft, check_scalar_head_peft, plain_module
 from rlhf.workers.group import dispatch
 from rlhf.workers.objectives import OBJECTIVES
 from rlhf.workers.offline_policy import OfflineTrainableWorker
@@ -37,18 +43,22 @@ class RewardModelWorker(OfflineTrainableWorker):
         seed: int = 0,
     ):
         super().__init__(model_cfg, train_cfg, cluster_cfg, seed)
-        if model_cfg.lora.rank > 0:
-            raise ConfigError("reward-model training does not support LoRA yet; set model.lora.rank=0")
+        check_scalar_head_peft(model_cfg, "reward model")
         self.objective = OBJECTIVES.get(offline_cfg.objective)(offline_cfg)
         self.tokenizer: Any = None
+        self.hf_config: Any = None
 
     def _forward_model(self) -> Any:
         # last_token_scores reaches into the backbone and the head, so it needs the HF module itself
-        return self._require_engine().module
+        # (inside a PeftModel: the base model, whose layers peft has wrapped in place)
+        return plain_module(self._require_engine().module)
 
     @dispatch("broadcast", collect="first")
     def init_model(self, model_path: str, num_training_steps: Optional[int] = None) -> dict[str, int]:
-        """Backbone (and head, if the checkpoint has one) from `model_path`; then DeepSpeed."""
+        """Backbone (and head, if the checkpoint has one) from `model_path`, model.peft applied; then DeepSpeed.
+
+        Returns {"num_parameters", "num_trainable_parameters"}.
+        """
         from transformers import AutoModelForSequenceClassification
 
         self._setup_distributed()
@@ -66,14 +76,26 @@ class RewardModelWorker(OfflineTrainableWorker):
         model.config.pad_token_id = self.tokenizer.pad_token_id
         model.config.architectures = [type(model).__name__]
         model.config.use_cache = False
+        self.hf_config = model.config
         if self.model_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = apply_peft(model, self.model_cfg, task_type="SEQ_CLS", head="score")
+        counts = {
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "num_trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        }
         self._build_engine(model, num_training_steps)
-        return {"num_parameters": sum(p.numel() for p in model.parameters())}
+        return counts
 
     @dispatch("broadcast", collect="first")
     def save_hf(self, directory: str) -> str:
-        """Sequence-classification checkpoint (safetensors, config, tokenizer) written by rank 0."""
+        """Sequence-classification checkpoint (safetensors, adapters merged, config, tokenizer) written by rank 0.
+
+        With a peft adapter the directory also gets `adapter/` (peft's format, the head included as
+        modules_to_save): PeftModel.from_pretrained(AutoModelForSequenceClassification base, adapter).
+        """
         engine = self._require_engine()
-        engine.save_hf(directory, config=engine.module.config, tokenizer=self.tokenizer)
+        engine.save_hf(directory, config=self.hf_config, tokenizer=self.tokenizer)
+        if has_adapter(engine.module):
+            save_adapter(engine.module, Path(directory) / ADAPTER_DIR, rank=self.rank)
         return str(Path(directory))

@@ -14,6 +14,10 @@ Weight sync (rank 0 is the trainer's rank 0, engine k is rank k + 1 of `1 + roll
     receivers = rollout.receive_weights_async()
     policy.wait(sender); rollout.wait(receivers)
 
+With rollout.enable_sleep the engines give their accelerator memory back between rollouts:
+`rollout.memory` (SleepBetweenRollouts) is called around every generate and sync by the callers that
+train in between (rlhf.trainers.roles.RolloutSupervisor, the LLM judge); otherwise it does nothing.
+
 A dead engine is replaced by `restart_dead_engines` (same bundle, same constructor arguments); it
 starts from the checkpoint on disk, so the caller re-forms the weight-sync group and pushes the
 current weights (rlhf.trainers.roles.RolloutSupervisor does both and retries the failed call).
@@ -33,9 +37,10 @@ import torch
 from ray.util.placement_group import PlacementGroup
 
 from rlhf.config import ClusterConfig, ModelConfig, ResourceConfig, RolloutConfig, SamplingConfig
-from rlhf.engines.rollout import ROLLOUT_BACKENDS, Generation
+from rlhf.engines.rollout import ROLLOUT_BACKENDS, SLEEP_TAGS, Generation
 from rlhf.engines.weight_sync import WeightSyncGroup
 from rlhf.errors import ConfigError, WeightSyncError
+from rlhf.utils.ray_session import runtime_env_vars
 from rlhf.workers.group import Pending, Worker, WorkerGroup, dispatch
 
 logger = logging.getLogger(__name__)
@@ -110,13 +115,13 @@ class RolloutWorker(Worker):
 
     @dispatch("broadcast", collect="list")
     def sleep(self) -> None:
-        """Free accelerator memory until `wake_up` (colocated single-GPU mode; no-op on CPU)."""
+        """Free accelerator memory until `wake_up` (rollout.enable_sleep; no-op on CPU)."""
         self.backend.sleep()
 
     @dispatch("broadcast", collect="list")
-    def wake_up(self) -> None:
-        """Undo `sleep`."""
-        self.backend.wake_up()
+    def wake_up(self, tags: Optional[list[str]] = None) -> None:
+        """Take back what `sleep` released: `tags` of SLEEP_TAGS, None for all."""
+        self.backend.wake_up(tags)
 
 
 class RolloutGroup:
@@ -135,6 +140,9 @@ class RolloutGroup:
     ) -> None:
         ROLLOUT_BACKENDS.check(rollout_cfg.backend, "rollout.backend")
         self.num_engines = rollout_cfg.num_engines
+        self.memory: EngineMemory = SleepBetweenRollouts(self) if rollout_cfg.enable_sleep else EngineMemory()
+        """When the engines hold accelerator memory; callers that train between rollouts call it around
+        generate and sync (rlhf.trainers.roles.RolloutSupervisor, the LLM judge)."""
         self.group = WorkerGroup(
             RolloutWorker,
             role="rollout",
@@ -142,6 +150,7 @@ class RolloutGroup:
             resources=engine_resources(rollout_cfg, cluster_cfg),
             placement_strategy=cluster_cfg.placement_strategy,
             init_args=(model_path, model_cfg, rollout_cfg, cluster_cfg, seed),
+            env_vars=runtime_env_vars(cluster_cfg),
             device=cluster_cfg.device,
             threads_per_worker=cluster_cfg.threads_per_worker,
             placement_group=placement_group,
@@ -213,14 +222,62 @@ class RolloutGroup:
         return self.group.wait(pending, timeout=timeout)
 
     def sleep(self) -> None:
+        """Every engine releases its accelerator memory (see `memory` for when)."""
         self.group.call(RolloutWorker.sleep)
 
-    def wake_up(self) -> None:
-        self.group.call(RolloutWorker.wake_up)
+    def wake_up(self, tags: Optional[list[str]] = None) -> None:
+        """Every engine takes back `tags` of SLEEP_TAGS (None: all)."""
+        self.group.call(RolloutWorker.wake_up, tags)
 
     def shutdown(self) -> None:
         """Kill the engines (idempotent)."""
         self.group.shutdown()
+
+
+class EngineMemory:
+    """rollout.enable_sleep=false: the engines keep weights and KV cache in accelerator memory all run long."""
+
+    def before_generate(self) -> None:
+        """Everything a generate call needs is resident."""
+
+    def after_generate(self) -> None:
+        """The rollout is done; what comes next (scoring, the update) may use the engines' memory."""
+
+    def before_sync(self) -> None:
+        """The weights are resident, to be overwritten in place."""
+
+
+class SleepBetweenRollouts(EngineMemory):
+    """rollout.enable_sleep=true (roles sharing a GPU): the engines free their memory while the trainer works.
+
+        generate   wake_up(what sleeps) → generate → sleep (KV cache dropped, weights to host memory)
+        sync       wake_up(["weights"]) → load the new weights in place; the KV cache stays released
+        generate   wake_up(["kv_cache"]) → generate → sleep ...
+
+    Waking the weights alone for the sync keeps the KV cache (most of vLLM's share of the GPU) free
+    until the next generate (vLLM's sleep mode, levels and tags). The state is the group's: an engine
+    restarted in between comes up awake, and waking it again is a no-op. On CPU every call is a no-op
+    in the backends (there is no accelerator memory to free), so the same order runs everywhere.
+    """
+
+    def __init__(self, engines: RolloutGroup) -> None:
+        self.engines = engines
+        self.asleep: tuple[str, ...] = ()
+        """SLEEP_TAGS the engines released and have not taken back yet."""
+
+    def before_generate(self) -> None:
+        if self.asleep:
+            self.engines.wake_up(list(self.asleep))
+            self.asleep = ()
+
+    def after_generate(self) -> None:
+        self.engines.sleep()
+        self.asleep = SLEEP_TAGS
+
+    def before_sync(self) -> None:
+        if "weights" in self.asleep:
+            self.engines.wake_up(["weights"])
+            self.asleep = tuple(tag for tag in self.asleep if tag != "weights")
 
 
 def engine_resources(rollout_cfg: RolloutConfig, cluster_cfg: ClusterConfig) -> ResourceConfig:

@@ -69,7 +69,7 @@ def test_dpo_runs_with_precomputed_reference(tmp_path):
     proc = run_cli(
         tmp_path,
         "stage=dpo",
-        "data.mixture=[{path:'tiny:preference:train',max_rows:32}]",
+        "data.mixture=[{path:'tiny:preference_hard:train',max_rows:32}]",
         "offline.max_steps=3",
         f"run.output_dir={out}",
     )

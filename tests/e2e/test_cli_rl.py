@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from rlhf.utils.metrics import read_metrics
 
@@ -58,6 +59,7 @@ def assert_ok(proc: subprocess.CompletedProcess) -> None:
     ],
 )
 def test_rl_stage_runs_end_to_end(tmp_path, stage, zero, backend):
+    """Sampling at temperature 0.7; the policy takes one optimizer step per RL step (train_batch_size 16)."""
     out = tmp_path / "run"
     proc = run_cli(
         tmp_path,
@@ -65,6 +67,8 @@ def test_rl_stage_runs_end_to_end(tmp_path, stage, zero, backend):
         f"policy.zero_stage={zero}",
         f"critic.zero_stage={zero}",
         f"rollout.backend={backend}",
+        "rollout.sampling.temperature=0.7",
+        "policy.train_batch_size=16",
         "run.total_steps=2",
         f"run.output_dir={out}",
     )
@@ -75,8 +79,11 @@ def test_rl_stage_runs_end_to_end(tmp_path, stage, zero, backend):
     for row in steps:
         assert row["timing/generate"] > 0 and row["timing/sync"] > 0
         assert row["weight_sync/mib"] > 0 and row["weight_sync/buckets"] >= 1
-        # engine vs trainer float32 logprobs of the same samples; step 2 runs on synced weights
+        # engine vs trainer float32 logprobs of the same samples, both at temperature 0.7 (at 1 the
+        # trainer's differ by ~0.08); step 2 runs on synced weights
         assert row["rollout/logprob_diff"] < 1e-4
+        # the update's first (here: only) minibatch scores at the temperature old_logprobs used: ratio 1
+        assert row["policy/approx_kl"] < 1e-8 and row["policy/clip_frac"] == 0.0
         if stage == "ppo":
             assert "critic/loss" in row
     assert any("eval/accuracy" in r for r in rows)
@@ -111,14 +118,34 @@ def test_unknown_stage_lists_known(tmp_path):
     assert "unknown advantage estimator 'grpoo'" in text and "known: grpo" in text
 
 
-def test_resume_reproduces_next_step(tmp_path):
-    """Stopped after step 2 and resumed, step 3 matches an uninterrupted run (deterministic mode)."""
+def timeless(row: dict[str, float]) -> dict[str, float]:
+    """A metrics row without what the clock measures (phase timings, throughput, sync speed)."""
+    clock = ("timing/", "perf/", "weight_sync/seconds", "weight_sync/gb_per_s")
+    return {k: v for k, v in row.items() if not k.startswith(clock)}
+
+
+def checkpoint_weights(step_dir: Path) -> dict[str, torch.Tensor]:
+    """The policy's module weights in a step checkpoint (DeepSpeed's model-states file of rank 0)."""
+    (states,) = (step_dir / "policy").rglob("mp_rank_00_model_states.pt")
+    return torch.load(states, map_location="cpu", weights_only=False)["module"]
+
+
+def test_deterministic_runs_repeat_and_resume_reproduces_next_step(tmp_path):
+    """run.deterministic=true: two runs with one seed log the same numbers and save the same weights;
+    stopped after step 2 and resumed, step 3 matches an uninterrupted run."""
     common = ["stage=grpo", "rollout.backend=vllm", "run.deterministic=true", "run.save_every=1"]
     full, part = tmp_path / "full", tmp_path / "part"
     assert_ok(run_cli(tmp_path, *common, "run.total_steps=3", f"run.output_dir={full}"))
     assert_ok(run_cli(tmp_path, *common, "run.total_steps=2", f"run.output_dir={part}"))
-    assert_ok(run_cli(tmp_path, *common, "run.total_steps=3", f"run.output_dir={part}"))
+    # steps 1-2 of the two runs, metrics and the weights checkpointed after step 2, exactly
     a = {r["step"]: r for r in read_metrics(full / "metrics.jsonl") if "policy/loss" in r}
+    b = {r["step"]: r for r in read_metrics(part / "metrics.jsonl") if "policy/loss" in r}
+    assert [timeless(b[s]) for s in (1, 2)] == [timeless(a[s]) for s in (1, 2)]
+    weights = [checkpoint_weights(run / "checkpoints" / "step_00000002") for run in (full, part)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+    assert_ok(run_cli(tmp_path, *common, "run.total_steps=3", f"run.output_dir={part}"))
     b = {r["step"]: r for r in read_metrics(part / "metrics.jsonl") if "policy/loss" in r}
     assert sorted(b) == [1, 2, 3]
     for key in ("reward/mean", "rollout/response_length", "policy/loss", "policy/entropy"):

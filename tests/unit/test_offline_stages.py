@@ -69,14 +69,26 @@ def test_stage_composes_and_validates(stage):
             "offline.reference='sometimes' is not one of precompute, online",
         ),
         (["stage=dpo", "data.packing=true"], "data.packing=true packs PT/SFT sequences"),
-        (["stage=rm", "model.lora.rank=8"], "reward-model training does not support LoRA"),
+        (
+            ["stage=rm", "model.peft.method=prefix_tuning"],
+            "model.peft.method=prefix_tuning cannot train the reward model (offline.objective=reward): allowed there "
+            "are none, lora, ia3, loha, lokr, bitfit, freeze",
+        ),
         (["stage=sft", "offline.epochs=0"], "offline.epochs must be >= 1"),
+        (["stage=dpo", "offline.nll_weight=-1"], "offline.nll_weight must be >= 0"),
+        (["stage=simpo", "offline.nll_weight=1"], "adds an NLL term to the dpo objective only"),
+        (["stage=online_dpo", "offline.nll_weight=1"], "reads its NLL weight from online_dpo.nll_weight"),
     ],
 )
 def test_bad_values_raise_config_error(overrides, message):
     with pytest.raises(ConfigError) as error:
         validate(compose(*overrides))
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("peft", [["model.peft.method=lora", "model.lora.rank=4"], ["model.peft.method=bitfit"]])
+def test_reward_model_takes_the_scalar_head_peft_methods(peft):
+    validate(compose("stage=rm", *peft))
 
 
 def test_too_little_data_for_one_step_raises_before_ray(monkeypatch):

@@ -5,6 +5,13 @@ after setting the environment it needs.
 """
 
 from rlhf.engines.rollout import hf_backend, vllm_backend  # noqa: F401  (register the backends)
-from rlhf.engines.rollout.base import FINISH_REASONS, ROLLOUT_BACKENDS, Generation, RolloutBackend
+from rlhf.engines.rollout.base import (
+    FINISH_REASONS,
+    ROLLOUT_BACKENDS,
+    SLEEP_TAGS,
+    Generation,
+    RolloutBackend,
+    logprob_temperature,
+)
 
-__all__ = ["FINISH_REASONS", "ROLLOUT_BACKENDS", "Generation", "RolloutBackend"]
+__all__ = ["FINISH_REASONS", "ROLLOUT_BACKENDS", "SLEEP_TAGS", "Generation", "RolloutBackend", "logprob_temperature"]

@@ -3,10 +3,13 @@
 Conventions shared by every backend:
   - Prompts and responses are token ids; `text` is a convenience decode (special tokens skipped,
     stop strings cut off). Training uses `token_ids` and `logprobs` only.
-  - `logprobs[j]` is the log-probability of `token_ids[j]` under the *raw* model distribution:
-    log_softmax of the logits before temperature, top-k or top-p. That is vLLM's default
-    (`logprobs_mode="raw_logprobs"`) and what `rlhf.models.logprobs.response_logprobs(model, batch)`
-    returns at temperature 1.0, so rollout and trainer logprobs compare directly.
+  - `logprobs[j]` is the log-probability of `token_ids[j]` under the distribution it was drawn
+    from: log_softmax of the logits divided by the temperature, after top-k and top-p (vLLM's
+    `logprobs_mode="processed_logprobs"`). Greedy decoding (temperature below GREEDY_BELOW) reports
+    the untempered log_softmax, as vLLM does. So they are the behaviour policy's logprobs, fit for
+    importance sampling, and without top-k/top-p they equal what the trainer computes,
+    `rlhf.models.logprobs.response_logprobs(model, batch, temperature=logprob_temperature(sampling))`.
+    With top-k/top-p the engine's value is larger by -log(probability mass kept).
   - A response ends with EOS ("stop", the EOS token is included in `token_ids`), a stop string
     ("stop", the tokens are kept, the text is cut before the string), or `max_new_tokens`
     ("length").
@@ -18,7 +21,7 @@ Conventions shared by every backend:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -28,8 +31,21 @@ from rlhf.algorithms.registry import Registry
 from rlhf.config import ClusterConfig, ModelConfig, RolloutConfig, SamplingConfig
 
 FINISH_REASONS = ("stop", "length")
+SLEEP_TAGS = ("weights", "kv_cache")
+"""What a sleeping engine has released, in the order `wake_up` should take it back (vLLM's tag names)."""
 GREEDY_BELOW = 1e-5
 """Temperatures below this mean greedy decoding (vLLM's _SAMPLING_EPS); n greedy samples are identical."""
+
+
+def logprob_temperature(sampling: SamplingConfig) -> float:
+    """The temperature of every logprob of samples drawn with `sampling`: its temperature, or 1.0 for greedy.
+
+    Engines report logprobs at it (module docstring), and the trainers score those samples at it:
+    the policy's old and new logprobs and entropy, the reference's logprobs, online DPO's policy
+    and reference. Greedy decoding divides by nothing (vLLM treats a temperature below
+    GREEDY_BELOW as 1.0 when it computes logprobs), so neither do we.
+    """
+    return 1.0 if sampling.temperature < GREEDY_BELOW else sampling.temperature
 
 
 @dataclass
@@ -39,7 +55,8 @@ class Generation:
     token_ids: list[int]
     """Response tokens (EOS included when the response stopped on it)."""
     logprobs: list[float]
-    """Raw logprob of each response token (before temperature/top-k/top-p); same length as token_ids."""
+    """Logprob of each response token under the sampling distribution (temperature, top-k, top-p applied;
+    see the module docstring); same length as token_ids."""
     finish_reason: str
     """"stop" (EOS or a stop string) or "length" (max_new_tokens reached)."""
     text: str = field(default="")
@@ -69,11 +86,13 @@ class RolloutBackend(Protocol):
         ...
 
     def sleep(self) -> None:
-        """Release accelerator memory (weights and KV cache) until `wake_up`; no-op on CPU."""
+        """Release accelerator memory until `wake_up` (rollout.enable_sleep on cuda; no-op otherwise): the KV
+        cache is dropped and the weights move to host memory (vLLM's sleep level 1)."""
         ...
 
-    def wake_up(self) -> None:
-        """Undo `sleep`; no-op on CPU."""
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Take back what `sleep` released: `tags` from SLEEP_TAGS ("weights" first, so new weights can be
+        loaded before the KV cache is allocated again), None for all; no-op where `sleep` is."""
         ...
 
     def reset_prefix_cache(self) -> None:

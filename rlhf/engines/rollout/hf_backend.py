@@ -4,8 +4,9 @@ The fallback when vLLM is not available (and the reference the vLLM backend is c
 against). Sampling follows vLLM's recipe so both backends mean the same by a SamplingConfig:
 temperature, then top-k, then top-p on the scaled logits; a sample is the argmax of
 probs / Exponential(1) noise, the noise drawn from one seeded `torch.Generator` per sequence
-(sample j of prompt i uses `seed + i * n + j`). Temperature 0 is greedy. Logprobs are raw
-(log_softmax of the unscaled logits), as in vLLM. Prompts are left-padded and batched with
+(sample j of prompt i uses `seed + i * n + j`). Temperature 0 is greedy. Logprobs are those of
+the distribution sampled from (log_softmax of the scaled, top-k/top-p-masked logits; untempered
+for greedy), as vLLM's processed_logprobs (rlhf.engines.rollout.base). Prompts are left-padded and batched with
 position ids that skip the padding, exactly as `rlhf.models.logprobs.response_logprobs` scores
 them.
 """
@@ -13,7 +14,7 @@ them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -92,12 +93,12 @@ class HFBackend:
             )
 
     def sleep(self) -> None:
-        if self.sleep_enabled:
+        if self.sleep_enabled:  # no KV cache outlives a generate call: only the weights hold memory
             self.model.to("cpu")
             torch.cuda.empty_cache()
 
-    def wake_up(self) -> None:
-        if self.sleep_enabled:
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        if self.sleep_enabled and (tags is None or "weights" in tags):
             self.model.to(self.device)
 
     def reset_prefix_cache(self) -> None:
@@ -123,11 +124,10 @@ class HFBackend:
                 input_ids=inputs, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True
             )
             past = out.past_key_values
-            logits = out.logits[:, -1, :].float()
-            sampled = _sample(logits, sampling, generators)
+            sampled, sampled_logprobs = sample_next(out.logits[:, -1, :].float(), sampling, generators)
             active = ~done
             tokens[active, step] = sampled[active]
-            logprobs[active, step] = torch.log_softmax(logits, dim=-1).gather(1, sampled[:, None]).squeeze(1)[active]
+            logprobs[active, step] = sampled_logprobs[active]
             lengths += active.long()
             hit_eos = active & torch.isin(sampled, self.eos_ids)
             done |= hit_eos
@@ -162,10 +162,21 @@ class HFBackend:
         return self.tokenizer.decode(token_ids.tolist(), skip_special_tokens=True)
 
 
-def _sample(logits: Tensor, sampling: SamplingConfig, generators: list[torch.Generator] | None) -> Tensor:
-    """Next tokens [B] from raw logits [B, V] (temperature, top-k, top-p, then an exponential race)."""
+def sample_next(
+    logits: Tensor, sampling: SamplingConfig, generators: list[torch.Generator] | None
+) -> tuple[Tensor, Tensor]:
+    """Next tokens [B] from raw logits [B, V], and their logprobs [B] under the distribution they were
+    drawn from (`sampling_logits`: the behaviour policy's, as vLLM's processed_logprobs)."""
+    logits = sampling_logits(logits, sampling)
+    tokens = _sample(logits, sampling, generators)
+    return tokens, torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)
+
+
+def sampling_logits(logits: Tensor, sampling: SamplingConfig) -> Tensor:
+    """The logits [B, V] of the distribution samples are drawn from: the raw logits for greedy decoding,
+    else divided by the temperature, then top-k and top-p (vLLM's order; dropped tokens get -inf)."""
     if sampling.temperature < GREEDY_BELOW:
-        return logits.argmax(dim=-1)
+        return logits
     logits = logits / sampling.temperature
     if sampling.top_k > 0:
         kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -176,6 +187,13 @@ def _sample(logits: Tensor, sampling: SamplingConfig, generators: list[torch.Gen
         drop = cumulative <= 1.0 - sampling.top_p
         drop[:, -1] = False  # always keep the most likely token
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def _sample(logits: Tensor, sampling: SamplingConfig, generators: list[torch.Generator] | None) -> Tensor:
+    """Next tokens [B] from `sampling_logits` [B, V]: the argmax for greedy, else an exponential race."""
+    if sampling.temperature < GREEDY_BELOW:
+        return logits.argmax(dim=-1)
     probs = logits.softmax(dim=-1)
     noise = torch.empty_like(probs)
     if generators is None:

@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from torch import Tensor
 
@@ -66,6 +66,10 @@ class VLLMBackend:
             seed=seed,
             trust_remote_code=model_cfg.trust_remote_code,
             enforce_eager=rollout_cfg.enforce_eager or not self.on_gpu,  # CPU has no CUDA graphs
+            # logprobs of the distribution sampled from (temperature, top-k, top-p), not the raw model's:
+            # the behaviour policy's (rlhf.engines.rollout.base). On CUDA vLLM then samples with its torch
+            # sampler instead of FlashInfer's, which cannot return them.
+            logprobs_mode="processed_logprobs",
         )
         if self.on_gpu:
             engine_args.update(
@@ -94,7 +98,7 @@ class VLLMBackend:
                 top_k=max(sampling.top_k, 0),  # ours: -1 off; vLLM: 0 off
                 max_tokens=sampling.max_new_tokens,
                 stop=list(sampling.stop) or None,
-                logprobs=0,  # the sampled token's logprob only (raw: logprobs_mode="raw_logprobs")
+                logprobs=0,  # the sampled token's logprob only (processed: see logprobs_mode)
                 seed=None if seed is None else seed + i * n,  # vLLM adds the sample index per child
             )
             for i in range(len(prompt_token_ids))
@@ -116,11 +120,11 @@ class VLLMBackend:
 
     def sleep(self) -> None:
         if self.sleep_enabled:
-            self.llm.sleep(level=1)
+            self.llm.sleep(level=1)  # KV cache discarded, weights offloaded to CPU; the scheduler pauses
 
-    def wake_up(self) -> None:
-        if self.sleep_enabled:
-            self.llm.wake_up()
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        if self.sleep_enabled:  # the scheduler resumes once every tag is awake again
+            self.llm.wake_up(tags=list(tags) if tags is not None else None)
 
     def reset_prefix_cache(self) -> None:
         self.llm.reset_prefix_cache()

@@ -103,6 +103,7 @@ def test_offline_distillation_lowers_forward_kl_on_held_out_rows(offline):
 
 def test_on_policy_distillation_lowers_reverse_kl_on_own_samples(ray_cluster, tmp_path):
     cfg = make_config(tmp_path, loss="reverse_kl", mode="on_policy", lmbda=1.0)
+    cfg.rollout.enable_sleep = True  # the single_gpu hand-off (no-op on CPU) around every sample and sync
     cfg.run.total_steps = 6
     cfg.run.save_every = 6
     trainer = DistillTrainer(prepare_distill(cfg))

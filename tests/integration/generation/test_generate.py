@@ -54,34 +54,51 @@ def test_generate_rejection_sampling_sets(ray_cluster, tmp_path):
     assert manifest["complete"] and manifest["rows"] == 48 and manifest["sft_rows"] == len(sft)
 
 
-def test_generated_sets_load_as_sft_and_preference_data(ray_cluster, tmp_path):
-    """The SFT/DPO stages' loaders accept the written sets; Hugging Face `datasets` loads them too."""
+def test_generated_sets_load_as_sft_and_preference_data(ray_cluster, scripted_checkpoint, tmp_path):
+    """The SFT/DPO stages' loaders accept the written sets; Hugging Face `datasets` loads them too.
+
+    The sets must not be empty whatever a trained model samples, so the model is scripted
+    (rlhf.models.tiny.build_scripted_model): after the chat prompt's last token it writes "a" or "b",
+    each with probability exactly 1/2, then ends its turn. Every prompt's answer is "a", so a sample
+    is right or wrong by a coin flip: no right sample in 48 has probability 2^-48, no prompt with a
+    right and a wrong one among its 4 samples (8^-12).
+    """
     from datasets import load_dataset
 
     from rlhf.data.datasets import load_records
     from rlhf.data.examples import encode_dataset
     from rlhf.models.loading import load_tokenizer
 
+    model = scripted_checkpoint({"\n": ["a", "b"], "a": "<|end|>", "b": "<|end|>"})
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"copy a{i}=", "answer": "a"}) + "\n" for i in range(12)))
     out = tmp_path / "gen"
     cfg = compose_config(
         "generate",
         tmp_path,
-        *PROMPTS,
+        f"model.path={model}",
+        f"data.train={prompts}",
+        "generate.shard_size=4",
         f"generate.output={out}",
         "generate.format=parquet",
         "generate.keep=above_threshold",
         "generate.pairs=true",
     )
     run_generate(cfg)
-    tokenizer = load_tokenizer("tiny")
+    rows = [row for path in sorted((out / "samples").iterdir()) for row in read_rows(path)]
+    assert {(r["response"], r["score"]) for r in rows} == {("a", 1.0), ("b", 0.0)}
+    mixed = [i for i in range(12) if len({r["response"] for r in rows if r["prompt_index"] == i}) == 2]
+    tokenizer = load_tokenizer(model)
     samples = encode_dataset(load_records(str(out / "samples")), tokenizer, cfg.data, "auto")
     assert samples.kind == "instruction" and len(samples) == 48
     sft = encode_dataset(load_records(str(out / "sft")), tokenizer, cfg.data, "auto")
-    assert sft.kind == "instruction" and len(sft) >= 1
+    assert sft.kind == "instruction" and len(sft) == sum(r["response"] == "a" for r in rows)
     pairs = encode_dataset(load_records(str(out / "preference")), tokenizer, cfg.data, "auto")
-    assert pairs.kind == "preference"
+    assert pairs.kind == "preference" and len(pairs) == len(mixed)
     hf = load_dataset(str(out / "samples"), split="train")
     assert hf.num_rows == 48 and {"prompt", "response", "score", "finish_reason"} <= set(hf.column_names)
+    written = load_dataset(str(out / "preference"), split="train")
+    assert set(written["chosen"]) == {"a"} and set(written["rejected"]) == {"b"}
 
 
 def test_interrupted_generation_resumes_to_identical_rows(ray_cluster, tmp_path, monkeypatch):

@@ -30,7 +30,7 @@ def test_dpo_stops_after_consecutive_nonfinite_steps_and_keeps_the_last_good_che
     cfg = compose_config(
         "dpo",
         tmp_path,
-        "data.mixture=[{path:'tiny:preference:train',max_rows:16}]",
+        "data.mixture=[{path:'tiny:preference_hard:train',max_rows:16}]",
         "policy.num_workers=1",
         "policy.train_batch_size=4",
         "policy.micro_batch_size=2",

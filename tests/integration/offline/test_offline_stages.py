@@ -7,7 +7,7 @@ metrics.jsonl; step 0 holds the evaluation before training (offline.eval_at_star
 Margins, from seeded runs on a shared 2-core machine (the runs repeat to float noise):
 - SFT / PT from random init ("tiny-init"), 8 steps at lr 3e-3: held-out loss 5.53 → 2.54 (SFT);
   asserted: final < 0.8 × initial.
-- The preference-family tests train 6 epochs on 32 tiny-world pairs (4 steps per epoch, lr 2e-4)
+- The preference-family tests train 6 epochs on 32 tiny-world pairs of `preference_hard` (4 steps per epoch, lr 2e-4)
   and compare the per-epoch means of the training metrics: first epoch vs last. Measured:
   DPO margin -0.02 → 0.52 and loss 0.70 → 0.48; IPO loss 27.4 → 5.2; SimPO 0.54 → 0.16;
   ORPO 0.49 → 0.38; KTO 0.51 → 0.42. Held-out preference metrics barely move at this budget: the
@@ -79,7 +79,7 @@ def type_mismatch_pairs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("pairs")
     for split, n in (("train", 512), ("eval", 64)):
-        rows = generate_rows("preference", split)
+        rows = generate_rows("preference_hard", split)
         rng = random.Random(f"pairs:{split}")
         rng.shuffle(rows)
         with (root / f"{split}.jsonl").open("w") as f:
@@ -112,7 +112,7 @@ def test_rm_heldout_accuracy_rises_and_loads_as_reward_model(offline_ray, tmp_pa
 
 
 def test_dpo_reward_margin_and_accuracy_rise(offline_ray, tmp_path):
-    run_offline(compose_config("dpo", tmp_path, first_rows("preference"), *PREFERENCE_RUN))
+    run_offline(compose_config("dpo", tmp_path, first_rows("preference_hard"), *PREFERENCE_RUN))
     train, evals = metrics(tmp_path)
     margin, accuracy = epoch_means(train, "dpo/margin"), epoch_means(train, "dpo/reward_accuracy")
     assert len(margin) == 6
@@ -125,9 +125,9 @@ def test_dpo_reward_margin_and_accuracy_rise(offline_ray, tmp_path):
 @pytest.mark.parametrize(
     "stage,data,key,factor",
     [
-        ("ipo", "preference", "dpo/loss", 0.5),
-        ("simpo", "preference", "simpo/loss", 0.6),
-        ("orpo", "preference", "orpo/loss", 0.9),
+        ("ipo", "preference_hard", "dpo/loss", 0.5),
+        ("simpo", "preference_hard", "simpo/loss", 0.6),
+        ("orpo", "preference_hard", "orpo/loss", 0.9),
         ("kto", "kto", "kto/loss", 0.92),
     ],
 )

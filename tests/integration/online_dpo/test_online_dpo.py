@@ -3,6 +3,7 @@
 Checks, each against a hand-computed value:
 - pairing: best vs worst sample per prompt (ties: the lower sample), all-equal prompts skipped,
   pairs beyond the last whole minibatch left out;
+- every logprob of a round is at the sampling temperature (checked against log_softmax(logits / 0.7));
 - the first DPO step of the run sees policy == reference, so its loss is ln 2 and its margin 0
   (sigmoid DPO at zero implicit reward), for both reference modes; and the "previous" reference
   (the policy's own logprobs at the round's start) equals the frozen initial model's on round 1;
@@ -26,9 +27,12 @@ from rlhf.cli import CONF_DIR
 from rlhf.config import RLHFConfig
 from rlhf.data.batch import RolloutBatch
 from rlhf.errors import ConfigError
+from rlhf.models.loading import load_causal_lm
+from rlhf.models.logprobs import response_logprobs
 from rlhf.trainers.online_dpo import OnlineDPOTrainer
 from rlhf.trainers.prepare import prepare
 from rlhf.utils.metrics import PhaseTimer, read_metrics
+from rlhf.workers.objectives import loss_mask
 from rlhf.workers.offline_policy import OfflinePolicyWorker
 
 # 8 prompts × 4 samples per round; 2 DeepSpeed ranks × micro 1 pair, 2 pairs per optimizer step.
@@ -121,6 +125,9 @@ def test_nll_weight_adds_the_chosen_per_token_nll():
     assert float(stats["dpo/chosen_nll"]) == pytest.approx(math.log(vocab))
     assert loss.item() == pytest.approx(math.log(2) + 0.5 * math.log(vocab))
     assert float(stats["dpo/loss"]) == pytest.approx(loss.item())
+    # offline DPO reads the weight from offline.nll_weight (RPO in stage=dpo)
+    offline, _ = DPOObjective(OfflineConfig(beta=0.1, nll_weight=0.5)).pair_loss(UniformLM(vocab), batch, aux)
+    assert offline.item() == pytest.approx(loss.item())
 
 
 def test_config_errors_name_the_field(tmp_path):
@@ -140,19 +147,33 @@ def test_config_errors_name_the_field(tmp_path):
 
 @pytest.mark.ray
 def test_first_step_is_ln2_against_either_reference(ray_cluster, tmp_path):
-    """One trainer (reference=initial, 2 policy ranks): on round 1 the "previous" reference (the
-    policy's own logprobs at the round's start) equals the frozen initial model's, and the first DPO
-    step sees policy == reference, so its loss is ln 2 and its margin 0 against either."""
-    trainer = OnlineDPOTrainer(prepare(compose_config(tmp_path, "online_dpo.reference=initial")))
+    """One trainer (reference=initial, 2 policy ranks, sampling at temperature 0.7): the reference
+    scores the pairs at the sampling temperature; on round 1 the "previous" reference (the policy's
+    own logprobs at the round's start) equals the frozen initial model's, and the first DPO step sees
+    policy == reference at that temperature, so its loss is ln 2 and its margin 0 against either."""
+    run = prepare(compose_config(tmp_path, "online_dpo.reference=initial", "rollout.sampling.temperature=0.7"))
+    trainer = OnlineDPOTrainer(run)
     try:
         assert trainer.reference is not None
         batch, _, _ = trainer._collect_once(0, PhaseTimer())
+        # real samples, scores forced: how many prompts the rule reward splits into a pair is sampling
+        # luck, so sample j of each prompt scores j (pairing itself: test_pairs_are_best_vs_worst_...)
+        batch = batch.replace(scores=(torch.arange(len(batch)) % 4).float())
         pairs, stats = trainer.pairs(batch)
-        assert len(pairs) >= 4, stats  # at least one whole minibatch of 2 pairs
+        assert len(pairs) == 16 and stats["online_dpo/pairs"] == 8, stats  # best (sample 3) vs worst (0), 8 prompts
+        assert pairs.response_ids[0::2].equal(batch.response_ids[3::4])
         minibatch = pairs.select(list(range(4)))
         initial = trainer.reference_sums(minibatch)
         previous = trainer._round_start_logprobs(minibatch)
         assert torch.isfinite(initial).all() and (initial < 0).all()
+        model = load_causal_lm(run.model_path, dtype="float32")
+        with torch.no_grad():
+            tempered, untempered = (
+                torch.where(loss_mask(minibatch), response_logprobs(model, minibatch, temperature=t)[0], 0).sum(-1)
+                for t in (0.7, 1.0)
+            )
+        torch.testing.assert_close(initial, tempered, atol=1e-4, rtol=0)  # log_softmax(logits / 0.7)
+        assert (initial - untempered).abs().max() > 1e-2
         torch.testing.assert_close(previous, initial, atol=1e-4, rtol=0)
         stats = trainer.policy.call(OfflinePolicyWorker.train_step, minibatch, previous)
         # policy == reference: every implicit reward is 0, loss = -log sigmoid(0) = ln 2
@@ -168,6 +189,7 @@ def test_first_step_is_ln2_against_either_reference(ray_cluster, tmp_path):
 LEARN = [
     "+experiment=tiny_online_dpo",
     "rollout.backend=hf",
+    "rollout.enable_sleep=true",  # the single_gpu hand-off (no-op on CPU) runs through every round and the resume
     "run.eval_size=8",
     "run.progress_bar=false",
     "run.tensorboard=false",

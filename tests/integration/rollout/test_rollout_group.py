@@ -1,7 +1,7 @@
 """RolloutGroup on real Ray, the same tests for each backend (only `rollout.backend` differs).
 
 Tolerance: sampled-token logprobs are compared with `response_logprobs` (an HF float32 forward
-of prompt + response) at 1e-4. Both sides are float32; vLLM's CPU kernels and the KV-cached HF
+of prompt + response, at the sampling temperature as the trainer computes it) at 1e-4. Both sides are float32; vLLM's CPU kernels and the KV-cached HF
 loop sum in a different order than one full forward, which STACK.md measured at about 1e-5 for
 vLLM (~5e-7 for the HF backend). 1e-4 leaves headroom for that and is still 100x smaller than
 what one weight-sync step changes (the perturbed model differs by > 1e-2).
@@ -18,11 +18,12 @@ import ray
 import torch
 
 from rlhf.config import ClusterConfig, ModelConfig, ResourceConfig, RolloutConfig, SamplingConfig
-from rlhf.data.batch import RolloutBatch, pad_sequences
 from rlhf.engines.rollout import Generation
 from rlhf.errors import ConfigError, WorkerError
 from rlhf.models.logprobs import response_logprobs
-from rlhf.workers.rollout import RolloutGroup, engine_resources, even_slices
+from rlhf.workers.rollout import EngineMemory, RolloutGroup, SleepBetweenRollouts, engine_resources, even_slices
+
+from .conftest import sample_batch, sampled_distribution_logprobs
 
 logger = logging.getLogger(__name__)
 # Ray workers cannot import test modules: ship the Trainer actor class (and its helpers) by value.
@@ -81,15 +82,18 @@ class Trainer:
 
 
 def _parity_error(
-    model: torch.nn.Module, prompts: list[list[int]], outputs: list[list[Generation]], pad_id: int
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    outputs: list[list[Generation]],
+    pad_id: int,
+    temperature: float = 1.0,
 ) -> float:
-    """max |engine logprob - HF float32 forward logprob| over every response token."""
-    rows = [(p, g) for p, gens in zip(prompts, outputs) for g in gens]
-    prompt_ids, prompt_mask = pad_sequences([p for p, _ in rows], pad_id=pad_id, left=True)
-    response_ids, response_mask = pad_sequences([g.token_ids for _, g in rows], pad_id=pad_id, left=False)
-    engine_logprobs, _ = pad_sequences([g.logprobs for _, g in rows], pad_id=0, left=False, dtype=torch.float32)
+    """max |engine logprob - HF float32 forward logprob at `temperature`| over every response token:
+    the trainer's computation (rlhf.models.logprobs.response_logprobs) against the engine's."""
+    batch, engine_logprobs = sample_batch(prompts, outputs, pad_id)
+    response_mask = batch.response_mask
     with torch.no_grad():
-        reference, _ = response_logprobs(model, RolloutBatch(prompt_ids, prompt_mask, response_ids, response_mask))
+        reference, _ = response_logprobs(model, batch, temperature=temperature)
     return float(((reference - engine_logprobs).abs() * response_mask).max())
 
 
@@ -147,34 +151,63 @@ def test_fewer_prompts_than_engines_and_no_prompts(engines):
 
 
 @pytest.mark.ray
-def test_logprobs_match_hf_float32_forward(engines, tiny_checkpoint, pad_id, record_property):
-    outputs = engines.generate(
-        PROMPTS, SamplingConfig(temperature=0.8, top_k=50, top_p=0.9, max_new_tokens=12), n=2, seed=3
-    )
-    error = _parity_error(_load_model(tiny_checkpoint), PROMPTS, outputs, pad_id)
-    logger.info("logprob parity vs HF float32 forward: max abs error %.2e", error)
+def test_logprobs_match_the_trainers_at_the_sampling_temperature(engines, tiny_checkpoint, pad_id, record_property):
+    """At temperature 0.7 the engine reports log_softmax(logits / 0.7), what the trainer computes."""
+    outputs = engines.generate(PROMPTS, SamplingConfig(temperature=0.7, max_new_tokens=12), n=2, seed=3)
+    model = _load_model(tiny_checkpoint)
+    error = _parity_error(model, PROMPTS, outputs, pad_id, temperature=0.7)
+    logger.info("logprob parity vs HF float32 forward at temperature 0.7: max abs error %.2e", error)
     record_property("parity_max_abs_error", error)
     assert error < PARITY_TOL
+    assert _parity_error(model, PROMPTS, outputs, pad_id, temperature=1.0) > 100 * PARITY_TOL  # not the raw ones
 
 
 @pytest.mark.ray
-def test_greedy_samples_are_identical(engines):
+def test_logprobs_are_of_the_truncated_distribution(engines, tiny_checkpoint, pad_id):
+    """With top-k and top-p the engine reports the logprobs of the distribution it sampled from."""
+    sampling = SamplingConfig(temperature=0.8, top_k=50, top_p=0.9, max_new_tokens=12)
+    outputs = engines.generate(PROMPTS, sampling, n=2, seed=3)
+    engine, expected, compared = sampled_distribution_logprobs(
+        _load_model(tiny_checkpoint), PROMPTS, outputs, pad_id, sampling
+    )
+    assert compared.sum() >= 0.9 * sum(len(g.token_ids) for gens in outputs for g in gens)
+    assert float(((expected - engine).abs() * compared).max()) < PARITY_TOL
+
+
+@pytest.mark.ray
+def test_greedy_samples_are_identical_with_untempered_logprobs(engines, tiny_checkpoint, pad_id):
     outputs = engines.generate(PROMPTS[:2], SamplingConfig(temperature=0.0, max_new_tokens=8), n=2, seed=None)
     for gens in outputs:
         assert gens[0].token_ids == gens[1].token_ids
+    assert _parity_error(_load_model(tiny_checkpoint), PROMPTS[:2], outputs, pad_id, temperature=1.0) < PARITY_TOL
 
 
 @pytest.mark.ray
-def test_weight_sync_from_a_trainer_actor(engines, tiny_checkpoint, pad_id, record_property):
+def test_weight_sync_from_a_trainer_actor(engines, tiny_checkpoint, pad_id, record_property, engine_calls):
+    """The first round goes through rollout.enable_sleep's hand-off as the trainers drive it (generate,
+    sleep, wake the weights, sync, wake the KV cache, generate, sleep): the real engines on CPU, where
+    sleep and wake are no-ops, still sample the new weights, and the engine boundary sees the calls in
+    that order. The fixture's engines (enable_sleep=false) keep everything resident: no calls at all."""
     trainer = ray.remote(num_cpus=1)(Trainer).remote(tiny_checkpoint)
+    engine_calls.record(engines.group)
     try:
         host, port = ray.get(trainer.endpoint.remote())
         joining = trainer.join.remote(host, port, 1 + engines.num_ranks)
         engines.init_weight_sync(host, port, "gloo", timeout_s=120)
         ray.get(joining)
 
+        assert type(engines.memory) is EngineMemory  # enable_sleep=false
+        engines.memory.before_generate()
+        engines.memory.after_generate()
+        engines.memory.before_sync()
+        memory = SleepBetweenRollouts(engines)  # what RolloutGroup picks for enable_sleep=true
+        memory.before_generate()
+        engines.generate(PROMPTS, SAMPLING, n=1, seed=5)
+        memory.after_generate()
+
         old_model, new_model = _load_model(tiny_checkpoint), _load_model(tiny_checkpoint, perturb_seed=1)
         ray.get(trainer.load.remote(1))
+        memory.before_sync()
         sending = trainer.send.remote()
         received = engines.wait(engines.receive_weights_async())
         sent = ray.get(sending)
@@ -188,12 +221,16 @@ def test_weight_sync_from_a_trainer_actor(engines, tiny_checkpoint, pad_id, reco
         )
         record_property("weight_sync_seconds", sent["seconds"])
 
+        memory.before_generate()
         outputs = engines.generate(PROMPTS, SAMPLING, n=2, seed=5)
+        memory.after_generate()
         new_error = _parity_error(new_model, PROMPTS, outputs, pad_id)
         old_error = _parity_error(old_model, PROMPTS, outputs, pad_id)
         logger.info("after sync: error vs new weights %.2e, vs old weights %.2e", new_error, old_error)
         assert new_error < PARITY_TOL
         assert old_error > 1e-2
+        handoff = ["generate", "sleep", "wake:weights", "load_weights", "wake:kv_cache", "generate", "sleep"]
+        assert engine_calls.take(engines.group) == [handoff] * engines.num_engines
 
         # A second round on the same group restores the original weights for the module's other tests.
         ray.get(trainer.load.remote(None))
@@ -206,6 +243,7 @@ def test_weight_sync_from_a_trainer_actor(engines, tiny_checkpoint, pad_id, reco
         engines.close_weight_sync()
         ray.get(trainer.close.remote())
         ray.kill(trainer)
+        engine_calls.take(engines.group)  # the plain backend back for the module's other tests (if it failed early)
 
 
 @pytest.mark.ray

@@ -93,6 +93,12 @@ class EchoWorker(Worker):
         """No @dispatch: run() must refuse it."""
 
 
+class DeterminismProbe(Worker):
+    @dispatch("broadcast", collect="list")
+    def deterministic(self) -> tuple[bool, bool]:
+        return self.deterministic, torch.are_deterministic_algorithms_enabled()
+
+
 class OtherWorker(Worker):
     @dispatch("broadcast", collect="list")
     def echo(self, value):
@@ -268,3 +274,20 @@ def test_output_dir_must_be_seen_by_every_trained_rank_and_placement_is_recorded
     assert layout["driver_node_id"] == node and set(layout["nodes"]) == {node}
     assert [(r["rank"], r["node_id"]) for r in layout["roles"]["echo"]] == [(0, node), (1, node), (2, node)]
     assert [r["rank"] for r in layout["roles"]["critic"]] == [0] and layout["weight_sync"]["transport"] == "shm"
+
+
+def test_run_deterministic_switches_every_actor_it_starts(ray_session):
+    """run.deterministic, as the CLI passes it to the run's Ray session, reaches the actors the run starts."""
+    from rlhf.config import ClusterConfig
+    from rlhf.trainers.roles import start_group
+    from rlhf.utils.ray_session import ray_session as run_session
+
+    cluster = ClusterConfig()
+    resources = ResourceConfig(num_cpus=0.25)
+    for deterministic in (True, False):
+        with run_session(cluster, deterministic=deterministic):
+            group = start_group(cluster, DeterminismProbe, f"probe-{deterministic}", 1, resources)
+        try:
+            assert group.call(DeterminismProbe.deterministic) == [(deterministic, deterministic)]
+        finally:
+            group.shutdown()

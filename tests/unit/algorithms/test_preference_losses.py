@@ -87,6 +87,22 @@ def test_simpo_hand_computed():
     assert stats["simpo/margin"].item() == pytest.approx(2.0)
 
 
+def test_simpo_matches_trl_with_simpo_gamma_equal_to_beta_times_the_ratio():
+    """TRL's CPO loss_type="simpo": -log sigmoid(beta * ((c - r) - simpo_gamma / beta)); its simpo_gamma is the
+    margin gamma itself, so ours with gamma_beta_ratio = g / beta equals TRL's with simpo_gamma = g."""
+    chosen, rejected = torch.tensor([-0.7, -1.9, -0.2]), torch.tensor([-1.1, -0.4, -3.0])
+    beta, ratio = 2.5, 0.3
+    simpo_gamma = beta * ratio  # 0.75, what TRL's config would need
+    trl = -torch.nn.functional.logsigmoid(beta * ((chosen - rejected) - simpo_gamma / beta)).mean()
+    loss, _ = simpo_loss(chosen, rejected, beta=beta, gamma_beta_ratio=ratio)
+    assert loss.item() == pytest.approx(trl.item(), rel=1e-6)
+    # passing TRL's simpo_gamma as the ratio (the old docstring's advice) is a different loss at beta != 1
+    wrong, _ = simpo_loss(chosen, rejected, beta=beta, gamma_beta_ratio=simpo_gamma)
+    assert wrong.item() != pytest.approx(trl.item(), rel=1e-3)
+    doc = " ".join(simpo_loss.__doc__.split())
+    assert "simpo_gamma`` is gamma = ``beta * gamma_beta_ratio``" in doc
+
+
 def test_orpo_hand_computed():
     # chosen p = 0.5 -> log odds ln(0.5 / 0.5) = 0; rejected p = 0.2 -> ln(0.2 / 0.8) = -ln 4
     # L_OR = -log sigmoid(ln 4) = log(1 + 1/4) = 0.22314; loss = nll 1.0 + 0.1 * 0.22314 = 1.022314

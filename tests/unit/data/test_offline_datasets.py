@@ -106,7 +106,9 @@ def test_tiny_names_follow_the_stage_format(tiny_paths):
 
 @pytest.mark.parametrize("source", ["tiny:rl:train", "tiny:sft:test", "tiny:sft:train:x"])
 def test_unknown_tiny_sources(source):
-    with pytest.raises(ConfigError, match=r"use 'tiny:<kind>:<split>' with kind in pretrain, sft, preference, kto"):
+    with pytest.raises(
+        ConfigError, match=r"use 'tiny:<kind>:<split>' with kind in pretrain, sft, preference, preference_hard, kto"
+    ):
         load_records(source)
 
 

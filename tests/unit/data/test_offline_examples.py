@@ -6,7 +6,14 @@ import json
 import pytest
 
 from rlhf.config import DataConfig
-from rlhf.data.examples import KTOExample, PairExample, SequenceExample, encode_dataset, resolve_format
+from rlhf.data.examples import (
+    KTOExample,
+    PairExample,
+    SequenceExample,
+    encode_answers,
+    encode_dataset,
+    resolve_format,
+)
 from rlhf.data.sources import read_records
 from rlhf.errors import ConfigError, DataError
 
@@ -112,6 +119,14 @@ def test_preference_pairs_from_texts_and_from_message_lists(tmp_path, tiny_token
         assert _tokens(tiny_tokenizer, pair.chosen_ids) == ["7", "<|end|>"]
         assert _tokens(tiny_tokenizer, pair.rejected_ids) == ["8", "<|end|>"]
     assert [p.margin for p in pairs] == [0.5, 0.0, 0.0]
+
+
+def test_encode_answers_encodes_a_conversation_as_a_preference_row_is_encoded(tmp_path, tiny_tokenizer):
+    system = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "3+4="}]
+    rows = [{"prompt": "3+4=", "chosen": "7", "rejected": "8"}, {"prompt": system, "chosen": "7", "rejected": "8"}]
+    pairs = _encode(tmp_path, tiny_tokenizer, rows, "preference").examples
+    answers = encode_answers(tiny_tokenizer, [("3+4=", "7"), (system, "7")], where="sample")
+    assert answers == [(pair.prompt_ids, pair.chosen_ids) for pair in pairs]
 
 
 def test_kto_labels_accept_boolean_like_values(tmp_path, tiny_tokenizer):

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from rlhf.data.sources import looks_like_path, read_records
-from rlhf.errors import DataError
+from rlhf.config import DatasetSpec, RLHFConfig
+from rlhf.data.sources import check_dataset_paths, looks_like_path, read_records
+from rlhf.errors import ConfigError, DataError
 
 ROWS = [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2=", "answer": "4"}]
 
@@ -102,3 +103,14 @@ def test_missing_path_and_empty_file(tmp_path):
 )
 def test_looks_like_path(source, is_path):
     assert looks_like_path(source) is is_path
+
+
+def test_dataset_fields_must_exist_when_they_can_only_be_local_paths(tmp_path):
+    cfg = RLHFConfig()
+    cfg.data.train = str(_write(tmp_path / "train.jsonl", ROWS, "jsonl"))
+    cfg.eval.data = "openai/gsm8k"  # a Hub name: checked when loaded
+    check_dataset_paths(cfg)  # data.eval "tiny:eval": the tiny world's
+    cfg.data.mixture = [DatasetSpec(path=str(tmp_path / "missing.parquet"))]
+    with pytest.raises(ConfigError, match=r"data.mixture\[0\].path='.*missing.parquet': no dataset file or directory"):
+        check_dataset_paths(cfg)
+    check_dataset_paths(cfg, produced=[tmp_path.resolve()])  # an earlier pipeline step writes it

@@ -101,7 +101,7 @@ def test_wrong_answers_are_wrong():
 
 def test_preference_kto_and_rl_rows_agree_with_the_checker():
     answers = {p.prompt: p.answer for p in split_problems(0)["eval"]}
-    for row in generate_rows("preference", "eval"):
+    for row in generate_rows("preference_hard", "eval"):
         assert set(row) == {"prompt", "chosen", "rejected", "task"}
         answer = answers[row["prompt"]]
         assert check_answer(row["chosen"], answer) and not check_answer(row["rejected"], answer)

@@ -12,6 +12,7 @@ from rlhf.data.tokenizer import (
     encode_chat_prompt,
     render_chat_prompt,
     save_tiny_tokenizer,
+    tokenizer_differences,
     train_tiny_tokenizer,
 )
 
@@ -80,3 +81,12 @@ def test_saved_tokenizer_loads_with_auto_tokenizer(tmp_path):
     loaded = AutoTokenizer.from_pretrained(save_tiny_tokenizer(tokenizer, tmp_path))
     assert loaded.chat_template == tokenizer.chat_template
     assert loaded("12+3=15")["input_ids"] == tokenizer("12+3=15")["input_ids"]
+
+
+def test_tokenizer_differences_name_what_changes_the_ids_or_their_rendering(tiny_paths, tiny_tokenizer):
+    same = AutoTokenizer.from_pretrained(tiny_paths.tokenizer_dir)
+    assert tokenizer_differences(tiny_tokenizer, same) == []
+    same.chat_template = "{{ messages[0]['content'] }}"
+    assert tokenizer_differences(tiny_tokenizer, same) == ["chat template"]
+    other = train_tiny_tokenizer(["+++ --- *** ===    !!"] * 20)  # same specials and template, other merges
+    assert tokenizer_differences(tiny_tokenizer, other)[0].startswith("vocabulary")

@@ -5,7 +5,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from rlhf.errors import ConfigError
-from rlhf.models.loading import TINY_MODEL_NAMES, load_causal_lm, load_tokenizer, resolve_model_path
+from rlhf.models.loading import TINY_MODEL_NAMES, check_model_path, load_causal_lm, load_tokenizer, resolve_model_path
 from rlhf.models.tiny import build_tiny_model, save_tiny_model
 
 
@@ -48,6 +48,12 @@ def test_unknown_tiny_name_lists_known_ones():
 def test_missing_local_path_names_it_and_the_fix(path):
     with pytest.raises(ConfigError, match=rf"model path '{path}' does not exist.*fix the path, give a Hub name"):
         load_causal_lm(path, dtype="float32")
+
+
+def test_config_check_names_the_field_and_builds_nothing():
+    check_model_path("tiny-init:llama", what="distill.teacher_path")  # a known tiny name, not built here
+    with pytest.raises(ConfigError, match="distill.teacher_path '/ckpts/teacher' does not exist"):
+        check_model_path("/ckpts/teacher", what="distill.teacher_path")
 
 
 def test_hub_names_pass_through_and_bad_dirs_are_caught(tmp_path):

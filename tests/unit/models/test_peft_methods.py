@@ -17,15 +17,17 @@ from rlhf.engines.train_engine import iter_full_parameters
 from rlhf.errors import ConfigError
 from rlhf.models.peft_utils import (
     PEFT_METHODS,
+    SCALAR_HEAD_PEFT_METHODS,
     VirtualTokenLM,
     apply_peft,
+    check_scalar_head_peft,
     export_root,
     find_peft_model,
     peft_config,
     peft_method,
     validate_peft,
 )
-from rlhf.models.tiny import build_tiny_model
+from rlhf.models.tiny import build_tiny_model, tiny_config
 
 VOCAB = 64
 # per layer: q 128·128+128, k 64·128+64, v 64·128+64, o 128·128, gate/up/down 3·384·128, 2 norms of 128
@@ -198,3 +200,64 @@ def test_merged_export_equals_peft_merge_and_unload(method):
     plain = tiny()
     plain.load_state_dict(exported)
     torch.testing.assert_close(wrapped(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+# -- models with a scalar head (reward model, critic) ------------------------------------------
+
+
+@pytest.mark.parametrize("method", PEFT_METHODS)
+def test_scalar_head_models_take_only_mergeable_methods(method):
+    if method in SCALAR_HEAD_PEFT_METHODS:
+        check_scalar_head_peft(EXPECTED.get(method, (ModelConfig(),))[0], "critic")
+        return
+    model_cfg = ModelConfig(lora=LORA_QV, peft=PeftConfig(method=method))
+    with pytest.raises(
+        ConfigError, match=f"model.peft.method={method} cannot train the critic: allowed there are none, lora"
+    ):
+        check_scalar_head_peft(model_cfg, "critic")
+
+
+def reward_model() -> torch.nn.Module:
+    from transformers import AutoModelForSequenceClassification
+
+    config = tiny_config("qwen2", vocab_size=VOCAB)
+    config.num_labels, config.pad_token_id = 1, 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return AutoModelForSequenceClassification.from_config(config)
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "bitfit"])
+def test_reward_model_head_trains_and_exports_under_its_plain_name(method):
+    wrapped = apply_peft(reward_model(), EXPECTED[method][0], task_type="SEQ_CLS", head="score")
+    trainable = [name for name, p in wrapped.named_parameters() if p.requires_grad]
+    assert any(name.endswith(("score.weight", "score.modules_to_save.default.weight")) for name in trainable)
+    with torch.no_grad():  # move the head and the method's parameters off their initialisation
+        for p in wrapped.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+    exported = dict(iter_full_parameters(wrapped, rank=0))
+    plain = reward_model()
+    assert set(exported) == set(plain.state_dict())
+    plain.load_state_dict(exported)
+    ids = torch.randint(1, VOCAB, (2, 6))
+    torch.testing.assert_close(wrapped(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+def test_critic_backbone_adapters_export_under_the_backbone_names(tmp_path):
+    from rlhf.models.value_model import ValueModel, hf_name
+
+    tiny().save_pretrained(tmp_path)
+    critic = ValueModel.from_pretrained(tmp_path)
+    critic.backbone = apply_peft(critic.backbone, EXPECTED["lora"][0], task_type="FEATURE_EXTRACTION")
+    assert {n for n, p in critic.named_parameters() if p.requires_grad} >= {"value_head.weight", "value_head.bias"}
+    with torch.no_grad():
+        for p in critic.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+    exported = {hf_name(name): t for name, t in iter_full_parameters(critic, rank=0)}
+    plain = ValueModel.from_pretrained(tmp_path)
+    assert set(exported) == {hf_name(name) for name in plain.state_dict()}
+    plain.load_state_dict({("" if n.startswith("value_head.") else "backbone.") + n: t for n, t in exported.items()})
+    ids, mask = torch.randint(1, VOCAB, (2, 6)), torch.ones(2, 6, dtype=torch.long)
+    torch.testing.assert_close(critic(ids, mask), plain(ids, mask), rtol=0, atol=1e-5)

@@ -2,11 +2,19 @@
 
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from rlhf.data.tiny_world import read_jsonl
-from rlhf.models.warmup import IGNORE_INDEX, encode_sft_example, evaluate_accuracy, generate_responses
+from rlhf.models.tiny import build_scripted_model
+from rlhf.models.warmup import (
+    IGNORE_INDEX,
+    answer_probabilities,
+    encode_sft_example,
+    evaluate_accuracy,
+    generate_responses,
+)
 
 
 def test_sft_example_trains_on_response_and_eos_only(tiny_tokenizer):
@@ -51,3 +59,13 @@ def test_sampling_is_seeded(tiny_qwen2, tiny_tokenizer):
     state = torch.random.get_rng_state()
     generate_responses(model, tiny_tokenizer, prompts, seed=4)
     assert torch.equal(state, torch.random.get_rng_state())  # the global RNG is left alone
+
+
+def test_answer_probabilities_by_hand(tiny_tokenizer):
+    """On a scripted model the probability of an answer is known: after the chat prompt's last token (a
+    newline) it writes "4" or "5" with probability 1/2 each, then ends its turn."""
+    model = build_scripted_model(tiny_tokenizer, {"\n": ["4", "5"], "4": "<|end|>", "5": "<|end|>"})
+    rows = [{"prompt": "9-5=", "answer": "4"}, {"prompt": "2+3=", "answer": 5}, {"prompt": "1+1=", "answer": "2"}]
+    assert answer_probabilities(model, tiny_tokenizer, rows) == pytest.approx([0.5, 0.5, 0.0], abs=1e-6)
+    # a longer answer: the product of its tokens' probabilities ("4" then "5" has 1/2 × 0 after "4")
+    assert answer_probabilities(model, tiny_tokenizer, [{"prompt": "x", "answer": "45"}]) == [0.0]

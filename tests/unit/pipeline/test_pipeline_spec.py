@@ -82,3 +82,44 @@ def test_every_shipped_recipe_composes_and_validates():
         pipeline = load_pipeline(str(recipe))
         for step in pipeline.steps:
             compose_step(pipeline, step)
+
+
+def test_a_late_step_may_read_what_an_earlier_step_writes_but_a_missing_path_fails_up_front(tmp_path):
+    """validate() checks local paths; inside an earlier step's directory they are still to be written."""
+    path = write(
+        tmp_path,
+        f"""
+output_dir: {tmp_path}/out
+steps:
+  - name: gen
+    overrides: [stage=generate]
+  - name: sft
+    overrides: [stage=sft, "model.path={{gen}}", data.train={tmp_path}/out/gen/generated/sft]
+  - name: dpo
+    overrides: [stage=dpo, "model.path={{sft}}", data.train={tmp_path}/no_such/pairs.jsonl]
+""",
+    )
+    pipeline = load_pipeline(str(path))
+    gen, sft, dpo = pipeline.steps
+    assert compose_step(pipeline, sft).data.train.endswith("gen/generated/sft")
+    with pytest.raises(ConfigError, match=r"step 'dpo': data.train='.*no_such/pairs.jsonl': no dataset file"):
+        compose_step(pipeline, dpo)
+
+
+def test_step_prefixed_override_applies_to_that_step_only(tmp_path):
+    path = write(
+        tmp_path,
+        """
+steps:
+  - name: sft
+    overrides: [stage=sft, offline.max_steps=500]
+  - name: dpo
+    overrides: [stage=dpo, offline.max_steps=150, "model.path={sft}"]
+""",
+    )
+    pipeline = load_pipeline(str(path), ["sft:offline.max_steps=7", "run.seed=3", "data.train=tiny:sft:train"])
+    sft, dpo = (compose_step(pipeline, step) for step in pipeline.steps)
+    assert (sft.offline.max_steps, dpo.offline.max_steps) == (7, 150)  # after the step's own value
+    assert sft.run.seed == dpo.run.seed == 3 and sft.data.train == "tiny:sft:train"  # ":" in a value is not a step
+    with pytest.raises(ConfigError, match=r"'rm:run.seed=1' names no step .* \(steps: sft, dpo\)"):
+        load_pipeline(str(path), ["rm:run.seed=1"])

@@ -6,7 +6,7 @@ import pytest
 
 from rlhf.config import RewardComponentConfig, RLHFConfig
 from rlhf.data.batch import RolloutBatch, pad_sequences
-from rlhf.errors import ConfigError, RLHFError
+from rlhf.errors import ConfigError, DataError, RLHFError
 from rlhf.models.loading import load_tokenizer, resolve_model_path
 from rlhf.rewards import build_reward_pipeline
 
@@ -136,3 +136,40 @@ def test_overlong_buffer_above_max_new_tokens_fails_when_the_pipeline_is_built()
     cfg.reward.components = [RewardComponentConfig(fn="overlong_penalty", kwargs={"buffer": 8})]
     with pytest.raises(ConfigError, match=r"reward.components\[0\].*buffer 8 must be in \(0, max_response_length 4\]"):
         build_reward_pipeline(cfg, tokenizer=None)
+
+
+def save_reward_model(path, vocab_size: int, tokenizer=None) -> str:
+    """A random tiny sequence-classification model, saved with `tokenizer` (or none)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.models.tiny import tiny_config
+
+    config = tiny_config("qwen2", vocab_size=vocab_size)
+    config.num_labels = 1
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_reward_model_inputs_are_re_encoded_only_for_another_tokenizer(tokenizer, other_tokenizer_dir, tmp_path):
+    same = save_reward_model(tmp_path / "same", len(tokenizer), tokenizer)
+    other = save_reward_model(tmp_path / "other", len(tokenizer), load_tokenizer(other_tokenizer_dir))
+    saved_without = save_reward_model(tmp_path / "without", len(tokenizer))
+    own = [
+        build_reward_pipeline(config(fn=None, model_path=p), tokenizer).terms[0].own_tokenizer for p in (same, other)
+    ]
+    assert own[0] is None and own[1].chat_template != tokenizer.chat_template
+    assert build_reward_pipeline(config(fn=None, model_path=saved_without), tokenizer).terms[0].own_tokenizer is None
+    too_small = save_reward_model(tmp_path / "small", len(tokenizer) - 1)
+    with pytest.raises(ConfigError, match=r"reward.model_path=.* embeds 262 tokens but the policy's tokenizer has 263"):
+        build_reward_pipeline(config(fn=None, model_path=too_small), tokenizer)
+
+
+def test_re_encoding_needs_the_raw_prompt(tokenizer, other_tokenizer_dir):
+    from rlhf.rewards.pipeline import reward_model_batch
+
+    pipeline = build_reward_pipeline(config(), tokenizer)
+    batch, _ = make_batch(tokenizer, ["3+4="], ["7"], ["7"])  # metadata without raw_prompt
+    with pytest.raises(DataError, match=r"rows \[0\] of the batch carry no metadata\['raw_prompt'\]"):
+        reward_model_batch(load_tokenizer(other_tokenizer_dir), pipeline.inputs(batch))

@@ -81,7 +81,7 @@ def test_saved_config_has_no_secrets(tmp_path, monkeypatch):
     from rlhf.trainers.runner import fit_on_cluster
 
     monkeypatch.setenv("WANDB_API_KEY", ENV_SECRET)
-    monkeypatch.setattr(rlhf.utils.ray_session, "ray_session", lambda cluster: contextlib.nullcontext())
+    monkeypatch.setattr(rlhf.utils.ray_session, "ray_session", lambda cluster, **_: contextlib.nullcontext())
 
     class Done:
         def fit(self):

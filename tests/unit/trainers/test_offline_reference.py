@@ -15,7 +15,8 @@ class FakeReference:
     def __init__(self):
         self.rows_scored = 0
 
-    def call(self, method, batch):
+    def call(self, method, batch, temperature):
+        assert temperature == 1.0  # offline stages score data, not samples
         self.rows_scored += len(batch)
         return -torch.ones(batch.response_ids.shape)
 
