@@ -420,6 +420,23 @@ class ResourceConfig:
 
 
 @dataclass
+class NodesConfig:
+    """The nodes that `run.plan=true` places the roles on and sizes them against (rlhf.plan); the run itself
+    is placed by Ray on whatever nodes it has."""
+
+    count: int = 1
+    """Nodes in the cluster."""
+    cpus: Optional[float] = None
+    """Logical CPUs per node (None: cluster.num_cpus, else this machine's CPU count)."""
+    gpus: Optional[int] = None
+    """GPUs per node (None: cluster.num_gpus, else 0 on cluster.device cpu; cuda needs a number)."""
+    device_memory_gib: Optional[float] = None
+    """Memory of one accelerator in GiB (None: 80 on cuda; on cpu the ranks share host_memory_gib)."""
+    host_memory_gib: Optional[float] = None
+    """Host RAM per node in GiB (None: this machine's)."""
+
+
+@dataclass
 class ClusterConfig:
     name: str = "cpu_debug"
     """Preset name (cpu_debug, single_gpu, multi_node)."""
@@ -458,8 +475,10 @@ class ClusterConfig:
     two ranks on one shared GPU, as in single_gpu mode)."""
     weight_sync_transport: str = "auto"
     """collective (broadcast over weight_sync_backend), shm (a shared-memory segment in /dev/shm that the
-    engines map: trainer rank 0 and every engine on one node), or auto: shm on cluster.device cpu when
-    every engine can open rank 0's segment (checked at join), else collective."""
+    engines map: trainer rank 0 and every engine on one Ray node), or auto: shm on cluster.device cpu when
+    every engine has rank 0's Ray node id and can open its segment (checked at join), else collective."""
+    nodes: NodesConfig = field(default_factory=NodesConfig)
+    """Shape and number of the nodes, for the sizing plan (run.plan=true) only."""
 
 
 @dataclass
@@ -524,6 +543,9 @@ class RunConfig:
     """Write PNG plots of the metrics into <output_dir>/plots at the end of the run."""
     progress_bar: bool = True
     """Show a progress bar on the driver."""
+    plan: bool = False
+    """Print the sizing plan (roles, ranks, placement per node, estimated memory per rank, KV cache of the
+    engines) and exit without starting Ray; a layout that cannot fit is a ConfigError (rlhf.plan)."""
     final_eval: bool = False
     """After a training stage saves <output_dir>/final and stops its actors, evaluate it as stage=eval
     does (rlhf.trainers.evaluate: pass@k, accuracy, reward means) into <output_dir>/final_eval.
@@ -823,6 +845,9 @@ FIELD_BOUNDS: dict[str, str] = {
     "rollout.weight_sync_bucket_mb": ">= 1",
     "cluster.threads_per_worker": ">= 1",
     "cluster.collective_timeout_s": ">= 1",
+    "cluster.nodes.count": ">= 1",
+    "cluster.nodes.device_memory_gib": "> 0",
+    "cluster.nodes.host_memory_gib": "> 0",
     "reward.remote.max_concurrency": ">= 1",
     "algorithm.kl_horizon": ">= 1",
     "algorithm.max_sampling_rounds": ">= 1",
@@ -1216,7 +1241,7 @@ WEIGHT_SYNC_TRANSPORTS = ("auto", "collective", "shm")
 
 
 def weight_sync_transport(cluster: ClusterConfig) -> str:
-    """What the trainer's rank 0 asks for at join: auto stays auto (shm if the engines share its node) on CPU."""
+    """What the trainer's rank 0 asks for at join: auto stays auto (shm if the engines share its Ray node) on CPU."""
     if cluster.weight_sync_transport == "auto" and cluster.device != "cpu":
         return "collective"  # GPU buffers: NCCL, or gloo staging that shm would not beat
     return cluster.weight_sync_transport
@@ -1228,6 +1253,21 @@ def weight_sync_backend(cluster: ClusterConfig) -> str:
         return cluster.weight_sync_backend
     whole_gpus = cluster.policy.num_gpus >= 1 and cluster.rollout.num_gpus >= 1
     return "nccl" if cluster.device == "cuda" and whole_gpus else "gloo"
+
+
+def engine_resources(rollout_cfg: RolloutConfig, cluster_cfg: ClusterConfig) -> ResourceConfig:
+    """One engine's placement bundle: `cluster.rollout`, with tensor_parallel_size whole GPUs for TP > 1."""
+    tp, resources = rollout_cfg.tensor_parallel_size, cluster_cfg.rollout
+    if tp == 1:
+        return resources
+    if cluster_cfg.device != "cuda" or rollout_cfg.backend != "vllm":
+        raise ConfigError(f"rollout.tensor_parallel_size {tp} needs backend vllm on cluster.device cuda")
+    if resources.num_gpus != 1:
+        raise ConfigError(
+            f"rollout.tensor_parallel_size {tp} gives each engine {tp} whole GPUs; set cluster.rollout.num_gpus=1 "
+            f"(the per-shard share), got {resources.num_gpus}"
+        )
+    return ResourceConfig(num_cpus=resources.num_cpus, num_gpus=tp)
 
 
 def uses_critic(cfg: RLHFConfig) -> bool:

@@ -74,6 +74,23 @@ def node_ip() -> str:
         return "127.0.0.1"
 
 
+def node_id() -> str:
+    """This process's node as placement sees it: Ray's node id inside Ray, else the hostname.
+
+    Several Ray nodes can share one machine (a simulated cluster, containers with a shared /dev/shm);
+    each is still its own node here, so same-node shortcuts (shared-memory weight sync) follow Ray's
+    placement, not what the processes happen to share.
+    """
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except ImportError:
+        pass
+    return socket.gethostname()
+
+
 def torch_backend(device: str) -> str:
     """The torch.distributed backend for a device: gloo on CPU, NCCL on CUDA."""
     if device not in DEVICES:

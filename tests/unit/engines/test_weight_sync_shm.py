@@ -268,6 +268,50 @@ def test_auto_falls_back_to_the_collective_when_an_engine_cannot_open_the_segmen
     assert list(tmp_path.iterdir()) == []
 
 
+def _receiver_on_node(port: int, rank: int, world_size: int, shm_dir: str, node: str, results: mp.Queue) -> None:
+    """An engine that shares rank 0's tmpfs but is on another node (two Ray nodes on one machine)."""
+    try:
+        group = WeightSyncGroup.create(
+            "127.0.0.1", port, rank, world_size, timeout_s=_JOIN_TIMEOUT_S, shm_dir=shm_dir, node=node
+        )
+        results.put((group.transport, [n for n, _ in group.receive()]))
+        group.close()
+        WeightSyncGroup.create(
+            "127.0.0.1", port + 1, rank, world_size, timeout_s=_JOIN_TIMEOUT_S, shm_dir=shm_dir, node=node
+        )
+        results.put("joined")
+    except WeightSyncError as e:
+        results.put(str(e))
+
+
+def test_an_engine_on_another_node_gets_the_collective_even_when_it_shares_the_tmpfs(tmp_path):
+    """Several Ray nodes on one machine share /dev/shm: the node id decides, so auto takes the multi-node path."""
+    port = free_port()
+    while not _port_free(port + 1):
+        port = free_port()
+    procs, results = _start_receivers(_receiver_on_node, port, 2, str(tmp_path), "node-b")
+
+    def sender(port: int, transport: str) -> WeightSyncGroup:
+        return WeightSyncGroup.create(
+            "127.0.0.1", port, 0, 2, timeout_s=_JOIN_TIMEOUT_S, transport=transport, shm_bytes=ALIGN,
+            shm_dir=str(tmp_path), node="node-a",
+        )  # fmt: skip
+
+    group = sender(port, "auto")
+    try:
+        assert group.transport == "collective"
+        group.send([("w", torch.ones(3))], bucket_bytes=1024)
+        assert results.get(timeout=60) == ("collective", ["w"])
+        group.close()
+        with pytest.raises(WeightSyncError, match="engine rank 1 is on node node-b, not on rank 0's node node-a"):
+            sender(port + 1, "shm")
+        assert "needs every engine on rank 0's node" in results.get(timeout=60)
+    finally:
+        group.close()
+        procs[0].join(timeout=30)
+    assert list(tmp_path.iterdir()) == []
+
+
 def _port_free(port: int) -> bool:
     import socket
 
