@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import socket
 import sys
 import time
@@ -49,11 +50,42 @@ def clear_stale_build_locks(root: str | Path, max_age_s: float = STALE_BUILD_LOC
     return removed
 
 
+_RAY_WORKER_PORTS_END = 20000
+"""Ray's worker ports end below this (`--max-worker-port` default 19999); the rendezvous ports start here."""
+
+
 def free_port() -> int:
-    """A TCP port that is free on this node right now (the OS picks it; it may be taken later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """A TCP port that is free on this node right now, for a rendezvous (it may be taken later).
+
+    Drawn at random below the kernel's ephemeral range and above Ray's worker ports: a port the OS
+    hands out (bind to 0) is also what every outgoing connection (Ray's gRPC clients, gloo) gets, so
+    one taken that way can be reused by a client in the seconds before the rendezvous binds it
+    (seen as EADDRINUSE in CI).
+    """
+    low, _ = _ephemeral_range()
+    draw = random.Random()  # not the global generator: seeded runs would draw the same port on every node
+    for _ in range(200):
+        port = draw.randrange(_RAY_WORKER_PORTS_END, low - 1)  # -1: tests use port + 1 as well
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # the low range is full: let the OS pick
         sock.bind(("", 0))
         return sock.getsockname()[1]
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for outgoing ports (Linux default 32768-60999)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        if int(low) > _RAY_WORKER_PORTS_END + 1000:
+            return int(low), int(high)
+    except (OSError, ValueError):
+        pass
+    return 32768, 60999
 
 
 def node_ip() -> str:

@@ -18,6 +18,9 @@ from rlhf.engines.weight_sync import WeightSyncGroup, free_port
 from rlhf.errors import WeightSyncError
 
 _JOIN_TIMEOUT_S = 60.0  # covers the child's torch import on a busy 2-core machine
+# Every process here is on one node. Named explicitly: `node_id()` is Ray's node id in a process where an
+# earlier test started Ray (this one) and the hostname in a fresh child, which would look like two nodes.
+_NODE = "this-machine"
 
 
 def _mixed_buckets() -> list[list[tuple[str, torch.Tensor]]]:
@@ -104,8 +107,9 @@ def _tensors(seed: int) -> list[tuple[str, torch.Tensor]]:
 def _receiver(port: int, rank: int, world_size: int, shm_dir: str, rounds: int, results: mp.Queue) -> None:
     try:
         group = WeightSyncGroup.create(
-            "127.0.0.1", port, rank=rank, world_size=world_size, timeout_s=_JOIN_TIMEOUT_S, shm_dir=shm_dir
-        )
+            "127.0.0.1", port, rank=rank, world_size=world_size, timeout_s=_JOIN_TIMEOUT_S, shm_dir=shm_dir,
+            node=_NODE,
+        )  # fmt: skip
         results.put(("transport", rank, group.transport))
         for seed in range(rounds):
             expected = _tensors(seed)
@@ -155,6 +159,7 @@ def _sender(port: int, world_size: int, shm_dir: str, transport: str = "shm") ->
         transport=transport,
         shm_bytes=ALIGN,
         shm_dir=shm_dir,
+        node=_NODE,
     )
 
 
@@ -185,7 +190,7 @@ def test_two_engines_read_one_segment_exactly_over_two_rounds(tmp_path):
 def _receive_twice(port: int, rank: int, world_size: int, shm_dir: str, results: mp.Queue) -> None:
     """Round 1: fail while loading the 4th tensor; round 2: read what comes. Report each error."""
     group = WeightSyncGroup.create(
-        "127.0.0.1", port, rank=rank, world_size=world_size, timeout_s=_JOIN_TIMEOUT_S, shm_dir=shm_dir
+        "127.0.0.1", port, rank=rank, world_size=world_size, timeout_s=_JOIN_TIMEOUT_S, shm_dir=shm_dir, node=_NODE
     )
     for stop_after in (3, -1):
         try:
@@ -239,10 +244,14 @@ def _blind_receiver(port: int, rank: int, world_size: int, shm_dir: str, results
 
     ShmSegment.open = cannot_open  # this process only
     try:
-        group = WeightSyncGroup.create("127.0.0.1", port, rank, world_size, timeout_s=_JOIN_TIMEOUT_S, shm_dir=shm_dir)
+        group = WeightSyncGroup.create(
+            "127.0.0.1", port, rank, world_size, timeout_s=_JOIN_TIMEOUT_S, shm_dir=shm_dir, node=_NODE
+        )
         results.put((group.transport, [n for n, _ in group.receive()]))
         group.close()
-        WeightSyncGroup.create("127.0.0.1", port + 1, rank, world_size, timeout_s=_JOIN_TIMEOUT_S, shm_dir=shm_dir)
+        WeightSyncGroup.create(
+            "127.0.0.1", port + 1, rank, world_size, timeout_s=_JOIN_TIMEOUT_S, shm_dir=shm_dir, node=_NODE
+        )
         results.put("joined")
     except WeightSyncError as e:
         results.put(str(e))
