@@ -29,7 +29,7 @@ import subprocess
 import sys
 from typing import Any
 
-from benchmarks.common import bench_model, finish, machine_info, parse_args, ray_cluster
+from benchmarks.common import Stopwatch, bench_model, finish, machine_info, parse_args, ray_cluster
 
 logger = logging.getLogger("benchmarks.memory")
 
@@ -136,9 +136,11 @@ def measure(role: str, case: str, path: str, vocab_size: int) -> dict[str, Any]:
         )
     try:
         baseline = _statuses(group)
-        group.call(load[0], *load[1], timeout=3600)
+        with Stopwatch() as startup_time:
+            group.call(load[0], *load[1], timeout=3600)
         startup = _statuses(group, reset=True)
-        group.call(step[0], *step[1], timeout=3600)
+        with Stopwatch() as step_time:
+            group.call(step[0], *step[1], timeout=3600)
         stepped = _statuses(group)
     finally:
         group.shutdown()
@@ -154,7 +156,14 @@ def measure(role: str, case: str, path: str, vocab_size: int) -> dict[str, Any]:
     ]
     for rank in ranks:
         rank["model_peak_mib"] = rank["peak_mib"] - rank["baseline_mib"]
-    result = {"role": role, "case": case, "zero_stage": stage, "ranks": ranks}
+    result = {
+        "role": role,
+        "case": case,
+        "zero_stage": stage,
+        "startup_s": startup_time.seconds,
+        "step_s": step_time.seconds,
+        "ranks": ranks,
+    }
     for key in ("startup_peak_mib", "step_peak_mib", "peak_mib", "model_peak_mib"):
         result[key] = max(rank[key] for rank in ranks)
     logger.info("%s %s: %s", role, case, {k: round(v) for k, v in result.items() if k.endswith("_mib")})
@@ -184,14 +193,16 @@ def ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| role | configuration | ranks | baseline MiB | start-up peak MiB | step peak MiB | peak MiB | peak − baseline MiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| role | configuration | ranks | baseline MiB | start-up peak MiB | step peak MiB | peak MiB "
+        "| peak − baseline MiB | start-up s | step s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         baseline = max(rank["baseline_mib"] for rank in r["ranks"])
         lines.append(
             f"| {r['role']} | {r['case']} | {len(r['ranks'])} | {baseline:.0f} | {r['startup_peak_mib']:.0f} "
-            f"| {r['step_peak_mib']:.0f} | {r['peak_mib']:.0f} | {r['model_peak_mib']:.0f} |"
+            f"| {r['step_peak_mib']:.0f} | {r['peak_mib']:.0f} | {r['model_peak_mib']:.0f} | {r['startup_s']:.0f} "
+            f"| {r['step_s']:.0f} |"
         )
     return "\n".join(lines)
 

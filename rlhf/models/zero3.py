@@ -33,7 +33,7 @@ from rlhf.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-LOAD_BUCKET_BYTES = 128 << 20
+LOAD_BUCKET_BYTES = 32 << 20
 """Full-size bytes of the parameters gathered together while a checkpoint streams in."""
 
 

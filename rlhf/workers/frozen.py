@@ -2,7 +2,7 @@
 
 zero_stage 0: each actor holds the whole model and needs no collective (the actors of a group are
 independent and can be colocated with other roles). zero_stage 3: the group's actors join one process
-group and partition the model over it (rlhf.engines.zero_inference): it is built inside
+group and partition the model over it (rlhf.engines.zero3): it is built inside
 deepspeed.zero.Init and streamed in from its checkpoint (rlhf.models.zero3), so no actor ever holds
 it whole, and every forward pass gathers it a module at a time. Each actor still computes its own
 data-parallel shard of the batch; `_forward_micro_batches` keeps the ranks' forward passes in step.
@@ -19,7 +19,7 @@ from torch import nn
 
 from rlhf.config import INFERENCE_ZERO_STAGES, ClusterConfig, ModelConfig
 from rlhf.data.batch import RolloutBatch
-from rlhf.engines.zero_inference import inference_deepspeed_config, start_inference_engine
+from rlhf.engines.zero3 import inference_deepspeed_config, start_inference_engine
 from rlhf.errors import ConfigError
 from rlhf.models.loading import load_causal_lm
 from rlhf.models.zero3 import parameter_counts
