@@ -22,18 +22,22 @@ DEEPSPEED_MAX_LIVE = 10**9
 """DeepSpeed's default stage3_max_live_parameters and stage3_max_reuse_distance (elements)."""
 DEEPSPEED_PREFETCH = 5 * 10**7
 """DeepSpeed's default stage3_prefetch_bucket_size (elements)."""
+DEEPSPEED_REDUCE_BUCKET = 5 * 10**8
+"""DeepSpeed's default reduce_bucket_size (elements)."""
 
 
 def zero3_gather_limits(module: nn.Module) -> dict[str, int]:
-    """The ZeRO-3 gather window for `module`: about 1/16 of its elements gathered beyond a rank's partition.
+    """ZeRO-3 buffer sizes for `module`: about 1/16 of its elements gathered (or reduced) at once beyond
+    a rank's partition.
 
-    DeepSpeed's defaults (max live parameters and max reuse distance 1e9 elements, prefetch 5e7) suit
-    models of tens of billions of parameters. A smaller model stays gathered under them: a parameter
-    whose next use lies within 1e9 elements is kept, and for a 300M model that is every parameter
-    between two forward passes, and between forward and backward (measured on a 300M model: each of
-    2 ranks held the whole of it from the second forward pass on). So the window is capped at a sixteenth
-    of the model, never below its largest parameter (which must be whole to run) nor above
-    DeepSpeed's defaults, and half of it is prefetched.
+    DeepSpeed's defaults (max live parameters and max reuse distance 1e9 elements, prefetch 5e7,
+    gradient reduce bucket 5e8) suit models of tens of billions of parameters. A smaller model stays
+    gathered under them: a parameter whose next use lies within 1e9 elements is kept, and for a
+    300M model that is every parameter between two forward passes, and between forward and backward
+    (measured: each of 2 ranks held the whole model from the second forward pass on, and the first
+    backward's reduce bucket added 2 GiB). So the window is capped at a sixteenth of the model, never
+    below its largest parameter (which must be whole to run) nor above DeepSpeed's defaults; half of
+    it is prefetched, and gradients are reduced in buckets of the window's size.
     """
     sizes = [full_numel(p) for p in module.parameters()]
     window = min(max(max(sizes, default=1), sum(sizes) // GATHER_WINDOW_FRACTION), DEEPSPEED_MAX_LIVE)
@@ -41,6 +45,7 @@ def zero3_gather_limits(module: nn.Module) -> dict[str, int]:
         "stage3_max_live_parameters": window,
         "stage3_max_reuse_distance": window,
         "stage3_prefetch_bucket_size": min(window // 2, DEEPSPEED_PREFETCH),
+        "reduce_bucket_size": min(window, DEEPSPEED_REDUCE_BUCKET),
     }
 
 

@@ -43,32 +43,38 @@ def reward_model_path(tmp_path_factory) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def colocated(ray_session):
-    from ray.util.placement_group import remove_placement_group
-
-    pg = create_placement_group([{"CPU": 1.0}], "PACK", timeout_s=60, name="ref-rm")
-    half = ResourceConfig(num_cpus=0.5)
+def reference_and_reward(suffix: str, num_workers: int, **options) -> list[WorkerGroup]:
+    """A ReferenceWorker group and a RewardWorker group of `num_workers` actors each (0.5 CPU per actor)."""
     groups = []
     try:
         for cls, role in ((ReferenceWorker, "reference"), (RewardWorker, "reward")):
             groups.append(
                 WorkerGroup(
                     cls,
-                    role=role,
-                    num_workers=1,
-                    resources=half,
-                    init_args=(ModelConfig(), ClusterConfig()),
-                    init_kwargs={"micro_batch_size": 3},
-                    placement_group=pg,
-                    bundle_indices=[0],
+                    role=role + suffix,
+                    num_workers=num_workers,
+                    resources=ResourceConfig(num_cpus=0.5),
+                    init_args=(ModelConfig(), ClusterConfig(collective_timeout_s=120)),
+                    **options,
                 )
             )
-        yield tuple(groups)
-    finally:
+    except BaseException:
         for group in groups:
             group.shutdown()
-        remove_placement_group(pg)
+        raise
+    return groups
+
+
+@pytest.fixture(scope="module")
+def colocated(ray_session):
+    from ray.util.placement_group import remove_placement_group
+
+    pg = create_placement_group([{"CPU": 1.0}], "PACK", timeout_s=60, name="ref-rm")
+    groups = reference_and_reward("", 1, init_kwargs={"micro_batch_size": 3}, placement_group=pg, bundle_indices=[0])
+    yield tuple(groups)
+    for group in groups:
+        group.shutdown()
+    remove_placement_group(pg)
 
 
 def test_reference_logprobs_match_hf(colocated, tiny_model_path, batch_factory):
@@ -103,23 +109,10 @@ ZERO3 = {"zero_stage": 3, "zero3_param_persistence_threshold": 0}  # tiny tensor
 
 @pytest.fixture(scope="module")
 def zero3_groups(ray_session):
-    groups = []
-    try:
-        for cls, role in ((ReferenceWorker, "reference-zero3"), (RewardWorker, "reward-zero3")):
-            groups.append(
-                WorkerGroup(
-                    cls,
-                    role=role,
-                    num_workers=2,
-                    resources=ResourceConfig(num_cpus=0.5),
-                    init_args=(ModelConfig(), ClusterConfig(collective_timeout_s=120)),
-                    init_kwargs={"micro_batch_size": 2, **ZERO3},
-                )
-            )
-        yield tuple(groups)
-    finally:
-        for group in groups:
-            group.shutdown()
+    groups = reference_and_reward("-zero3", 2, init_kwargs={"micro_batch_size": 2, **ZERO3})
+    yield tuple(groups)
+    for group in groups:
+        group.shutdown()
 
 
 def partitioned_load(worker, path: str) -> dict:
@@ -130,6 +123,7 @@ def partitioned_load(worker, path: str) -> dict:
     model = load_causal_lm(path, dtype="float32", zero3_config=worker._zero3_config())
     named = list(model.named_parameters())
     report = {
+        "tied": model.get_output_embeddings().weight is model.get_input_embeddings().weight,
         "numel_held": sum(p.numel() for _, p in named),
         "partition": {name: (p.ds_tensor.numel(), p.ds_numel) for name, p in named},
     }
@@ -138,20 +132,41 @@ def partitioned_load(worker, path: str) -> dict:
     return report
 
 
-def test_zero3_reference_is_partitioned_from_the_start_and_loads_the_checkpoint(zero3_groups, tiny_model_path):
+@pytest.fixture(scope="module")
+def tied_model_path(tmp_path_factory) -> str:
+    """A tiny qwen2 whose LM head is its input embedding (tie_word_embeddings; saved once, as HF saves it)."""
+    config = tiny_config("qwen2", vocab_size=VOCAB)
+    config.tie_word_embeddings = True
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("tiny-tied")
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_zero3_reference_is_partitioned_from_the_start_and_loads_the_checkpoint(
+    zero3_groups, tiny_model_path, tied_model_path, batch_factory, tied
+):
     reference, _ = zero3_groups
-    counts = reference.call(ReferenceWorker.init_model, tiny_model_path, timeout=300)
-    reports = ray.get([a.__ray_call__.remote(partitioned_load, tiny_model_path) for a in reference.actors])
-    checkpoint = load_file(f"{tiny_model_path}/model.safetensors")
+    path = tied_model_path if tied else tiny_model_path
+    counts = reference.call(ReferenceWorker.init_model, path, timeout=300)
+    reports = ray.get([a.__ray_call__.remote(partitioned_load, path) for a in reference.actors])
+    checkpoint = load_file(f"{path}/model.safetensors")
     assert counts["num_parameters"] == sum(t.numel() for t in checkpoint.values())
     for report in reports:
         assert report["numel_held"] == 0  # p.data is empty on every rank: no full tensor left behind
+        assert report["tied"] == tied
         for name, (partition, full) in report["partition"].items():
             assert partition == math.ceil(full / 2), name  # each rank holds its half
     gathered = reports[0]["gathered"]
     assert set(gathered) == set(checkpoint)
     for name, tensor in checkpoint.items():
         assert torch.equal(gathered[name], tensor), name
+    batch = batch_factory(rows=8, seed=10)
+    logprobs = reference.call(ReferenceWorker.compute_logprobs, batch)
+    expected, _ = response_logprobs(AutoModelForCausalLM.from_pretrained(path).eval(), batch)
+    mask = batch.response_mask.bool()
+    torch.testing.assert_close(logprobs[mask], expected[mask], rtol=0, atol=1e-5)
 
 
 def test_zero3_reference_group_matches_one_actor(colocated, zero3_groups, tiny_model_path, batch_factory):
