@@ -400,7 +400,11 @@ class RewardConfig:
     model_path: Optional[str] = None
     """Reward model checkpoint (sequence classification) hosted on RewardWorkers."""
     num_workers: int = 1
-    """Reward model actors (when model_path is set)."""
+    """Reward model actors (when model_path is set); each scores its share of the batch."""
+    zero_stage: int = 0
+    """0: every actor holds the whole reward model; 3: the actors form one ZeRO-3 group that partitions it."""
+    zero3_param_persistence_threshold: int = 100_000
+    """zero_stage 3: parameters with fewer elements stay whole on every actor (0 partitions everything)."""
     model_weight: float = 1.0
     """Multiplier of the (normalised) reward-model score in the total reward."""
     model_norm: RewardNormConfig = field(default_factory=RewardNormConfig)
@@ -409,6 +413,18 @@ class RewardConfig:
     """HTTP reward server (used when remote.url is set)."""
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     """LLM judge (used when judge.model_path is set)."""
+
+
+@dataclass
+class ReferenceConfig:
+    """The frozen reference policy of the RL stages (its KL term)."""
+
+    num_workers: int = 1
+    """Reference actors; each computes the logprobs of its share of the batch."""
+    zero_stage: int = 0
+    """0: every actor holds the whole model; 3: the actors form one ZeRO-3 group that partitions it."""
+    zero3_param_persistence_threshold: int = 100_000
+    """zero_stage 3: parameters with fewer elements stay whole on every actor (0 partitions everything)."""
 
 
 @dataclass
@@ -747,6 +763,8 @@ class RLHFConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     policy: TrainConfig = field(default_factory=TrainConfig)
     critic: TrainConfig = field(default_factory=lambda: TrainConfig(optim=OptimConfig(lr=5e-5)))
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    """The RL stages' reference model: actors and ZeRO-3 partitioning."""
     reward: RewardConfig = field(default_factory=RewardConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -775,6 +793,8 @@ GENERATION_STAGES: tuple[str, ...] = ("generate", "eval")
 ONLINE_PREFERENCE_STAGES: tuple[str, ...] = ("online_dpo",)
 """Stages that train a preference loss on pairs of the policy's own scored samples (rlhf.trainers.online_dpo)."""
 ZERO_STAGES = (0, 1, 2, 3)
+INFERENCE_ZERO_STAGES = (0, 3)
+"""zero_stage of a frozen model (reference, reward model): 0 whole on each actor, 3 partitioned over them."""
 DTYPES = ("float32", "bfloat16")
 DEVICES = ("cpu", "cuda")
 ROLLOUT_BACKENDS = ("vllm", "hf")
@@ -1005,6 +1025,7 @@ def validate(cfg: RLHFConfig, *, produced: Collection[Path] = ()) -> None:
 
     validate_peft(cfg)
     _check_cluster(cfg.cluster)
+    _check_inference_groups(cfg)
     if cfg.stage == "distill":
         validate_distill(cfg)
     elif cfg.stage in RL_STAGES:
@@ -1019,6 +1040,26 @@ def validate(cfg: RLHFConfig, *, produced: Collection[Path] = ()) -> None:
         from rlhf.trainers.online_dpo import validate_online_dpo
 
         validate_online_dpo(cfg)
+
+
+def _check_inference_groups(cfg: RLHFConfig) -> None:
+    """zero_stage of the reference and reward-model groups; reference.* sizes only the RL stages' reference."""
+    _choice(cfg.reference.zero_stage, INFERENCE_ZERO_STAGES, "reference.zero_stage")
+    _choice(cfg.reward.zero_stage, INFERENCE_ZERO_STAGES, "reward.zero_stage")
+    _require(
+        cfg.stage in RL_STAGES or (cfg.reference.num_workers == 1 and cfg.reference.zero_stage == 0),
+        f"reference.num_workers={cfg.reference.num_workers} / reference.zero_stage={cfg.reference.zero_stage} "
+        f"shape the RL stages' reference group; stage={cfg.stage} runs one whole reference actor: leave them at 1 / 0",
+    )
+
+
+def _check_shards(rows: int, arithmetic: str, num_workers: int, field_name: str) -> None:
+    """`rows` per step split into num_workers equal data-parallel shards (every frozen-model actor scores one)."""
+    _require(
+        rows % num_workers == 0,
+        f"{arithmetic} = {rows} rows per step cannot be split into {field_name} {num_workers} equal shards; "
+        f"make the rows per step a multiple of {num_workers}",
+    )
 
 
 DISTILL_MODES = ("offline", "on_policy")
@@ -1130,6 +1171,10 @@ def validate_rl(cfg: RLHFConfig) -> None:
         _check_train(cfg.critic, "critic", sequences, arithmetic)
         check_scalar_head_peft(cfg.model, f"critic (algorithm.advantage={algo.advantage})")
     _require(cfg.data.max_prompt_length >= 1, "data.max_prompt_length must be >= 1")
+    if uses_reference(cfg):
+        _check_shards(sequences, arithmetic, cfg.reference.num_workers, "reference.num_workers")
+    if cfg.reward.model_path:
+        _check_shards(sequences, arithmetic, cfg.reward.num_workers, "reward.num_workers")
     _check_reward(cfg.reward)
 
 

@@ -93,8 +93,17 @@ class RLTrainer:
         self.policy = self._group(
             PolicyWorker, "policy", cfg.policy.num_workers, cfg.cluster.policy, train_cfg=cfg.policy, **trained
         )
+        reference = cfg.reference
         self.reference = (
-            self._group(ReferenceWorker, "reference", 1, cfg.cluster.reference, **frozen)
+            self._group(
+                ReferenceWorker,
+                "reference",
+                reference.num_workers,
+                cfg.cluster.reference,
+                **frozen,
+                zero_stage=reference.zero_stage,
+                zero3_param_persistence_threshold=reference.zero3_param_persistence_threshold,
+            )
             if uses_reference(cfg)
             else None
         )

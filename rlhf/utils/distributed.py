@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 DEVICES = ("cpu", "cuda")
+MMAP_THRESHOLD_BYTES = 1 << 20
+"""CPU workers: glibc's MALLOC_MMAP_THRESHOLD_ (see `process_env`)."""
 STALE_BUILD_LOCK_S = 900
 """A JIT build lock older than this is left over from a killed build (a CPU op builds in ~35 s)."""
 
@@ -137,6 +139,10 @@ def process_env(*, device: str, threads: int) -> dict[str, str]:
 
     OMP/MKL thread counts stop ranks sharing a node from oversubscribing its cores (10-100x
     slower steps on CPU otherwise); DS_ACCELERATOR picks DeepSpeed's CPU path (gloo) or CUDA.
+    On CPU, where the tensors live in host memory, glibc gives every allocation of 1 MiB or more
+    its own mapping, returned to the system when freed: with its adaptive default, the buffers
+    that ZeRO-3 gathers and frees a module at a time stay in a fragmented heap, and a rank's
+    resident memory creeps towards the whole model it partitions (benchmarks/memory.py).
     """
     return {
         "OMP_NUM_THREADS": str(threads),
@@ -144,6 +150,7 @@ def process_env(*, device: str, threads: int) -> dict[str, str]:
         "DS_ACCELERATOR": "cpu" if device == "cpu" else "cuda",
         "TORCH_EXTENSIONS_DIR": torch_extensions_dir(),
         "TOKENIZERS_PARALLELISM": "false",
+        **({"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BYTES)} if device == "cpu" else {}),
     }
 
 
