@@ -268,6 +268,8 @@ class Role:
     """engine: sequences one engine holds in one step's generate (None: not known before the run)."""
     logits: bool = False
     """trained: an LM head whose fp32 logits the loss keeps."""
+    zero_stage: int = 0
+    """frozen: 3 when the ranks form one ZeRO-3 group that partitions the weights (reference/reward.zero_stage)."""
 
 
 @dataclass(frozen=True)
@@ -416,9 +418,14 @@ def _trained(
     )  # fmt: skip
 
 
-def _frozen(cfg: RLHFConfig, name: str, ranks: int, ranks_field: str, resources: str, shape: ModelShape) -> Role:
+def _frozen(
+    cfg: RLHFConfig, name: str, ranks: int, ranks_field: str, resources: str, shape: ModelShape, zero_stage: int = 0
+) -> Role:
     res = getattr(cfg.cluster, resources)
-    return Role(name, "frozen", ranks, res.num_cpus, res.num_gpus, ranks_field, f"cluster.{resources}", shape)
+    return Role(
+        name, "frozen", ranks, res.num_cpus, res.num_gpus, ranks_field, f"cluster.{resources}", shape,
+        zero_stage=zero_stage,
+    )  # fmt: skip
 
 
 def _engines(cfg: RLHFConfig, shape_of: ShapeOf, name: str, path: str, sequences: Optional[int]) -> Role:
@@ -436,7 +443,9 @@ def _reward_roles(cfg: RLHFConfig, shape_of: ShapeOf) -> list[Role]:
     reward = cfg.reward
     if reward.model_path:
         shape = shape_of("reward.model_path", reward.model_path, "reward", False)
-        roles.append(_frozen(cfg, "reward", reward.num_workers, "reward.num_workers", "reward", shape))
+        roles.append(
+            _frozen(cfg, "reward", reward.num_workers, "reward.num_workers", "reward", shape, reward.zero_stage)
+        )
     if reward.judge.model_path:
         judge = reward.judge
         res = cfg.cluster.reward
@@ -468,7 +477,11 @@ def _rl_roles(cfg: RLHFConfig, shape_of: ShapeOf) -> list[Role]:
         )
     ]
     if uses_reference(cfg):
-        roles.append(_frozen(cfg, "reference", 1, "", "reference", shape_of("model.path", path, "causal_lm", False)))
+        ref = cfg.reference
+        shape = shape_of("model.path", path, "causal_lm", False)
+        roles.append(
+            _frozen(cfg, "reference", ref.num_workers, "reference.num_workers", "reference", shape, ref.zero_stage)
+        )
     if uses_critic(cfg):
         critic_field = "critic_model_path" if cfg.critic_model_path else "model.path"
         shape = shape_of(critic_field, cfg.critic_model_path or path, "value", True)
@@ -528,14 +541,21 @@ def _distill_roles(cfg: RLHFConfig, shape_of: ShapeOf) -> list[Role]:
 # ------------------------------------------------------------------------------ memory per rank
 
 
+def _frozen_width(mem: RankMemory, role: Role) -> float:
+    """Bytes per weight of a frozen role's rank (its share of the parameters when partitioned)."""
+    shards = role.ranks if role.zero_stage == 3 else 1
+    return mem.params / math.ceil(role.model.params / shards)
+
+
 def role_memory(role: Role, cfg: RLHFConfig, nodes: NodeShape) -> tuple[RankMemory, Optional[KVCache]]:
     """One rank's estimated memory, and an engine's KV cache."""
     from rlhf.models.peft_utils import peft_method
 
     width = DTYPE_BYTES[cfg.model.dtype]
     shape = role.model
-    if role.kind == "frozen":
-        return RankMemory(params=shape.params * width), None
+    if role.kind == "frozen":  # ZeRO-3 inference: each rank holds its 1/N of the weights (rlhf.models.zero3)
+        shards = role.ranks if role.zero_stage == 3 else 1
+        return RankMemory(params=math.ceil(shape.params / shards) * width), None
     if role.kind == "trained":
         train = role.train
         assert train is not None
@@ -719,7 +739,9 @@ def check_roles(roles: list[Role], memory: dict[str, RankMemory], kv: dict[str, 
                 f"{_either(_trained_fixes(role, mem, nodes))}"
             )
         if role.kind == "frozen" and alone > capacity:
-            fixes = ["set model.dtype=bfloat16"] if mem.params == 4 * role.model.params else []  # float32 weights
+            fixes = ["set model.dtype=bfloat16"] if _frozen_width(mem, role) == 4 else []  # float32 weights
+            if role.ranks_field and role.name in ("reference", "reward") and role.zero_stage != 3:
+                fixes.append(f"partition it: {role.name}.zero_stage=3 with {role.ranks_field}=N")
             raise ConfigError(
                 f"{role.name} needs {_gib(alone)} for its weights ({role.model.field}, "
                 f"{role.model.params:,} parameters) > {_gib(capacity)} of {where}: "
@@ -917,6 +939,8 @@ def _memory_lines(plan: Plan) -> list[str]:
     for role in plan.roles:
         mem, train = plan.memory[role.name], role.train
         zero, offload, trainable = "-", "-", "frozen" if role.kind == "frozen" else "-"
+        if role.kind == "frozen" and role.zero_stage:
+            zero = str(role.zero_stage)
         if train is not None:
             zero, trainable = str(train.zero_stage), f"{role.model.trainable:,}"
             offloaded = [

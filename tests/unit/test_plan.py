@@ -270,7 +270,7 @@ SEVEN_B = ["cluster=multi_node", "algorithm.kl_coef=0.01"]
         pytest.param(
             ["cluster.nodes.count=1"],
             r"cannot place reference: 1 rank × \{CPU 2, GPU 0\.5\} \(cluster\.placement_strategy=PACK\) .* "
-            r"Raise cluster\.nodes\.count or lower cluster\.reference\.num_cpus/num_gpus$",
+            r"Raise cluster\.nodes\.count, lower reference\.num_workers or lower cluster\.reference\.num_cpus/num_gpus$",
             id="placement",
         ),
         pytest.param(
@@ -353,3 +353,15 @@ def test_cli_prints_the_plan_and_starts_no_ray(tiny_qwen2, tmp_path):
     assert proc.stdout.rstrip().endswith("ray imported: False")  # so it cannot have started
     assert not (tmp_path / "ray").exists() and "Started a local Ray instance" not in proc.stderr
     assert not list(Path(tmp_path / "out").glob("metrics.jsonl"))
+
+
+def test_a_zero3_reference_group_holds_its_share_of_the_weights_per_rank(qwen2_7b):
+    """reference.zero_stage=3 over N actors partitions the frozen weights (rlhf.models.zero3): 2Ψ/N bytes per rank;
+    the float32 reference that one 24 GiB GPU cannot hold is refused with that fix named."""
+    overrides = [*SEVEN_B, f"model.path={qwen2_7b}", "reference.num_workers=4", "reference.zero_stage=3"]
+    plan = build_plan(plan_config(*overrides))
+    assert [(r.name, r.ranks) for r in plan.roles if r.name == "reference"] == [("reference", 4)]
+    assert plan.memory["reference"].params == 2 * PSI_7B // 4  # 3,807,808,256 bytes of bf16 weights per rank
+    whole = plan_config(*SEVEN_B, f"model.path={qwen2_7b}", "model.dtype=float32", "cluster.nodes.device_memory_gib=24")
+    with pytest.raises(ConfigError, match=r"partition it: reference\.zero_stage=3 with reference\.num_workers=N"):
+        build_plan(whole)
