@@ -161,6 +161,8 @@ class RLTrainer:
         perf = {
             "perf/tokens_per_s": tokens / timer.seconds["generate"],
             "perf/samples_per_s": len(batch) / timer.seconds["step"],
+            # prompt + response tokens each PPO epoch trains on: the numerator of MFU (benchmarks/gpu_check.py)
+            "perf/sequence_tokens": float(batch.prompt_mask.sum()) + tokens,
             **self.engines.metrics(),  # faults/rollout_restarts
         }
         return {**rollout_stats, **reward_stats, **adv_stats, **train_stats, **sync_stats, **timer.metrics(), **perf}
