@@ -129,6 +129,42 @@ def test_hf_checkpoint_is_sharded_atomically_and_reloads(tmp_path):
         torch.testing.assert_close(reloaded.state_dict()[name], tensor, rtol=0, atol=0)
 
 
+def test_hf_checkpoint_streams_each_tensor_before_taking_the_next(tmp_path):
+    # the producer reuses one buffer for every tensor, as a released ZeRO-3 bucket would be reused:
+    # a writer that kept a reference instead of writing at once would save the last value everywhere
+    buffer = torch.empty(6)
+    gen = torch.Generator().manual_seed(0)
+    expected: dict[str, torch.Tensor] = {}
+
+    def produce():
+        for i in range(300):  # more header entries than a 4 KiB reservation holds: several shards
+            buffer.copy_(torch.randn(6, generator=gen))
+            expected[f"layers.{i}.weight"] = buffer.clone().view(2, 3)
+            yield f"layers.{i}.weight", buffer.view(2, 3)
+        yield "bf16", torch.arange(5, dtype=torch.bfloat16)
+        yield "mask", torch.tensor([True, False, True])
+        yield "scalar", torch.tensor(2.5)
+        yield "empty", torch.zeros(0, 4)
+        yield "transposed", torch.arange(6.0).view(2, 3).t()
+
+    expected.update(
+        bf16=torch.arange(5, dtype=torch.bfloat16),
+        mask=torch.tensor([True, False, True]),
+        scalar=torch.tensor(2.5),
+        empty=torch.zeros(0, 4),
+        transposed=torch.arange(6.0).view(2, 3).t(),
+    )
+    config = build_tiny_model("qwen2", vocab_size=VOCAB, seed=0).config
+    target = write_hf_checkpoint(tmp_path / "hf", produce(), config=config, max_shard_bytes=1 << 20)
+    index = json.loads((target / "model.safetensors.index.json").read_text())
+    loaded: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        loaded.update(load_file(target / shard))
+    assert set(loaded) == set(expected) == set(index["weight_map"])
+    for name, tensor in expected.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+
+
 def test_bf16_configs_state_deepspeeds_overflow_check():
     # the non-finite guard relies on DeepSpeed skipping bf16 steps with an inf/NaN gradient norm
     assert deepspeed_config(TrainConfig(), dp=2, bf16=True, device="cpu")["bf16"] == {
