@@ -203,6 +203,7 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     "10m": {"hidden_size": 384, "num_layers": 6, "num_heads": 12, "num_kv_heads": 4, "intermediate_size": 1152},
     "30m": {"hidden_size": 512, "num_layers": 10, "num_heads": 8, "num_kv_heads": 4, "intermediate_size": 1536},
     "100m": {"hidden_size": 768, "num_layers": 14, "num_heads": 12, "num_kv_heads": 4, "intermediate_size": 2304},
+    "300m": {"hidden_size": 1024, "num_layers": 26, "num_heads": 16, "num_kv_heads": 4, "intermediate_size": 2816},
 }
 
 

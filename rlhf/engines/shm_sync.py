@@ -12,8 +12,9 @@ of the weights (they change only inside the next `receive`, see weight_sync).
 Lifecycle (see `WeightSyncGroup.create` for the handshake):
   1. rank 0 creates `<dir>/rlhf-wsync-<pid>-<random>` (O_EXCL, mode 0600), reserves `capacity` bytes
      with posix_fallocate (a full tmpfs fails here, not later with SIGBUS) and writes a random token;
-  2. every engine opens the file by name and checks the token: the open proves they share the
-     tmpfs (same node, same /dev/shm mount), which hostnames or node ids alone do not;
+  2. every engine on rank 0's Ray node (same node id; an engine elsewhere refuses without trying)
+     opens the file by name and checks the token: the open proves they share the tmpfs (same
+     /dev/shm mount), which a node id alone does not;
   3. rank 0 unlinks the name. The memory lives on while any process holds the descriptor or a
      mapping, and the kernel frees it when the last one exits, however it exits.
 A name can only outlive its creator if rank 0 dies inside that join window; the pid in the name lets

@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from rlhf.config import OptimConfig, TrainConfig
+from rlhf.engines.zero3 import zero3_gather_limits
 from rlhf.errors import CheckpointError, ConfigError
 from rlhf.models.peft_utils import is_peft_layer, merged_layer_tensors, plain_module, plain_tensor
 from rlhf.utils.seeding import get_rng_state, set_rng_state
@@ -226,6 +227,8 @@ class TrainEngine:
         self.rank = rank
         self.has_frozen_params = any(not p.requires_grad for p in module.parameters())
         ds_config = deepspeed_config(train_cfg, dp=dp, bf16=bf16, device=device)
+        if train_cfg.zero_stage == 3:
+            ds_config["zero_optimization"].update(zero3_gather_limits(module))
         optimizer = build_optimizer(module, train_cfg.optim, cpu_offload=train_cfg.offload_optimizer)
         scheduler = build_lr_scheduler(optimizer, train_cfg.optim, num_training_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(

@@ -27,8 +27,12 @@ Transports (`create(transport=...)`; rank 0 decides, the engines follow):
   collective  the bucketed broadcast above, over gloo or NCCL (any placement);
   shm         the same buckets written once into a shared-memory segment that every engine maps
               (`rlhf.engines.shm_sync`): at most one copy per side, no socket. Needs the
-              engines on rank 0's node; the join proves it by having each engine open rank 0's segment;
-  auto        shm when every engine could open the segment, else collective.
+              engines on rank 0's node: the join checks that each engine has rank 0's node id
+              (`rlhf.utils.distributed.node_id`, Ray's node id) and can open rank 0's segment;
+  auto        shm when every engine is on rank 0's node and could open the segment, else collective.
+              The node id decides even where two Ray nodes share one tmpfs (several nodes on one
+              machine): the decision follows Ray's placement, so a simulated multi-node cluster takes
+              the multi-node path.
 On shm, per bucket rank 0 copies the tensors into the segment and publishes the header under the store
 key `shm/<round>/<seq>` ({"offset", "dtype", "numel", "entries"}, {"end": true} or {"aborted": n});
 engines set `shm/<round>/ready/<rank>`, yield zero-copy views while rank 0 writes the next bucket, and
@@ -61,7 +65,7 @@ from torch import Tensor
 
 from rlhf.engines.shm_sync import SHM_DIR, SegmentBuckets, ShmSegment, read_bucket, shm_available
 from rlhf.errors import WeightSyncError
-from rlhf.utils.distributed import free_port, node_ip
+from rlhf.utils.distributed import free_port, node_id, node_ip
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +135,7 @@ class WeightSyncGroup:
         transport: str = "collective",
         shm_bytes: int = 0,
         shm_dir: str = SHM_DIR,
+        node: Optional[str] = None,
     ) -> WeightSyncGroup:
         """Join the group; blocks until all `world_size` ranks have joined (rank 0 hosts the store).
 
@@ -146,6 +151,8 @@ class WeightSyncGroup:
             shm_bytes: rank 0, shm/auto: bytes to reserve now (the full model's size), so that a
                 tmpfs too small for it makes "auto" fall back here instead of failing a later send.
             shm_dir: the tmpfs holding the segment.
+            node: this process's node id (None: `node_id()`, Ray's node id inside Ray); shm needs
+                every engine's to equal rank 0's.
         """
         if backend not in BACKENDS:
             raise WeightSyncError(f"weight sync backend {backend!r} is not supported; use one of {BACKENDS}")
@@ -159,7 +166,8 @@ class WeightSyncGroup:
         try:
             store = dist.TCPStore(host, port, world_size, rank == 0, timeout, wait_for_workers=False)
             store = dist.PrefixStore(_STORE_PREFIX, store)
-            segment = _choose_transport(store, rank, world_size, transport, shm_bytes, shm_dir, timeout)
+            node = node_id() if node is None else node
+            segment = _choose_transport(store, rank, world_size, transport, shm_bytes, shm_dir, timeout, node)
             if segment is not None:  # the handshake was the join barrier; no process group needed
                 group = cls(store, None, rank, world_size, torch.device("cpu"), timeout_s, segment)
                 logger.debug("%s joined (shared memory)", what)
@@ -515,15 +523,23 @@ class _BroadcastBuckets:
 
 
 def _choose_transport(
-    store: dist.Store, rank: int, world_size: int, transport: str, shm_bytes: int, shm_dir: str, timeout: timedelta
+    store: dist.Store,
+    rank: int,
+    world_size: int,
+    transport: str,
+    shm_bytes: int,
+    shm_dir: str,
+    timeout: timedelta,
+    node: str,
 ) -> Optional[ShmSegment]:
-    """Rank 0 offers a segment, every engine tries to open it, rank 0 decides; the shm segment or None.
+    """Rank 0 offers a segment and its node id, every engine on that node opens it, rank 0 decides;
+    the shm segment or None.
 
     Rank 0 unlinks the segment's name as soon as every engine has answered, so nothing is left in the
     tmpfs whatever happens to the processes later.
     """
     if rank != 0:
-        return _answer_offer(store, rank, timeout)
+        return _answer_offer(store, rank, timeout, node)
     segment, why = None, ""
     if transport != "collective":
         if not shm_available(shm_dir):
@@ -533,7 +549,7 @@ def _choose_transport(
                 segment = ShmSegment.create(shm_bytes, shm_dir)
             except WeightSyncError as e:
                 why = str(e)
-    offer = "" if segment is None else json.dumps({"path": segment.path, "token": segment.token.hex()})
+    offer = "" if segment is None else json.dumps({"path": segment.path, "token": segment.token.hex(), "node": node})
     try:
         store.set("transport/offer", offer)
         replies = {}
@@ -568,11 +584,13 @@ def _choose_transport(
     return None
 
 
-def _answer_offer(store: dist.Store, rank: int, timeout: timedelta) -> Optional[ShmSegment]:
+def _answer_offer(store: dist.Store, rank: int, timeout: timedelta, node: str) -> Optional[ShmSegment]:
     store.wait(["transport/offer"], timeout)
     offer, segment, reply = store.get("transport/offer").decode(), None, "skip"
-    if offer:
-        spec = json.loads(offer)
+    spec = json.loads(offer) if offer else None
+    if spec is not None and spec["node"] != node:
+        reply = f"is on node {node}, not on rank 0's node {spec['node']}"
+    elif spec is not None:
         try:
             segment, reply = ShmSegment.open(spec["path"], bytes.fromhex(spec["token"])), "ok"
         except (OSError, WeightSyncError) as e:

@@ -119,6 +119,8 @@ class ModelTerm(RewardTerm):
             model_cfg=cfg.model,
             cluster_cfg=cfg.cluster,
             micro_batch_size=cfg.policy.micro_batch_size,
+            zero_stage=cfg.reward.zero_stage,
+            zero3_param_persistence_threshold=cfg.reward.zero3_param_persistence_threshold,
         )
         self.group.call(RewardWorker.init_model, self.model_path)
 

@@ -22,7 +22,14 @@ from rlhf.rewards import build_reward_pipeline
 from rlhf.trainers.checkpointing import CheckpointManager, read_state
 from rlhf.trainers.nonfinite import NonFiniteGuard
 from rlhf.trainers.prepare import EncodedPrompts, PreparedRun
-from rlhf.trainers.roles import RolloutSupervisor, connect_weight_sync, start_group, stop_on_dead_rank
+from rlhf.trainers.roles import (
+    RolloutSupervisor,
+    check_shared_output_dir,
+    connect_weight_sync,
+    start_group,
+    stop_on_dead_rank,
+    write_placement,
+)
 from rlhf.utils.metrics import MetricsSink, PhaseTimer, reward_trend
 from rlhf.utils.redact import config_container
 from rlhf.workers.critic import CriticWorker
@@ -54,7 +61,10 @@ class RLTrainer:
         self.nonfinite = NonFiniteGuard(cfg.run.max_consecutive_nonfinite)
         self.metrics = MetricsSink.for_run(run.output_dir, cfg.run, config=config_container(cfg))
         self.step_done = 0
+        self.started: dict[str, WorkerGroup] = {}
+        """Every group `_group` started, by role (reward-model actors included): placement.json lists them."""
         self._start_roles()
+        self.layout = self._check_layout()
         # every generate and sync goes through it: a dead engine is restarted with the current weights
         self.engines = RolloutSupervisor(
             self.rollout,
@@ -66,7 +76,9 @@ class RLTrainer:
 
     # ------------------------------------------------------------------ set-up
     def _group(self, worker_cls, role: str, num_workers: int, resources, **init_kwargs) -> WorkerGroup:
-        return start_group(self.cfg.cluster, worker_cls, role, num_workers, resources, **init_kwargs)
+        group = start_group(self.cfg.cluster, worker_cls, role, num_workers, resources, **init_kwargs)
+        self.started[role] = group
+        return group
 
     def _start_roles(self) -> None:
         cfg, path = self.cfg, self.run.model_path
@@ -81,8 +93,17 @@ class RLTrainer:
         self.policy = self._group(
             PolicyWorker, "policy", cfg.policy.num_workers, cfg.cluster.policy, train_cfg=cfg.policy, **trained
         )
+        reference = cfg.reference
         self.reference = (
-            self._group(ReferenceWorker, "reference", 1, cfg.cluster.reference, **frozen)
+            self._group(
+                ReferenceWorker,
+                "reference",
+                reference.num_workers,
+                cfg.cluster.reference,
+                **frozen,
+                zero_stage=reference.zero_stage,
+                zero3_param_persistence_threshold=reference.zero3_param_persistence_threshold,
+            )
             if uses_reference(cfg)
             else None
         )
@@ -107,7 +128,12 @@ class RLTrainer:
         self.rewards.start(self._group)  # reward model actors, judge engines, remote server check
         for group, p in zip([g for g in self.groups() if g is not None], pending):
             group.wait(p)
-        connect_weight_sync(self.policy, self.rollout, cfg.cluster)
+        self.weight_sync = connect_weight_sync(self.policy, self.rollout, cfg.cluster)
+
+    def _check_layout(self) -> dict[str, Any]:
+        """Every trained rank sees run.output_dir; placement.json records each rank's node and the sync transport."""
+        check_shared_output_dir(self.run.output_dir, {"policy": self.policy, "critic": self.critic})
+        return write_placement(self.run.output_dir, {**self.started, "rollout": self.rollout.group}, self.weight_sync)
 
     def groups(self) -> list[WorkerGroup | None]:
         return [self.policy, self.reference, self.critic]

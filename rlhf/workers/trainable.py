@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -28,7 +28,7 @@ from torch import Tensor
 from rlhf.algorithms import count_seqs, count_tokens
 from rlhf.config import ClusterConfig, ModelConfig, TrainConfig
 from rlhf.data.batch import RolloutBatch
-from rlhf.engines.train_engine import TrainEngine, gradient_accumulation_steps
+from rlhf.engines.train_engine import TrainEngine, deepspeed_config, gradient_accumulation_steps
 from rlhf.errors import CheckpointError, ConfigError, DataError
 from rlhf.utils.distributed import torch_backend
 from rlhf.utils.seeding import seed_everything
@@ -60,6 +60,18 @@ class TrainableWorker(Worker):
         self.setup_distributed(torch_backend(self.cluster_cfg.device), self.cluster_cfg.collective_timeout_s)
         # Identical initial weights on every rank (fresh heads, LoRA A matrices) ...
         seed_everything(self.seed)
+
+    def _zero3_config(self) -> Optional[dict[str, Any]]:
+        """The engine's DeepSpeed config when it partitions parameters (zero_stage 3), else None.
+
+        Models are built for it inside deepspeed.zero.Init (rlhf.models.zero3), so no rank holds the
+        whole model. Call after `_setup_distributed`.
+        """
+        if self.train_cfg.zero_stage != 3:
+            return None
+        return deepspeed_config(
+            self.train_cfg, dp=self.world_size, bf16=self.dtype == torch.bfloat16, device=self.cluster_cfg.device
+        )
 
     def _build_engine(self, module: torch.nn.Module, num_training_steps: Optional[int]) -> None:
         self.engine = TrainEngine(

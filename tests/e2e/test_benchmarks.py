@@ -12,7 +12,7 @@ import pytest
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPTS = ["weight_sync", "rl_step", "rollout_backends", "learning", "recipes", "trl_compare", "soak"]
+SCRIPTS = ["weight_sync", "memory", "rl_step", "rollout_backends", "learning", "recipes", "trl_compare", "soak"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

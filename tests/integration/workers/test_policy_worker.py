@@ -22,6 +22,7 @@ from rlhf.algorithms import POLICY_LOSSES, aggregate, entropy_from_logits, kl_lo
 from rlhf.config import AlgorithmConfig, ClusterConfig, ModelConfig, OptimConfig, ResourceConfig, TrainConfig
 from rlhf.engines.weight_sync import WeightSyncGroup
 from rlhf.models.logprobs import response_logits, response_logprobs
+from rlhf.models.peft_utils import load_base_model
 from rlhf.workers.group import Worker, WorkerGroup
 from rlhf.workers.policy import PolicyWorker
 
@@ -119,11 +120,23 @@ def _resident_and_full_numel(worker) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(getattr(p, "ds_numel", p.numel()) for p in params)
 
 
-def test_zero3_really_partitions(policy):
+def _loaded_numel(worker, path: str) -> tuple[int, int]:
+    """(elements held in the parameters, full elements) of `path` loaded as init_model loads it, before
+    any engine: under ZeRO-3 built inside deepspeed.zero.Init (runs in the actor, collective)."""
+    model = load_base_model(path, worker.model_cfg, dtype=worker.dtype, zero3_config=worker._zero3_config())
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(getattr(p, "ds_numel", p.numel()) for p in params)
+
+
+def test_zero3_really_partitions(policy, tiny_model_path):
     name, group = policy
     for resident, full in ray.get([a.__ray_call__.remote(_resident_and_full_numel) for a in group.actors]):
         assert full > 400_000
         assert resident == (0 if name == "zero3" else full)  # ZeRO-3 keeps only ds_tensor shards
+    # and no rank held the whole model before DeepSpeed started either
+    loads = ray.get([a.__ray_call__.remote(_loaded_numel, tiny_model_path) for a in group.actors])
+    for resident, full in loads:
+        assert resident == (0 if name == "zero3" else full)
 
 
 def test_compute_logprobs_matches_single_process_forward(policy, tiny_model_path, batch_factory):

@@ -18,6 +18,9 @@ from rlhf.engines.weight_sync import SyncStats, WeightSyncGroup, free_port, pack
 from rlhf.errors import WeightSyncError
 
 _JOIN_TIMEOUT_S = 60.0  # covers the child's torch import on a busy 2-core machine
+# Every process here is on one node. Named explicitly: `node_id()` is Ray's node id in a process where an
+# earlier test started Ray (this one) and the hostname in a fresh child, which would look like two nodes.
+_NODE = "this-machine"
 
 
 def _mixed_buckets() -> list[list[tuple[str, torch.Tensor]]]:
@@ -109,8 +112,9 @@ def _tensors(seed: int) -> list[tuple[str, torch.Tensor]]:
 def _receiver(port: int, rank: int, world_size: int, shm_dir: str, rounds: int, results: mp.Queue) -> None:
     try:
         group = WeightSyncGroup.create(
-            "127.0.0.1", port, rank=rank, world_size=world_size, timeout_s=_JOIN_TIMEOUT_S, shm_dir=shm_dir
-        )
+            "127.0.0.1", port, rank=rank, world_size=world_size, timeout_s=_JOIN_TIMEOUT_S, shm_dir=shm_dir,
+            node=_NODE,
+        )  # fmt: skip
         results.put(("transport", rank, group.transport))
         for seed in range(rounds):
             expected = _tensors(seed)
@@ -160,6 +164,7 @@ def _sender(port: int, world_size: int, shm_dir: str, transport: str = "shm") ->
         transport=transport,
         shm_bytes=ALIGN,
         shm_dir=shm_dir,
+        node=_NODE,
     )
 
 
@@ -190,7 +195,7 @@ def test_two_engines_read_one_segment_exactly_over_two_rounds(tmp_path):
 def _receive_twice(port: int, rank: int, world_size: int, shm_dir: str, results: mp.Queue) -> None:
     """Round 1: fail while loading the 4th tensor; round 2: read what comes. Report each error."""
     group = WeightSyncGroup.create(
-        "127.0.0.1", port, rank=rank, world_size=world_size, timeout_s=_JOIN_TIMEOUT_S, shm_dir=shm_dir
+        "127.0.0.1", port, rank=rank, world_size=world_size, timeout_s=_JOIN_TIMEOUT_S, shm_dir=shm_dir, node=_NODE
     )
     for stop_after in (3, -1):
         try:
@@ -244,10 +249,14 @@ def _blind_receiver(port: int, rank: int, world_size: int, shm_dir: str, results
 
     ShmSegment.open = cannot_open  # this process only
     try:
-        group = WeightSyncGroup.create("127.0.0.1", port, rank, world_size, timeout_s=_JOIN_TIMEOUT_S, shm_dir=shm_dir)
+        group = WeightSyncGroup.create(
+            "127.0.0.1", port, rank, world_size, timeout_s=_JOIN_TIMEOUT_S, shm_dir=shm_dir, node=_NODE
+        )
         results.put((group.transport, [n for n, _ in group.receive()]))
         group.close()
-        WeightSyncGroup.create("127.0.0.1", port + 1, rank, world_size, timeout_s=_JOIN_TIMEOUT_S, shm_dir=shm_dir)
+        WeightSyncGroup.create(
+            "127.0.0.1", port + 1, rank, world_size, timeout_s=_JOIN_TIMEOUT_S, shm_dir=shm_dir, node=_NODE
+        )
         results.put("joined")
     except WeightSyncError as e:
         results.put(str(e))
@@ -266,6 +275,50 @@ def test_auto_falls_back_to_the_collective_when_an_engine_cannot_open_the_segmen
         group.close()
         with pytest.raises(WeightSyncError, match="engine rank 1 cannot open"):
             _sender(port + 1, 2, str(tmp_path), transport="shm")
+        assert "needs every engine on rank 0's node" in results.get(timeout=60)
+    finally:
+        group.close()
+        procs[0].join(timeout=30)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _receiver_on_node(port: int, rank: int, world_size: int, shm_dir: str, node: str, results: mp.Queue) -> None:
+    """An engine that shares rank 0's tmpfs but is on another node (two Ray nodes on one machine)."""
+    try:
+        group = WeightSyncGroup.create(
+            "127.0.0.1", port, rank, world_size, timeout_s=_JOIN_TIMEOUT_S, shm_dir=shm_dir, node=node
+        )
+        results.put((group.transport, [n for n, _ in group.receive()]))
+        group.close()
+        WeightSyncGroup.create(
+            "127.0.0.1", port + 1, rank, world_size, timeout_s=_JOIN_TIMEOUT_S, shm_dir=shm_dir, node=node
+        )
+        results.put("joined")
+    except WeightSyncError as e:
+        results.put(str(e))
+
+
+def test_an_engine_on_another_node_gets_the_collective_even_when_it_shares_the_tmpfs(tmp_path):
+    """Several Ray nodes on one machine share /dev/shm: the node id decides, so auto takes the multi-node path."""
+    port = free_port()
+    while not _port_free(port + 1):
+        port = free_port()
+    procs, results = _start_receivers(_receiver_on_node, port, 2, str(tmp_path), "node-b")
+
+    def sender(port: int, transport: str) -> WeightSyncGroup:
+        return WeightSyncGroup.create(
+            "127.0.0.1", port, 0, 2, timeout_s=_JOIN_TIMEOUT_S, transport=transport, shm_bytes=ALIGN,
+            shm_dir=str(tmp_path), node="node-a",
+        )  # fmt: skip
+
+    group = sender(port, "auto")
+    try:
+        assert group.transport == "collective"
+        group.send([("w", torch.ones(3))], bucket_bytes=1024)
+        assert results.get(timeout=60) == ("collective", ["w"])
+        group.close()
+        with pytest.raises(WeightSyncError, match="engine rank 1 is on node node-b, not on rank 0's node node-a"):
+            sender(port + 1, "shm")
         assert "needs every engine on rank 0's node" in results.get(timeout=60)
     finally:
         group.close()
