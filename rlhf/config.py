@@ -286,7 +286,7 @@ class TrainConfig:
     zero_stage: int = 2
     """DeepSpeed ZeRO stage 0-3."""
     offload_optimizer: bool = False
-    """ZeRO optimizer state offload to CPU."""
+    """ZeRO optimizer state offload to CPU, stepped there by DeepSpeed's CPU Adam (its op builds on first use)."""
     offload_params: bool = False
     """ZeRO-3 parameter offload to CPU."""
     zero3_param_persistence_threshold: int = 100_000

@@ -199,6 +199,28 @@ def test_save_hf_and_weight_sync_carry_the_gathered_weights(policy, tmp_path, ba
     assert stats["weight_sync/buckets"] > 1 and stats["weight_sync/tensors"] == len(saved)
 
 
+def _exported_copies(worker) -> list[str]:
+    """Names that iter_full_parameters yields as a copy instead of a view of the (gathered) parameter,
+    plus any parameter left gathered afterwards; runs in the actor (every rank takes part)."""
+    params = dict(worker.engine.module.named_parameters())
+    copies = []
+    for name, tensor in worker.engine.iter_full_parameters(bucket_bytes=1 << 16):
+        param = params[name]
+        if tensor.data_ptr() != param.data_ptr() or tensor.shape != getattr(param, "ds_shape", param.shape):
+            copies.append(name)
+    if any(getattr(p, "ds_numel", 0) and p.data.numel() for p in params.values()):
+        copies.append("<a parameter stayed gathered>")
+    return copies
+
+
+def test_export_yields_the_gathered_parameters_without_a_copy(policy):
+    # ZeRO-3 yields inside the gather: the consumer (shm segment, broadcast buffer, safetensors file)
+    # reads the gathered buffer itself, so the transfer makes one copy and not two
+    _, group = policy
+    rank0, rank1 = ray.get([a.__ray_call__.remote(_exported_copies) for a in group.actors])
+    assert rank0 == [] and rank1 == []
+
+
 def test_checkpoint_restores_weights_and_optimizer(policy, tiny_model_path, tmp_path, batch_factory):
     # ZeRO-3 restores into a fresh group (a resumed run); ZeRO-2 into the same group after a further
     # step, which exercises the same load path at a fraction of the test time

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from rlhf.engines import shm_sync
-from rlhf.engines.shm_sync import ALIGN, PREFIX, ShmSegment, read_bucket, remove_stale, write_bucket
-from rlhf.engines.weight_sync import WeightSyncGroup, free_port
+from rlhf.engines.shm_sync import ALIGN, PREFIX, SegmentBuckets, ShmSegment, read_bucket, remove_stale
+from rlhf.engines.weight_sync import SyncStats, WeightSyncGroup, free_port, pack_buckets
 from rlhf.errors import WeightSyncError
 
 _JOIN_TIMEOUT_S = 60.0  # covers the child's torch import on a busy 2-core machine
@@ -44,27 +44,32 @@ def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
+def _write_stream(segment: ShmSegment, tensors: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[dict]:
+    """The sender's streaming write (pack_buckets into the segment); the published bucket headers."""
+    headers: list[dict] = []
+    pack_buckets(tensors, bucket_bytes, SegmentBuckets(segment, headers.append), SyncStats())
+    return headers
+
+
 def test_segment_round_trip_is_byte_exact_for_mixed_dtypes_and_grows(tmp_path):
-    writer = ShmSegment.create(ALIGN, str(tmp_path))  # one page: every later bucket grows it
+    writer = ShmSegment.create(ALIGN, str(tmp_path))  # one page: the stream grows it
     reader = ShmSegment.open(writer.path, writer.token)
     writer.unlink()
     assert list(tmp_path.iterdir()) == []  # the name is gone, the memory is not
-    offset, headers = 0, []
-    for bucket in _mixed_buckets() + [[("big", torch.arange(3 * ALIGN, dtype=torch.float32))]]:
-        header = write_bucket(writer, offset, bucket)
-        assert header["offset"] % ALIGN == 0
-        offset = shm_sync.aligned(offset + header["numel"] * bucket[0][1].element_size())
-        headers.append((header, bucket))
-    assert writer.size >= offset > ALIGN
-    for header, bucket in headers:
-        received = read_bucket(reader, header)
-        assert [n for n, _ in received] == [n for n, _ in bucket]
-        for (_, got), (_, sent) in zip(received, bucket):
-            assert _same_bytes(got, sent)
-            assert got.data_ptr() % shm_sync.TENSOR_ALIGN == 0  # an engine may adopt it as a weight
-    # zero-copy: the reader's views see the writer's next write in place
-    view = read_bucket(reader, headers[0][0])[0][1]
-    write_bucket(writer, 0, [("f32.a", torch.full((3, 5), 7.0))])
+    tensors = [t for bucket in _mixed_buckets() for t in bucket]
+    tensors.append(("big", torch.arange(3 * ALIGN, dtype=torch.float32)))
+    headers = _write_stream(writer, tensors, bucket_bytes=1024)
+    assert [len(h["entries"]) for h in headers] == [len(b) for b in _mixed_buckets()] + [1]  # one dtype each
+    assert all(h["offset"] % ALIGN == 0 for h in headers)
+    assert writer.size >= headers[-1]["offset"] + 3 * ALIGN * 4 > ALIGN
+    received = [view for header in headers for view in read_bucket(reader, header)]
+    assert [n for n, _ in received] == [n for n, _ in tensors]
+    for (_, got), (_, sent) in zip(received, tensors):
+        assert _same_bytes(got, sent)
+        assert got.data_ptr() % shm_sync.TENSOR_ALIGN == 0  # an engine may adopt it as a weight
+    # zero-copy: the reader's views see the writer's next stream in place
+    view = read_bucket(reader, headers[0])[0][1]
+    _write_stream(writer, [("f32.a", torch.full((3, 5), 7.0))], bucket_bytes=1024)
     assert torch.equal(view, torch.full((3, 5), 7.0))
     writer.close()
     reader.close()
