@@ -203,6 +203,15 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     "10m": {"hidden_size": 384, "num_layers": 6, "num_heads": 12, "num_kv_heads": 4, "intermediate_size": 1152},
     "30m": {"hidden_size": 512, "num_layers": 10, "num_heads": 8, "num_kv_heads": 4, "intermediate_size": 1536},
     "100m": {"hidden_size": 768, "num_layers": 14, "num_heads": 12, "num_kv_heads": 4, "intermediate_size": 2304},
+    "300m": {"hidden_size": 1024, "num_layers": 26, "num_heads": 16, "num_kv_heads": 4, "intermediate_size": 2816},
+    "500m": {  # the GPU check's ~0.5B Qwen2 shape (benchmarks/gpu_check.py), room for 256 new tokens
+        "hidden_size": 1024,
+        "num_layers": 24,
+        "num_heads": 16,
+        "num_kv_heads": 2,
+        "intermediate_size": 5632,
+        "max_position_embeddings": 1024,
+    },  # fmt: skip
 }
 
 

@@ -5,8 +5,9 @@ For each model size (random-init qwen2, ~1M to ~100M parameters), ZeRO stage (2,
 PolicyWorker (DeepSpeed on CPU, one rank) and a real rollout engine (Ray actors) join the
 weight-sync group as the trainer does (`connect_weight_sync`), then the sync runs `--reps` times
 after one warm-up; the transports reuse the same two actors, re-joined. Per repeat, in the driver
-and right before the sync, the same number of bytes is copied tensor-to-tensor (`dst.copy_(src)`,
-median of 3): the bandwidth the machine gives a plain in-process copy at that moment. The ratio
+and right after the sync, the same number of bytes is copied tensor-to-tensor into a cold
+destination (`dst.copy_(src)`, median of 3, `copy_seconds`): the bandwidth the machine gives a plain
+in-process copy at that moment. The ratio
 sync GB/s ÷ copy GB/s of each repeat is the headline (target >= 0.5 on CPU); `transfer` is rank 0's
 handshake-to-end-of-stream time (gathers, bucket packing, gloo broadcast; on shm: writing the
 segment until every engine has loaded every tensor), `end_to_end` adds the Ray calls and the
@@ -28,17 +29,33 @@ NAME = "weight_sync"
 TARGET_RATIO = 0.5
 
 
+EVICT_BYTES = 256 << 20
+"""Writes between two uses of one reference-copy destination: 8× this machine's 32 MiB L3."""
+
+
 def copy_seconds(num_bytes: int) -> float:
-    """A plain in-process copy of `num_bytes` between two preallocated CPU tensors (median of 3)."""
+    """A plain in-process copy of `num_bytes` between two preallocated CPU tensors, into a cold
+    destination (median of 3).
+
+    The sync writes its segment (or its bucket buffers) out of cache, and a model's weights reach
+    the segment from memory the trainer last touched a step ago; a copy into a destination that was
+    just written would run from cache for the small models (4–40 MiB), which no transfer between
+    processes matches. So each timed copy writes a different destination, all of them pre-faulted
+    (as the segment is), rotating over at least EVICT_BYTES: when a destination is written again,
+    at least that much has been written since. The source is read on every copy and stays warm.
+    """
     import statistics
 
     import torch
 
     src = torch.ones(num_bytes // 4, dtype=torch.float32)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # touch the pages first: the sync's buffers are warm too
+    count = max(1, -(-EVICT_BYTES // max(num_bytes, 1)))
+    destinations = [torch.empty_like(src) for _ in range(count)]
+    for dst in destinations:
+        dst.copy_(src)  # fault the pages in: the segment's pages are allocated too
     times = []
-    for _ in range(3):
+    for i in range(3):
+        dst = destinations[i % count]
         with Stopwatch() as sw:
             dst.copy_(src)
         times.append(sw.seconds)
@@ -207,17 +224,18 @@ warm-up sync then {settings["reps"]} timed ones per transport. Transport *collec
 the repeats. *transfer*: rank 0's handshake → end of stream (ZeRO-3 gathers, bucket packing, broadcast; on shm,
 writing the segment until the engine has loaded every tensor: the hf engine adopts the segment's views as its
 weights, vLLM copies them); *end-to-end*: the driver's Ray calls to the sender and the engine, including the engine's
-load. *copy*: `dst.copy_(src)` of the same bytes in the driver, measured right after each sync. Ratios are per
-repeat (sync bandwidth ÷ copy bandwidth).
+load. *copy*: `dst.copy_(src)` of the same bytes in the driver, measured right after each sync, into a cold
+destination: pre-faulted, but not written for at least 256 MiB of other copies (8× the L3), as the segment is
+written out of cache (`copy_seconds`). Ratios are per repeat (sync bandwidth ÷ copy bandwidth).
 
 {table(results)}
 
 Target sync ≥ {TARGET_RATIO}× the in-process copy bandwidth (transfer, median, shm transport): **{verdict}**.
-Raw: `results/{NAME}.json`. Reading the ratios: the ZeRO-3 rows include the export's gather and clone of every
-tensor (two copies on rank 0 before the segment write, `iter_full_parameters`); a copy GB/s far above ~10 means
-the driver's copy ran from cache (4–40 MiB), which no cross-process transfer matches; the driver copies with
-torch's default threads, the actors run with `cluster.threads_per_worker` (1); with the load above 2 the
-repeats vary by up to 5×.
+Raw: `results/{NAME}.json`. Reading the ratios: on shm rank 0 copies each tensor once, from the gathered buffer
+(ZeRO-3) or the live parameter straight into the segment (`iter_full_parameters` yields inside the gather);
+the ZeRO-3 rows add DeepSpeed's gather of each bucket (on 1 rank a view, except a bucket of one parameter, which
+DeepSpeed copies); the driver copies with torch's default threads, the actors run with
+`cluster.threads_per_worker` (1); with the load above 2 the repeats vary by up to 5×.
 """
 
 

@@ -1,6 +1,7 @@
 """Hydra entry point: compose config → validate and prepare → start Ray → train → close.
 
-`rlhf stage=grpo model.path=... data.train=...` (or `python -m rlhf ...`); `-m` runs sweeps.
+`rlhf stage=grpo model.path=... data.train=...` (or `python -m rlhf ...`); `-m` runs sweeps;
+`run.plan=true` prints the sizing plan (rlhf.plan) instead of starting anything.
 """
 
 from __future__ import annotations
@@ -90,6 +91,11 @@ def _hydra_main(raw: DictConfig) -> float | None:
         cfg = to_config(raw)
         cfg.run.output_dir = job_output_dir(cfg.run.output_dir)  # one directory per sweep job
         validate(cfg)  # every field typed and in range, for every stage, before anything starts
+        if cfg.run.plan:  # sizing only: print it and stop before Ray
+            from rlhf.plan import build_plan, format_plan
+
+            sys.stdout.write(format_plan(build_plan(cfg)))
+            return None
         final = train(cfg)
     except RLHFError as error:
         logger.error("%s: %s", type(error).__name__, error)

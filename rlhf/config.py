@@ -288,7 +288,7 @@ class TrainConfig:
     zero_stage: int = 2
     """DeepSpeed ZeRO stage 0-3."""
     offload_optimizer: bool = False
-    """ZeRO optimizer state offload to CPU."""
+    """ZeRO optimizer state offload to CPU, stepped there by DeepSpeed's CPU Adam (its op builds on first use)."""
     offload_params: bool = False
     """ZeRO-3 parameter offload to CPU."""
     zero3_param_persistence_threshold: int = 100_000
@@ -404,7 +404,11 @@ class RewardConfig:
     model_path: Optional[str] = None
     """Reward model checkpoint (sequence classification) hosted on RewardWorkers."""
     num_workers: int = 1
-    """Reward model actors (when model_path is set)."""
+    """Reward model actors (when model_path is set); each scores its share of the batch."""
+    zero_stage: int = 0
+    """0: every actor holds the whole reward model; 3: the actors form one ZeRO-3 group that partitions it."""
+    zero3_param_persistence_threshold: int = 100_000
+    """zero_stage 3: parameters with fewer elements stay whole on every actor (0 partitions everything)."""
     max_tokens_per_micro_batch: Optional[int] = None
     """Reward model token budget: packed micro-batches of at most this many real tokens (None or 0: policy.micro_batch_size padded rows)."""
     model_weight: float = 1.0
@@ -419,8 +423,14 @@ class RewardConfig:
 
 @dataclass
 class ReferenceConfig:
-    """The frozen reference policy of the RL stages (the KL term)."""
+    """The frozen reference policy of the RL stages (its KL term)."""
 
+    num_workers: int = 1
+    """Reference actors; each computes the logprobs of its share of the batch."""
+    zero_stage: int = 0
+    """0: every actor holds the whole model; 3: the actors form one ZeRO-3 group that partitions it."""
+    zero3_param_persistence_threshold: int = 100_000
+    """zero_stage 3: parameters with fewer elements stay whole on every actor (0 partitions everything)."""
     max_tokens_per_micro_batch: Optional[int] = None
     """Token budget: packed micro-batches of at most this many real tokens (None or 0: policy.micro_batch_size padded rows)."""
 
@@ -431,6 +441,23 @@ class ResourceConfig:
     """CPUs per actor of this role."""
     num_gpus: float = 0.0
     """GPUs per actor of this role (fractions let roles share a GPU)."""
+
+
+@dataclass
+class NodesConfig:
+    """The nodes that `run.plan=true` places the roles on and sizes them against (rlhf.plan); the run itself
+    is placed by Ray on whatever nodes it has."""
+
+    count: int = 1
+    """Nodes in the cluster."""
+    cpus: Optional[float] = None
+    """Logical CPUs per node (None: cluster.num_cpus, else this machine's CPU count)."""
+    gpus: Optional[int] = None
+    """GPUs per node (None: cluster.num_gpus, else 0 on cluster.device cpu; cuda needs a number)."""
+    device_memory_gib: Optional[float] = None
+    """Memory of one accelerator in GiB (None: 80 on cuda; on cpu the ranks share host_memory_gib)."""
+    host_memory_gib: Optional[float] = None
+    """Host RAM per node in GiB (None: this machine's)."""
 
 
 @dataclass
@@ -472,8 +499,10 @@ class ClusterConfig:
     two ranks on one shared GPU, as in single_gpu mode)."""
     weight_sync_transport: str = "auto"
     """collective (broadcast over weight_sync_backend), shm (a shared-memory segment in /dev/shm that the
-    engines map: trainer rank 0 and every engine on one node), or auto: shm on cluster.device cpu when
-    every engine can open rank 0's segment (checked at join), else collective."""
+    engines map: trainer rank 0 and every engine on one Ray node), or auto: shm on cluster.device cpu when
+    every engine has rank 0's Ray node id and can open its segment (checked at join), else collective."""
+    nodes: NodesConfig = field(default_factory=NodesConfig)
+    """Shape and number of the nodes, for the sizing plan (run.plan=true) only."""
 
 
 @dataclass
@@ -538,6 +567,9 @@ class RunConfig:
     """Write PNG plots of the metrics into <output_dir>/plots at the end of the run."""
     progress_bar: bool = True
     """Show a progress bar on the driver."""
+    plan: bool = False
+    """Print the sizing plan (roles, ranks, placement per node, estimated memory per rank, KV cache of the
+    engines) and exit without starting Ray; a layout that cannot fit is a ConfigError (rlhf.plan)."""
     final_eval: bool = False
     """After a training stage saves <output_dir>/final and stops its actors, evaluate it as stage=eval
     does (rlhf.trainers.evaluate: pass@k, accuracy, reward means) into <output_dir>/final_eval.
@@ -740,7 +772,7 @@ class RLHFConfig:
     policy: TrainConfig = field(default_factory=TrainConfig)
     critic: TrainConfig = field(default_factory=lambda: TrainConfig(optim=OptimConfig(lr=5e-5)))
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
-    """The RL stages' reference policy."""
+    """The RL stages' reference model: actors and ZeRO-3 partitioning."""
     reward: RewardConfig = field(default_factory=RewardConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -769,6 +801,8 @@ GENERATION_STAGES: tuple[str, ...] = ("generate", "eval")
 ONLINE_PREFERENCE_STAGES: tuple[str, ...] = ("online_dpo",)
 """Stages that train a preference loss on pairs of the policy's own scored samples (rlhf.trainers.online_dpo)."""
 ZERO_STAGES = (0, 1, 2, 3)
+INFERENCE_ZERO_STAGES = (0, 3)
+"""zero_stage of a frozen model (reference, reward model): 0 whole on each actor, 3 partitioned over them."""
 DTYPES = ("float32", "bfloat16")
 DEVICES = ("cpu", "cuda")
 ROLLOUT_BACKENDS = ("vllm", "hf")
@@ -839,6 +873,9 @@ FIELD_BOUNDS: dict[str, str] = {
     "rollout.weight_sync_bucket_mb": ">= 1",
     "cluster.threads_per_worker": ">= 1",
     "cluster.collective_timeout_s": ">= 1",
+    "cluster.nodes.count": ">= 1",
+    "cluster.nodes.device_memory_gib": "> 0",
+    "cluster.nodes.host_memory_gib": "> 0",
     "reward.remote.max_concurrency": ">= 1",
     "algorithm.kl_horizon": ">= 1",
     "algorithm.max_sampling_rounds": ">= 1",
@@ -997,6 +1034,7 @@ def validate(cfg: RLHFConfig, *, produced: Collection[Path] = ()) -> None:
     validate_peft(cfg)
     _check_cluster(cfg.cluster)
     _check_token_budget_stage(cfg)
+    _check_inference_groups(cfg)
     if cfg.stage == "distill":
         validate_distill(cfg)
     elif cfg.stage in RL_STAGES:
@@ -1011,6 +1049,26 @@ def validate(cfg: RLHFConfig, *, produced: Collection[Path] = ()) -> None:
         from rlhf.trainers.online_dpo import validate_online_dpo
 
         validate_online_dpo(cfg)
+
+
+def _check_inference_groups(cfg: RLHFConfig) -> None:
+    """zero_stage of the reference and reward-model groups; reference.* sizes only the RL stages' reference."""
+    _choice(cfg.reference.zero_stage, INFERENCE_ZERO_STAGES, "reference.zero_stage")
+    _choice(cfg.reward.zero_stage, INFERENCE_ZERO_STAGES, "reward.zero_stage")
+    _require(
+        cfg.stage in RL_STAGES or (cfg.reference.num_workers == 1 and cfg.reference.zero_stage == 0),
+        f"reference.num_workers={cfg.reference.num_workers} / reference.zero_stage={cfg.reference.zero_stage} "
+        f"shape the RL stages' reference group; stage={cfg.stage} runs one whole reference actor: leave them at 1 / 0",
+    )
+
+
+def _check_shards(rows: int, arithmetic: str, num_workers: int, field_name: str) -> None:
+    """`rows` per step split into num_workers equal data-parallel shards (every frozen-model actor scores one)."""
+    _require(
+        rows % num_workers == 0,
+        f"{arithmetic} = {rows} rows per step cannot be split into {field_name} {num_workers} equal shards; "
+        f"make the rows per step a multiple of {num_workers}",
+    )
 
 
 DISTILL_MODES = ("offline", "on_policy")
@@ -1122,6 +1180,10 @@ def validate_rl(cfg: RLHFConfig) -> None:
         _check_train(cfg.critic, "critic", sequences, arithmetic)
         check_scalar_head_peft(cfg.model, f"critic (algorithm.advantage={algo.advantage})")
     _require(cfg.data.max_prompt_length >= 1, "data.max_prompt_length must be >= 1")
+    if uses_reference(cfg):
+        _check_shards(sequences, arithmetic, cfg.reference.num_workers, "reference.num_workers")
+    if cfg.reward.model_path:
+        _check_shards(sequences, arithmetic, cfg.reward.num_workers, "reward.num_workers")
     _check_reward(cfg.reward)
     _check_token_budgets(cfg)
 
@@ -1282,7 +1344,7 @@ WEIGHT_SYNC_TRANSPORTS = ("auto", "collective", "shm")
 
 
 def weight_sync_transport(cluster: ClusterConfig) -> str:
-    """What the trainer's rank 0 asks for at join: auto stays auto (shm if the engines share its node) on CPU."""
+    """What the trainer's rank 0 asks for at join: auto stays auto (shm if the engines share its Ray node) on CPU."""
     if cluster.weight_sync_transport == "auto" and cluster.device != "cpu":
         return "collective"  # GPU buffers: NCCL, or gloo staging that shm would not beat
     return cluster.weight_sync_transport
@@ -1294,6 +1356,21 @@ def weight_sync_backend(cluster: ClusterConfig) -> str:
         return cluster.weight_sync_backend
     whole_gpus = cluster.policy.num_gpus >= 1 and cluster.rollout.num_gpus >= 1
     return "nccl" if cluster.device == "cuda" and whole_gpus else "gloo"
+
+
+def engine_resources(rollout_cfg: RolloutConfig, cluster_cfg: ClusterConfig) -> ResourceConfig:
+    """One engine's placement bundle: `cluster.rollout`, with tensor_parallel_size whole GPUs for TP > 1."""
+    tp, resources = rollout_cfg.tensor_parallel_size, cluster_cfg.rollout
+    if tp == 1:
+        return resources
+    if cluster_cfg.device != "cuda" or rollout_cfg.backend != "vllm":
+        raise ConfigError(f"rollout.tensor_parallel_size {tp} needs backend vllm on cluster.device cuda")
+    if resources.num_gpus != 1:
+        raise ConfigError(
+            f"rollout.tensor_parallel_size {tp} gives each engine {tp} whole GPUs; set cluster.rollout.num_gpus=1 "
+            f"(the per-shard share), got {resources.num_gpus}"
+        )
+    return ResourceConfig(num_cpus=resources.num_cpus, num_gpus=tp)
 
 
 def uses_critic(cfg: RLHFConfig) -> bool:

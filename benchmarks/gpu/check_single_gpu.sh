@@ -4,13 +4,7 @@
 # Expects wheels for ray/hydra/... in .whl/, the deepspeed sdist beside them, and the tiny-world
 # cache in .cache/rlhf (both carried); writes logs and metrics to $OUT.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
-    --target /tmp/site .whl/deepspeed-*.tar.gz > "$OUT/install.log" 2>&1 || { tail -30 "$OUT/install.log"; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH RLHF_CACHE=$PWD/.cache/rlhf
-export RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
-python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)" >> "$OUT/gpu.txt"
+source "$(dirname "$0")/install.sh"
 for stage in grpo ppo; do
     start=$(date +%s)
     timeout 105 python3 -m rlhf stage=$stage cluster=single_gpu rollout.backend=hf run.total_steps=10 \

@@ -3,7 +3,8 @@
 Over loopback gloo every byte is copied into a socket, through the kernel and out again (~0.3 GB/s
 measured, benchmarks/README.md). When the trainer's rank 0 and every engine run on one node, a file in
 a tmpfs (`/dev/shm`) mapped `MAP_SHARED` by all of them costs at most one copy on each side instead:
-rank 0 copies each tensor into its place in the segment, and the engines hand zero-copy views of it
+rank 0 copies each tensor into its place in the segment (straight from the ZeRO-3 gathered buffer or
+the live parameter, as the exporter yields it), and the engines hand zero-copy views of it
 to `load_weights(share=True)`. vLLM copies them into its own layout; the hf backend adopts the views
 as its parameters, so there the sender's write is the whole transfer and the engines share one copy
 of the weights (they change only inside the next `receive`, see weight_sync).
@@ -11,8 +12,9 @@ of the weights (they change only inside the next `receive`, see weight_sync).
 Lifecycle (see `WeightSyncGroup.create` for the handshake):
   1. rank 0 creates `<dir>/rlhf-wsync-<pid>-<random>` (O_EXCL, mode 0600), reserves `capacity` bytes
      with posix_fallocate (a full tmpfs fails here, not later with SIGBUS) and writes a random token;
-  2. every engine opens the file by name and checks the token: the open proves they share the
-     tmpfs (same node, same /dev/shm mount), which hostnames or node ids alone do not;
+  2. every engine on rank 0's Ray node (same node id; an engine elsewhere refuses without trying)
+     opens the file by name and checks the token: the open proves they share the tmpfs (same
+     /dev/shm mount), which a node id alone does not;
   3. rank 0 unlinks the name. The memory lives on while any process holds the descriptor or a
      mapping, and the kernel frees it when the last one exits, however it exits.
 A name can only outlive its creator if rank 0 dies inside that join window; the pid in the name lets
@@ -29,6 +31,7 @@ import logging
 import mmap
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -39,7 +42,7 @@ from rlhf.errors import WeightSyncError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ALIGN", "PREFIX", "SHM_DIR", "ShmSegment", "read_bucket", "remove_stale", "write_bucket"]
+__all__ = ["ALIGN", "PREFIX", "SHM_DIR", "SegmentBuckets", "ShmSegment", "read_bucket", "remove_stale"]
 
 SHM_DIR = "/dev/shm"
 PREFIX = "rlhf-wsync-"
@@ -140,33 +143,42 @@ class ShmSegment:
             os.close(fd)
 
 
-def write_bucket(segment: ShmSegment, offset: int, bucket: list[tuple[str, Tensor]]) -> dict[str, Any]:
-    """Copy one single-dtype bucket into the segment at `offset` (a multiple of ALIGN); returns its header.
+class SegmentBuckets:
+    """Rank 0's side of one stream (the target of `weight_sync.pack_buckets`): buckets back to back
+    from offset 0, each tensor copied into its place as it arrives, each complete bucket's header
+    handed to `publish` ({"offset", "dtype", "numel", "entries"}, the reader's `read_bucket` input)."""
 
-    Each tensor starts on a TENSOR_ALIGN-byte boundary: an engine may adopt the views as its weights.
-    """
-    dtype = bucket[0][1].dtype
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    step = max(1, TENSOR_ALIGN // itemsize)
-    entries, numel = [], 0
-    for name, tensor in bucket:
-        numel = -(-numel // step) * step
-        entries.append([name, list(tensor.shape), numel])
-        numel += tensor.numel()
-    end = offset + numel * itemsize
-    segment.reserve(end)
-    flat = segment.bytes(end)[offset:end].view(dtype)
-    with torch.no_grad():
-        for (_, tensor), (_, shape, start) in zip(bucket, entries):
-            flat[start : start + tensor.numel()].view(shape).copy_(tensor.detach())
-    return {"offset": offset, "dtype": str(dtype).removeprefix("torch."), "numel": numel, "entries": entries}
+    def __init__(self, segment: ShmSegment, publish: Callable[[dict[str, Any]], None]):
+        self.segment = segment
+        self.publish = publish
+        self.offset = 0
+        """Byte offset of the open bucket (a multiple of ALIGN)."""
+
+    @staticmethod
+    def tensor_start(numel: int, itemsize: int) -> int:
+        """Element offset at which the next tensor of a bucket holding `numel` elements starts: each
+        tensor starts on a TENSOR_ALIGN-byte boundary, so an engine may adopt the views as its weights."""
+        step = max(1, TENSOR_ALIGN // itemsize)
+        return -(-numel // step) * step
+
+    def view(self, dtype: torch.dtype, numel: int) -> Tensor:
+        """The open bucket as `numel` elements of `dtype` (the segment grows to hold them)."""
+        end = self.offset + numel * _itemsize(dtype)
+        self.segment.reserve(end)
+        return self.segment.bytes(end)[self.offset : end].view(dtype)
+
+    def emit(self, dtype: torch.dtype, numel: int, entries: list[list[Any]]) -> None:
+        """The open bucket is complete: publish it; the next one starts after it."""
+        header = {"offset": self.offset, "dtype": str(dtype).removeprefix("torch."), "numel": numel, "entries": entries}
+        self.offset = aligned(self.offset + numel * _itemsize(dtype))
+        self.publish(header)
 
 
 def read_bucket(segment: ShmSegment, header: dict[str, Any]) -> list[tuple[str, Tensor]]:
-    """Zero-copy (name, tensor) views of a bucket `write_bucket` described."""
+    """Zero-copy (name, tensor) views of a bucket `SegmentBuckets` published."""
     dtype = getattr(torch, header["dtype"])
     offset, numel = header["offset"], header["numel"]
-    end = offset + numel * torch.empty((), dtype=dtype).element_size()
+    end = offset + numel * _itemsize(dtype)
     flat = segment.bytes(end)[offset:end].view(dtype)
     out = []
     for name, shape, start in header["entries"]:
@@ -179,6 +191,10 @@ def read_bucket(segment: ShmSegment, header: dict[str, Any]) -> list[tuple[str, 
 
 def aligned(offset: int) -> int:
     return -(-offset // ALIGN) * ALIGN
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def remove_stale(directory: str = SHM_DIR) -> list[str]:

@@ -27,8 +27,12 @@ Transports (`create(transport=...)`; rank 0 decides, the engines follow):
   collective  the bucketed broadcast above, over gloo or NCCL (any placement);
   shm         the same buckets written once into a shared-memory segment that every engine maps
               (`rlhf.engines.shm_sync`): at most one copy per side, no socket. Needs the
-              engines on rank 0's node; the join proves it by having each engine open rank 0's segment;
-  auto        shm when every engine could open the segment, else collective.
+              engines on rank 0's node: the join checks that each engine has rank 0's node id
+              (`rlhf.utils.distributed.node_id`, Ray's node id) and can open rank 0's segment;
+  auto        shm when every engine is on rank 0's node and could open the segment, else collective.
+              The node id decides even where two Ray nodes share one tmpfs (several nodes on one
+              machine): the decision follows Ray's placement, so a simulated multi-node cluster takes
+              the multi-node path.
 On shm, per bucket rank 0 copies the tensors into the segment and publishes the header under the store
 key `shm/<round>/<seq>` ({"offset", "dtype", "numel", "entries"}, {"end": true} or {"aborted": n});
 engines set `shm/<round>/ready/<rank>`, yield zero-copy views while rank 0 writes the next bucket, and
@@ -50,22 +54,22 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import Any, Optional, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from rlhf.engines.shm_sync import SHM_DIR, ShmSegment, aligned, read_bucket, shm_available, write_bucket
+from rlhf.engines.shm_sync import SHM_DIR, SegmentBuckets, ShmSegment, read_bucket, shm_available
 from rlhf.errors import WeightSyncError
-from rlhf.utils.distributed import free_port, node_ip
+from rlhf.utils.distributed import free_port, node_id, node_ip
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "TRANSPORTS", "SyncStats", "WeightSyncGroup", "free_port", "node_ip"]
+__all__ = ["BACKENDS", "TRANSPORTS", "SyncStats", "WeightSyncGroup", "free_port", "node_ip", "pack_buckets"]
 
 BACKENDS = ("gloo", "nccl")
 TRANSPORTS = ("collective", "shm", "auto")
@@ -131,6 +135,7 @@ class WeightSyncGroup:
         transport: str = "collective",
         shm_bytes: int = 0,
         shm_dir: str = SHM_DIR,
+        node: Optional[str] = None,
     ) -> WeightSyncGroup:
         """Join the group; blocks until all `world_size` ranks have joined (rank 0 hosts the store).
 
@@ -146,6 +151,8 @@ class WeightSyncGroup:
             shm_bytes: rank 0, shm/auto: bytes to reserve now (the full model's size), so that a
                 tmpfs too small for it makes "auto" fall back here instead of failing a later send.
             shm_dir: the tmpfs holding the segment.
+            node: this process's node id (None: `node_id()`, Ray's node id inside Ray); shm needs
+                every engine's to equal rank 0's.
         """
         if backend not in BACKENDS:
             raise WeightSyncError(f"weight sync backend {backend!r} is not supported; use one of {BACKENDS}")
@@ -159,7 +166,8 @@ class WeightSyncGroup:
         try:
             store = dist.TCPStore(host, port, world_size, rank == 0, timeout, wait_for_workers=False)
             store = dist.PrefixStore(_STORE_PREFIX, store)
-            segment = _choose_transport(store, rank, world_size, transport, shm_bytes, shm_dir, timeout)
+            node = node_id() if node is None else node
+            segment = _choose_transport(store, rank, world_size, transport, shm_bytes, shm_dir, timeout, node)
             if segment is not None:  # the handshake was the join barrier; no process group needed
                 group = cls(store, None, rank, world_size, torch.device("cpu"), timeout_s, segment)
                 logger.debug("%s joined (shared memory)", what)
@@ -204,7 +212,7 @@ class WeightSyncGroup:
         self._wait_for_receivers()
         self._store.set(f"begin/{self._round}", "1")
         try:
-            self._send_buckets(named_tensors, bucket_bytes, stats, self._send_bucket)
+            pack_buckets(named_tensors, bucket_bytes, _BroadcastBuckets(self, bucket_bytes), stats)
         except WeightSyncError:
             raise  # the transport itself failed: the receivers see it too
         except BaseException:
@@ -283,31 +291,6 @@ class WeightSyncGroup:
                 logger.debug("weight sync group shutdown: %s", e)
         self._store = None
 
-    # -- internals ---------------------------------------------------------------------------
-
-    def _send_buckets(
-        self,
-        named_tensors: Iterable[tuple[str, Tensor]],
-        bucket_bytes: int,
-        stats: SyncStats,
-        emit: Callable[[list[tuple[str, Tensor]], SyncStats], None],
-    ) -> None:
-        """Pack tensors into one open bucket per dtype; emit a bucket when the next tensor would overflow it."""
-        pending: dict[torch.dtype, list[tuple[str, Tensor]]] = {}
-        pending_bytes: dict[torch.dtype, int] = {}
-        for name, tensor in named_tensors:
-            size = tensor.numel() * tensor.element_size()
-            bucket = pending.setdefault(tensor.dtype, [])
-            if bucket and pending_bytes[tensor.dtype] + size > bucket_bytes:
-                emit(bucket, stats)
-                bucket.clear()
-                pending_bytes[tensor.dtype] = 0
-            bucket.append((name, tensor))
-            pending_bytes[tensor.dtype] = pending_bytes.get(tensor.dtype, 0) + size
-        for bucket in pending.values():
-            if bucket:
-                emit(bucket, stats)
-
     # -- shared-memory transport ---------------------------------------------------------------
 
     def _send_shm(self, named_tensors: Iterable[tuple[str, Tensor]], bucket_bytes: int, stats: SyncStats) -> None:
@@ -320,19 +303,9 @@ class WeightSyncGroup:
         round_ = self._round
         engines = range(1, self.world_size)
         self._wait_all([f"shm/{round_}/ready/{k}" for k in engines], "called receive()")
-        previous, self._published, cursor = self._published, 0, 0
-
-        def emit(bucket: list[tuple[str, Tensor]], stats: SyncStats) -> None:
-            nonlocal cursor
-            header = write_bucket(self._segment, cursor, bucket)
-            cursor = aligned(cursor + header["numel"] * bucket[0][1].element_size())
-            self._publish(header)
-            stats.num_buckets += 1
-            stats.num_tensors += len(bucket)
-            stats.num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
-
+        previous, self._published = self._published, 0
         try:
-            self._send_buckets(named_tensors, bucket_bytes, stats, emit)
+            pack_buckets(named_tensors, bucket_bytes, SegmentBuckets(self._segment, self._publish), stats)
         except BaseException:
             try:
                 self._publish({"aborted": stats.num_tensors})
@@ -427,24 +400,6 @@ class WeightSyncGroup:
     def _marker(self, value: int) -> Tensor:
         return torch.tensor([value], dtype=torch.int64, device=self.device)
 
-    def _send_bucket(self, bucket: list[tuple[str, Tensor]], stats: SyncStats) -> None:
-        dtype = bucket[0][1].dtype
-        entries, offset = [], 0
-        for name, tensor in bucket:
-            entries.append([name, list(tensor.shape), offset])
-            offset += tensor.numel()
-        flat = torch.empty(offset, dtype=dtype, device=self.device)
-        for (_, tensor), (_, _, start) in zip(bucket, entries):
-            flat[start : start + tensor.numel()].copy_(tensor.detach().reshape(-1))
-        header = json.dumps({"dtype": str(dtype).removeprefix("torch."), "numel": offset, "entries": entries}).encode()
-        header_tensor = torch.frombuffer(bytearray(header), dtype=torch.uint8).to(self.device)
-        self._broadcast(self._marker(len(header)), "a bucket header length")
-        self._broadcast(header_tensor, "a bucket header")
-        self._broadcast(flat.view(torch.uint8), "a bucket")
-        stats.num_buckets += 1
-        stats.num_tensors += len(bucket)
-        stats.num_bytes += flat.numel() * flat.element_size()
-
     def _broadcast(self, tensor: Tensor, what: str) -> None:
         if self._pg is None:
             raise WeightSyncError(f"weight sync rank {self.rank} is closed; create a new group")
@@ -481,16 +436,110 @@ class WeightSyncGroup:
             ) from e
 
 
+class BucketTarget(Protocol):
+    """Where `pack_buckets` puts the open bucket: a flat buffer per bucket, emitted when complete."""
+
+    def tensor_start(self, numel: int, itemsize: int) -> int:
+        """Element offset of the next tensor in a bucket that holds `numel` elements."""
+        ...
+
+    def view(self, dtype: torch.dtype, numel: int) -> Tensor:
+        """The open bucket's first `numel` elements (earlier tensors' elements kept)."""
+        ...
+
+    def emit(self, dtype: torch.dtype, numel: int, entries: list[list[Any]]) -> None:
+        """The open bucket is complete ([name, shape, element offset] per tensor); send it."""
+        ...
+
+
+def pack_buckets(
+    named_tensors: Iterable[tuple[str, Tensor]], bucket_bytes: int, target: BucketTarget, stats: SyncStats
+) -> None:
+    """Copy each tensor into the open bucket as it arrives, and emit the bucket when the next tensor
+    has another dtype or would overflow it (a tensor larger than `bucket_bytes` travels alone).
+
+    The copy into the target is the only one the sender makes, and it is made before the next tensor
+    is asked for: the producer may hand out views of memory it releases or reuses afterwards (the
+    ZeRO-3 gathered buffers of `iter_full_parameters`). One bucket is open at a time, so a bucket
+    holds one dtype and the shared-memory layout stays contiguous.
+    """
+    dtype: Optional[torch.dtype] = None
+    entries: list[list[Any]] = []
+    numel = payload = 0
+
+    def emit() -> None:  # stats count what was handed to the transport
+        target.emit(dtype, numel, entries)  # type: ignore[arg-type]
+        stats.num_buckets += 1
+        stats.num_tensors += len(entries)
+        stats.num_bytes += payload
+
+    for name, tensor in named_tensors:
+        itemsize = tensor.element_size()
+        start = target.tensor_start(numel, itemsize)
+        if entries and (tensor.dtype != dtype or (start + tensor.numel()) * itemsize > bucket_bytes):
+            emit()
+            entries, numel, payload, start = [], 0, 0, 0
+        dtype = tensor.dtype
+        end = start + tensor.numel()
+        with torch.no_grad():
+            target.view(dtype, end)[start:end].view(tensor.shape).copy_(tensor.detach())
+        entries.append([name, list(tensor.shape), start])
+        numel = end
+        payload += tensor.numel() * itemsize
+    if entries:
+        emit()
+
+
+class _BroadcastBuckets:
+    """The collective transport's target: a flat buffer per dtype, reused bucket after bucket during one
+    send (no allocation and page faulting per bucket), broadcast with its header when complete."""
+
+    def __init__(self, group: WeightSyncGroup, bucket_bytes: int):
+        self.group = group
+        self.bucket_bytes = bucket_bytes
+        self._buffers: dict[torch.dtype, Tensor] = {}
+
+    @staticmethod
+    def tensor_start(numel: int, itemsize: int) -> int:
+        return numel  # packed back to back: the receiver copies out of its buffer
+
+    def view(self, dtype: torch.dtype, numel: int) -> Tensor:
+        buffer = self._buffers.get(dtype)
+        if buffer is None or buffer.numel() < numel:
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            grown = torch.empty(max(numel, self.bucket_bytes // itemsize), dtype=dtype, device=self.group.device)
+            if buffer is not None:
+                grown[: buffer.numel()].copy_(buffer)
+            self._buffers[dtype] = buffer = grown
+        return buffer[:numel]
+
+    def emit(self, dtype: torch.dtype, numel: int, entries: list[list[Any]]) -> None:
+        header = {"dtype": str(dtype).removeprefix("torch."), "numel": numel, "entries": entries}
+        encoded = json.dumps(header).encode()
+        group = self.group
+        group._broadcast(group._marker(len(encoded)), "a bucket header length")
+        group._broadcast(torch.frombuffer(bytearray(encoded), dtype=torch.uint8).to(group.device), "a bucket header")
+        group._broadcast(self._buffers[dtype][:numel].view(torch.uint8), "a bucket")
+
+
 def _choose_transport(
-    store: dist.Store, rank: int, world_size: int, transport: str, shm_bytes: int, shm_dir: str, timeout: timedelta
+    store: dist.Store,
+    rank: int,
+    world_size: int,
+    transport: str,
+    shm_bytes: int,
+    shm_dir: str,
+    timeout: timedelta,
+    node: str,
 ) -> Optional[ShmSegment]:
-    """Rank 0 offers a segment, every engine tries to open it, rank 0 decides; the shm segment or None.
+    """Rank 0 offers a segment and its node id, every engine on that node opens it, rank 0 decides;
+    the shm segment or None.
 
     Rank 0 unlinks the segment's name as soon as every engine has answered, so nothing is left in the
     tmpfs whatever happens to the processes later.
     """
     if rank != 0:
-        return _answer_offer(store, rank, timeout)
+        return _answer_offer(store, rank, timeout, node)
     segment, why = None, ""
     if transport != "collective":
         if not shm_available(shm_dir):
@@ -500,7 +549,7 @@ def _choose_transport(
                 segment = ShmSegment.create(shm_bytes, shm_dir)
             except WeightSyncError as e:
                 why = str(e)
-    offer = "" if segment is None else json.dumps({"path": segment.path, "token": segment.token.hex()})
+    offer = "" if segment is None else json.dumps({"path": segment.path, "token": segment.token.hex(), "node": node})
     try:
         store.set("transport/offer", offer)
         replies = {}
@@ -535,11 +584,13 @@ def _choose_transport(
     return None
 
 
-def _answer_offer(store: dist.Store, rank: int, timeout: timedelta) -> Optional[ShmSegment]:
+def _answer_offer(store: dist.Store, rank: int, timeout: timedelta, node: str) -> Optional[ShmSegment]:
     store.wait(["transport/offer"], timeout)
     offer, segment, reply = store.get("transport/offer").decode(), None, "skip"
-    if offer:
-        spec = json.loads(offer)
+    spec = json.loads(offer) if offer else None
+    if spec is not None and spec["node"] != node:
+        reply = f"is on node {node}, not on rank 0's node {spec['node']}"
+    elif spec is not None:
         try:
             segment, reply = ShmSegment.open(spec["path"], bytes.fromhex(spec["token"])), "ok"
         except (OSError, WeightSyncError) as e:

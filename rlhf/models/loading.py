@@ -19,8 +19,9 @@ pad token (pad falls back to eos), and the model config and generation config ca
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -191,6 +192,7 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     tokenizer: PreTrainedTokenizerBase | None = None,
     use_safetensors: bool | None = None,
+    zero3_config: dict[str, Any] | None = None,
 ) -> PreTrainedModel:
     """The causal LM at `path` (see resolve_model_path) in `dtype`, with eos/pad ids set.
 
@@ -201,25 +203,118 @@ def load_causal_lm(
     ConfigError, a Hub repo without .safetensors fails to load; False and None (transformers' default:
     safetensors first, pickled .bin through torch.load(weights_only=True)) load them. validate() already
     refuses local pickled checkpoints of every model field unless model.use_safetensors=false.
+    `zero3_config` (a DeepSpeed ZeRO stage-3 config) builds the model partitioned over the ranks of
+    the default process group (rlhf.models.zero3): a collective call.
     """
+    model = load_pretrained(
+        AutoModelForCausalLM,
+        path,
+        what="a causal LM",
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=use_safetensors,
+        zero3_config=zero3_config,
+    )
+    fill_special_token_ids(model, tokenizer)
+    return model
+
+
+def load_sequence_scorer(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | str,
+    trust_remote_code: bool = False,
+    use_safetensors: bool | None = None,
+    zero3_config: dict[str, Any] | None = None,
+) -> PreTrainedModel:
+    """AutoModelForSequenceClassification(num_labels=1) at `path`, as load_causal_lm loads (zero3_config too).
+
+    A checkpoint without a `score` head (a causal LM) gets a fresh one, transformers' initialisation.
+    ConfigError when the model has no linear `score` head of one output (the reward model's shape).
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    model = load_pretrained(
+        AutoModelForSequenceClassification,
+        path,
+        what="a sequence-classification model",
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=use_safetensors,
+        zero3_config=zero3_config,
+        fresh=lambda name: name.startswith("score."),
+        num_labels=1,
+    )
+    head = getattr(model, "score", None)
+    if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
+        raise ConfigError(
+            f"{path}: {type(model).__name__} has no linear `score` head of 1 output (num_labels=1); reward models "
+            f"are decoder models whose sequence-classification class names its head `score`"
+        )
+    return model
+
+
+def load_pretrained(
+    auto_cls: Any,
+    path: str | Path,
+    *,
+    what: str,
+    dtype: torch.dtype | str,
+    trust_remote_code: bool = False,
+    use_safetensors: bool | None = None,
+    zero3_config: dict[str, Any] | None = None,
+    fresh: Callable[[str], bool] = lambda name: False,
+    **config_kwargs: Any,
+) -> PreTrainedModel:
+    """`auto_cls.from_pretrained` of `path` (see resolve_model_path and load_causal_lm), or built partitioned
+    under ZeRO-3 when `zero3_config` is given (`fresh`: parameters the checkpoint may lack, such as a
+    new head). ConfigError, naming `what` was loaded, when it cannot be."""
     if isinstance(dtype, str) and dtype != "auto":
         if dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)} or 'auto'")
         dtype = DTYPES[dtype]
     resolved = resolve_model_path(path)
     check_weight_files(resolved, use_safetensors=bool(use_safetensors))
+    if zero3_config is not None:
+        from rlhf.models.zero3 import load_partitioned
+
+        local = local_checkpoint_dir(resolved)
+        if dtype == "auto":
+            from transformers import AutoConfig
+
+            dtype = AutoConfig.from_pretrained(local, trust_remote_code=trust_remote_code).dtype or torch.float32
+        return load_partitioned(
+            auto_cls,
+            local,
+            zero3_config,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            fresh=fresh,
+            **config_kwargs,
+        )
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        return auto_cls.from_pretrained(
             resolved,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
             use_safetensors=True if use_safetensors else None,  # None: safetensors first, else .bin
+            **config_kwargs,
         )
     except (OSError, ValueError) as e:
         hint = "; set model.use_safetensors=false to accept pickled weights you trust" if use_safetensors else ""
-        raise ConfigError(f"cannot load a causal LM from {resolved!r}: {e}{hint}") from e
-    fill_special_token_ids(model, tokenizer)
-    return model
+        raise ConfigError(f"cannot load {what} from {resolved!r}: {e}{hint}") from e
+
+
+def local_checkpoint_dir(resolved: str) -> str:
+    """`resolved` when it is a local directory, else the Hub snapshot's (config, safetensors) local copy."""
+    if Path(resolved).is_dir():
+        return resolved
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(resolved, allow_patterns=["*.json", "*.safetensors", "*.py"])
+    except Exception as e:  # network, unknown repo, gated repo: all say the same to the user
+        raise ConfigError(f"cannot fetch {resolved!r} from the Hub: {e}") from e
 
 
 def fill_special_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> None:

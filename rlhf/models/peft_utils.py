@@ -172,8 +172,16 @@ def _validate_qlora(cfg: RLHFConfig) -> None:
 # -- wrapping the model ----------------------------------------------------------------------
 
 
-def load_base_model(path: str, model_cfg: ModelConfig, *, dtype: torch.dtype, tokenizer: Any = None) -> nn.Module:
-    """The causal LM to wrap: as rlhf.models.loading loads it, or 4-bit quantised for QLoRA (on this GPU)."""
+def load_base_model(
+    path: str,
+    model_cfg: ModelConfig,
+    *,
+    dtype: torch.dtype,
+    tokenizer: Any = None,
+    zero3_config: Optional[dict[str, Any]] = None,
+) -> nn.Module:
+    """The causal LM to wrap: as rlhf.models.loading loads it (partitioned when `zero3_config`, a ZeRO-3
+    DeepSpeed config, is given), or 4-bit quantised for QLoRA (on this GPU; never under ZeRO-3)."""
     from rlhf.models.loading import fill_special_token_ids, load_causal_lm, resolve_model_path
 
     if peft_method(model_cfg) != "qlora":
@@ -183,6 +191,7 @@ def load_base_model(path: str, model_cfg: ModelConfig, *, dtype: torch.dtype, to
             trust_remote_code=model_cfg.trust_remote_code,
             tokenizer=tokenizer,
             use_safetensors=model_cfg.use_safetensors,
+            zero3_config=zero3_config,
         )
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 

@@ -40,7 +40,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 from rlhf.data.batch import pad_sequences
 from rlhf.data.tiny_world import JUDGE_TEMPLATE, JUDGE_VERDICTS, Problem, carry_mistake, slipped_sft_rows
 from rlhf.models.tiny import save_tiny_model
-from rlhf.models.warmup import IGNORE_INDEX, generate_from_ids, warm_up
+from rlhf.models.warmup import IGNORE_INDEX, generate_from_ids, one_thread, warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -107,9 +107,7 @@ def build_tiny_judge(
     from rlhf.config import JudgeConfig
 
     model = AutoModelForCausalLM.from_pretrained(init_dir)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread is fastest on a busy machine (see warmup)
-    try:
+    with one_thread():
         start = time.perf_counter()
         warm_up(model, tokenizer, slipped_sft_rows(grid["train"], seed=seed), steps=JUDGE_BASE_STEPS, seed=seed)
         losses = train_judge(model, tokenizer, grid["train"], steps=JUDGE_STEPS, seed=seed)
@@ -119,8 +117,6 @@ def build_tiny_judge(
         verdicts = generate_from_ids(
             model, tokenizer, conversations, temperature=0.0, max_new_tokens=JUDGE_MAX_NEW_TOKENS
         )
-    finally:
-        torch.set_num_threads(threads)
     pattern = re.compile(JudgeConfig.pattern)
     scores = [pattern.findall(v) for v in verdicts]
     report = {

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -48,18 +48,27 @@ class ValueModel(nn.Module):
         return self.value_head(out.last_hidden_state).squeeze(-1).float()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32, head_seed: int = 0) -> ValueModel:
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype = torch.float32,
+        head_seed: int = 0,
+        zero3_config: Optional[dict[str, Any]] = None,
+    ) -> ValueModel:
         """Backbone from any HF checkpoint dir; the head from it when present, else a fresh seeded one.
 
         A fresh head is N(0, 1/(H+1)) with zero bias (OpenRLHF's choice): small initial values that
-        still pass gradient into the backbone from the first step.
+        still pass gradient into the backbone from the first step. `zero3_config` (a ZeRO-3 DeepSpeed
+        config) builds the backbone partitioned (rlhf.models.zero3; collective); the head, H + 1
+        numbers, is built whole on every rank and partitioned when the engine starts.
         """
         from transformers import AutoModel
 
-        from rlhf.models.loading import resolve_model_path
+        from rlhf.models.loading import load_pretrained, resolve_model_path
 
         path = resolve_model_path(path)
-        backbone = AutoModel.from_pretrained(path, dtype=dtype)
+        backbone = load_pretrained(AutoModel, path, what="a backbone", dtype=dtype, zero3_config=zero3_config)
         hidden_size = backbone.config.hidden_size
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(head_seed)
@@ -69,7 +78,8 @@ class ValueModel(nn.Module):
         head = _load_head(Path(path))
         if head is not None:
             model.value_head.load_state_dict(head)
-        return model.to(dtype)
+        model.value_head.to(dtype)  # the backbone is in dtype already (and may be partitioned)
+        return model
 
 
 def hf_name(name: str) -> str:

@@ -16,11 +16,12 @@ with the tokenizer's bos/eos/pad ids) loadable with `AutoModelForCausalLM.from_p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,17 +75,11 @@ def build_tiny_checkpoints(
     )
     init_dir = save_tiny_model(model, tokenizer, out_dir / "policy-init")
 
-    # One intra-op thread: the matrices are tiny, and on a busy machine (tests running beside
-    # Ray workers) two spinning OpenMP threads were measured 10-20x slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         start = time.perf_counter()
         losses = warm_up(model, tokenizer, sft_rows, steps=steps, seed=seed)
         train_seconds = time.perf_counter() - start
         report = _warmup_report(model, tokenizer, eval_rows, arch=arch, seed=seed, steps=steps, losses=losses)
-    finally:
-        torch.set_num_threads(threads)
     report["train_seconds"] = round(train_seconds, 2)
     sft_dir = save_tiny_model(model, tokenizer, out_dir / "policy-sft")
     (sft_dir / "warmup.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -93,6 +88,18 @@ def build_tiny_checkpoints(
         arch, steps, train_seconds, report["final_loss"], report["eval_accuracy_greedy"], report["eval_accuracy_sampled"],
     )  # fmt: skip
     return {"policy-init": init_dir, "policy-sft": sft_dir}
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """One torch intra-op thread inside: the tiny models' matrices are small, and on a busy machine (tests
+    running beside Ray workers) two spinning OpenMP threads were measured 10-20x slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _warmup_report(
@@ -236,32 +243,17 @@ def evaluate_accuracy(
     *,
     temperature: float = 1.0,
     seed: int = 0,
+    max_new_tokens: int = 8,
+    samples_per_prompt: int = 1,
 ) -> float:
-    """Fraction of {"prompt", "answer"} rows whose generated response passes `check_answer`."""
+    """Fraction of responses to {"prompt", "answer"} rows that pass `check_answer` (samples_per_prompt each)."""
     if not rows:
         return 0.0
-    responses = generate_responses(model, tokenizer, [r["prompt"] for r in rows], temperature=temperature, seed=seed)
+    rows = [row for row in rows for _ in range(samples_per_prompt)]
+    responses = generate_responses(
+        model, tokenizer, [r["prompt"] for r in rows], temperature=temperature, max_new_tokens=max_new_tokens, seed=seed
+    )
     return sum(check_answer(text, row["answer"]) for text, row in zip(responses, rows)) / len(rows)
-
-
-@torch.no_grad()
-def answer_probabilities(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict[str, Any]]
-) -> list[float]:
-    """P(the reference answer, then end of turn | the chat prompt) of each {"prompt", "answer"} row.
-
-    The probability that a temperature-1 sample is exactly the answer: a lower bound on the expected
-    rule reward that depends on the weights alone. Learning tests compare two models on it, free of
-    the noise of a sampled accuracy.
-    """
-    examples = [encode_sft_example(tokenizer, row["prompt"], str(row["answer"])) for row in rows]
-    input_ids, attention_mask = pad_sequences([ids for ids, _ in examples], pad_id=tokenizer.pad_token_id, left=False)
-    labels, _ = pad_sequences([labels for _, labels in examples], pad_id=IGNORE_INDEX, left=False)
-    model.eval()
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    targets = labels[:, 1:]
-    picked = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return torch.where(targets != IGNORE_INDEX, picked, 0.0).sum(-1).exp().tolist()
 
 
 def accuracy_by_task(

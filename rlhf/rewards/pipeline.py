@@ -121,6 +121,8 @@ class ModelTerm(RewardTerm):
             micro_batch_size=cfg.policy.micro_batch_size,
             max_tokens_per_micro_batch=cfg.reward.max_tokens_per_micro_batch,
             balance_tokens=bool(cfg.reward.max_tokens_per_micro_batch),
+            zero_stage=cfg.reward.zero_stage,
+            zero3_param_persistence_threshold=cfg.reward.zero3_param_persistence_threshold,
         )
         self.group.call(RewardWorker.init_model, self.model_path)
 

@@ -40,7 +40,13 @@ from rlhf.trainers.checkpointing import CheckpointManager, read_state
 from rlhf.trainers.distill_data import DistillRows, load_distill_rows
 from rlhf.trainers.nonfinite import NonFiniteGuard
 from rlhf.trainers.rl import build_rollout_batch, make_progress, sample_seed
-from rlhf.trainers.roles import RolloutSupervisor, connect_weight_sync, start_group
+from rlhf.trainers.roles import (
+    RolloutSupervisor,
+    check_shared_output_dir,
+    connect_weight_sync,
+    start_group,
+    write_placement,
+)
 from rlhf.utils.metrics import MetricsSink, PhaseTimer
 from rlhf.utils.redact import config_container
 from rlhf.workers.distill_policy import DistillPolicyWorker
@@ -184,8 +190,9 @@ class DistillTrainer:
         teacher_info = self.teacher.wait(teacher)
         student_vocab = self.policy.call(DistillPolicyWorker.vocab_size)
         require_equal_vocab(student_vocab, teacher_info["vocab_size"], self.run.student_path, self.run.teacher_path)
+        weight_sync = None
         if self.rollout is not None:
-            connect_weight_sync(self.policy, self.rollout, cluster)
+            weight_sync = connect_weight_sync(self.policy, self.rollout, cluster)
             self.engines = RolloutSupervisor(
                 self.rollout,
                 self.policy,
@@ -193,6 +200,9 @@ class DistillTrainer:
                 bucket_mb=cfg.rollout.weight_sync_bucket_mb,
                 max_restarts=cfg.rollout.max_restarts,
             )
+        check_shared_output_dir(self.run.output_dir, {"policy": self.policy})
+        groups = {"policy": self.policy, "teacher": self.teacher, "rollout": self.rollout and self.rollout.group}
+        write_placement(self.run.output_dir, groups, weight_sync)
 
     # ------------------------------------------------------------------ one step
     def step(self, step: int) -> dict[str, Any]:

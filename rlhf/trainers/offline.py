@@ -27,7 +27,7 @@ from rlhf.data.loader import OfflineLoader
 from rlhf.errors import DataError
 from rlhf.trainers.checkpointing import CheckpointManager, read_state
 from rlhf.trainers.nonfinite import NonFiniteGuard
-from rlhf.trainers.roles import start_group
+from rlhf.trainers.roles import check_shared_output_dir, start_group, write_placement
 from rlhf.utils.metrics import MetricsSink, PhaseTimer
 from rlhf.utils.redact import config_container
 from rlhf.workers.group import WorkerGroup
@@ -241,6 +241,8 @@ class OfflineTrainer:
             self.reference_group.call(ReferenceWorker.init_model, cfg.offline.reference_path or run.model_path)
             self.reference = ReferenceLogprobs(self.reference_group, cache=cfg.offline.reference == "precompute")
         self.policy.wait(pending)
+        check_shared_output_dir(run.output_dir, {self.policy.role: self.policy})
+        write_placement(run.output_dir, {self.policy.role: self.policy, "reference": self.reference_group})
         if self.reference is not None and self.reference.cache is not None:
             self._precompute_reference()
 

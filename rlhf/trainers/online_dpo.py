@@ -206,7 +206,7 @@ class OnlineDPOTrainer(RLTrainer):
         self.rewards.start(self._group)
         for group, p in pending:
             group.wait(p)
-        connect_weight_sync(self.policy, self.rollout, cfg.cluster)
+        self.weight_sync = connect_weight_sync(self.policy, self.rollout, cfg.cluster)
 
     # ------------------------------------------------------------------ one round
     def step(self, step: int) -> dict[str, float]:

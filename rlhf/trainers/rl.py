@@ -22,7 +22,14 @@ from rlhf.rewards import build_reward_pipeline
 from rlhf.trainers.checkpointing import CheckpointManager, read_state
 from rlhf.trainers.nonfinite import NonFiniteGuard
 from rlhf.trainers.prepare import EncodedPrompts, PreparedRun
-from rlhf.trainers.roles import RolloutSupervisor, connect_weight_sync, start_group, stop_on_dead_rank
+from rlhf.trainers.roles import (
+    RolloutSupervisor,
+    check_shared_output_dir,
+    connect_weight_sync,
+    start_group,
+    stop_on_dead_rank,
+    write_placement,
+)
 from rlhf.utils.metrics import MetricsSink, PhaseTimer, reward_trend
 from rlhf.utils.redact import config_container
 from rlhf.workers.critic import CriticWorker
@@ -54,7 +61,10 @@ class RLTrainer:
         self.nonfinite = NonFiniteGuard(cfg.run.max_consecutive_nonfinite)
         self.metrics = MetricsSink.for_run(run.output_dir, cfg.run, config=config_container(cfg))
         self.step_done = 0
+        self.started: dict[str, WorkerGroup] = {}
+        """Every group `_group` started, by role (reward-model actors included): placement.json lists them."""
         self._start_roles()
+        self.layout = self._check_layout()
         # every generate and sync goes through it: a dead engine is restarted with the current weights
         self.engines = RolloutSupervisor(
             self.rollout,
@@ -66,7 +76,9 @@ class RLTrainer:
 
     # ------------------------------------------------------------------ set-up
     def _group(self, worker_cls, role: str, num_workers: int, resources, **init_kwargs) -> WorkerGroup:
-        return start_group(self.cfg.cluster, worker_cls, role, num_workers, resources, **init_kwargs)
+        group = start_group(self.cfg.cluster, worker_cls, role, num_workers, resources, **init_kwargs)
+        self.started[role] = group
+        return group
 
     def _start_roles(self) -> None:
         cfg, path = self.cfg, self.run.model_path
@@ -77,7 +89,6 @@ class RLTrainer:
             seed=cfg.run.seed,
             constant_normalizer=cfg.rollout.sampling.max_new_tokens,
         )
-        reference_budget = cfg.reference.max_tokens_per_micro_batch
         self.policy = self._group(
             PolicyWorker,
             "policy",
@@ -87,17 +98,20 @@ class RLTrainer:
             **token_balance(cfg.policy),
             **trained,
         )
+        reference = cfg.reference
         self.reference = (
             self._group(
                 ReferenceWorker,
                 "reference",
-                1,
+                reference.num_workers,
                 cfg.cluster.reference,
                 model_cfg=cfg.model,
                 cluster_cfg=cfg.cluster,
                 micro_batch_size=cfg.policy.micro_batch_size,
-                max_tokens_per_micro_batch=reference_budget,
-                balance_tokens=bool(reference_budget),
+                max_tokens_per_micro_batch=reference.max_tokens_per_micro_batch,
+                balance_tokens=bool(reference.max_tokens_per_micro_batch),
+                zero_stage=reference.zero_stage,
+                zero3_param_persistence_threshold=reference.zero3_param_persistence_threshold,
             )
             if uses_reference(cfg)
             else None
@@ -129,7 +143,12 @@ class RLTrainer:
         self.rewards.start(self._group)  # reward model actors, judge engines, remote server check
         for group, p in zip([g for g in self.groups() if g is not None], pending):
             group.wait(p)
-        connect_weight_sync(self.policy, self.rollout, cfg.cluster)
+        self.weight_sync = connect_weight_sync(self.policy, self.rollout, cfg.cluster)
+
+    def _check_layout(self) -> dict[str, Any]:
+        """Every trained rank sees run.output_dir; placement.json records each rank's node and the sync transport."""
+        check_shared_output_dir(self.run.output_dir, {"policy": self.policy, "critic": self.critic})
+        return write_placement(self.run.output_dir, {**self.started, "rollout": self.rollout.group}, self.weight_sync)
 
     def groups(self) -> list[WorkerGroup | None]:
         return [self.policy, self.reference, self.critic]
@@ -157,6 +176,8 @@ class RLTrainer:
         perf = {
             "perf/tokens_per_s": tokens / timer.seconds["generate"],
             "perf/samples_per_s": len(batch) / timer.seconds["step"],
+            # prompt + response tokens each PPO epoch trains on: the numerator of MFU (benchmarks/gpu_check.py)
+            "perf/sequence_tokens": float(batch.prompt_mask.sum()) + tokens,
             **self.engines.metrics(),  # faults/rollout_restarts
         }
         return {**rollout_stats, **reward_stats, **adv_stats, **train_stats, **sync_stats, **timer.metrics(), **perf}

@@ -1,26 +1,33 @@
 """Role plumbing shared by the controllers: start a worker group, wire and run the policy→rollout weight
-sync, keep the rollout engines alive and hand their memory to the trainer between rollouts
-(`RolloutSupervisor`), stop cleanly when a rank dies (`stop_on_dead_rank`)."""
+sync, check that every trained rank sees run.output_dir (`check_shared_output_dir`), record where each
+rank runs (`write_placement`), keep the rollout engines alive and hand their memory to the trainer
+between rollouts (`RolloutSupervisor`), stop cleanly when a rank dies (`stop_on_dead_rank`)."""
 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Optional, TypeVar
 
 from rlhf.config import ClusterConfig, ResourceConfig, SamplingConfig, weight_sync_backend, weight_sync_transport
 from rlhf.engines.rollout import Generation
-from rlhf.errors import RunStoppedError, WorkerDiedError
-from rlhf.trainers.checkpointing import CheckpointManager
+from rlhf.errors import ConfigError, RunStoppedError, WorkerDiedError
+from rlhf.trainers.checkpointing import CheckpointManager, write_json_atomic
+from rlhf.utils.distributed import node_id, node_ip
 from rlhf.utils.ray_session import runtime_env_vars
-from rlhf.workers.group import WorkerGroup, wait_all
+from rlhf.workers.group import Worker, WorkerGroup, wait_all
 from rlhf.workers.policy import PolicyWorker
 from rlhf.workers.rollout import RolloutGroup
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+PLACEMENT_FILE = "placement.json"
+"""Written into run.output_dir at start-up: the nodes, and the node of every rank of every role."""
 
 
 def start_group(
@@ -53,17 +60,83 @@ def start_group(
     )
 
 
-def connect_weight_sync(policy: WorkerGroup, rollout: RolloutGroup, cluster: ClusterConfig) -> None:
+def connect_weight_sync(policy: WorkerGroup, rollout: RolloutGroup, cluster: ClusterConfig) -> dict[str, str]:
     """Join the policy's rank 0 and every engine in one weight-sync group (call after init_model).
 
     The transport follows `cluster.weight_sync_transport` (shared memory when every engine is on the
-    trainer's node and the device is cpu, under auto). Calling it again re-forms the group (every member leaves its old one first).
+    trainer's Ray node and the device is cpu, under auto). Calling it again re-forms the group (every
+    member leaves its old one first). Returns {"transport": what rank 0 chose, "backend": ...}.
     """
     host, port = policy.call(PolicyWorker.free_address)
     backend, transport = weight_sync_backend(cluster), weight_sync_transport(cluster)
     sender = policy.run(PolicyWorker.init_weight_sync, host, port, 1 + rollout.num_ranks, backend, transport)
     receivers = rollout.init_weight_sync_async(host, port, backend, cluster.collective_timeout_s)
-    wait_all([(policy, sender), (rollout.group, receivers)])
+    chosen, _ = wait_all([(policy, sender), (rollout.group, receivers)])
+    logger.info("weight sync: %s over %s (asked: %s)", chosen, backend, transport)
+    return {"transport": chosen, "backend": backend}
+
+
+def check_shared_output_dir(output_dir: Path, writers: dict[str, Optional[WorkerGroup]]) -> None:
+    """ConfigError unless every rank of the `writers` groups reads a marker the driver writes under output_dir.
+
+    A checkpoint is written by every DeepSpeed rank (its own shards) into a directory the driver then
+    completes and renames, and final/ by rank 0: on storage that only some nodes see, each node would
+    keep its own part, the renamed checkpoint would lack the others' shards and resume would fail (or
+    load a stale local copy). One small file and one call per group at start-up catch that before step 1.
+    """
+    directory = Path(output_dir).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex
+    marker = directory / f".rlhf-shared-check-{token[:12]}"
+    marker.write_text(token, encoding="utf-8")
+    try:
+        blind = []
+        for role, group in writers.items():
+            if group is None:
+                continue
+            seen = group.call(Worker.read_text, str(marker))
+            if any(text != token for text in seen):
+                where = group.ping()
+                blind += [
+                    f"{role} rank {r} (node {where[r]['node_ip']})" for r, text in enumerate(seen) if text != token
+                ]
+    finally:
+        marker.unlink(missing_ok=True)
+    if blind:
+        raise ConfigError(
+            f"run.output_dir {directory} is not on a filesystem every node sees: {', '.join(blind)} cannot read "
+            f"{marker.name} that the driver wrote there on node {node_ip()}. Every trained rank writes its "
+            f"checkpoint shards and rank 0 the final model into run.output_dir, so it must be one directory "
+            f"for all nodes: set run.output_dir to an absolute path on shared storage (NFS, Lustre, a mounted "
+            f"bucket) that every node mounts at the same path"
+        )
+
+
+def write_placement(
+    output_dir: Path, groups: dict[str, Optional[WorkerGroup]], weight_sync: Optional[dict[str, str]] = None
+) -> dict[str, Any]:
+    """Record the cluster's nodes and every rank's node in <output_dir>/placement.json; log one line per role.
+
+    Returns what it wrote: {"driver_node_id", "nodes": {node_id: {"ip", "resources"}}, "roles": {role:
+    [{"rank", "node_id", "node_ip", "pid"}]}, "weight_sync": {"transport", "backend"} or None}.
+    """
+    import ray
+
+    nodes = {
+        n["NodeID"]: {"ip": n["NodeManagerAddress"], "resources": n["Resources"]} for n in ray.nodes() if n["Alive"]
+    }
+    roles = {}
+    for role, group in groups.items():
+        if group is not None:
+            roles[role] = [{k: r[k] for k in ("rank", "node_id", "node_ip", "pid")} for r in group.ping()]
+    layout = {"driver_node_id": node_id(), "nodes": nodes, "roles": roles, "weight_sync": weight_sync}
+    write_json_atomic(Path(output_dir) / PLACEMENT_FILE, layout)
+    for role, ranks in roles.items():
+        by_node: dict[str, list[int]] = {}
+        for r in ranks:
+            by_node.setdefault(f"{r['node_id'][:8]} ({r['node_ip']})", []).append(r["rank"])
+        logger.info("placement: %s ranks %s", role, "; ".join(f"{rs} on node {n}" for n, rs in by_node.items()))
+    return layout
 
 
 def sync_weights(policy: WorkerGroup, rollout: RolloutGroup, bucket_mb: int) -> dict[str, float]:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import socket
 import sys
 import time
 from pathlib import Path
 
 DEVICES = ("cpu", "cuda")
+MMAP_THRESHOLD_BYTES = 1 << 20
+"""CPU workers: glibc's MALLOC_MMAP_THRESHOLD_ (see `process_env`)."""
 STALE_BUILD_LOCK_S = 900
 """A JIT build lock older than this is left over from a killed build (a CPU op builds in ~35 s)."""
 
@@ -49,11 +52,42 @@ def clear_stale_build_locks(root: str | Path, max_age_s: float = STALE_BUILD_LOC
     return removed
 
 
+_RAY_WORKER_PORTS_END = 20000
+"""Ray's worker ports end below this (`--max-worker-port` default 19999); the rendezvous ports start here."""
+
+
 def free_port() -> int:
-    """A TCP port that is free on this node right now (the OS picks it; it may be taken later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """A TCP port that is free on this node right now, for a rendezvous (it may be taken later).
+
+    Drawn at random below the kernel's ephemeral range and above Ray's worker ports: a port the OS
+    hands out (bind to 0) is also what every outgoing connection (Ray's gRPC clients, gloo) gets, so
+    one taken that way can be reused by a client in the seconds before the rendezvous binds it
+    (seen as EADDRINUSE in CI).
+    """
+    low, _ = _ephemeral_range()
+    draw = random.Random()  # not the global generator: seeded runs would draw the same port on every node
+    for _ in range(200):
+        port = draw.randrange(_RAY_WORKER_PORTS_END, low - 1)  # -1: tests use port + 1 as well
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # the low range is full: let the OS pick
         sock.bind(("", 0))
         return sock.getsockname()[1]
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for outgoing ports (Linux default 32768-60999)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        if int(low) > _RAY_WORKER_PORTS_END + 1000:
+            return int(low), int(high)
+    except (OSError, ValueError):
+        pass
+    return 32768, 60999
 
 
 def node_ip() -> str:
@@ -74,6 +108,23 @@ def node_ip() -> str:
         return "127.0.0.1"
 
 
+def node_id() -> str:
+    """This process's node as placement sees it: Ray's node id inside Ray, else the hostname.
+
+    Several Ray nodes can share one machine (a simulated cluster, containers with a shared /dev/shm);
+    each is still its own node here, so same-node shortcuts (shared-memory weight sync) follow Ray's
+    placement, not what the processes happen to share.
+    """
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except ImportError:
+        pass
+    return socket.gethostname()
+
+
 def torch_backend(device: str) -> str:
     """The torch.distributed backend for a device: gloo on CPU, NCCL on CUDA."""
     if device not in DEVICES:
@@ -88,6 +139,10 @@ def process_env(*, device: str, threads: int) -> dict[str, str]:
 
     OMP/MKL thread counts stop ranks sharing a node from oversubscribing its cores (10-100x
     slower steps on CPU otherwise); DS_ACCELERATOR picks DeepSpeed's CPU path (gloo) or CUDA.
+    On CPU, where the tensors live in host memory, glibc gives every allocation of 1 MiB or more
+    its own mapping, returned to the system when freed: with its adaptive default, the buffers
+    that ZeRO-3 gathers and frees a module at a time stay in a fragmented heap, and a rank's
+    resident memory creeps towards the whole model it partitions (benchmarks/memory.py).
     """
     return {
         "OMP_NUM_THREADS": str(threads),
@@ -95,6 +150,7 @@ def process_env(*, device: str, threads: int) -> dict[str, str]:
         "DS_ACCELERATOR": "cpu" if device == "cpu" else "cuda",
         "TORCH_EXTENSIONS_DIR": torch_extensions_dir(),
         "TOKENIZERS_PARALLELISM": "false",
+        **({"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BYTES)} if device == "cpu" else {}),
     }
 
 

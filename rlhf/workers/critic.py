@@ -23,6 +23,7 @@ from rlhf.data.batch import RolloutBatch
 from rlhf.data.token_budget import rows_of
 from rlhf.models.peft_utils import apply_peft, check_scalar_head_peft
 from rlhf.models.value_model import ValueModel, hf_name, response_values
+from rlhf.models.zero3 import parameter_counts
 from rlhf.workers.group import dispatch
 from rlhf.workers.trainable import StepStats, TrainableWorker, forward_in_row_order, require_fields
 
@@ -53,14 +54,13 @@ class CriticWorker(TrainableWorker):
         """Backbone from `model_path` (a policy or critic checkpoint) with model.peft applied; its value head,
         or a fresh one. Returns {"num_parameters", "num_trainable_parameters"}."""
         self._setup_distributed()
-        model = ValueModel.from_pretrained(model_path, dtype=self.dtype, head_seed=self.seed)
+        model = ValueModel.from_pretrained(
+            model_path, dtype=self.dtype, head_seed=self.seed, zero3_config=self._zero3_config()
+        )
         if self.model_cfg.gradient_checkpointing:
             model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.backbone = apply_peft(model.backbone, self.model_cfg, task_type="FEATURE_EXTRACTION")
-        counts = {
-            "num_parameters": sum(p.numel() for p in model.parameters()),
-            "num_trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        }
+        counts = parameter_counts(model)
         self._build_engine(model, num_training_steps)
         return counts
 

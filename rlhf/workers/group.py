@@ -60,7 +60,7 @@ from rlhf.data.batch import RolloutBatch
 from rlhf.data.token_budget import dp_shard_order, inverse_order, sequence_lengths
 from rlhf.engines.train_engine import init_distributed
 from rlhf.errors import ConfigError, WorkerDiedError, WorkerError
-from rlhf.utils.distributed import free_port, node_ip, process_env, rank_env
+from rlhf.utils.distributed import free_port, node_id, node_ip, process_env, rank_env
 from rlhf.utils.seeding import deterministic_from_env
 
 logger = logging.getLogger(__name__)
@@ -141,7 +141,16 @@ class Worker:
     @dispatch("broadcast", collect="list")
     def ping(self) -> dict[str, Any]:
         """Liveness answer: who and where this actor is (queued behind a running call)."""
-        return {"role": self.role, "rank": self.rank, "pid": os.getpid(), "node_ip": node_ip()}
+        return {"role": self.role, "rank": self.rank, "pid": os.getpid(), "node_ip": node_ip(), "node_id": node_id()}
+
+    @dispatch("broadcast", collect="list")
+    def read_text(self, path: str) -> Optional[str]:
+        """The text of `path` as this actor's node sees it, or None if it cannot read it (shared-path checks)."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        except OSError:
+            return None
 
     @dispatch("rank0", collect="first")
     def free_address(self) -> tuple[str, int]:
@@ -263,7 +272,7 @@ class WorkerGroup:
         return self.wait(self.run(method, *args, **kwargs), timeout=timeout)
 
     def ping(self, timeout: float = 60.0) -> list[dict[str, Any]]:
-        """Health check: every rank's (role, rank, pid, node_ip); WorkerError if one is dead or silent."""
+        """Health check: every rank's (role, rank, pid, node_ip, node_id); WorkerError if one is dead or silent."""
         return self.call(Worker.ping, timeout=timeout)
 
     def dead_ranks(self, timeout: Optional[float] = None) -> list[int]:

@@ -36,6 +36,7 @@ from rlhf.errors import WeightSyncError
 from rlhf.models.loading import load_tokenizer, resolve_model_path
 from rlhf.models.logprobs import response_logprobs, response_token_logits, to_rows
 from rlhf.models.peft_utils import apply_peft, load_base_model
+from rlhf.models.zero3 import parameter_counts
 from rlhf.workers.group import dispatch
 from rlhf.workers.trainable import StepStats, TrainableWorker, forward_in_row_order, require_fields
 
@@ -68,7 +69,8 @@ class PolicyWorker(TrainableWorker):
 
     @dispatch("broadcast", collect="first")
     def init_model(self, model_path: str, num_training_steps: Optional[int] = None) -> dict[str, int]:
-        """Load the HF checkpoint at `model_path`, apply model.peft / model.lora, start DeepSpeed.
+        """Load the HF checkpoint at `model_path` (partitioned as it loads under ZeRO-3), apply model.peft /
+        model.lora, start DeepSpeed.
 
         `num_training_steps` (optimizer steps of the whole run) is needed by the cosine schedule.
         Returns {"num_parameters", "num_trainable_parameters"}.
@@ -76,17 +78,16 @@ class PolicyWorker(TrainableWorker):
         self._setup_distributed()
         path = resolve_model_path(model_path)
         self.tokenizer = _load_tokenizer(path, self.model_cfg.trust_remote_code)
-        model = load_base_model(path, self.model_cfg, dtype=self.dtype, tokenizer=self.tokenizer)
+        model = load_base_model(
+            path, self.model_cfg, dtype=self.dtype, tokenizer=self.tokenizer, zero3_config=self._zero3_config()
+        )
         model.config.use_cache = False
         self.hf_config = model.config
         self.generation_config = getattr(model, "generation_config", None)
         if self.model_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = apply_peft(model, self.model_cfg)  # model.peft.method (LoRA, IA3, prompt tuning, BitFit, ...)
-        counts = {
-            "num_parameters": sum(p.numel() for p in model.parameters()),
-            "num_trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        }
+        counts = parameter_counts(model)
         self._build_engine(model, num_training_steps)
         return counts
 

@@ -1,7 +1,8 @@
 """The reference policy: a frozen copy of the initial policy that scores responses for the KL term.
 
-No optimizer and no DeepSpeed: a plain torch forward in eval mode. Each actor holds the full model,
-so reference actors need no collective and can be colocated with other roles.
+No optimizer: a forward in eval mode. With zero_stage 0 each actor holds the full model, needs no
+collective and can be colocated with other roles; with zero_stage 3 the actors partition it
+(rlhf.workers.frozen), so a reference larger than one device fits on several.
 """
 
 from __future__ import annotations
@@ -12,11 +13,9 @@ import torch
 from torch import Tensor
 
 from rlhf.data.batch import RolloutBatch
-from rlhf.models.loading import load_causal_lm
 from rlhf.models.logprobs import response_logprobs
 from rlhf.workers.frozen import FrozenModelWorker
 from rlhf.workers.group import dispatch
-from rlhf.workers.trainable import forward_in_row_order
 
 logger = logging.getLogger(__name__)
 
@@ -26,25 +25,15 @@ class ReferenceWorker(FrozenModelWorker):
 
     @dispatch("broadcast", collect="first")
     def init_model(self, model_path: str) -> dict[str, int]:
-        """Load the frozen model (the policy's initial checkpoint, LoRA-free)."""
-        model = load_causal_lm(
-            model_path,
-            dtype=self.model_cfg.dtype,
-            trust_remote_code=self.model_cfg.trust_remote_code,
-            use_safetensors=self.model_cfg.use_safetensors,
-        )
-        model.requires_grad_(False)
-        self.model = model.eval().to(self.device)
-        return {"num_parameters": sum(p.numel() for p in model.parameters())}
+        """Load the frozen model (the policy's initial checkpoint, LoRA-free); collective under zero_stage 3."""
+        return self._hold_causal_lm(model_path)
 
     @dispatch("split_dp", collect="concat")
     def compute_logprobs(self, batch: RolloutBatch, temperature: float = 1.0) -> Tensor:
         """Reference logprobs [B, R] of the response tokens, softmax at `temperature` (the policy's)."""
-        model = self.model
-        if model is None:
-            raise RuntimeError(f"{self.role} rank {self.rank}: call init_model first")
-        return forward_in_row_order(
-            self._micro_batches(batch),
+        model = self._require_model()
+        return self._forward_in_row_order(
+            batch,
             lambda micro: response_logprobs(model, micro, temperature=temperature)[0],
             empty=torch.zeros(0, batch.response_ids.shape[1]),
         )

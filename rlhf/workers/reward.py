@@ -13,12 +13,10 @@ import torch
 from torch import Tensor
 
 from rlhf.data.batch import RolloutBatch
-from rlhf.errors import ConfigError
-from rlhf.models.loading import DTYPES, resolve_model_path
+from rlhf.models.loading import load_sequence_scorer
 from rlhf.models.logprobs import last_token_scores
 from rlhf.workers.frozen import FrozenModelWorker
 from rlhf.workers.group import dispatch
-from rlhf.workers.trainable import forward_in_row_order
 
 logger = logging.getLogger(__name__)
 
@@ -28,31 +26,18 @@ class RewardWorker(FrozenModelWorker):
 
     @dispatch("broadcast", collect="first")
     def init_model(self, model_path: str) -> dict[str, int]:
-        """Load the reward model; it must have a `score` head with one output."""
-        from transformers import AutoModelForSequenceClassification
-
-        model = AutoModelForSequenceClassification.from_pretrained(
-            resolve_model_path(model_path),
-            num_labels=1,
-            dtype=DTYPES[self.model_cfg.dtype],
+        """Load the reward model; it must have a `score` head with one output. Collective under zero_stage 3."""
+        zero3_config = self._zero3_config()
+        model = load_sequence_scorer(
+            model_path,
+            dtype=self.model_cfg.dtype,
             trust_remote_code=self.model_cfg.trust_remote_code,
+            zero3_config=zero3_config,
         )
-        head = getattr(model, "score", None)
-        if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
-            raise ConfigError(
-                f"reward model {model_path}: expected a sequence-classification model with a linear `score` "
-                f"head of 1 output (num_labels=1), got {type(model).__name__}"
-            )
-        model.requires_grad_(False)
-        self.model = model.eval().to(self.device)
-        return {"num_parameters": sum(p.numel() for p in model.parameters())}
+        return self._hold(model, zero3_config)
 
     @dispatch("split_dp", collect="concat")
     def score(self, batch: RolloutBatch) -> Tensor:
         """Reward [B] per sequence: the head at the last real token of prompt + response."""
-        model = self.model
-        if model is None:
-            raise RuntimeError(f"{self.role} rank {self.rank}: call init_model first")
-        return forward_in_row_order(
-            self._micro_batches(batch), lambda micro: last_token_scores(model, micro), empty=torch.zeros(0)
-        )
+        model = self._require_model()
+        return self._forward_in_row_order(batch, lambda micro: last_token_scores(model, micro), empty=torch.zeros(0))

@@ -17,13 +17,11 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
 from rlhf.config import ClusterConfig, ModelConfig, OfflineConfig, TrainConfig
 from rlhf.engines.adapters import ADAPTER_DIR, has_adapter, save_adapter
-from rlhf.errors import ConfigError
-from rlhf.models.loading import load_tokenizer, resolve_model_path
+from rlhf.models.loading import load_sequence_scorer, load_tokenizer, resolve_model_path
 from rlhf.models.peft_utils import apply_peft, check_scalar_head_peft, plain_module
+from rlhf.models.zero3 import parameter_counts
 from rlhf.workers.group import dispatch
 from rlhf.workers.objectives import OBJECTIVES
 from rlhf.workers.offline_policy import OfflineTrainableWorker
@@ -59,20 +57,16 @@ class RewardModelWorker(OfflineTrainableWorker):
 
         Returns {"num_parameters", "num_trainable_parameters"}.
         """
-        from transformers import AutoModelForSequenceClassification
-
         self._setup_distributed()
         path = resolve_model_path(model_path)
         self.tokenizer = load_tokenizer(path, trust_remote_code=self.model_cfg.trust_remote_code)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=self.dtype, trust_remote_code=self.model_cfg.trust_remote_code
+        model = load_sequence_scorer(
+            path,
+            dtype=self.dtype,
+            trust_remote_code=self.model_cfg.trust_remote_code,
+            use_safetensors=self.model_cfg.use_safetensors,
+            zero3_config=self._zero3_config(),
         )
-        head = getattr(model, "score", None)
-        if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
-            raise ConfigError(
-                f"{model_path}: {type(model).__name__} has no linear `score` head of 1 output; reward-model "
-                f"training supports decoder models whose sequence-classification class names its head `score`"
-            )
         model.config.pad_token_id = self.tokenizer.pad_token_id
         model.config.architectures = [type(model).__name__]
         model.config.use_cache = False
@@ -80,10 +74,7 @@ class RewardModelWorker(OfflineTrainableWorker):
         if self.model_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = apply_peft(model, self.model_cfg, task_type="SEQ_CLS", head="score")
-        counts = {
-            "num_parameters": sum(p.numel() for p in model.parameters()),
-            "num_trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        }
+        counts = parameter_counts(model)
         self._build_engine(model, num_training_steps)
         return counts
 

@@ -36,7 +36,7 @@ from typing import Any, Optional
 import torch
 from ray.util.placement_group import PlacementGroup
 
-from rlhf.config import ClusterConfig, ModelConfig, ResourceConfig, RolloutConfig, SamplingConfig
+from rlhf.config import ClusterConfig, ModelConfig, RolloutConfig, SamplingConfig, engine_resources
 from rlhf.engines.rollout import ROLLOUT_BACKENDS, SLEEP_TAGS, Generation
 from rlhf.engines.weight_sync import WeightSyncGroup
 from rlhf.errors import ConfigError, WeightSyncError
@@ -278,21 +278,6 @@ class SleepBetweenRollouts(EngineMemory):
         if "weights" in self.asleep:
             self.engines.wake_up(["weights"])
             self.asleep = tuple(tag for tag in self.asleep if tag != "weights")
-
-
-def engine_resources(rollout_cfg: RolloutConfig, cluster_cfg: ClusterConfig) -> ResourceConfig:
-    """One engine's placement bundle: `cluster.rollout`, with tensor_parallel_size whole GPUs for TP > 1."""
-    tp, resources = rollout_cfg.tensor_parallel_size, cluster_cfg.rollout
-    if tp == 1:
-        return resources
-    if cluster_cfg.device != "cuda" or rollout_cfg.backend != "vllm":
-        raise ConfigError(f"rollout.tensor_parallel_size {tp} needs backend vllm on cluster.device cuda")
-    if resources.num_gpus != 1:
-        raise ConfigError(
-            f"rollout.tensor_parallel_size {tp} gives each engine {tp} whole GPUs; set cluster.rollout.num_gpus=1 "
-            f"(the per-shard share), got {resources.num_gpus}"
-        )
-    return ResourceConfig(num_cpus=resources.num_cpus, num_gpus=tp)
 
 
 def weights_digest(model: Any) -> str:

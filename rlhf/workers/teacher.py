@@ -5,8 +5,8 @@ teacher's top-k tokens, their ids, and the log of the remaining mass as a tail b
 vocabulary costs 2k + 1 numbers per token instead of V; with ``top_k = 0`` or ``top_k >= V`` (a
 small vocabulary) the full ``[B, R, V]`` log-probabilities ship and the losses are exact.
 
-No optimizer and no DeepSpeed (like the reference model): each actor holds the whole teacher, so
-teacher actors need no collective and can be colocated with other roles.
+No optimizer (like the reference model): each actor holds the whole teacher, so teacher actors
+need no collective and can be colocated with other roles.
 """
 
 from __future__ import annotations
@@ -19,11 +19,9 @@ from torch import Tensor
 
 from rlhf.algorithms.token_support import teacher_support
 from rlhf.data.batch import RolloutBatch
-from rlhf.models.loading import load_causal_lm
 from rlhf.models.logprobs import response_logits
 from rlhf.workers.frozen import FrozenModelWorker
 from rlhf.workers.group import dispatch
-from rlhf.workers.trainable import device_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -56,30 +54,22 @@ class TeacherWorker(FrozenModelWorker):
     @dispatch("broadcast", collect="first")
     def init_model(self, model_path: str) -> dict[str, int]:
         """Load the teacher; returns {"num_parameters", "vocab_size"} (the width of its logits)."""
-        model = load_causal_lm(
-            model_path,
-            dtype=self.model_cfg.dtype,
-            trust_remote_code=self.model_cfg.trust_remote_code,
-            use_safetensors=self.model_cfg.use_safetensors,
-        )
-        model.requires_grad_(False)
-        self.model = model.eval().to(self.device)
-        return {
-            "num_parameters": sum(p.numel() for p in model.parameters()),
-            "vocab_size": int(model.get_output_embeddings().weight.shape[0]),
-        }
+        counts = self._hold_causal_lm(model_path)
+        weight = self._require_model().get_output_embeddings().weight
+        return {**counts, "vocab_size": int(getattr(weight, "ds_shape", weight.shape)[0])}
 
     @dispatch("split_dp", collect="list")
     def compute_support(self, batch: RolloutBatch, top_k: int, temperature: float = 1.0) -> TeacherSupport:
         """The teacher's top-k (+ tail) or full distribution at every response position of this shard."""
-        if self.model is None:
-            raise RuntimeError(f"{self.role} rank {self.rank}: call init_model first")
-        logprobs, token_ids = [], []
-        with torch.no_grad():
-            for micro in device_chunks(batch, self.micro_batch_size, self.device):
-                support, ids = teacher_support(response_logits(self.model, micro), top_k=top_k, temperature=temperature)
-                logprobs.append(support.cpu())
-                token_ids.append(None if ids is None else ids.to(torch.int32).cpu())
+        model = self._require_model()
+
+        def support(micro: RolloutBatch) -> tuple[Tensor, Tensor | None]:
+            logprobs, ids = teacher_support(response_logits(model, micro), top_k=top_k, temperature=temperature)
+            return logprobs.cpu(), None if ids is None else ids.to(torch.int32).cpu()
+
+        logprobs, token_ids = zip(
+            *(out for _, out in self._forward_micro_batches(batch, support))
+        )  # rows in order: padded
         return TeacherSupport(
             logprobs=torch.cat(logprobs),
             token_ids=None if token_ids[0] is None else torch.cat(token_ids),  # type: ignore[arg-type]

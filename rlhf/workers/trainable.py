@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -42,7 +42,7 @@ from rlhf.data.token_budget import (
     spread_bins,
     token_budget_bins,
 )
-from rlhf.engines.train_engine import TrainEngine, gradient_accumulation_steps
+from rlhf.engines.train_engine import TrainEngine, deepspeed_config, gradient_accumulation_steps
 from rlhf.errors import CheckpointError, ConfigError, DataError
 from rlhf.utils.distributed import torch_backend
 from rlhf.utils.seeding import seed_everything
@@ -74,6 +74,18 @@ class TrainableWorker(Worker):
         self.setup_distributed(torch_backend(self.cluster_cfg.device), self.cluster_cfg.collective_timeout_s)
         # Identical initial weights on every rank (fresh heads, LoRA A matrices) ...
         seed_everything(self.seed)
+
+    def _zero3_config(self) -> Optional[dict[str, Any]]:
+        """The engine's DeepSpeed config when it partitions parameters (zero_stage 3), else None.
+
+        Models are built for it inside deepspeed.zero.Init (rlhf.models.zero3), so no rank holds the
+        whole model. Call after `_setup_distributed`.
+        """
+        if self.train_cfg.zero_stage != 3:
+            return None
+        return deepspeed_config(
+            self.train_cfg, dp=self.world_size, bf16=self.dtype == torch.bfloat16, device=self.cluster_cfg.device
+        )
 
     def _build_engine(self, module: torch.nn.Module, num_training_steps: Optional[int]) -> None:
         self.engine = TrainEngine(
@@ -192,7 +204,13 @@ def device_chunks(batch: RolloutBatch, size: int, device: torch.device) -> Itera
 
 
 def micro_batches(
-    batch: RolloutBatch, size: int, max_tokens: Optional[int], device: torch.device, *, field: str
+    batch: RolloutBatch,
+    size: int,
+    max_tokens: Optional[int],
+    device: torch.device,
+    *,
+    field: str,
+    even_out: bool = True,
 ) -> list[tuple[list[int], MicroBatch]]:
     """(rows of `batch`, micro-batch on `device`) pairs that cover every row once.
 
@@ -200,14 +218,15 @@ def micro_batches(
     one: packed micro-batches of at most `max_tokens` real tokens each, grouped first-fit
     decreasing (rlhf.data.token_budget; DataError naming `field` for a longer row). In a
     process group of several ranks their number is all-reduced (MAX) and a rank with fewer
-    splits its fullest bins (`spread_bins`), so every rank runs the same number of forwards.
+    splits its fullest bins (`spread_bins`), so every rank runs the same number of forwards
+    (`even_out=False`: the caller evens them out itself).
     """
     if not max_tokens:
         chunks = zip(range(0, len(batch), size), batch.chunks(size))
         return [(list(range(start, start + len(micro))), micro.to(device)) for start, micro in chunks]
     lengths = sequence_lengths(batch)
     bins = token_budget_bins(lengths, max_tokens, field=field)
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if even_out and dist.is_initialized() and dist.get_world_size() > 1:
         count = torch.tensor([len(bins)], device=device)
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
         bins = spread_bins(bins, lengths, int(count))

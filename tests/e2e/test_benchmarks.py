@@ -12,14 +12,17 @@ import pytest
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPTS = ["weight_sync", "rl_step", "packing", "rollout_backends", "learning", "recipes", "trl_compare", "soak"]
+SCRIPTS = [
+    "weight_sync", "memory", "rl_step", "packing", "rollout_backends", "learning", "recipes", "trl_compare", "soak", "gpu_check",
+]  # fmt: skip
+EXTRA_ARGS = {"gpu_check": ["--device", "cpu"]}  # the GPU check's own path on the CPU debug cluster
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_benchmark_quick_writes_json(tmp_path, name):
     """`python -m benchmarks.<name> --quick --out <tmp>` exits 0 and writes <name>.json with its machine and results."""
     proc = subprocess.run(
-        [sys.executable, "-m", f"benchmarks.{name}", "--quick", "--out", str(tmp_path)],
+        [sys.executable, "-m", f"benchmarks.{name}", "--quick", "--out", str(tmp_path), *EXTRA_ARGS.get(name, [])],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -65,8 +65,17 @@ TOKEN_BUDGETS = [f"{role}.max_tokens_per_micro_batch=96" for role in ("policy", 
     ids=["grpo-2-vllm", "grpo-3-hf", "ppo-2-hf", "ppo-3-vllm-token-budgets"],
 )
 def test_rl_stage_runs_end_to_end(tmp_path, stage, zero, backend, budgets):
-    """Sampling at temperature 0.7; the policy takes one optimizer step per RL step (train_batch_size 16)."""
+    """Sampling at temperature 0.7; the policy takes one optimizer step per RL step (train_batch_size 16).
+
+    Under ZeRO-3 the reference (PPO's KL term) is a ZeRO-3 group of 2 actors too, every parameter partitioned;
+    with the token budgets its ranks pack their shards and even out their forward passes.
+    """
     out = tmp_path / "run"
+    sharded_reference = [
+        "reference.num_workers=2",
+        "reference.zero_stage=3",
+        "reference.zero3_param_persistence_threshold=0",
+    ]
     proc = run_cli(
         tmp_path,
         *budgets,
@@ -78,11 +87,14 @@ def test_rl_stage_runs_end_to_end(tmp_path, stage, zero, backend, budgets):
         "policy.train_batch_size=16",
         "run.total_steps=2",
         f"run.output_dir={out}",
+        *(sharded_reference if zero == 3 else []),
     )
     assert_ok(proc)
     rows = read_metrics(out / "metrics.jsonl")
     steps = [r for r in rows if "reward/mean" in r and "policy/loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
+    if stage == "ppo":  # step 1 scores the initial weights twice: policy (old) and reference logprobs agree
+        assert abs(steps[0]["reward/kl_to_ref"]) < 1e-5
     for row in steps:
         assert row["timing/generate"] > 0 and row["timing/sync"] > 0
         assert row["weight_sync/mib"] > 0 and row["weight_sync/buckets"] >= 1
@@ -163,9 +175,11 @@ def test_failing_actor_stops_run_with_its_traceback(tmp_path):
     """A reward-model actor that cannot load its checkpoint stops the run: exit 2, role named, remote traceback."""
     broken = tmp_path / "broken-rm"
     broken.mkdir()
+    from rlhf.models.loading import load_tokenizer
     from rlhf.models.tiny import tiny_config
 
-    config = tiny_config("qwen2", vocab_size=64)
+    # made for the policy's tokenizer, so the start-up tokenizer check passes and the actor's load fails
+    config = tiny_config("qwen2", vocab_size=len(load_tokenizer("tiny")))
     config.architectures = ["Qwen2ForSequenceClassification"]
     config.num_labels = 1
     config.save_pretrained(broken)

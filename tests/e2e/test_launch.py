@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -15,7 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,15 +77,15 @@ def _processes() -> dict[int, tuple[int, str]]:
     return found
 
 
-def stop_head(temp_dir: str, gcs_port: int, grace_s: float = 5.0) -> None:
-    """Stop the Ray head this test started, and only it.
+def stop_ray(temp_dirs: Sequence[str], gcs_port: int, grace_s: float = 5.0) -> None:
+    """Stop the Ray nodes this test started, and only them.
 
     `ray stop` would end every Ray process of this user on the machine (other tests' and other
-    people's clusters too) and takes no --temp-dir, so: the processes whose command line names this
-    head's temp dir or GCS port, plus all their descendants (workers, the job's driver), by pid.
+    people's clusters too) and takes no --temp-dir, so: the processes whose command line names one of
+    these nodes' temp dirs or the GCS port, plus all their descendants (workers, the job's driver), by pid.
     """
     procs = _processes()
-    tree = {pid for pid, (_, cmd) in procs.items() if temp_dir in cmd or f":{gcs_port}" in cmd}
+    tree = {pid for pid, (_, cmd) in procs.items() if f":{gcs_port}" in cmd or any(d in cmd for d in temp_dirs)}
     grown = True
     while grown:
         children = {pid for pid, (parent, _) in procs.items() if parent in tree} - tree
@@ -117,10 +119,11 @@ class RayHead:
     env: dict[str, str]
 
 
-@pytest.fixture(scope="module")
-def ray_head() -> Iterator[RayHead]:
-    """`ray start --head` on free ports with a short temp dir of its own (socket paths must stay < 108 chars)."""
-    temp_dir = tempfile.mkdtemp(prefix="rlhf-head-")
+@contextmanager
+def ray_nodes(head_cpus: int, worker_cpus: Sequence[int] = ()) -> Iterator[RayHead]:
+    """`ray start --head` and one `ray start --address` per entry of `worker_cpus`, on free ports, each node
+    with a short temp dir of its own (socket paths must stay < 108 chars): several Ray nodes on this machine."""
+    temp_dirs = [tempfile.mkdtemp(prefix="rlhf-head-")] + [tempfile.mkdtemp(prefix="rlhf-node-") for _ in worker_cpus]
     gcs, dashboard, client, agent = free_ports(4)
     env = {
         **os.environ,
@@ -128,19 +131,41 @@ def ray_head() -> Iterator[RayHead]:
         "RAY_USAGE_STATS_ENABLED": "0",
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    cmd = [
-        RAY, "start", "--head", "--num-cpus=8", f"--port={gcs}",
+    head = [
+        RAY, "start", "--head", f"--num-cpus={head_cpus}", f"--port={gcs}",
         "--include-dashboard=true", f"--dashboard-port={dashboard}",
         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
-        f"--temp-dir={temp_dir}", "--object-store-memory=500000000", "--disable-usage-stats",
+        f"--temp-dir={temp_dirs[0]}", "--object-store-memory=300000000", "--disable-usage-stats",
     ]  # fmt: skip
+    workers = []
+    for cpus, temp_dir in zip(worker_cpus, temp_dirs[1:]):
+        ports = free_ports(6)
+        workers.append([
+            RAY, "start", f"--address=127.0.0.1:{gcs}", f"--num-cpus={cpus}", f"--temp-dir={temp_dir}",
+            f"--node-manager-port={ports[0]}", f"--object-manager-port={ports[1]}",
+            f"--dashboard-agent-listen-port={ports[2]}", f"--dashboard-agent-grpc-port={ports[3]}",
+            f"--metrics-export-port={ports[4]}", f"--runtime-env-agent-port={ports[5]}",
+            "--object-store-memory=100000000", "--disable-usage-stats",
+        ])  # fmt: skip
     try:
-        started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        started = subprocess.run(head, env=env, capture_output=True, text=True, timeout=120)
         assert started.returncode == 0, f"ray start failed\n{started.stdout}\n{started.stderr}"
+        joining = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for cmd in workers]
+        for proc in joining:  # the workers join together
+            out, _ = proc.communicate(timeout=120)
+            assert proc.returncode == 0, f"ray start (worker) failed\n{out.decode(errors='replace')}"
         yield RayHead(address=f"http://127.0.0.1:{dashboard}", gcs_address=f"127.0.0.1:{gcs}", env=env)
     finally:
-        stop_head(temp_dir, gcs)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        stop_ray(temp_dirs, gcs)
+        for temp_dir in temp_dirs:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[RayHead]:
+    """One Ray node with 8 logical CPUs, started with `ray start --head`."""
+    with ray_nodes(head_cpus=8) as head:
+        yield head
 
 
 def ray_job(head: RayHead, *args: str, timeout: int = 60) -> subprocess.CompletedProcess:
@@ -149,33 +174,52 @@ def ray_job(head: RayHead, *args: str, timeout: int = 60) -> subprocess.Complete
     )
 
 
+ENDED = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def job_status(head: RayHead, submission_id: str) -> str:
+    """PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED, as `ray job status` words them (ray/dashboard/modules/job/cli.py)."""
+    proc = ray_job(head, "status", submission_id)
+    out = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout + proc.stderr)  # the CLI colours its output
+    job = f"Job '{submission_id}'"
+    for status, words in (("SUCCEEDED", "succeeded"), ("FAILED", "failed"), ("STOPPED", "was stopped")):
+        if f"{job} {words}" in out:
+            return status
+    found = re.findall(rf"Status for job '{re.escape(submission_id)}': (\w+)", out)
+    return found[-1] if found else "UNKNOWN"
+
+
 def wait_for_job(head: RayHead, submission_id: str, timeout_s: float) -> str:
     deadline = time.monotonic() + timeout_s
-    status = "UNKNOWN"
     while time.monotonic() < deadline:
-        out = ray_job(head, "status", submission_id).stdout
-        for status in ("SUCCEEDED", "FAILED", "STOPPED"):
-            if f"Job '{submission_id}' {status.lower()}" in out or f"status: {status}" in out:
-                return status
+        status = job_status(head, submission_id)
+        if status in ENDED:
+            return status
         time.sleep(2)
     ray_job(head, "stop", submission_id)
     return "TIMEOUT"
 
 
-def test_ray_job_submit_runs_tiny_grpo(ray_head, tmp_path):
-    out = tmp_path / "run"
-    submission_id = f"rlhf-test-{os.getpid()}-{int(time.time())}"
+def submit_job(head: RayHead, overrides: Sequence[str], cwd: Path) -> str:
+    """`launch/submit.py --no-wait ... -- <overrides>`; the submission id."""
+    submission_id = f"rlhf-test-{os.getpid()}-{time.monotonic_ns()}"
     submit = subprocess.run(
         [
             sys.executable, str(REPO / "launch" / "submit.py"),
-            "--address", ray_head.address, "--python", sys.executable,
-            "--submission-id", submission_id, "--no-wait",
-            "--", *TINY, "run.total_steps=2", f"run.output_dir={out}",
+            "--address", head.address, "--python", sys.executable,
+            "--submission-id", submission_id, "--no-wait", "--", *overrides,
         ],
-        cwd=tmp_path, env=ray_head.env, capture_output=True, text=True, timeout=120,
+        cwd=cwd, env=head.env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert submit.returncode == 0, submit.stdout + submit.stderr
     assert submission_id in submit.stdout + submit.stderr
+    return submission_id
+
+
+@pytest.mark.slow  # the multi-node job below submits through the same path (and stops and resumes)
+def test_ray_job_submit_runs_tiny_grpo(ray_head, tmp_path):
+    out = tmp_path / "run"
+    submission_id = submit_job(ray_head, [*TINY, "run.total_steps=2", f"run.output_dir={out}"], tmp_path)
 
     status = wait_for_job(ray_head, submission_id, timeout_s=140)
     logs = ray_job(ray_head, "logs", submission_id).stdout
@@ -186,6 +230,71 @@ def test_ray_job_submit_runs_tiny_grpo(ray_head, tmp_path):
     steps = [r for r in rows if "reward/mean" in r and "policy/loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
     assert (out / "final" / "config.json").exists()
+
+
+# cluster=multi_node on CPUs and shrunk: 2 policy ranks (ZeRO-3, bf16, PACK as the preset says), 1 engine, 1 CPU each.
+MULTI_NODE = [
+    "cluster=multi_node", "cluster.device=cpu",
+    "cluster.policy.num_cpus=1", "cluster.policy.num_gpus=0", "cluster.rollout.num_cpus=1", "cluster.rollout.num_gpus=0",
+    "policy.num_workers=2", "rollout.num_engines=1", *TINY, "run.save_every=1", "run.plots=false",
+]  # fmt: skip
+
+
+def wait_for_checkpoint(head: RayHead, submission_id: str, output_dir: Path, timeout_s: float) -> None:
+    """Until the running job has written a complete checkpoint (older ones are pruned: any will do)."""
+    deadline = time.monotonic() + timeout_s
+    while not list((output_dir / "checkpoints").glob("step_*/trainer_state.json")):
+        status = job_status(head, submission_id)
+        if time.monotonic() > deadline or status in ENDED:
+            logs = ray_job(head, "logs", submission_id).stdout
+            pytest.fail(f"no checkpoint in {output_dir} (job {status})\n--- ray job logs\n{logs[-8000:]}")
+        time.sleep(1)
+
+
+def test_multi_node_job_places_roles_by_node_syncs_collectively_and_resumes_after_stop(tmp_path):
+    """`cluster=multi_node` through launch/submit.py on four Ray nodes of this machine: a head that only hosts the
+    driver (0 CPUs) and three 1-CPU nodes, each with its own temp dir. PACK cannot fit the policy's 2 ranks on one
+    node, so they take two (the fewest possible) and the engine the third. The engine is not on the trainer rank 0's
+    node, so weight_sync_transport=auto must take the collective although every node shares this machine's
+    /dev/shm. tmp_path is the shared filesystem: every rank writes its checkpoint shards there. The job is stopped
+    with `ray job stop` after its first checkpoint; a new job with run.resume=auto continues from the newest one.
+    """
+    out = tmp_path / "run"
+    with ray_nodes(head_cpus=0, worker_cpus=[1, 1, 1]) as head:
+        first = submit_job(head, [*MULTI_NODE, "run.total_steps=50", f"run.output_dir={out}"], tmp_path)
+        wait_for_checkpoint(head, first, out, timeout_s=240)
+        stopped = ray_job(head, "stop", first, timeout=120)
+        assert wait_for_job(head, first, timeout_s=60) == "STOPPED", stopped.stdout + stopped.stderr
+
+        layout = json.loads((out / "placement.json").read_text())
+        nodes = layout["nodes"]
+        head_node = next(n for n, info in nodes.items() if "node:__internal_head__" in info["resources"])
+        workers = {n for n, info in nodes.items() if info["resources"].get("CPU") == 1.0}
+        assert len(nodes) == 4 and len(workers) == 3 and head_node not in workers
+        assert layout["driver_node_id"] == head_node
+        policy_nodes = [r["node_id"] for r in layout["roles"]["policy"]]
+        engine_nodes = [r["node_id"] for r in layout["roles"]["rollout"]]
+        assert len(set(policy_nodes)) == 2 and set(policy_nodes) <= workers  # PACK: as few nodes as fit 2 ranks
+        assert len(engine_nodes) == 1 and engine_nodes[0] in workers - set(policy_nodes)
+        assert layout["weight_sync"] == {"transport": "collective", "backend": "gloo"}
+
+        rows = read_metrics(out / "metrics.jsonl")
+        assert rows and all(r["weight_sync/shm"] == 0.0 for r in rows if "weight_sync/shm" in r)
+        checkpoint = max((out / "checkpoints").glob("step_*"))
+        assert {p.name for p in (checkpoint / "policy" / "state").glob("*optim_states.pt")} == {
+            f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in (0, 1)
+        }  # both ranks' ZeRO-3 shards, written from two nodes, in one directory
+        step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+
+        overrides = [*MULTI_NODE, f"run.total_steps={step + 1}", "run.resume=auto", f"run.output_dir={out}"]
+        second = submit_job(head, overrides, tmp_path)
+        status = wait_for_job(head, second, timeout_s=240)
+        logs = ray_job(head, "logs", second).stdout
+        assert status == "SUCCEEDED", f"job {status}\n--- ray job logs\n{logs[-8000:]}"
+    assert f"resuming from {checkpoint} (step {step})" in logs
+    resumed = [r["step"] for r in read_metrics(out / "metrics.jsonl")[len(rows) :] if "policy/loss" in r]
+    assert resumed == [step + 1]  # from the checkpoint's step, not from step 0
+    assert (out / "final" / "model.safetensors").exists()
 
 
 def check_kl_sweep(sweep: Path, tmp_path: Path) -> None:

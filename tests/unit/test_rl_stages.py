@@ -98,3 +98,32 @@ def test_the_reward_budget_serves_every_stage_that_scores_samples():
     )
     with pytest.raises(ConfigError, match=r"eval_sampling.max_new_tokens 32 = 96 tokens; set it to at least 96"):
         validate(cfg)
+
+
+def test_sharded_reference_and_reward_model_validate():
+    cfg = compose("stage=ppo", "reference.num_workers=2", "reference.zero_stage=3", "reward.zero_stage=3")
+    validate(cfg)
+    assert (cfg.reference.num_workers, cfg.reference.zero_stage, cfg.reward.zero_stage) == (2, 3, 3)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["reference.zero_stage=2"], r"reference.zero_stage=2 is not one of 0, 3"),
+        (["reward.zero_stage=1"], r"reward.zero_stage=1 is not one of 0, 3"),
+        (["reference.num_workers=0"], r"reference.num_workers must be >= 1 \(got 0\)"),
+        (["reference.num_workers=3"], r"= 16 rows per step cannot be split into reference.num_workers 3 equal shards"),
+        (
+            ["reward.model_path=tiny", "reward.num_workers=3"],
+            r"= 16 rows per step cannot be split into reward.num_workers 3 equal shards",
+        ),
+        (["stage=dpo", "reference.zero_stage=3"], r"stage=dpo runs one whole reference actor"),
+    ],
+)
+def test_bad_reference_or_reward_group_is_refused(overrides, message):
+    # 4 prompts × 4 samples = 16 rows per step, one optimizer step of 16
+    sizes = ["run.rollout_batch_size=4", "rollout.n_samples_per_prompt=4"]
+    sizes += ["policy.train_batch_size=16", "critic.train_batch_size=16"]
+    cfg = compose("stage=ppo", *sizes, *overrides)
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)

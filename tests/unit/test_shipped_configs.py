@@ -3,8 +3,9 @@
 Checked for each is what `rlhf` / `rlhf-pipeline` do before Ray starts: rlhf.cli.check_group_overrides,
 Hydra's compose with the hydra node (so sweep and launcher overrides are checked too),
 rlhf.cli.to_config, rlhf.config.validate (types, ranges, batch arithmetic, model and dataset paths;
-machine-independent, so GPU presets validate here) and the lookup of the reward functions that the
-run's preparation does (rlhf.rewards.pipeline.function_term). Pipelines go through
+machine-independent, so GPU presets validate here), the lookup of the reward functions that the
+run's preparation does (rlhf.rewards.pipeline.function_term) and, with run.plan=true, the sizing plan
+(rlhf.plan.build_plan, which refuses layouts that cannot fit). Pipelines go through
 rlhf.pipeline.load_pipeline and compose_step, as `rlhf-pipeline` does.
 
 Documented commands come from the fenced code blocks of README.md and docs/*.md and from launch/
@@ -227,6 +228,10 @@ def _compose_checked(overrides: tuple[str, ...]) -> RLHFConfig:
     cfg = to_config(raw)
     validate(cfg)
     check_reward_functions(cfg)
+    if cfg.run.plan:  # `rlhf run.plan=true ...` builds the sizing plan (and may refuse the layout) instead of starting
+        from rlhf.plan import build_plan
+
+        build_plan(cfg)
     return cfg
 
 

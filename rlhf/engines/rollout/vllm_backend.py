@@ -7,7 +7,7 @@ DeepSpeed trainer (the CPU engine pins OpenMP threads).
 
 Tensor parallelism (GPU only): with tensor_parallel_size > 1 the shards live in worker
 processes that vLLM starts on the GPUs of the engine's actor (its bundle holds that many GPUs,
-see `rlhf.workers.rollout.engine_resources`). The actor still holds one weight-sync rank and
+see `rlhf.config.engine_resources`). The actor still holds one weight-sync rank and
 forwards what it received to its shards with `collective_rpc`, which copies every tensor
 through vLLM's RPC. This path is not exercised by the tests (vLLM for CUDA cannot be installed
 on the test machines).

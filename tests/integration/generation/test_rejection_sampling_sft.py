@@ -1,10 +1,14 @@
 """Rejection-sampling fine-tuning (RFT, arXiv:2308.01825) on the tiny world, end to end on one runtime:
 
 best-of-8 samples of "tiny" on 512 train prompts, correct ones only (generate.keep=best) → SFT on
-that set (stage=sft, data.train=<generated>/sft) → sampled accuracy on held-out tiny:eval prompts
-rises over the starting model's. Both evaluations draw the same seeded samples per prompt, so the
-difference is not sampling noise. Measured (159 eval prompts × 8 samples, 347 SFT rows): pass@1
-0.348 → 0.374, pass@8 0.610 → 0.642, greedy accuracy 0.409 → 0.415.
+that set (stage=sft, data.train=<generated>/sft, 6 epochs) → sampled accuracy (pass@1) on held-out
+tiny:eval prompts rises over the starting model's. Both evaluations draw the same seeded samples per
+prompt, so the difference is not sampling noise. Measured 2026-12 (159 eval prompts × 8 samples, 347
+SFT rows, SFT seeds 0/1/2/3): pass@1 0.348 → 0.388 / 0.382 / 0.385 / 0.385, so the margin 0.015 is
+under half the smallest gain (0.034). pass@8 (0.610 → 0.648 / 0.616 / 0.648 / 0.635) is printed,
+not asserted: on 159 prompts its gain is a prompt or two on some seeds, and fine-tuning on a model's
+own best samples sharpens pass@1 rather than pass@k. With the earlier 2 epochs the pass@1 gain was
++0.026 for seed 0 but +0.009, under the margin, for seed 1.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def test_sft_on_best_of_n_raises_accuracy(ray_cluster, tmp_path):
 
     sft_dir = tmp_path / "sft"
     sft = compose_config(
-        "sft", sft_dir, f"data.train={gen / 'sft'}", "data.eval=null", "offline.epochs=2", "offline.eval_at_start=false",
+        "sft", sft_dir, f"data.train={gen / 'sft'}", "data.eval=null", "offline.epochs=6", "offline.eval_at_start=false",
         "policy.num_workers=1", "policy.train_batch_size=16", "policy.micro_batch_size=8",
         "policy.optim.lr=1e-4", "policy.optim.warmup_steps=0", "policy.optim.scheduler=constant",
         "run.eval_every=0", "run.tensorboard=false", "run.plots=false",
@@ -52,4 +56,3 @@ def test_sft_on_best_of_n_raises_accuracy(ray_cluster, tmp_path):
     after = evaluate_model(compose_config("eval", tmp_path / "after", *EVAL), str(sft_dir / "final"))
     print(f"{len(sft_rows)} SFT rows; before {before}; after {after}")
     assert after["eval/pass@1"] > before["eval/pass@1"] + 0.015
-    assert after["eval/pass@8"] > before["eval/pass@8"]

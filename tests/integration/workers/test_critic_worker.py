@@ -1,4 +1,5 @@
-"""CriticWorker on 2 ranks (ZeRO-1): value alignment, clipped value-loss updates, HF export.
+"""CriticWorker on 2 ranks (ZeRO-3, every parameter partitioned, the backbone built inside zero.Init):
+value alignment, clipped value-loss updates, HF export.
 
 Values are compared with a single-process ValueModel (same checkpoint, same head seed) at 1e-5 in
 float32, on a batch with left-padded prompts and right-padded responses.
@@ -22,7 +23,12 @@ SEED = 7
 @pytest.fixture(scope="module")
 def critic(ray_session, tiny_model_path):
     train_cfg = TrainConfig(
-        num_workers=2, zero_stage=1, micro_batch_size=2, train_batch_size=8, optim=OptimConfig(lr=1e-3)
+        num_workers=2,
+        zero_stage=3,
+        zero3_param_persistence_threshold=0,
+        micro_batch_size=2,
+        train_batch_size=8,
+        optim=OptimConfig(lr=1e-3),
     )
     group = WorkerGroup(
         CriticWorker,

@@ -22,6 +22,7 @@ from rlhf.algorithms import POLICY_LOSSES, aggregate, entropy_from_logits, kl_lo
 from rlhf.config import AlgorithmConfig, ClusterConfig, ModelConfig, OptimConfig, ResourceConfig, TrainConfig
 from rlhf.engines.weight_sync import WeightSyncGroup
 from rlhf.models.logprobs import response_logits, response_logprobs
+from rlhf.models.peft_utils import load_base_model
 from rlhf.workers.group import Worker, WorkerGroup
 from rlhf.workers.policy import PolicyWorker
 
@@ -119,11 +120,23 @@ def _resident_and_full_numel(worker) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(getattr(p, "ds_numel", p.numel()) for p in params)
 
 
-def test_zero3_really_partitions(policy):
+def _loaded_numel(worker, path: str) -> tuple[int, int]:
+    """(elements held in the parameters, full elements) of `path` loaded as init_model loads it, before
+    any engine: under ZeRO-3 built inside deepspeed.zero.Init (runs in the actor, collective)."""
+    model = load_base_model(path, worker.model_cfg, dtype=worker.dtype, zero3_config=worker._zero3_config())
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(getattr(p, "ds_numel", p.numel()) for p in params)
+
+
+def test_zero3_really_partitions(policy, tiny_model_path):
     name, group = policy
     for resident, full in ray.get([a.__ray_call__.remote(_resident_and_full_numel) for a in group.actors]):
         assert full > 400_000
         assert resident == (0 if name == "zero3" else full)  # ZeRO-3 keeps only ds_tensor shards
+    # and no rank held the whole model before DeepSpeed started either
+    loads = ray.get([a.__ray_call__.remote(_loaded_numel, tiny_model_path) for a in group.actors])
+    for resident, full in loads:
+        assert resident == (0 if name == "zero3" else full)
 
 
 def test_compute_logprobs_matches_single_process_forward(policy, tiny_model_path, batch_factory):
@@ -184,6 +197,28 @@ def test_save_hf_and_weight_sync_carry_the_gathered_weights(policy, tmp_path, ba
     for name, tensor in saved.items():
         assert torch.equal(received[name], tensor), name
     assert stats["weight_sync/buckets"] > 1 and stats["weight_sync/tensors"] == len(saved)
+
+
+def _exported_copies(worker) -> list[str]:
+    """Names that iter_full_parameters yields as a copy instead of a view of the (gathered) parameter,
+    plus any parameter left gathered afterwards; runs in the actor (every rank takes part)."""
+    params = dict(worker.engine.module.named_parameters())
+    copies = []
+    for name, tensor in worker.engine.iter_full_parameters(bucket_bytes=1 << 16):
+        param = params[name]
+        if tensor.data_ptr() != param.data_ptr() or tensor.shape != getattr(param, "ds_shape", param.shape):
+            copies.append(name)
+    if any(getattr(p, "ds_numel", 0) and p.data.numel() for p in params.values()):
+        copies.append("<a parameter stayed gathered>")
+    return copies
+
+
+def test_export_yields_the_gathered_parameters_without_a_copy(policy):
+    # ZeRO-3 yields inside the gather: the consumer (shm segment, broadcast buffer, safetensors file)
+    # reads the gathered buffer itself, so the transfer makes one copy and not two
+    _, group = policy
+    rank0, rank1 = ray.get([a.__ray_call__.remote(_exported_copies) for a in group.actors])
+    assert rank0 == [] and rank1 == []
 
 
 def test_checkpoint_restores_weights_and_optimizer(policy, tiny_model_path, tmp_path, batch_factory):

@@ -5,6 +5,7 @@ The workers here are light (no model), so these tests take a few seconds.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -16,6 +17,7 @@ import torch
 from rlhf.config import ResourceConfig
 from rlhf.data.batch import RolloutBatch
 from rlhf.errors import ConfigError, WorkerError
+from rlhf.trainers.roles import PLACEMENT_FILE, check_shared_output_dir, write_placement
 from rlhf.workers.group import Worker, WorkerGroup, create_placement_group, dispatch
 
 # Ray workers cannot import test modules: ship the worker classes by value.
@@ -101,6 +103,14 @@ class OtherWorker(Worker):
     @dispatch("broadcast", collect="list")
     def echo(self, value):
         return value
+
+
+class NodeLocalDiskWorker(EchoWorker):
+    """A rank on a node that does not mount the driver's storage: every path resolves in a tree of its own."""
+
+    @dispatch("broadcast", collect="list")
+    def read_text(self, path: str):
+        return super().read_text(f"/nonexistent-node-local-disk{path}")
 
 
 def _rows(n: int) -> RolloutBatch:
@@ -240,6 +250,30 @@ def test_roles_share_bundles_of_one_placement_group(ray_session):
 def test_unplaceable_group_fails_fast(ray_session):
     with pytest.raises(WorkerError, match="could not be placed"):
         create_placement_group([{"CPU": 64.0}], "PACK", timeout_s=2, name="too-big")
+
+
+def test_output_dir_must_be_seen_by_every_trained_rank_and_placement_is_recorded(echo_group, tmp_path):
+    out = tmp_path / "run"
+    check_shared_output_dir(out, {"policy": echo_group, "critic": None})  # one node: every rank sees it
+    assert list(out.iterdir()) == []  # the marker is gone again
+    blind = WorkerGroup(NodeLocalDiskWorker, role="critic", num_workers=1, resources=ResourceConfig(num_cpus=0.25),
+                        init_args=("b",))  # fmt: skip
+    try:
+        with pytest.raises(ConfigError) as error:
+            check_shared_output_dir(out, {"policy": echo_group, "critic": blind})
+        message = str(error.value)
+        assert f"run.output_dir {out} is not on a filesystem every node sees: critic rank 0 (node " in message
+        assert "policy" not in message.split("cannot read")[0] and "shared storage" in message
+        assert list(out.iterdir()) == []
+
+        layout = write_placement(out, {"echo": echo_group, "critic": blind}, {"transport": "shm", "backend": "gloo"})
+    finally:
+        blind.shutdown()
+    assert json.loads((out / PLACEMENT_FILE).read_text()) == layout
+    (node,) = [n["NodeID"] for n in ray.nodes() if n["Alive"]]  # the session cluster is one node
+    assert layout["driver_node_id"] == node and set(layout["nodes"]) == {node}
+    assert [(r["rank"], r["node_id"]) for r in layout["roles"]["echo"]] == [(0, node), (1, node), (2, node)]
+    assert [r["rank"] for r in layout["roles"]["critic"]] == [0] and layout["weight_sync"]["transport"] == "shm"
 
 
 def test_run_deterministic_switches_every_actor_it_starts(ray_session):

@@ -31,6 +31,17 @@ def _named_tensors(seed: int) -> list[tuple[str, torch.Tensor]]:
     return tensors
 
 
+def _through_one_buffer(tensors: list[tuple[str, torch.Tensor]]):
+    """Yield each tensor as a view of one scratch buffer that the next tensor overwrites, as a released
+    ZeRO-3 bucket is reused: a sender that kept a reference instead of copying at once would send garbage."""
+    scratch = torch.empty(max(t.numel() * t.element_size() for _, t in tensors), dtype=torch.uint8)
+    for name, tensor in tensors:
+        view = scratch[: tensor.numel() * tensor.element_size()].view(tensor.dtype).view(tensor.shape)
+        view.copy_(tensor)
+        yield name, view
+        scratch.fill_(255)  # NaN in every float dtype
+
+
 def _receiver(port: int, rounds: int, results: mp.Queue) -> None:
     try:
         group = WeightSyncGroup.create(
@@ -85,12 +96,12 @@ def test_round_trip_is_exact_across_buckets_and_dtypes():
     group = WeightSyncGroup.create("127.0.0.1", port, rank=0, world_size=2, backend="gloo", timeout_s=_JOIN_TIMEOUT_S)
     try:
         for seed in range(2):  # two rounds on one group: the handshake counter advances on both sides
-            stats = group.send(_named_tensors(seed), bucket_bytes=64 * 1024)
+            stats = group.send(_through_one_buffer(_named_tensors(seed)), bucket_bytes=64 * 1024)
             kind, names_match, mismatched, receiver_buckets = results.get(timeout=60)
             assert kind == "round"
             assert names_match and mismatched == []
             assert stats.num_tensors == 42
-            # fp32: 1 MiB tensor alone + the small ones around it; bf16: one bucket.
+            # a bucket closes at each dtype change; the 1 MiB tensor travels alone
             assert stats.num_buckets == receiver_buckets >= 3
         kind, message = results.get(timeout=60)
         assert kind == "timeout" and message is not None and "rank 0 to start sending" in message
@@ -106,9 +117,9 @@ def test_each_bucket_holds_one_dtype_and_big_tensors_travel_alone():
     group = WeightSyncGroup.create("127.0.0.1", port, rank=0, world_size=2, backend="gloo", timeout_s=_JOIN_TIMEOUT_S)
     tensors = [
         ("a", torch.zeros(10)),  # fp32 bucket 1
-        ("b", torch.zeros(10, dtype=torch.bfloat16)),  # bf16 bucket (kept open while fp32 flows)
-        ("big", torch.zeros(1000)),  # 4000 B > 1024 B: closes bucket 1, travels alone
-        ("c", torch.zeros(10)),  # closes "big"; fp32 bucket 3
+        ("b", torch.zeros(10, dtype=torch.bfloat16)),  # another dtype: closes bucket 1, opens a bf16 one
+        ("big", torch.zeros(1000)),  # closes the bf16 bucket; 4000 B > 1024 B: travels alone
+        ("c", torch.zeros(10)),  # closes "big"; fp32 bucket 4
     ]
     try:
         stats = group.send(tensors, bucket_bytes=1024)

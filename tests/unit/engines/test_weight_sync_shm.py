@@ -13,11 +13,14 @@ import pytest
 import torch
 
 from rlhf.engines import shm_sync
-from rlhf.engines.shm_sync import ALIGN, PREFIX, ShmSegment, read_bucket, remove_stale, write_bucket
-from rlhf.engines.weight_sync import WeightSyncGroup, free_port
+from rlhf.engines.shm_sync import ALIGN, PREFIX, SegmentBuckets, ShmSegment, read_bucket, remove_stale
+from rlhf.engines.weight_sync import SyncStats, WeightSyncGroup, free_port, pack_buckets
 from rlhf.errors import WeightSyncError
 
 _JOIN_TIMEOUT_S = 60.0  # covers the child's torch import on a busy 2-core machine
+# Every process here is on one node. Named explicitly: `node_id()` is Ray's node id in a process where an
+# earlier test started Ray (this one) and the hostname in a fresh child, which would look like two nodes.
+_NODE = "this-machine"
 
 
 def _mixed_buckets() -> list[list[tuple[str, torch.Tensor]]]:
@@ -41,27 +44,32 @@ def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
+def _write_stream(segment: ShmSegment, tensors: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[dict]:
+    """The sender's streaming write (pack_buckets into the segment); the published bucket headers."""
+    headers: list[dict] = []
+    pack_buckets(tensors, bucket_bytes, SegmentBuckets(segment, headers.append), SyncStats())
+    return headers
+
+
 def test_segment_round_trip_is_byte_exact_for_mixed_dtypes_and_grows(tmp_path):
-    writer = ShmSegment.create(ALIGN, str(tmp_path))  # one page: every later bucket grows it
+    writer = ShmSegment.create(ALIGN, str(tmp_path))  # one page: the stream grows it
     reader = ShmSegment.open(writer.path, writer.token)
     writer.unlink()
     assert list(tmp_path.iterdir()) == []  # the name is gone, the memory is not
-    offset, headers = 0, []
-    for bucket in _mixed_buckets() + [[("big", torch.arange(3 * ALIGN, dtype=torch.float32))]]:
-        header = write_bucket(writer, offset, bucket)
-        assert header["offset"] % ALIGN == 0
-        offset = shm_sync.aligned(offset + header["numel"] * bucket[0][1].element_size())
-        headers.append((header, bucket))
-    assert writer.size >= offset > ALIGN
-    for header, bucket in headers:
-        received = read_bucket(reader, header)
-        assert [n for n, _ in received] == [n for n, _ in bucket]
-        for (_, got), (_, sent) in zip(received, bucket):
-            assert _same_bytes(got, sent)
-            assert got.data_ptr() % shm_sync.TENSOR_ALIGN == 0  # an engine may adopt it as a weight
-    # zero-copy: the reader's views see the writer's next write in place
-    view = read_bucket(reader, headers[0][0])[0][1]
-    write_bucket(writer, 0, [("f32.a", torch.full((3, 5), 7.0))])
+    tensors = [t for bucket in _mixed_buckets() for t in bucket]
+    tensors.append(("big", torch.arange(3 * ALIGN, dtype=torch.float32)))
+    headers = _write_stream(writer, tensors, bucket_bytes=1024)
+    assert [len(h["entries"]) for h in headers] == [len(b) for b in _mixed_buckets()] + [1]  # one dtype each
+    assert all(h["offset"] % ALIGN == 0 for h in headers)
+    assert writer.size >= headers[-1]["offset"] + 3 * ALIGN * 4 > ALIGN
+    received = [view for header in headers for view in read_bucket(reader, header)]
+    assert [n for n, _ in received] == [n for n, _ in tensors]
+    for (_, got), (_, sent) in zip(received, tensors):
+        assert _same_bytes(got, sent)
+        assert got.data_ptr() % shm_sync.TENSOR_ALIGN == 0  # an engine may adopt it as a weight
+    # zero-copy: the reader's views see the writer's next stream in place
+    view = read_bucket(reader, headers[0])[0][1]
+    _write_stream(writer, [("f32.a", torch.full((3, 5), 7.0))], bucket_bytes=1024)
     assert torch.equal(view, torch.full((3, 5), 7.0))
     writer.close()
     reader.close()
@@ -104,8 +112,9 @@ def _tensors(seed: int) -> list[tuple[str, torch.Tensor]]:
 def _receiver(port: int, rank: int, world_size: int, shm_dir: str, rounds: int, results: mp.Queue) -> None:
     try:
         group = WeightSyncGroup.create(
-            "127.0.0.1", port, rank=rank, world_size=world_size, timeout_s=_JOIN_TIMEOUT_S, shm_dir=shm_dir
-        )
+            "127.0.0.1", port, rank=rank, world_size=world_size, timeout_s=_JOIN_TIMEOUT_S, shm_dir=shm_dir,
+            node=_NODE,
+        )  # fmt: skip
         results.put(("transport", rank, group.transport))
         for seed in range(rounds):
             expected = _tensors(seed)
@@ -155,6 +164,7 @@ def _sender(port: int, world_size: int, shm_dir: str, transport: str = "shm") ->
         transport=transport,
         shm_bytes=ALIGN,
         shm_dir=shm_dir,
+        node=_NODE,
     )
 
 
@@ -185,7 +195,7 @@ def test_two_engines_read_one_segment_exactly_over_two_rounds(tmp_path):
 def _receive_twice(port: int, rank: int, world_size: int, shm_dir: str, results: mp.Queue) -> None:
     """Round 1: fail while loading the 4th tensor; round 2: read what comes. Report each error."""
     group = WeightSyncGroup.create(
-        "127.0.0.1", port, rank=rank, world_size=world_size, timeout_s=_JOIN_TIMEOUT_S, shm_dir=shm_dir
+        "127.0.0.1", port, rank=rank, world_size=world_size, timeout_s=_JOIN_TIMEOUT_S, shm_dir=shm_dir, node=_NODE
     )
     for stop_after in (3, -1):
         try:
@@ -239,10 +249,14 @@ def _blind_receiver(port: int, rank: int, world_size: int, shm_dir: str, results
 
     ShmSegment.open = cannot_open  # this process only
     try:
-        group = WeightSyncGroup.create("127.0.0.1", port, rank, world_size, timeout_s=_JOIN_TIMEOUT_S, shm_dir=shm_dir)
+        group = WeightSyncGroup.create(
+            "127.0.0.1", port, rank, world_size, timeout_s=_JOIN_TIMEOUT_S, shm_dir=shm_dir, node=_NODE
+        )
         results.put((group.transport, [n for n, _ in group.receive()]))
         group.close()
-        WeightSyncGroup.create("127.0.0.1", port + 1, rank, world_size, timeout_s=_JOIN_TIMEOUT_S, shm_dir=shm_dir)
+        WeightSyncGroup.create(
+            "127.0.0.1", port + 1, rank, world_size, timeout_s=_JOIN_TIMEOUT_S, shm_dir=shm_dir, node=_NODE
+        )
         results.put("joined")
     except WeightSyncError as e:
         results.put(str(e))
@@ -261,6 +275,50 @@ def test_auto_falls_back_to_the_collective_when_an_engine_cannot_open_the_segmen
         group.close()
         with pytest.raises(WeightSyncError, match="engine rank 1 cannot open"):
             _sender(port + 1, 2, str(tmp_path), transport="shm")
+        assert "needs every engine on rank 0's node" in results.get(timeout=60)
+    finally:
+        group.close()
+        procs[0].join(timeout=30)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _receiver_on_node(port: int, rank: int, world_size: int, shm_dir: str, node: str, results: mp.Queue) -> None:
+    """An engine that shares rank 0's tmpfs but is on another node (two Ray nodes on one machine)."""
+    try:
+        group = WeightSyncGroup.create(
+            "127.0.0.1", port, rank, world_size, timeout_s=_JOIN_TIMEOUT_S, shm_dir=shm_dir, node=node
+        )
+        results.put((group.transport, [n for n, _ in group.receive()]))
+        group.close()
+        WeightSyncGroup.create(
+            "127.0.0.1", port + 1, rank, world_size, timeout_s=_JOIN_TIMEOUT_S, shm_dir=shm_dir, node=node
+        )
+        results.put("joined")
+    except WeightSyncError as e:
+        results.put(str(e))
+
+
+def test_an_engine_on_another_node_gets_the_collective_even_when_it_shares_the_tmpfs(tmp_path):
+    """Several Ray nodes on one machine share /dev/shm: the node id decides, so auto takes the multi-node path."""
+    port = free_port()
+    while not _port_free(port + 1):
+        port = free_port()
+    procs, results = _start_receivers(_receiver_on_node, port, 2, str(tmp_path), "node-b")
+
+    def sender(port: int, transport: str) -> WeightSyncGroup:
+        return WeightSyncGroup.create(
+            "127.0.0.1", port, 0, 2, timeout_s=_JOIN_TIMEOUT_S, transport=transport, shm_bytes=ALIGN,
+            shm_dir=str(tmp_path), node="node-a",
+        )  # fmt: skip
+
+    group = sender(port, "auto")
+    try:
+        assert group.transport == "collective"
+        group.send([("w", torch.ones(3))], bucket_bytes=1024)
+        assert results.get(timeout=60) == ("collective", ["w"])
+        group.close()
+        with pytest.raises(WeightSyncError, match="engine rank 1 is on node node-b, not on rank 0's node node-a"):
+            sender(port + 1, "shm")
         assert "needs every engine on rank 0's node" in results.get(timeout=60)
     finally:
         group.close()

@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -10,7 +9,6 @@ from rlhf.data.tiny_world import read_jsonl
 from rlhf.models.tiny import build_scripted_model
 from rlhf.models.warmup import (
     IGNORE_INDEX,
-    answer_probabilities,
     encode_sft_example,
     evaluate_accuracy,
     generate_responses,
@@ -61,11 +59,17 @@ def test_sampling_is_seeded(tiny_qwen2, tiny_tokenizer):
     assert torch.equal(state, torch.random.get_rng_state())  # the global RNG is left alone
 
 
-def test_answer_probabilities_by_hand(tiny_tokenizer):
-    """On a scripted model the probability of an answer is known: after the chat prompt's last token (a
-    newline) it writes "4" or "5" with probability 1/2 each, then ends its turn."""
-    model = build_scripted_model(tiny_tokenizer, {"\n": ["4", "5"], "4": "<|end|>", "5": "<|end|>"})
-    rows = [{"prompt": "9-5=", "answer": "4"}, {"prompt": "2+3=", "answer": 5}, {"prompt": "1+1=", "answer": "2"}]
-    assert answer_probabilities(model, tiny_tokenizer, rows) == pytest.approx([0.5, 0.5, 0.0], abs=1e-6)
-    # a longer answer: the product of its tokens' probabilities ("4" then "5" has 1/2 × 0 after "4")
-    assert answer_probabilities(model, tiny_tokenizer, [{"prompt": "x", "answer": "45"}]) == [0.0]
+def test_accuracy_counts_every_sample_within_the_token_limit(tiny_tokenizer):
+    """Scripted models (rlhf.models.tiny.build_scripted_model) whose answers are known: one answers every
+    chat prompt "4c7" then ends its turn (the last number of "4c" is 4, of "4c7" it is 7); the other
+    writes "4" or "5", each with probability exactly 1/2, then ends its turn."""
+    model = build_scripted_model(tiny_tokenizer, {"\n": "4", "4": "c", "c": "7", "7": "<|end|>"})
+    rows = [{"prompt": "9-5=", "answer": "4"}, {"prompt": "9-2=", "answer": "7"}, {"prompt": "1+1=", "answer": "2"}]
+    assert evaluate_accuracy(model, tiny_tokenizer, rows, max_new_tokens=2, samples_per_prompt=3) == 1 / 3
+    assert evaluate_accuracy(model, tiny_tokenizer, rows, max_new_tokens=3, samples_per_prompt=3) == 1 / 3
+    assert evaluate_accuracy(model, tiny_tokenizer, rows[:1], max_new_tokens=3) == 0.0  # "4c7" answers 7
+    assert evaluate_accuracy(model, tiny_tokenizer, rows[1:2], max_new_tokens=2) == 0.0  # "4c" answers 4
+    coin = build_scripted_model(tiny_tokenizer, {"\n": ["4", "5"], "4": "<|end|>", "5": "<|end|>"})
+    accuracy = evaluate_accuracy(coin, tiny_tokenizer, rows[:1], samples_per_prompt=64)
+    # 64 samples of one prompt, each drawn on its own: k of 64 right (all alike has probability 2^-63)
+    assert 0 < accuracy < 1 and (accuracy * 64).is_integer()

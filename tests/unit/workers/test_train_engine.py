@@ -19,6 +19,7 @@ from rlhf.engines.train_engine import (
     build_lr_scheduler,
     build_optimizer,
     deepspeed_config,
+    gated_cpu_adam,
     gradient_accumulation_steps,
     iter_full_parameters,
     write_hf_checkpoint,
@@ -128,6 +129,42 @@ def test_hf_checkpoint_is_sharded_atomically_and_reloads(tmp_path):
         torch.testing.assert_close(reloaded.state_dict()[name], tensor, rtol=0, atol=0)
 
 
+def test_hf_checkpoint_streams_each_tensor_before_taking_the_next(tmp_path):
+    # the producer reuses one buffer for every tensor, as a released ZeRO-3 bucket would be reused:
+    # a writer that kept a reference instead of writing at once would save the last value everywhere
+    buffer = torch.empty(6)
+    gen = torch.Generator().manual_seed(0)
+    expected: dict[str, torch.Tensor] = {}
+
+    def produce():
+        for i in range(300):  # more header entries than a 4 KiB reservation holds: several shards
+            buffer.copy_(torch.randn(6, generator=gen))
+            expected[f"layers.{i}.weight"] = buffer.clone().view(2, 3)
+            yield f"layers.{i}.weight", buffer.view(2, 3)
+        yield "bf16", torch.arange(5, dtype=torch.bfloat16)
+        yield "mask", torch.tensor([True, False, True])
+        yield "scalar", torch.tensor(2.5)
+        yield "empty", torch.zeros(0, 4)
+        yield "transposed", torch.arange(6.0).view(2, 3).t()
+
+    expected.update(
+        bf16=torch.arange(5, dtype=torch.bfloat16),
+        mask=torch.tensor([True, False, True]),
+        scalar=torch.tensor(2.5),
+        empty=torch.zeros(0, 4),
+        transposed=torch.arange(6.0).view(2, 3).t(),
+    )
+    config = build_tiny_model("qwen2", vocab_size=VOCAB, seed=0).config
+    target = write_hf_checkpoint(tmp_path / "hf", produce(), config=config, max_shard_bytes=1 << 20)
+    index = json.loads((target / "model.safetensors.index.json").read_text())
+    loaded: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        loaded.update(load_file(target / shard))
+    assert set(loaded) == set(expected) == set(index["weight_map"])
+    for name, tensor in expected.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+
+
 def test_bf16_configs_state_deepspeeds_overflow_check():
     # the non-finite guard relies on DeepSpeed skipping bf16 steps with an inf/NaN gradient norm
     assert deepspeed_config(TrainConfig(), dp=2, bf16=True, device="cpu")["bf16"] == {
@@ -136,23 +173,47 @@ def test_bf16_configs_state_deepspeeds_overflow_check():
     }
 
 
-def test_gated_optimizer_and_schedule_stand_still_while_skipping():
-    param = torch.nn.Parameter(torch.ones(2))
-    opt = build_optimizer(torch.nn.Linear(1, 1), OptimConfig())
-    assert isinstance(opt, GatedAdamW)
-    opt = GatedAdamW([param], lr=1.0)
+@pytest.mark.parametrize("cpu_offload", [False, True], ids=["torch-adamw", "cpu-adam"])
+def test_gated_optimizer_and_schedule_stand_still_while_skipping(cpu_offload):
+    module = torch.nn.Linear(1, 2, bias=False)
+    with torch.no_grad():
+        module.weight.fill_(1.0)
+    param = module.weight
+    opt = build_optimizer(module, OptimConfig(lr=1.0), cpu_offload=cpu_offload)
+    assert isinstance(opt, gated_cpu_adam() if cpu_offload else GatedAdamW)
     sched = build_lr_scheduler(opt, OptimConfig(lr=1.0, warmup_steps=3), num_training_steps=None)
-    param.grad = torch.tensor([1.0, float("nan")])
+    param.grad = torch.tensor([[1.0], [float("nan")]])
     opt.skip = True
     opt.step()
     sched.step()
-    assert torch.equal(param.detach(), torch.ones(2)) and not opt.state
+    assert torch.equal(param.detach(), torch.ones(2, 1)) and not opt.state
     assert sched.get_last_lr() == [0.25] and sched.last_epoch == 0
     opt.skip = False
-    param.grad = torch.tensor([1.0, 1.0])
+    param.grad = torch.tensor([[1.0], [1.0]])
     opt.step()
     sched.step()
     assert (param.detach() < 1).all() and sched.get_last_lr() == [0.5]
+
+
+def test_cpu_adam_steps_like_torch_adamw_with_the_same_decay_groups():
+    # non-default betas, eps and weight decay, so a setting CPU Adam dropped would show; the decay
+    # group (2-d weights) and the no-decay group (biases, norms) must each get their own decay
+    cfg = OptimConfig(lr=1e-2, betas=[0.8, 0.95], eps=1e-6, weight_decay=0.1)
+    model = build_tiny_model("qwen2", vocab_size=VOCAB, seed=0)
+    copy = build_tiny_model("qwen2", vocab_size=VOCAB, seed=0)
+    torch_adamw, cpu_adam = build_optimizer(model, cfg), build_optimizer(copy, cfg, cpu_offload=True)
+    assert [g["weight_decay"] for g in cpu_adam.param_groups] == [0.1, 0.0]
+    initial = [p.detach().clone() for p in model.parameters()]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for p, q in zip(model.parameters(), copy.parameters()):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        torch_adamw.step()
+        cpu_adam.step()
+    assert min((p - p0).abs().max().item() for p, p0 in zip(model.parameters(), initial)) > 1e-3  # every tensor moved
+    for (name, p), q in zip(model.named_parameters(), copy.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-6, msg=name)
 
 
 def test_nonfinite_counter_counts_streaks_and_totals():

@@ -1,0 +1,76 @@
+"""ZeRO-3 settings shared by the trained roles (TrainEngine) and the frozen ones, and the frozen roles' engine.
+
+Frozen roles (reference, reward model) under ZeRO-3 inference: each rank holds 1/N of every
+parameter. DeepSpeed's ZeRO-3 hooks, started without an optimizer, gather each module's parameters
+just before it runs and release them after, so the group can host a model that no one rank could,
+at the price of an all-gather per module and forward pass. Every gather is a collective over the
+group: all ranks must run the same number of forward passes (rlhf.workers.frozen pads the shorter
+shards with repeated micro-batches).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from rlhf.models.zero3 import full_numel
+
+GATHER_WINDOW_FRACTION = 16
+"""At most about 1/GATHER_WINDOW_FRACTION of a model's elements stay gathered on a rank (`zero3_gather_limits`)."""
+DEEPSPEED_MAX_LIVE = 10**9
+"""DeepSpeed's default stage3_max_live_parameters and stage3_max_reuse_distance (elements)."""
+DEEPSPEED_PREFETCH = 5 * 10**7
+"""DeepSpeed's default stage3_prefetch_bucket_size (elements)."""
+DEEPSPEED_REDUCE_BUCKET = 5 * 10**8
+"""DeepSpeed's default reduce_bucket_size (elements)."""
+
+
+def zero3_gather_limits(module: nn.Module) -> dict[str, int]:
+    """ZeRO-3 buffer sizes for `module`: about 1/16 of its elements gathered (or reduced) at once beyond
+    a rank's partition.
+
+    DeepSpeed's defaults (max live parameters and max reuse distance 1e9 elements, prefetch 5e7,
+    gradient reduce bucket 5e8) suit models of tens of billions of parameters. A smaller model stays
+    gathered under them: a parameter whose next use lies within 1e9 elements is kept, and for a
+    300M model that is every parameter between two forward passes, and between forward and backward
+    (measured: each of 2 ranks held the whole model from the second forward pass on, and the first
+    backward's reduce bucket added 2 GiB). So the window is capped at a sixteenth of the model, never
+    below its largest parameter (which must be whole to run) nor above DeepSpeed's defaults; half of
+    it is prefetched, and gradients are reduced in buckets of the window's size.
+    """
+    sizes = [full_numel(p) for p in module.parameters()]
+    window = min(max(max(sizes, default=1), sum(sizes) // GATHER_WINDOW_FRACTION), DEEPSPEED_MAX_LIVE)
+    return {
+        "stage3_max_live_parameters": window,
+        "stage3_max_reuse_distance": window,
+        "stage3_prefetch_bucket_size": min(window // 2, DEEPSPEED_PREFETCH),
+        "reduce_bucket_size": min(window, DEEPSPEED_REDUCE_BUCKET),
+    }
+
+
+def inference_deepspeed_config(*, micro_batch_size: int, bf16: bool, persistence_threshold: int) -> dict[str, Any]:
+    """The DeepSpeed config of a ZeRO-3 inference group: no optimizer, parameters partitioned over every rank."""
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,  # DeepSpeed requires batch sizes even with no training
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": persistence_threshold},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def start_inference_engine(model: nn.Module, ds_config: dict[str, Any]) -> Any:
+    """The DeepSpeed engine that partitions `model` (built under zero.Init for `ds_config`, or whole) and
+    installs the per-module gather hooks, with `zero3_gather_limits`; run forward passes through
+    `engine.module` (collective). Needs torch.distributed started on the group's ranks; keep the
+    engine alive while the model is used.
+    """
+    import deepspeed
+
+    zero = {**ds_config["zero_optimization"], **zero3_gather_limits(model)}
+    engine, *_ = deepspeed.initialize(
+        model=model, config={**ds_config, "zero_optimization": zero}, dist_init_required=False
+    )
+    return engine
