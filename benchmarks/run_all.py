@@ -18,7 +18,7 @@ from benchmarks.common import BENCH_DIR
 
 logger = logging.getLogger("benchmarks.run_all")
 
-SCRIPTS = ("weight_sync", "memory", "rl_step", "rollout_backends", "learning", "recipes", "trl_compare")
+SCRIPTS = ("weight_sync", "memory", "rl_step", "packing", "rollout_backends", "learning", "recipes", "trl_compare")
 
 
 def main() -> int:

@@ -6,6 +6,8 @@ Batch sizes have one meaning each:
   n_samples_per_prompt  responses sampled per prompt (the GRPO group size)
   train_batch_size      sequences per optimizer step (a "minibatch" of the PPO update)
   micro_batch_size      sequences per forward/backward on one data-parallel rank
+  max_tokens_per_micro_batch  RL roles: instead, packed micro-batches of at most this many real
+                        tokens (their number per step varies; see rlhf.data.token_budget)
 Derived: sequences per step = rollout_batch_size × n_samples_per_prompt; optimizer steps per
 PPO epoch = that / train_batch_size; gradient accumulation = train_batch_size / (micro × dp).
 """
@@ -293,6 +295,8 @@ class TrainConfig:
     """ZeRO-3: parameters with fewer elements stay whole on every rank (0 partitions everything)."""
     micro_batch_size: int = 8
     """Sequences per forward/backward per rank."""
+    max_tokens_per_micro_batch: Optional[int] = None
+    """Token budget: pack sequences (real prompt + response tokens) into micro-batches of at most this many tokens instead of micro_batch_size padded rows, and balance ranks by tokens (RL roles; None or 0: off)."""
     train_batch_size: int = 32
     """Sequences per optimizer step, across all ranks."""
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -405,6 +409,8 @@ class RewardConfig:
     """0: every actor holds the whole reward model; 3: the actors form one ZeRO-3 group that partitions it."""
     zero3_param_persistence_threshold: int = 100_000
     """zero_stage 3: parameters with fewer elements stay whole on every actor (0 partitions everything)."""
+    max_tokens_per_micro_batch: Optional[int] = None
+    """Reward model token budget: packed micro-batches of at most this many real tokens (None or 0: policy.micro_batch_size padded rows)."""
     model_weight: float = 1.0
     """Multiplier of the (normalised) reward-model score in the total reward."""
     model_norm: RewardNormConfig = field(default_factory=RewardNormConfig)
@@ -425,6 +431,8 @@ class ReferenceConfig:
     """0: every actor holds the whole model; 3: the actors form one ZeRO-3 group that partitions it."""
     zero3_param_persistence_threshold: int = 100_000
     """zero_stage 3: parameters with fewer elements stay whole on every actor (0 partitions everything)."""
+    max_tokens_per_micro_batch: Optional[int] = None
+    """Token budget: packed micro-batches of at most this many real tokens (None or 0: policy.micro_batch_size padded rows)."""
 
 
 @dataclass
@@ -1025,6 +1033,7 @@ def validate(cfg: RLHFConfig, *, produced: Collection[Path] = ()) -> None:
 
     validate_peft(cfg)
     _check_cluster(cfg.cluster)
+    _check_token_budget_stage(cfg)
     _check_inference_groups(cfg)
     if cfg.stage == "distill":
         validate_distill(cfg)
@@ -1176,6 +1185,55 @@ def validate_rl(cfg: RLHFConfig) -> None:
     if cfg.reward.model_path:
         _check_shards(sequences, arithmetic, cfg.reward.num_workers, "reward.num_workers")
     _check_reward(cfg.reward)
+    _check_token_budgets(cfg)
+
+
+def _token_budgets(cfg: RLHFConfig) -> dict[str, Optional[int]]:
+    """Each role's max_tokens_per_micro_batch."""
+    return {
+        "policy": cfg.policy.max_tokens_per_micro_batch,
+        "critic": cfg.critic.max_tokens_per_micro_batch,
+        "reference": cfg.reference.max_tokens_per_micro_batch,
+        "reward": cfg.reward.max_tokens_per_micro_batch,
+    }
+
+
+def _check_token_budget_stage(cfg: RLHFConfig) -> None:
+    """Token budgets only where the stage runs the role: policy, critic and reference in the RL stages; the
+    reward model wherever the reward pipeline scores samples (RL, online_dpo, generate, eval)."""
+    scoring_stages = RL_STAGES + ONLINE_PREFERENCE_STAGES + GENERATION_STAGES
+    budgets = [
+        f"{role}.max_tokens_per_micro_batch"
+        for role, budget in _token_budgets(cfg).items()
+        if budget and cfg.stage not in (scoring_stages if role == "reward" else RL_STAGES)
+    ]
+    _require(
+        not budgets,
+        f"{', '.join(budgets)}: token-budget micro-batches are for the RL stages ({', '.join(RL_STAGES)}; the "
+        f"reward model's also for {', '.join(ONLINE_PREFERENCE_STAGES + GENERATION_STAGES)}), not stage={cfg.stage}; "
+        "unset it (PT/SFT pack examples with data.packing=true)",
+    )
+    if cfg.reward.max_tokens_per_micro_batch and cfg.stage not in RL_STAGES:
+        _check_token_budgets(cfg, roles=("reward",))
+
+
+def _check_token_budgets(cfg: RLHFConfig, roles: Collection[str] = ("policy", "critic", "reference", "reward")) -> None:
+    """Every token budget holds the longest sequence a rollout can make (prompt + response); the reward
+    model's also the longest evaluation sample (rollout.eval_sampling), which it may score too."""
+    sampling, eval_sampling = cfg.rollout.sampling, cfg.rollout.eval_sampling
+    for role, budget in _token_budgets(cfg).items():
+        if role not in roles or (role == "critic" and not uses_critic(cfg)):
+            continue
+        name, new_tokens = "rollout.sampling.max_new_tokens", sampling.max_new_tokens
+        if role == "reward" and eval_sampling.max_new_tokens > new_tokens:
+            name, new_tokens = "rollout.eval_sampling.max_new_tokens", eval_sampling.max_new_tokens
+        longest = cfg.data.max_prompt_length + new_tokens
+        _require(
+            not budget or budget >= longest,
+            f"{role}.max_tokens_per_micro_batch={budget} cannot hold the longest sequence, data.max_prompt_length "
+            f"{cfg.data.max_prompt_length} + {name} {new_tokens} = {longest} tokens; set it to at least {longest} "
+            "(or 0 for padded micro-batches)",
+        )
 
 
 REWARD_NORM_MODES = ("none", "running", "batch")

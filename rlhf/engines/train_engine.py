@@ -3,7 +3,9 @@
 Batch arithmetic (rlhf/config.py): train_batch_size sequences per optimizer step across all ranks,
 micro_batch_size per forward/backward on one rank, so each rank sees train_batch_size / dp rows per
 optimizer step in (train_batch_size / dp) / micro_batch_size micro-batches (DeepSpeed's gradient
-accumulation steps).
+accumulation steps). With a token budget (max_tokens_per_micro_batch) a step has as many packed
+micro-batches as its rows need; the caller marks the last one (`backward(..., ends_step=True)`)
+and runs the same number on every rank.
 
 Loss scaling: a worker computes each micro-batch loss as its *share* of the global minibatch loss
 (aggregated with global token/sequence counts, rlhf.algorithms.aggregation), so the shares of all
@@ -245,6 +247,7 @@ class TrainEngine:
         self._checks_own_grads = not hasattr(self.engine.optimizer, "overflow")
         self._loss_nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self._own_grad_norm: Optional[float] = None
+        self._micro_steps = 0  # micro-batches of the current optimizer step so far
         self.nonfinite = NonFiniteCounter()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -256,8 +259,19 @@ class TrainEngine:
     def eval(self) -> None:
         self.engine.eval()
 
-    def backward(self, loss_share: Tensor) -> None:
-        """Backward of one micro-batch's share of the global minibatch loss (see the module docstring)."""
+    def backward(self, loss_share: Tensor, *, ends_step: Optional[bool] = None) -> None:
+        """Backward of one micro-batch's share of the global minibatch loss (see the module docstring).
+
+        `ends_step`: whether this micro-batch is the last of its optimizer step (the gradient
+        accumulation boundary: gradients are reduced and the next `step` updates). None counts
+        gradient_accumulation_steps micro-batches per step, as DeepSpeed would; token-budget
+        micro-batches vary in number from step to step, so their loops say it. The engine always
+        sets DeepSpeed's boundary itself, so the two kinds of loop can share one engine.
+        """
+        if ends_step is None:
+            ends_step = self._micro_steps + 1 >= self.engine.gradient_accumulation_steps()
+        self._micro_steps = 0 if ends_step else self._micro_steps + 1
+        self.engine.set_gradient_accumulation_boundary(ends_step)
         self._loss_nonfinite |= ~torch.isfinite(loss_share.detach()).all()  # no host sync here
         self.engine.backward(loss_share * self.dp, scale_wrt_gas=False)
 

@@ -2,6 +2,11 @@
 
 Alignment: logits at position P + j - 1 predict response token j (P = padded prompt length),
 so the returned [B, R] tensors follow the convention of rlhf.algorithms.
+
+`response_logprobs`, `response_token_logits` and `last_token_scores` also take a token-budget
+micro-batch (rlhf.data.token_budget.PackedMicroBatch: the rows' real tokens in one packed row):
+they compute the outputs of the real response tokens only and return them in the rows' [B, R]
+layout (zero at padding), equal to the padded computation's at every real token.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import torch
 from torch import Tensor
 
 from rlhf.data.batch import RolloutBatch
+from rlhf.data.token_budget import MicroBatch, PackedMicroBatch
 
 
 def _token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
@@ -80,23 +86,48 @@ def response_logits(model: torch.nn.Module, batch: RolloutBatch, *, temperature:
     return logits
 
 
+def response_token_logits(
+    model: torch.nn.Module, batch: MicroBatch, *, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """(logits, labels) of the response tokens (float32 logits, divided by temperature).
+
+    Padded rows: logits [B, R, V] and labels [B, R] (`response_logits`). A packed micro-batch:
+    logits [N, V] and labels [N] of its N real response tokens only, so no softmax is spent on
+    prompt or padding positions; `to_rows(batch, x)` maps an [N] result to [B, R].
+    """
+    if not isinstance(batch, PackedMicroBatch):
+        return response_logits(model, batch, temperature=temperature), batch.response_ids
+    logits = full_logits(model, batch.inputs)[0, batch.response_index].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits, batch.response_ids
+
+
+def to_rows(batch: MicroBatch, values: Tensor) -> Tensor:
+    """`response_token_logits`-shaped per-token values in the rows' [B, R] layout (packed: unpacked)."""
+    return batch.unpack(values) if isinstance(batch, PackedMicroBatch) else values
+
+
 def response_logprobs(
-    model: torch.nn.Module, batch: RolloutBatch, *, temperature: float = 1.0, with_entropy: bool = False
+    model: torch.nn.Module, batch: MicroBatch, *, temperature: float = 1.0, with_entropy: bool = False
 ) -> tuple[Tensor, Tensor | None]:
     """(logprobs [B, R], entropy [B, R] or None) of the batch's response tokens under `model`."""
-    logits = response_logits(model, batch, temperature=temperature)
-    logprobs = _token_logprobs(logits, batch.response_ids)
-    entropy = _entropy(logits) if with_entropy else None
+    logits, labels = response_token_logits(model, batch, temperature=temperature)
+    logprobs = to_rows(batch, _token_logprobs(logits, labels))
+    entropy = to_rows(batch, _entropy(logits)) if with_entropy else None
     return logprobs, entropy
 
 
-def last_token_scores(model: torch.nn.Module, batch: RolloutBatch) -> Tensor:
+def last_token_scores(model: torch.nn.Module, batch: MicroBatch) -> Tensor:
     """[B] scalar head of a sequence-classification model at each row's last real token (float32).
 
     The last real token comes from the attention mask, not from pad_token_id (pad may equal eos),
     the one scoring rule of the RM stage's training and the RL RewardWorker, so a trained RM scores the same there.
     """
     backbone = getattr(model, model.base_model_prefix)
+    if isinstance(batch, PackedMicroBatch):
+        hidden = backbone(**forward_inputs(batch.inputs), use_cache=False).last_hidden_state
+        return model.score(hidden[0, batch.last_index]).squeeze(-1).float()
     hidden = backbone(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,

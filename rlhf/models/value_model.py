@@ -21,7 +21,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from rlhf.data.batch import RolloutBatch
+from rlhf.data.token_budget import MicroBatch, PackedMicroBatch
+from rlhf.models.logprobs import forward_inputs
 
 HEAD_PREFIX = "value_head."
 BACKBONE_PREFIX = "backbone."
@@ -86,8 +87,14 @@ def hf_name(name: str) -> str:
     return name[len(BACKBONE_PREFIX) :] if name.startswith(BACKBONE_PREFIX) else name
 
 
-def response_values(model: nn.Module, batch: RolloutBatch) -> Tensor:
-    """Values [B, R] of the states before each response token (hidden state at position P + j - 1)."""
+def response_values(model: nn.Module, batch: MicroBatch) -> Tensor:
+    """Values [B, R] of the states before each response token (hidden state at position P + j - 1).
+
+    A packed micro-batch (rlhf.data.token_budget) gives the same values at real tokens, 0 at padding.
+    """
+    if isinstance(batch, PackedMicroBatch):
+        values = model(**forward_inputs(batch.inputs))
+        return batch.unpack(values[0, batch.response_index])
     values = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
     p = batch.prompt_length
     return values[:, p - 1 : p - 1 + batch.response_ids.shape[1]]

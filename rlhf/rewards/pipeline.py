@@ -119,6 +119,8 @@ class ModelTerm(RewardTerm):
             model_cfg=cfg.model,
             cluster_cfg=cfg.cluster,
             micro_batch_size=cfg.policy.micro_batch_size,
+            max_tokens_per_micro_batch=cfg.reward.max_tokens_per_micro_batch,
+            balance_tokens=bool(cfg.reward.max_tokens_per_micro_batch),
             zero_stage=cfg.reward.zero_stage,
             zero3_param_persistence_threshold=cfg.reward.zero3_param_persistence_threshold,
         )

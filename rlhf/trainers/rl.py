@@ -89,9 +89,14 @@ class RLTrainer:
             seed=cfg.run.seed,
             constant_normalizer=cfg.rollout.sampling.max_new_tokens,
         )
-        frozen = dict(model_cfg=cfg.model, cluster_cfg=cfg.cluster, micro_batch_size=cfg.policy.micro_batch_size)
         self.policy = self._group(
-            PolicyWorker, "policy", cfg.policy.num_workers, cfg.cluster.policy, train_cfg=cfg.policy, **trained
+            PolicyWorker,
+            "policy",
+            cfg.policy.num_workers,
+            cfg.cluster.policy,
+            train_cfg=cfg.policy,
+            **token_balance(cfg.policy),
+            **trained,
         )
         reference = cfg.reference
         self.reference = (
@@ -100,7 +105,11 @@ class RLTrainer:
                 "reference",
                 reference.num_workers,
                 cfg.cluster.reference,
-                **frozen,
+                model_cfg=cfg.model,
+                cluster_cfg=cfg.cluster,
+                micro_batch_size=cfg.policy.micro_batch_size,
+                max_tokens_per_micro_batch=reference.max_tokens_per_micro_batch,
+                balance_tokens=bool(reference.max_tokens_per_micro_batch),
                 zero_stage=reference.zero_stage,
                 zero3_param_persistence_threshold=reference.zero3_param_persistence_threshold,
             )
@@ -109,7 +118,13 @@ class RLTrainer:
         )
         self.critic = (
             self._group(
-                CriticWorker, "critic", cfg.critic.num_workers, cfg.cluster.critic, train_cfg=cfg.critic, **trained
+                CriticWorker,
+                "critic",
+                cfg.critic.num_workers,
+                cfg.cluster.critic,
+                train_cfg=cfg.critic,
+                **token_balance(cfg.critic),
+                **trained,
             )
             if uses_critic(cfg)
             else None
@@ -424,6 +439,14 @@ def log_reward_trend(rewards: list[float], window: int = 10, *, key: str = "rewa
         return
     first, last = trend
     logger.info("%s: first %d steps %.3f -> last %d steps %.3f (%+.3f)", key, window, first, window, last, last - first)
+
+
+def token_balance(role: TrainConfig) -> dict[str, Any]:
+    """start_group's token balancing for a trained role: on with a token budget, minibatch by minibatch."""
+    return {
+        "balance_tokens": bool(role.max_tokens_per_micro_batch),
+        "minibatch_rows": role.train_batch_size // role.num_workers,
+    }
 
 
 def optimizer_steps_total(cfg: RLHFConfig, role: TrainConfig) -> int:

@@ -31,10 +31,19 @@ PLACEMENT_FILE = "placement.json"
 
 
 def start_group(
-    cluster: ClusterConfig, worker_cls: type, role: str, num_workers: int, resources: ResourceConfig, **init_kwargs: Any
+    cluster: ClusterConfig,
+    worker_cls: type,
+    role: str,
+    num_workers: int,
+    resources: ResourceConfig,
+    *,
+    balance_tokens: bool = False,
+    minibatch_rows: Optional[int] = None,
+    **init_kwargs: Any,
 ) -> WorkerGroup:
     """`num_workers` actors of `worker_cls` placed and configured by the cluster preset; every wait on
-    them is limited by cluster.call_timeout_s."""
+    them is limited by cluster.call_timeout_s. `balance_tokens` / `minibatch_rows`: see WorkerGroup
+    (a role with a token budget)."""
     return WorkerGroup(
         worker_cls,
         role=role,
@@ -46,6 +55,8 @@ def start_group(
         device=cluster.device,
         threads_per_worker=cluster.threads_per_worker,
         call_timeout_s=cluster.call_timeout_s,
+        balance_tokens=balance_tokens,
+        minibatch_rows=minibatch_rows,
     )
 
 

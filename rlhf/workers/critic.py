@@ -20,11 +20,12 @@ from torch import Tensor
 from rlhf.algorithms import value_loss
 from rlhf.config import AlgorithmConfig, ClusterConfig, ModelConfig, TrainConfig
 from rlhf.data.batch import RolloutBatch
+from rlhf.data.token_budget import rows_of
 from rlhf.models.peft_utils import apply_peft, check_scalar_head_peft
 from rlhf.models.value_model import ValueModel, hf_name, response_values
 from rlhf.models.zero3 import parameter_counts
 from rlhf.workers.group import dispatch
-from rlhf.workers.trainable import StepStats, TrainableWorker, device_chunks, require_fields
+from rlhf.workers.trainable import StepStats, TrainableWorker, forward_in_row_order, require_fields
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +69,11 @@ class CriticWorker(TrainableWorker):
         """Values [B, R] of the state before each response token (eval mode, no grad)."""
         engine = self._require_engine()
         engine.eval()
-        parts = []
-        with torch.no_grad():
-            for micro in device_chunks(batch, self.train_cfg.micro_batch_size, engine.device):
-                parts.append(response_values(engine, micro).float().cpu())
-        return torch.cat(parts) if parts else torch.zeros(0, batch.response_ids.shape[1])
+        return forward_in_row_order(
+            self._micro_batches(batch),
+            lambda micro: response_values(engine, micro),
+            empty=torch.zeros(0, batch.response_ids.shape[1]),
+        )
 
     @dispatch("split_dp", collect="mean")
     def update(self, batch: RolloutBatch) -> dict[str, float]:
@@ -85,20 +86,21 @@ class CriticWorker(TrainableWorker):
         stats = StepStats()
         for minibatch in self._minibatches(batch, algo.ppo_epochs):
             tokens, seqs = self._global_counts(minibatch.response_mask)
-            for micro in device_chunks(minibatch, self.train_cfg.micro_batch_size, engine.device):
-                values = response_values(engine, micro)
+            micros = self._micro_batches(minibatch)
+            for i, (_, micro) in enumerate(micros):
+                rows = rows_of(micro)  # old values and returns in the [b, R] layout
                 loss, loss_stats = value_loss(
-                    values,
-                    micro.values,
-                    micro.returns,
-                    micro.response_mask,
+                    response_values(engine, micro),
+                    rows.values,
+                    rows.returns,
+                    rows.response_mask,
                     clip_range=algo.value_clip,
                     agg=algo.loss_agg,
                     global_tokens=tokens,
                     global_seqs=seqs,
                     constant_normalizer=self.constant_normalizer,
                 )
-                engine.backward(loss)
+                engine.backward(loss, ends_step=i == len(micros) - 1)
                 engine.step()
                 stats.add_share("critic/loss", loss_stats.pop("critic/loss"))
                 for key, value in loss_stats.items():

@@ -15,22 +15,25 @@ from typing import Any, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from rlhf.config import INFERENCE_ZERO_STAGES, ClusterConfig, ModelConfig
 from rlhf.data.batch import RolloutBatch
+from rlhf.data.token_budget import MicroBatch, restore_row_order
 from rlhf.engines.zero3 import inference_deepspeed_config, start_inference_engine
 from rlhf.errors import ConfigError
 from rlhf.models.loading import load_causal_lm
 from rlhf.models.zero3 import parameter_counts
 from rlhf.utils.distributed import torch_backend
 from rlhf.workers.group import Worker
+from rlhf.workers.trainable import micro_batches
 
 T = TypeVar("T")
 
 
 class FrozenModelWorker(Worker):
-    """Holds the model config, the device and the micro-batch size; subclasses load `self.model` (`_hold`)."""
+    """Holds the model config, the device and the micro-batch size or token budget; subclasses load `self.model`
+    (`_hold`)."""
 
     def __init__(
         self,
@@ -38,10 +41,12 @@ class FrozenModelWorker(Worker):
         cluster_cfg: ClusterConfig,
         *,
         micro_batch_size: int = 8,
+        max_tokens_per_micro_batch: Optional[int] = None,
         zero_stage: int = 0,
         zero3_param_persistence_threshold: int = 100_000,
     ):
-        """`zero_stage` 3 partitions the model over the group's actors; `zero3_param_persistence_threshold`
+        """`max_tokens_per_micro_batch`: packed micro-batches of that many real tokens (None or 0: padded rows).
+        `zero_stage` 3 partitions the model over the group's actors; `zero3_param_persistence_threshold`
         as TrainConfig's (parameters with fewer elements stay whole on every actor)."""
         super().__init__()
         if zero_stage not in INFERENCE_ZERO_STAGES:
@@ -55,6 +60,7 @@ class FrozenModelWorker(Worker):
             torch.device("cuda", torch.cuda.current_device()) if cluster_cfg.device == "cuda" else torch.device("cpu")
         )
         self.micro_batch_size = micro_batch_size
+        self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.zero_stage = zero_stage
         self.zero3_param_persistence_threshold = zero3_param_persistence_threshold
         self.model: nn.Module | None = None
@@ -102,28 +108,50 @@ class FrozenModelWorker(Worker):
             raise RuntimeError(f"{self.role} rank {self.rank}: call init_model first")
         return self.model
 
-    def _forward_micro_batches(self, batch: RolloutBatch, forward: Callable[[RolloutBatch], T]) -> list[T]:
-        """`forward(micro)` without gradients for each micro-batch of this rank's shard, moved to the device.
+    def _micro_batches(self, batch: RolloutBatch) -> list[tuple[list[int], MicroBatch]]:
+        """(rows, micro-batch on this device) pairs of this rank's shard: padded rows, or packed under the
+        token budget (rlhf.workers.trainable.micro_batches); `_forward_micro_batches` evens out their number."""
+        if not len(batch):
+            return []
+        field = f"{self.role}.max_tokens_per_micro_batch"
+        return micro_batches(
+            batch, self.micro_batch_size, self.max_tokens_per_micro_batch, self.device, field=field, even_out=False
+        )
+
+    def _forward_micro_batches(
+        self, batch: RolloutBatch, forward: Callable[[MicroBatch], T]
+    ) -> list[tuple[list[int], T]]:
+        """(rows, `forward(micro)`) without gradients for each micro-batch of this rank's shard.
 
         Under ZeRO-3 each forward pass gathers the parameters collectively, so every rank runs as many
         passes as the rank with the most micro-batches (one all-reduce): a rank with fewer repeats one
         of its micro-batches (or a one-token row, for an empty shard) and drops those results.
         """
-        micro_batches = batch.chunks(self.micro_batch_size) if len(batch) else []
-        passes = len(micro_batches)
+        micros = self._micro_batches(batch)
+        passes = len(micros)
         if self.engine is not None:
             count = torch.tensor([passes], dtype=torch.long, device=self.device)
             dist.all_reduce(count, op=dist.ReduceOp.MAX)
             passes = int(count.item())
-        padding = micro_batches[-1] if micro_batches else _one_token_batch()
+        padding = micros[-1][1] if micros else _one_token_batch().to(self.device)
         outputs = []
         with torch.no_grad():
             for index in range(passes):
-                micro = micro_batches[index] if index < len(micro_batches) else padding
-                output = forward(micro.to(self.device))
-                if index < len(micro_batches):
-                    outputs.append(output)
+                micro = micros[index][1] if index < len(micros) else padding
+                output = forward(micro)
+                if index < len(micros):
+                    outputs.append((micros[index][0], output))
         return outputs
+
+    def _forward_in_row_order(
+        self, batch: RolloutBatch, forward: Callable[[MicroBatch], Tensor], empty: Tensor
+    ) -> Tensor:
+        """`forward(micro)` as float32 on the CPU, rows in the batch's order (packed micro-batches group
+        rows out of order); `empty` for an empty shard."""
+        outputs = self._forward_micro_batches(batch, lambda micro: forward(micro).float().cpu())
+        if not outputs:
+            return empty
+        return restore_row_order([out for _, out in outputs], [rows for rows, _ in outputs])
 
 
 def _one_token_batch() -> RolloutBatch:

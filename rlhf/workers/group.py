@@ -14,7 +14,12 @@ Dispatch modes (the closed set of STYLE.md §2.5):
   split_dp   every RolloutBatch, Tensor (along dim 0) and list argument is cut into world_size
              equal contiguous shards, rank i gets shard i; other arguments (numbers, strings,
              None, tuples, dicts) go whole to every rank. Shards are cut in the driver before
-             they are serialised, so each actor receives only its own rows.
+             they are serialised, so each actor receives only its own rows. A group made with
+             `balance_tokens` (roles with a token budget) first reorders the rows so that the
+             shards carry balanced real tokens, minibatch by minibatch
+             (rlhf.data.token_budget.dp_shard_order; rows of the same length as the first
+             RolloutBatch argument move together), and `concat` puts the answers back in the
+             original row order.
   rank0      only rank 0 is called (the other ranks must not be needed by the method).
   all        per-rank arguments: every argument is a list or tuple of length world_size and
              rank i gets element i of each. With no arguments it calls every rank, like broadcast.
@@ -52,6 +57,7 @@ from torch import Tensor
 
 from rlhf.config import ResourceConfig
 from rlhf.data.batch import RolloutBatch
+from rlhf.data.token_budget import dp_shard_order, inverse_order, sequence_lengths
 from rlhf.engines.train_engine import init_distributed
 from rlhf.errors import ConfigError, WorkerDiedError, WorkerError
 from rlhf.utils.distributed import free_port, node_id, node_ip, process_env, rank_env
@@ -107,6 +113,8 @@ class Pending:
     """Ranks that were called, in order."""
     refs: tuple[ray.ObjectRef, ...]
     """One future per called rank."""
+    order: Optional[tuple[int, ...]] = None
+    """split_dp of a token-balancing group: the row order the shards were cut from (None: unchanged)."""
 
 
 class Worker:
@@ -195,7 +203,11 @@ class WorkerGroup:
         bundle_indices: Optional[Sequence[int]] = None,
         startup_timeout_s: float = 300.0,
         call_timeout_s: Optional[float] = None,
+        balance_tokens: bool = False,
+        minibatch_rows: Optional[int] = None,
     ):
+        """`balance_tokens`: split_dp deals rows so that ranks get balanced real tokens, keeping the
+        rows of each minibatch of `minibatch_rows` rows per rank (one optimizer step) together."""
         if num_workers < 1:
             raise ConfigError(f"{role}: num_workers must be >= 1, got {num_workers}")
         if not (isinstance(worker_cls, type) and issubclass(worker_cls, Worker)):
@@ -205,6 +217,8 @@ class WorkerGroup:
         self.startup_timeout_s = startup_timeout_s
         self.call_timeout_s = call_timeout_s or None  # `wait`'s limit when none is given; 0/None: no limit
         self.world_size = num_workers
+        self.balance_tokens = balance_tokens
+        self.minibatch_rows = minibatch_rows
         self._owns_placement_group = placement_group is None
         if placement_group is None:
             placement_group = create_placement_group(
@@ -238,10 +252,11 @@ class WorkerGroup:
     def run(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Pending:
         """Start `method` on the ranks its @dispatch mode names; returns futures at once."""
         name, spec = self._resolve(method)
-        calls = _per_rank_arguments(spec.mode, self.world_size, args, kwargs, f"{self.role}.{name}")
+        order = self._balanced_order(args, kwargs) if spec.mode == "split_dp" else None
+        calls = _per_rank_arguments(spec.mode, self.world_size, args, kwargs, f"{self.role}.{name}", order)
         ranks = tuple(sorted(calls))
         refs = tuple(getattr(self._actors[r], name).remote(*calls[r][0], **calls[r][1]) for r in ranks)
-        return Pending(name, spec, ranks, refs)
+        return Pending(name, spec, ranks, refs, order)
 
     def wait(self, pending: Pending, timeout: Optional[float] = None) -> Any:
         """Block until every rank answered, then collect per the method's mode.
@@ -311,6 +326,14 @@ class WorkerGroup:
         return list(self._actors)
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _balanced_order(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Optional[tuple[int, ...]]:
+        """The token-balancing row order of a split_dp call's first RolloutBatch (None: keep the order)."""
+        batch = next((a for a in (*args, *kwargs.values()) if isinstance(a, RolloutBatch)), None)
+        if not self.balance_tokens or batch is None or self.world_size == 1 or len(batch) % self.world_size:
+            return None
+        order = tuple(dp_shard_order(sequence_lengths(batch), self.world_size, self.minibatch_rows))
+        return None if order == tuple(range(len(batch))) else order
 
     def _start_actors(
         self,
@@ -418,7 +441,12 @@ def wait_all(calls: Sequence[tuple[WorkerGroup, Pending]], timeout: Optional[flo
                 _raise_peer_death(calls, remaining, error)
                 raise
     return [
-        _collect(pending.spec.collect, [results[i][r] for r in pending.ranks], f"{group.role}.{pending.method}")
+        _collect(
+            pending.spec.collect,
+            [results[i][r] for r in pending.ranks],
+            f"{group.role}.{pending.method}",
+            pending.order,
+        )
         for i, (group, pending) in enumerate(calls)
     ]
 
@@ -503,9 +531,15 @@ def _local_ranks(pg: PlacementGroup, bundle_indices: Sequence[int]) -> tuple[lis
 
 
 def _per_rank_arguments(
-    mode: str, world_size: int, args: tuple[Any, ...], kwargs: dict[str, Any], where: str
+    mode: str,
+    world_size: int,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    where: str,
+    order: Optional[Sequence[int]] = None,
 ) -> dict[int, tuple[tuple[Any, ...], dict[str, Any]]]:
-    """rank -> (args, kwargs) for one call in `mode`."""
+    """rank -> (args, kwargs) for one call in `mode`; split_dp arguments with len(order) rows are
+    reordered by `order` before they are cut."""
     if mode == "rank0":
         return {0: (args, kwargs)}
     if mode == "broadcast":
@@ -513,8 +547,8 @@ def _per_rank_arguments(
         shared_kwargs = {k: _put_if_large(v) for k, v in kwargs.items()}
         return {r: (shared_args, shared_kwargs) for r in range(world_size)}
     if mode == "split_dp":
-        split_args = [_split(a, world_size, f"{where} argument {i}") for i, a in enumerate(args)]
-        split_kwargs = {k: _split(v, world_size, f"{where} argument {k!r}") for k, v in kwargs.items()}
+        split_args = [_split(a, world_size, f"{where} argument {i}", order) for i, a in enumerate(args)]
+        split_kwargs = {k: _split(v, world_size, f"{where} argument {k!r}", order) for k, v in kwargs.items()}
         return {
             r: (tuple(s[r] for s in split_args), {k: s[r] for k, s in split_kwargs.items()}) for r in range(world_size)
         }
@@ -529,8 +563,9 @@ def _per_rank_arguments(
     return {r: (tuple(a[r] for a in args), {k: v[r] for k, v in kwargs.items()}) for r in range(world_size)}
 
 
-def _split(value: Any, n: int, where: str) -> list[Any]:
-    """n equal shards of a RolloutBatch / Tensor / list; anything else is repeated."""
+def _split(value: Any, n: int, where: str, order: Optional[Sequence[int]] = None) -> list[Any]:
+    """n equal shards of a RolloutBatch / Tensor / list (rows first reordered by `order` when it has
+    as many); anything else is repeated."""
     if isinstance(value, RolloutBatch):
         rows = len(value)
     elif isinstance(value, Tensor):
@@ -545,6 +580,8 @@ def _split(value: Any, n: int, where: str) -> list[Any]:
             f"(rollout_batch_size × n_samples_per_prompt) divisible by num_workers {n}"
         )
     size = rows // n
+    if order is not None and len(order) == rows:
+        value = _reorder(value, order)
     if isinstance(value, RolloutBatch):
         return value.split(n)
     if isinstance(value, Tensor):
@@ -560,21 +597,40 @@ def _put_if_large(value: Any) -> Any:
     return value
 
 
-def _collect(mode: str, results: list[Any], where: str) -> Any:
+def _reorder(value: Any, order: Sequence[int]) -> Any:
+    """Rows of a RolloutBatch / Tensor / list in `order`."""
+    if isinstance(value, RolloutBatch):
+        return value.select(list(order))
+    if isinstance(value, Tensor):
+        return value[torch.as_tensor(order, dtype=torch.long, device=value.device)]
+    return [value[i] for i in order]
+
+
+def _collect(mode: str, results: list[Any], where: str, order: Optional[Sequence[int]] = None) -> Any:
+    """Answers per `mode`; `concat` undoes a split_dp call's row `order` (rows back where they came from)."""
     if mode == "list":
         return results
     if mode == "first":
         return results[0]
     if mode == "concat":
         if all(isinstance(r, RolloutBatch) for r in results):
-            return RolloutBatch.concat(results)
-        if all(isinstance(r, Tensor) for r in results):
-            return torch.cat(results, dim=0)
-        if all(isinstance(r, list) for r in results):
-            return [x for r in results for x in r]
-        raise TypeError(
-            f"{where}: collect 'concat' needs RolloutBatch, Tensor or list results, got {type(results[0]).__name__}"
-        )
+            joined: Any = RolloutBatch.concat(results)
+        elif all(isinstance(r, Tensor) for r in results):
+            joined = torch.cat(results, dim=0)
+        elif all(isinstance(r, list) for r in results):
+            joined = [x for r in results for x in r]
+        else:
+            raise TypeError(
+                f"{where}: collect 'concat' needs RolloutBatch, Tensor or list results, got {type(results[0]).__name__}"
+            )
+        if order is None:
+            return joined
+        if len(joined) != len(order):
+            raise TypeError(
+                f"{where}: the group balanced the rows of its split_dp argument, so 'concat' needs one answer row "
+                f"per input row ({len(order)}), got {len(joined)}"
+            )
+        return _reorder(joined, inverse_order(order))
     # mode == "mean"
     if all(isinstance(r, dict) for r in results):
         keys = list(dict.fromkeys(k for r in results for k in r))

@@ -29,15 +29,16 @@ from rlhf.algorithms import (
 )
 from rlhf.config import AlgorithmConfig, ClusterConfig, ModelConfig, TrainConfig
 from rlhf.data.batch import RolloutBatch
+from rlhf.data.token_budget import MicroBatch, rows_of
 from rlhf.engines.adapters import ADAPTER_DIR, has_adapter, save_adapter
 from rlhf.engines.weight_sync import WeightSyncGroup
 from rlhf.errors import WeightSyncError
 from rlhf.models.loading import load_tokenizer, resolve_model_path
-from rlhf.models.logprobs import response_logits, response_logprobs
+from rlhf.models.logprobs import response_logprobs, response_token_logits, to_rows
 from rlhf.models.peft_utils import apply_peft, load_base_model
 from rlhf.models.zero3 import parameter_counts
 from rlhf.workers.group import dispatch
-from rlhf.workers.trainable import StepStats, TrainableWorker, device_chunks, require_fields
+from rlhf.workers.trainable import StepStats, TrainableWorker, forward_in_row_order, require_fields
 
 logger = logging.getLogger(__name__)
 
@@ -99,12 +100,11 @@ class PolicyWorker(TrainableWorker):
         """
         engine = self._require_engine()
         engine.eval()
-        parts = []
-        with torch.no_grad():
-            for micro in device_chunks(batch, self.train_cfg.micro_batch_size, engine.device):
-                logprobs, _ = response_logprobs(engine, micro, temperature=temperature)
-                parts.append(logprobs.float().cpu())
-        return torch.cat(parts) if parts else torch.zeros(0, batch.response_ids.shape[1])
+        return forward_in_row_order(
+            self._micro_batches(batch),
+            lambda micro: response_logprobs(engine, micro, temperature=temperature)[0],
+            empty=torch.zeros(0, batch.response_ids.shape[1]),
+        )
 
     @dispatch("split_dp", collect="mean")
     def update(self, batch: RolloutBatch, temperature: float = 1.0) -> dict[str, float]:
@@ -123,8 +123,10 @@ class PolicyWorker(TrainableWorker):
         stats = StepStats()
         for minibatch in self._minibatches(batch, self.algo_cfg.ppo_epochs):
             tokens, seqs = self._global_counts(minibatch.response_mask)
-            for micro in device_chunks(minibatch, self.train_cfg.micro_batch_size, engine.device):
-                engine.backward(self._micro_batch_loss(micro, tokens, seqs, temperature, stats))
+            micros = self._micro_batches(minibatch)
+            for i, (_, micro) in enumerate(micros):
+                loss = self._micro_batch_loss(micro, tokens, seqs, temperature, stats)
+                engine.backward(loss, ends_step=i == len(micros) - 1)
                 engine.step()
             stats.minibatches += 1
             stats.add_mean("policy/grad_norm", engine.grad_norm())
@@ -132,22 +134,23 @@ class PolicyWorker(TrainableWorker):
         return self._update_metrics(stats, "policy", skipped_before)
 
     def _micro_batch_loss(
-        self, micro: RolloutBatch, tokens: Tensor, seqs: Tensor, temperature: float, stats: StepStats
+        self, micro: MicroBatch, tokens: Tensor, seqs: Tensor, temperature: float, stats: StepStats
     ) -> Tensor:
         algo = self.algo_cfg
         counts = {"global_tokens": tokens, "global_seqs": seqs, "constant_normalizer": self.constant_normalizer}
-        mask = micro.response_mask
-        logits = response_logits(self._require_engine(), micro, temperature=temperature)
-        logprobs = logprobs_from_logits(logits, micro.response_ids)
+        rows = rows_of(micro)  # old logprobs, advantages, ... in the [b, R] layout
+        mask = rows.response_mask
+        logits, labels = response_token_logits(self._require_engine(), micro, temperature=temperature)
+        logprobs = to_rows(micro, logprobs_from_logits(logits, labels))
         is_weights = None
-        if algo.rollout_is_cap is not None and micro.rollout_logprobs is not None:
+        if algo.rollout_is_cap is not None and rows.rollout_logprobs is not None:
             is_weights = compute_truncated_is_weights(
-                micro.old_logprobs, micro.rollout_logprobs, mask, cap=algo.rollout_is_cap
+                rows.old_logprobs, rows.rollout_logprobs, mask, cap=algo.rollout_is_cap
             )
         loss, loss_stats = self.policy_loss(
             logprobs,
-            micro.old_logprobs,
-            micro.advantages,
+            rows.old_logprobs,
+            rows.advantages,
             mask,
             clip_low=algo.clip_low,
             clip_high=algo.clip_high,
@@ -160,12 +163,12 @@ class PolicyWorker(TrainableWorker):
         for key, value in loss_stats.items():
             stats.add_mean(key, value)
         if self._use_kl_loss:
-            kl, _ = kl_loss(logprobs, micro.ref_logprobs, mask, kind=algo.kl_estimator, agg=algo.loss_agg, **counts)
+            kl, _ = kl_loss(logprobs, rows.ref_logprobs, mask, kind=algo.kl_estimator, agg=algo.loss_agg, **counts)
             loss = loss + algo.kl_coef * kl
             stats.add_share("policy/kl", kl)
         # entropy joins the graph only when it is part of the loss (it costs a [B, R, V] softmax)
         with torch.set_grad_enabled(algo.entropy_coef > 0 and torch.is_grad_enabled()):
-            entropy = aggregate(entropy_from_logits(logits), mask, algo.loss_agg, **counts)
+            entropy = aggregate(to_rows(micro, entropy_from_logits(logits)), mask, algo.loss_agg, **counts)
         if algo.entropy_coef > 0:
             loss = loss - algo.entropy_coef * entropy
         stats.add_share("policy/entropy", entropy)

@@ -32,7 +32,8 @@ class ReferenceWorker(FrozenModelWorker):
     def compute_logprobs(self, batch: RolloutBatch, temperature: float = 1.0) -> Tensor:
         """Reference logprobs [B, R] of the response tokens, softmax at `temperature` (the policy's)."""
         model = self._require_model()
-        parts = self._forward_micro_batches(
-            batch, lambda micro: response_logprobs(model, micro, temperature=temperature)[0].float().cpu()
+        return self._forward_in_row_order(
+            batch,
+            lambda micro: response_logprobs(model, micro, temperature=temperature)[0],
+            empty=torch.zeros(0, batch.response_ids.shape[1]),
         )
-        return torch.cat(parts) if parts else torch.zeros(0, batch.response_ids.shape[1])

@@ -40,5 +40,4 @@ class RewardWorker(FrozenModelWorker):
     def score(self, batch: RolloutBatch) -> Tensor:
         """Reward [B] per sequence: the head at the last real token of prompt + response."""
         model = self._require_model()
-        parts = self._forward_micro_batches(batch, lambda micro: last_token_scores(model, micro).cpu())
-        return torch.cat(parts) if parts else torch.zeros(0)
+        return self._forward_in_row_order(batch, lambda micro: last_token_scores(model, micro), empty=torch.zeros(0))

@@ -67,7 +67,9 @@ class TeacherWorker(FrozenModelWorker):
             logprobs, ids = teacher_support(response_logits(model, micro), top_k=top_k, temperature=temperature)
             return logprobs.cpu(), None if ids is None else ids.to(torch.int32).cpu()
 
-        logprobs, token_ids = zip(*self._forward_micro_batches(batch, support))
+        logprobs, token_ids = zip(
+            *(out for _, out in self._forward_micro_batches(batch, support))
+        )  # rows in order: padded
         return TeacherSupport(
             logprobs=torch.cat(logprobs),
             token_ids=None if token_ids[0] is None else torch.cat(token_ids),  # type: ignore[arg-type]

@@ -5,19 +5,25 @@ The update loop of both roles, for one rank's shard of the rollout batch:
     for epoch in range(ppo_epochs):
         for minibatch in shard.chunks(train_batch_size / dp):            # one optimizer step each
             tokens, seqs = all_reduce(real tokens, sequences of the minibatch)
-            for micro in minibatch.chunks(micro_batch_size):              # gradient accumulation
+            for micro in micro_batches(minibatch):                        # gradient accumulation
                 loss_share = loss(micro, global_tokens=tokens, global_seqs=seqs)
-                engine.backward(loss_share); engine.step()
+                engine.backward(loss_share, ends_step=micro is the last); engine.step()
 
 Because every loss is aggregated with the minibatch's *global* counts, the micro-batch losses on
 all ranks sum to the loss of the whole minibatch, and the result does not depend on dp or on the
 micro-batch size (rlhf.algorithms.aggregation, rlhf.engines.train_engine).
+
+Micro-batches (`micro_batches`) are micro_batch_size padded rows, or, with the role's
+max_tokens_per_micro_batch, packed rows of at most that many real tokens (rlhf.data.token_budget):
+their number per step varies, so the loop marks the accumulation boundary itself, and every rank
+runs as many as the rank that needs the most (the ranks with fewer split their fullest bins; no
+empty micro-batches), because ZeRO-3 forwards and ZeRO-2/3 backwards are collective.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,6 +34,14 @@ from torch import Tensor
 from rlhf.algorithms import count_seqs, count_tokens
 from rlhf.config import ClusterConfig, ModelConfig, TrainConfig
 from rlhf.data.batch import RolloutBatch
+from rlhf.data.token_budget import (
+    MicroBatch,
+    pack_rows,
+    restore_row_order,
+    sequence_lengths,
+    spread_bins,
+    token_budget_bins,
+)
 from rlhf.engines.train_engine import TrainEngine, deepspeed_config, gradient_accumulation_steps
 from rlhf.errors import CheckpointError, ConfigError, DataError
 from rlhf.utils.distributed import torch_backend
@@ -105,6 +119,17 @@ class TrainableWorker(Worker):
         for _ in range(epochs):
             yield from batch.chunks(rows)
 
+    def _micro_batches(self, batch: RolloutBatch) -> list[tuple[list[int], MicroBatch]]:
+        """This rank's micro-batches of `batch` on the engine's device (see `micro_batches`)."""
+        cfg = self.train_cfg
+        return micro_batches(
+            batch,
+            cfg.micro_batch_size,
+            cfg.max_tokens_per_micro_batch,
+            self._require_engine().device,
+            field=f"{self.role}.max_tokens_per_micro_batch",
+        )
+
     def _update_metrics(self, stats: StepStats, prefix: str, skipped_before: int) -> dict[str, float]:
         """The update's global stats plus `<prefix>/nonfinite_*`: the optimizer steps skipped since the
         engine's skip total was `skipped_before` (every rank skips together, so they agree)."""
@@ -176,6 +201,48 @@ def device_chunks(batch: RolloutBatch, size: int, device: torch.device) -> Itera
     """Micro-batches of `size` rows on `device`; slicing stays on the CPU, where the batch arrived."""
     for micro in batch.chunks(size):
         yield micro.to(device)
+
+
+def micro_batches(
+    batch: RolloutBatch,
+    size: int,
+    max_tokens: Optional[int],
+    device: torch.device,
+    *,
+    field: str,
+    even_out: bool = True,
+) -> list[tuple[list[int], MicroBatch]]:
+    """(rows of `batch`, micro-batch on `device`) pairs that cover every row once.
+
+    Without a token budget (`max_tokens` None or 0): `size` consecutive padded rows each. With
+    one: packed micro-batches of at most `max_tokens` real tokens each, grouped first-fit
+    decreasing (rlhf.data.token_budget; DataError naming `field` for a longer row). In a
+    process group of several ranks their number is all-reduced (MAX) and a rank with fewer
+    splits its fullest bins (`spread_bins`), so every rank runs the same number of forwards
+    (`even_out=False`: the caller evens them out itself).
+    """
+    if not max_tokens:
+        chunks = zip(range(0, len(batch), size), batch.chunks(size))
+        return [(list(range(start, start + len(micro))), micro.to(device)) for start, micro in chunks]
+    lengths = sequence_lengths(batch)
+    bins = token_budget_bins(lengths, max_tokens, field=field)
+    if even_out and dist.is_initialized() and dist.get_world_size() > 1:
+        count = torch.tensor([len(bins)], device=device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        bins = spread_bins(bins, lengths, int(count))
+    return [(rows, pack_rows(batch.select(rows)).to(device)) for rows in bins]
+
+
+def forward_in_row_order(
+    micros: list[tuple[list[int], MicroBatch]], forward: Callable[[MicroBatch], Tensor], empty: Tensor
+) -> Tensor:
+    """`forward(micro)` of every micro-batch without gradients, float32 on the CPU, rows in the batch's
+    order (packed micro-batches group rows out of order); `empty` when there are none."""
+    parts = []
+    with torch.no_grad():
+        for _, micro in micros:
+            parts.append(forward(micro).float().cpu())
+    return restore_row_order(parts, [rows for rows, _ in micros]) if parts else empty
 
 
 def require_fields(role: str, batch: RolloutBatch, *names: str) -> None:

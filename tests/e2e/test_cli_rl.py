@@ -49,19 +49,26 @@ def assert_ok(proc: subprocess.CompletedProcess) -> None:
     )
 
 
+# the ppo ZeRO-3 case runs policy, critic and reference by token budget (packed micro-batches, ranks
+# balanced by tokens): 96 >= data.max_prompt_length 64 + 8 new tokens, several sequences per micro-batch
+TOKEN_BUDGETS = [f"{role}.max_tokens_per_micro_batch=96" for role in ("policy", "critic", "reference")]
+
+
 @pytest.mark.parametrize(
-    "stage,zero,backend",
+    "stage,zero,backend,budgets",
     [
-        ("grpo", 2, "vllm"),
-        pytest.param("grpo", 3, "hf", marks=pytest.mark.slow),  # ZeRO-3 and hf are each covered by a ppo case
-        pytest.param("ppo", 2, "hf", marks=pytest.mark.slow),  # hf backend: every RL learning test runs on it
-        ("ppo", 3, "vllm"),
+        ("grpo", 2, "vllm", []),
+        pytest.param("grpo", 3, "hf", [], marks=pytest.mark.slow),  # ZeRO-3 and hf are each covered by a ppo case
+        pytest.param("ppo", 2, "hf", [], marks=pytest.mark.slow),  # hf backend: every RL learning test runs on it
+        ("ppo", 3, "vllm", TOKEN_BUDGETS),
     ],
+    ids=["grpo-2-vllm", "grpo-3-hf", "ppo-2-hf", "ppo-3-vllm-token-budgets"],
 )
-def test_rl_stage_runs_end_to_end(tmp_path, stage, zero, backend):
+def test_rl_stage_runs_end_to_end(tmp_path, stage, zero, backend, budgets):
     """Sampling at temperature 0.7; the policy takes one optimizer step per RL step (train_batch_size 16).
 
-    Under ZeRO-3 the reference (PPO's KL term) is a ZeRO-3 group of 2 actors too, every parameter partitioned.
+    Under ZeRO-3 the reference (PPO's KL term) is a ZeRO-3 group of 2 actors too, every parameter partitioned;
+    with the token budgets its ranks pack their shards and even out their forward passes.
     """
     out = tmp_path / "run"
     sharded_reference = [
@@ -71,6 +78,7 @@ def test_rl_stage_runs_end_to_end(tmp_path, stage, zero, backend):
     ]
     proc = run_cli(
         tmp_path,
+        *budgets,
         f"stage={stage}",
         f"policy.zero_stage={zero}",
         f"critic.zero_stage={zero}",

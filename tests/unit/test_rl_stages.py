@@ -61,6 +61,45 @@ def test_max_sampling_rounds_must_be_positive():
         validate(cfg)
 
 
+def test_token_budgets_must_hold_the_longest_sequence():
+    validate(compose("stage=ppo", "policy.max_tokens_per_micro_batch=80", "critic.max_tokens_per_micro_batch=0"))
+    cfg = compose(
+        "stage=grpo",
+        "data.max_prompt_length=64",
+        "rollout.sampling.max_new_tokens=16",
+        "reference.max_tokens_per_micro_batch=79",
+    )
+    with pytest.raises(
+        ConfigError, match=r"reference.max_tokens_per_micro_batch=79 cannot hold .* = 80 tokens; set it"
+    ):
+        validate(cfg)
+
+
+def test_token_budgets_are_for_the_rl_stages():
+    cfg = compose("stage=sft", "data.train=tiny:sft:train", "policy.max_tokens_per_micro_batch=512")
+    with pytest.raises(
+        ConfigError, match=r"policy.max_tokens_per_micro_batch: token-budget .*not stage=sft.*data.packing"
+    ):
+        validate(cfg)
+    with pytest.raises(ConfigError, match=r"^reference.max_tokens_per_micro_batch: token-budget .*stage=online_dpo"):
+        validate(compose("stage=online_dpo", "reference.max_tokens_per_micro_batch=512"))
+
+
+def test_the_reward_budget_serves_every_stage_that_scores_samples():
+    """online_dpo (and generate/eval) score samples with the reward pipeline, whose reward model packs too;
+    its budget also holds an evaluation sample (rollout.eval_sampling), which the reward may score."""
+    validate(compose("stage=online_dpo", "reward.max_tokens_per_micro_batch=512"))
+    cfg = compose(
+        "stage=online_dpo",
+        "data.max_prompt_length=64",
+        "rollout.sampling.max_new_tokens=16",
+        "rollout.eval_sampling.max_new_tokens=32",
+        "reward.max_tokens_per_micro_batch=80",
+    )
+    with pytest.raises(ConfigError, match=r"eval_sampling.max_new_tokens 32 = 96 tokens; set it to at least 96"):
+        validate(cfg)
+
+
 def test_sharded_reference_and_reward_model_validate():
     cfg = compose("stage=ppo", "reference.num_workers=2", "reference.zero_stage=3", "reward.zero_stage=3")
     validate(cfg)

@@ -57,3 +57,19 @@ def test_collect_modes():
     assert _collect("concat", [torch.ones(2, 3), torch.zeros(1, 3)], "w").shape == (3, 3)
     assert len(_collect("concat", [_batch(2), _batch(3)], "w")) == 5
     assert _collect("concat", [[1], [2, 3]], "w") == [1, 2, 3]
+
+
+def test_split_dp_with_a_row_order_moves_every_row_argument_and_concat_restores_it():
+    order = [3, 0, 2, 1]  # rank 0 gets rows 3, 0 and rank 1 rows 2, 1
+    calls = _per_rank_arguments("split_dp", 2, (_batch(4), torch.arange(4), [10, 11, 12, 13]), {"n": 5}, "w.m", order)
+    assert calls[0][0][0].prompt_ids[:, 0].tolist() == [3, 0] and calls[1][0][0].prompt_ids[:, 0].tolist() == [2, 1]
+    assert calls[1][0][1].tolist() == [2, 1] and calls[0][0][2] == [13, 10] and calls[0][1] == {"n": 5}
+    # the ranks answer per row, in their shard's order; concat puts the rows back where they came from
+    answers = [torch.tensor([30.0, 0.0]), torch.tensor([20.0, 10.0])]
+    assert _collect("concat", answers, "w", order).tolist() == [0.0, 10.0, 20.0, 30.0]
+    assert _collect("concat", [["d", "a"], ["c", "b"]], "w", order) == ["a", "b", "c", "d"]
+    batches = [calls[0][0][0], calls[1][0][0]]
+    assert _collect("concat", batches, "w", order).prompt_ids[:, 0].tolist() == [0, 1, 2, 3]
+    assert _collect("mean", [1.0, 3.0], "w", order) == 2.0
+    with pytest.raises(TypeError, match="one answer row per input row \\(4\\), got 3"):
+        _collect("concat", [torch.zeros(2), torch.zeros(1)], "w", order)
