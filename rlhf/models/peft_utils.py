@@ -32,6 +32,7 @@ from __future__ import annotations
 import importlib.util
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -244,12 +245,35 @@ def apply_peft(
 
     config = peft_config(method, model_cfg, task_type=task_type, modules_to_save=[head] if head else None)
     try:
-        wrapped = get_peft_model(model, config)
+        with _full_linear_weights_if_partitioned(model, method):
+            wrapped = get_peft_model(model, config)
     except ValueError as e:  # peft: target modules not found, feed-forward modules not among targets, ...
         raise ConfigError(f"model.peft.method={method}: peft cannot wrap this model: {e}") from e
     if method in ("prompt_tuning", "p_tuning"):
         return VirtualTokenLM(wrapped)
     return wrapped
+
+
+SHAPE_READING_METHODS = ("loha",)
+"""peft methods that size their adapters from the base weight's tensor shape (LoHa: `weight.shape`), not
+from the layer's in/out features as LoRA, LoKr and IA3 do."""
+
+
+@contextmanager
+def _full_linear_weights_if_partitioned(model: nn.Module, method: str) -> Iterator[None]:
+    """Under ZeRO-3 built inside zero.Init (rlhf.models.zero3) every weight is a 0-element partition, so a
+    method in SHAPE_READING_METHODS would size its factors from shape (0,): gather the Linear weights while
+    peft makes the adapters. A peak of the full Linear weights on each rank, once, at set-up."""
+    partitioned = [
+        module.weight for module in model.modules() if isinstance(module, nn.Linear) and hasattr(module.weight, "ds_id")
+    ]
+    if method not in SHAPE_READING_METHODS or not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
 
 
 def apply_lora(model: nn.Module, lora_cfg: LoraConfig) -> nn.Module:
