@@ -34,6 +34,7 @@ def run_cli(tmp_path: Path, *overrides: str, timeout: int = 300) -> subprocess.C
     )
 
 
+@pytest.mark.slow  # the distill trainer: tests/integration/distill (default); the CLI path: the other e2e tests
 def test_offline_distill_runs_end_to_end(tmp_path):
     out = tmp_path / "run"
     proc = run_cli(tmp_path, "distill.loss=jsd", "distill.top_k=16", "run.total_steps=2", f"run.output_dir={out}")

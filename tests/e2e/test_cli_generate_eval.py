@@ -42,6 +42,7 @@ def shard_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.glob("*/*")) if p.is_file()}
 
 
+@pytest.mark.slow  # generation resume: test_generate.py::test_interrupted_generation_resumes_to_identical_rows
 def test_killed_generation_resumes_and_eval_counts(ray_cluster, tmp_path):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf

@@ -43,6 +43,7 @@ def assert_ok(proc: subprocess.CompletedProcess) -> None:
     )
 
 
+@pytest.mark.slow  # SFT through the CLI with resume: tests/e2e/test_pipelines.py (default)
 def test_sft_runs_saves_and_resumes(tmp_path):
     out = tmp_path / "sft"
     common = ["stage=sft", "data.mixture=[{path:'tiny:sft:train',max_rows:64}]", f"run.output_dir={out}"]

@@ -149,6 +149,7 @@ def checkpoint_weights(step_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(states, map_location="cpu", weights_only=False)["module"]
 
 
+@pytest.mark.slow  # 144 s of CLI runs; run.deterministic reaching every actor: test_worker_group, test_seeding
 def test_deterministic_runs_repeat_and_resume_reproduces_next_step(tmp_path):
     """run.deterministic=true: two runs with one seed log the same numbers and save the same weights;
     stopped after step 2 and resumed, step 3 matches an uninterrupted run."""

@@ -337,6 +337,7 @@ def test_ray_launcher_sweep_on_the_running_cluster(ray_head, tmp_path):
     check_kl_sweep(sweep, tmp_path)
 
 
+@pytest.mark.slow  # the sweep callback in a real Hydra multirun: tests/unit/launch/test_sweep.py (default)
 def test_two_point_kl_sweep_writes_summary(tmp_path):
     """`rlhf -m algorithm.kl_coef=0.0,0.01` with the basic launcher: two runs, then the table.
 
