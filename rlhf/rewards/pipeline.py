@@ -107,6 +107,7 @@ class ModelTerm(RewardTerm):
     group: Any = field(default=None, repr=False)
 
     def start(self, make_group: Callable[..., Any]) -> None:
+        from rlhf.workers.frozen import frozen_group_options
         from rlhf.workers.reward import RewardWorker
 
         cfg = self.cfg
@@ -116,13 +117,7 @@ class ModelTerm(RewardTerm):
             "reward",
             self.num_workers,
             cfg.cluster.reward,
-            model_cfg=cfg.model,
-            cluster_cfg=cfg.cluster,
-            micro_batch_size=cfg.policy.micro_batch_size,
-            max_tokens_per_micro_batch=cfg.reward.max_tokens_per_micro_batch,
-            balance_tokens=bool(cfg.reward.max_tokens_per_micro_batch),
-            zero_stage=cfg.reward.zero_stage,
-            zero3_param_persistence_threshold=cfg.reward.zero3_param_persistence_threshold,
+            **frozen_group_options(cfg, cfg.reward),
         )
         self.group.call(RewardWorker.init_model, self.model_path)
 

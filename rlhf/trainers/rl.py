@@ -33,6 +33,7 @@ from rlhf.trainers.roles import (
 from rlhf.utils.metrics import MetricsSink, PhaseTimer, reward_trend
 from rlhf.utils.redact import config_container
 from rlhf.workers.critic import CriticWorker
+from rlhf.workers.frozen import frozen_group_options
 from rlhf.workers.group import WorkerGroup
 from rlhf.workers.policy import PolicyWorker
 from rlhf.workers.reference import ReferenceWorker
@@ -98,20 +99,13 @@ class RLTrainer:
             **token_balance(cfg.policy),
             **trained,
         )
-        reference = cfg.reference
         self.reference = (
             self._group(
                 ReferenceWorker,
                 "reference",
-                reference.num_workers,
+                cfg.reference.num_workers,
                 cfg.cluster.reference,
-                model_cfg=cfg.model,
-                cluster_cfg=cfg.cluster,
-                micro_batch_size=cfg.policy.micro_batch_size,
-                max_tokens_per_micro_batch=reference.max_tokens_per_micro_batch,
-                balance_tokens=bool(reference.max_tokens_per_micro_batch),
-                zero_stage=reference.zero_stage,
-                zero3_param_persistence_threshold=reference.zero3_param_persistence_threshold,
+                **frozen_group_options(cfg, cfg.reference),
             )
             if uses_reference(cfg)
             else None

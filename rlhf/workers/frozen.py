@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from rlhf.config import INFERENCE_ZERO_STAGES, ClusterConfig, ModelConfig
+from rlhf.config import INFERENCE_ZERO_STAGES, ClusterConfig, ModelConfig, ReferenceConfig, RewardConfig, RLHFConfig
 from rlhf.data.batch import RolloutBatch
 from rlhf.data.token_budget import MicroBatch, restore_row_order
 from rlhf.engines.zero3 import inference_deepspeed_config, start_inference_engine
@@ -29,6 +29,20 @@ from rlhf.workers.group import Worker
 from rlhf.workers.trainable import micro_batches
 
 T = TypeVar("T")
+
+
+def frozen_group_options(cfg: RLHFConfig, role: ReferenceConfig | RewardConfig) -> dict[str, Any]:
+    """WorkerGroup keyword arguments of a frozen role (reference, reward model): the policy's micro-batch
+    size or the role's token budget (with token-balanced shards), and its ZeRO-3 partitioning."""
+    return dict(
+        model_cfg=cfg.model,
+        cluster_cfg=cfg.cluster,
+        micro_batch_size=cfg.policy.micro_batch_size,
+        max_tokens_per_micro_batch=role.max_tokens_per_micro_batch,
+        balance_tokens=bool(role.max_tokens_per_micro_batch),
+        zero_stage=role.zero_stage,
+        zero3_param_persistence_threshold=role.zero3_param_persistence_threshold,
+    )
 
 
 class FrozenModelWorker(Worker):
