@@ -291,6 +291,12 @@ engine); *step peak* VmHWM over the update / logprob call alone (reset before it
 {ratio_table(payload["ratios"])}
 
 Target ZeRO-3 peak ≤ {TARGET_RATIO}× ZeRO-2's per rank (policy without offload; reference group vs one actor): **{verdict}**.
+Why the ratio stays above 0.6 on 2 ranks: ZeRO-2 already partitions gradients and AdamW state, so ZeRO-3 removes
+only the other half of the weights, and its optimizer steps in sub-groups of 1/16 of the model
+(`rlhf.engines.zero3`) where ZeRO-2 makes flat-gradient and AdamW temporaries of its whole partition. A frozen model
+on 2 ranks at best halves the model's part, and the libraries (baseline) count on both sides: at best about
+(0.5 + 0.55) / (0.5 + 1.1) GiB ≈ 0.66. The whole-model reference's start-up peak is low because its weights stay
+memory-mapped from the safetensors file until the first forward reads them; its step peak holds them.
 Raw: `results/{NAME}.json`.
 """
 

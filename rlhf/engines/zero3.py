@@ -38,6 +38,12 @@ def zero3_gather_limits(module: nn.Module) -> dict[str, int]:
     backward's reduce bucket added 2 GiB). So the window is capped at a sixteenth of the model, never
     below its largest parameter (which must be whole to run) nor above DeepSpeed's defaults; half of
     it is prefetched, and gradients are reduced in buckets of the window's size.
+
+    The optimizer steps its partition in sub-groups of the window's size too. DeepSpeed's default
+    sub-group (1e9 elements) holds a smaller model's whole partition, and each step copies the
+    partition's gradients into one flat tensor and runs AdamW over it, whose temporaries
+    (exp_avg_sq.sqrt() / c + eps) are each as large as that tensor (measured on 2 ranks, 97M
+    parameters: 1.8 GiB above baseline per rank during an update, 1.3 GiB with window sub-groups).
     """
     sizes = [full_numel(p) for p in module.parameters()]
     window = min(max(max(sizes, default=1), sum(sizes) // GATHER_WINDOW_FRACTION), DEEPSPEED_MAX_LIVE)
@@ -46,6 +52,7 @@ def zero3_gather_limits(module: nn.Module) -> dict[str, int]:
         "stage3_max_reuse_distance": window,
         "stage3_prefetch_bucket_size": min(window // 2, DEEPSPEED_PREFETCH),
         "reduce_bucket_size": min(window, DEEPSPEED_REDUCE_BUCKET),
+        "sub_group_size": window,
     }
 
 
