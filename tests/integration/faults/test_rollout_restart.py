@@ -10,6 +10,8 @@ logprobs by far more than that within three steps, so stale engine weights would
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import ray
 import torch
@@ -42,7 +44,18 @@ class EngineKillingTrainer(RLTrainer):
     def sync(self) -> dict[str, float]:
         if self.step_done == 2:  # inside step 3 (step_done is updated after step() returns)
             ray.kill(self.rollout.group.actors[1], no_restart=True)
+            wait_until_dead(self.rollout.group, 1)
         return super().sync()
+
+
+def wait_until_dead(group, rank: int, timeout_s: float = 60.0) -> None:
+    """ray.kill returns before the process is gone: wait until a ping finds it dead, so the trainer's pre-sync
+    ping does too. (Were the engine still answering, it would die inside the sync, and the trainer's send
+    would wait out cluster.collective_timeout_s first: seen as a 144 s run of this test instead of 22 s.)"""
+    deadline = time.monotonic() + timeout_s
+    while rank not in group.dead_ranks(timeout=timeout_s):
+        assert time.monotonic() < deadline, f"engine {rank} still answers {timeout_s}s after ray.kill"
+        time.sleep(0.2)
 
 
 def test_killed_engines_restart_with_current_weights(ray_cluster, tmp_path):
