@@ -19,7 +19,7 @@ Per stage, over the steps after the first (warm-up: allocator, kernels):
                  nvidia-smi's per-process used memory, on cpu the process's RSS; processes are named
                  by Ray's title (ray::PolicyWorker -> policy). Also the GPU's total used memory.
 
-    python -m benchmarks.gpu_check [--quick] [--device cuda|cpu] [--steps 6]
+    python -m benchmarks.gpu_check [--quick] [--device cuda|cpu] [--steps 5]
 
 `--quick --device cpu` is the smoke test (the tiny shape on cluster=cpu_debug; the numbers mean nothing).
 """
@@ -238,7 +238,7 @@ def markdown(payload: dict[str, Any]) -> str:
 def main() -> None:
     def extra(parser) -> None:
         parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-        parser.add_argument("--steps", type=int, default=6)
+        parser.add_argument("--steps", type=int, default=5)
 
     args = parse_args(__doc__.splitlines()[0], extra)
     out = Path(args.out or os.environ.get("OUT") or BENCH_DIR / "results" / NAME)

@@ -7,7 +7,7 @@
 # (copy both into the repo: benchmarks/results/gpu_check.json, benchmarks/README.md).
 set -u
 source "$(dirname "$0")/install.sh"
-timeout 450 python3 -m benchmarks.gpu_check --device cuda --steps 6
+timeout 420 python3 -m benchmarks.gpu_check --device cuda --steps 5
 rc=$?
 cp benchmarks/results/gpu_check.json benchmarks/README.md "$OUT/" 2>/dev/null
 exit $rc
