@@ -19,7 +19,7 @@ Per stage, over the steps after the first (warm-up: allocator, kernels):
                  nvidia-smi's per-process used memory, on cpu the process's RSS; processes are named
                  by Ray's title (ray::PolicyWorker -> policy). Also the GPU's total used memory.
 
-    python -m benchmarks.gpu_check [--quick] [--device cuda|cpu] [--steps 5]
+    python -m benchmarks.gpu_check [--quick] [--device cuda|cpu] [--steps 5] [--stage-timeout 200]
 
 `--quick --device cpu` is the smoke test (the tiny shape on cluster=cpu_debug; the numbers mean nothing).
 """
@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -184,10 +185,17 @@ def run_stage(stage: str, model: str, params: int, out: Path, args) -> dict[str,
     cmd = stage_command(stage, model, output_dir, args.device, args.steps, args.quick)
     log = out / f"{stage}.log"
     with Stopwatch() as sw, log.open("w") as sink:
-        proc = subprocess.Popen(cmd, cwd=BENCH_DIR.parent, stdout=sink, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            cmd, cwd=BENCH_DIR.parent, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
         memory = RoleMemory(proc.pid, args.device)
         memory.start()
-        returncode = proc.wait()
+        try:
+            returncode = proc.wait(timeout=args.stage_timeout)
+        except subprocess.TimeoutExpired:  # the other stage still runs and the JSON is still written
+            logger.error("%s ran past --stage-timeout %ds: stopped", stage, args.stage_timeout)
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+            returncode = proc.wait()
     peaks = memory.stop()
     result: dict[str, Any] = {"stage": stage, "returncode": returncode, "wall_s": sw.seconds, "memory": peaks}
     if returncode != 0:
@@ -239,6 +247,7 @@ def main() -> None:
     def extra(parser) -> None:
         parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
         parser.add_argument("--steps", type=int, default=5)
+        parser.add_argument("--stage-timeout", type=int, default=200, help="seconds per stage before it is stopped")
 
     args = parse_args(__doc__.splitlines()[0], extra)
     out = Path(args.out or os.environ.get("OUT") or BENCH_DIR / "results" / NAME)
