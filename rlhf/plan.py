@@ -271,6 +271,11 @@ class Role:
     zero_stage: int = 0
     """frozen: 3 when the ranks form one ZeRO-3 group that partitions the weights (reference/reward.zero_stage)."""
 
+    @property
+    def weight_shards(self) -> int:
+        """frozen: the parts its weights are split into, one per rank under ZeRO-3 (rlhf.models.zero3), else 1."""
+        return self.ranks if self.zero_stage == 3 else 1
+
 
 @dataclass(frozen=True)
 class NodeShape:
@@ -543,8 +548,7 @@ def _distill_roles(cfg: RLHFConfig, shape_of: ShapeOf) -> list[Role]:
 
 def _frozen_width(mem: RankMemory, role: Role) -> float:
     """Bytes per weight of a frozen role's rank (its share of the parameters when partitioned)."""
-    shards = role.ranks if role.zero_stage == 3 else 1
-    return mem.params / math.ceil(role.model.params / shards)
+    return mem.params / math.ceil(role.model.params / role.weight_shards)
 
 
 def role_memory(role: Role, cfg: RLHFConfig, nodes: NodeShape) -> tuple[RankMemory, Optional[KVCache]]:
@@ -554,8 +558,7 @@ def role_memory(role: Role, cfg: RLHFConfig, nodes: NodeShape) -> tuple[RankMemo
     width = DTYPE_BYTES[cfg.model.dtype]
     shape = role.model
     if role.kind == "frozen":  # ZeRO-3 inference: each rank holds its 1/N of the weights (rlhf.models.zero3)
-        shards = role.ranks if role.zero_stage == 3 else 1
-        return RankMemory(params=math.ceil(shape.params / shards) * width), None
+        return RankMemory(params=math.ceil(shape.params / role.weight_shards) * width), None
     if role.kind == "trained":
         train = role.train
         assert train is not None

@@ -266,8 +266,8 @@ def _full_linear_weights_if_partitioned(model: nn.Module, method: str) -> Iterat
     peft makes the adapters. A peak of the full Linear weights on each rank, once, at set-up."""
     partitioned = [
         module.weight for module in model.modules() if isinstance(module, nn.Linear) and hasattr(module.weight, "ds_id")
-    ]
-    if method not in SHAPE_READING_METHODS or not partitioned:
+    ] if method in SHAPE_READING_METHODS else []  # fmt: skip
+    if not partitioned:
         yield
         return
     import deepspeed
