@@ -10,11 +10,11 @@ from rlhf.stages.common import check_inputs
 
 
 def validate(cfg: RLHFConfig, produced: Collection[Path]) -> None:
-    check_inputs(cfg, produced)
+    check_inputs(cfg, produced)  # model/dataset paths, PEFT, cluster: every stage starts with it
 
 
 def run(cfg: RLHFConfig) -> dict[str, float]:
-    from rlhf.trainers.report import run_report
+    from rlhf.trainers.report import run_report  # imported when run: listing stages stays cheap
 
     return run_report(cfg)
 
