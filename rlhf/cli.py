@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf.config import GENERATION_STAGES, OFFLINE_STAGES, UTILITY_STAGES, RLHFConfig, register_configs, validate
+from rlhf.config import RLHFConfig, get_stage, register_configs, validate
 from rlhf.errors import ConfigError, RLHFError
 from rlhf.utils.sweep import job_output_dir
 
@@ -24,34 +24,17 @@ register_configs()
 
 
 def train(cfg: RLHFConfig) -> dict[str, float]:
-    """Run the configured stage; user errors surface before any Ray actor starts."""
-    if cfg.stage in UTILITY_STAGES:
-        from rlhf.trainers.utility import run_utility
-
-        return run_utility(cfg)
-    if cfg.stage in GENERATION_STAGES:
-        from rlhf.trainers.evaluate import run_eval
-        from rlhf.trainers.generate import run_generate
-
-        return run_generate(cfg) if cfg.stage == "generate" else run_eval(cfg)
+    """Run the configured stage (rlhf.stages); user errors surface before any Ray actor starts."""
+    stage = get_stage(cfg.stage)
+    if not stage.trains:
+        return stage.run(cfg)
     if cfg.run.final_eval:  # its settings are user input too: wrong ones fail before training, not after
         from rlhf.trainers.evaluate import check_final_eval
 
+        if stage.check_final_eval is not None:
+            stage.check_final_eval(cfg)
         check_final_eval(cfg)
-    if cfg.stage == "distill":
-        from rlhf.trainers.distill import run_distill
-
-        final = run_distill(cfg)
-    elif cfg.stage == "online_dpo":
-        from rlhf.trainers.online_dpo import run_online_dpo
-
-        final = run_online_dpo(cfg)
-    elif cfg.stage in OFFLINE_STAGES:
-        from rlhf.trainers.offline import run_offline
-
-        final = run_offline(cfg)
-    else:
-        final = train_rl(cfg)
+    final = stage.run(cfg)
     if cfg.run.plots:
         from rlhf.utils.plots import write_plots
 
@@ -61,16 +44,6 @@ def train(cfg: RLHFConfig) -> dict[str, float]:
 
         final = {**final, **{f"final_{key}": value for key, value in run_final_eval(cfg).items()}}
     return final
-
-
-def train_rl(cfg: RLHFConfig) -> dict[str, float]:
-    """One RL run (PPO / the GRPO family)."""
-    from rlhf.trainers.prepare import prepare
-    from rlhf.trainers.rl import RLTrainer
-    from rlhf.trainers.runner import fit_on_cluster
-
-    prepared = prepare(cfg)
-    return fit_on_cluster(cfg, prepared.output_dir, lambda: RLTrainer(prepared))
 
 
 def to_config(raw: DictConfig) -> RLHFConfig:

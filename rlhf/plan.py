@@ -20,15 +20,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from rlhf.config import (
-    GENERATION_STAGES,
-    OFFLINE_STAGES,
-    ONLINE_PREFERENCE_STAGES,
-    RL_STAGES,
     ClusterConfig,
     ModelConfig,
     RLHFConfig,
     TrainConfig,
     engine_resources,
+    get_stage,
     uses_critic,
     uses_reference,
 )
@@ -384,22 +381,18 @@ def node_shape(cluster: ClusterConfig) -> NodeShape:
 
 
 def plan_roles(cfg: RLHFConfig, shape_of: ShapeOf) -> list[Role]:
-    """The worker groups `cfg.stage` starts, in the order its controller starts them (rlhf.trainers.*)."""
-    if cfg.stage in RL_STAGES:
-        return _rl_roles(cfg, shape_of)
-    if cfg.stage in ONLINE_PREFERENCE_STAGES:
-        return _online_dpo_roles(cfg, shape_of)
-    if cfg.stage == "distill":
-        return _distill_roles(cfg, shape_of)
-    if cfg.stage in OFFLINE_STAGES:
-        return _offline_roles(cfg, shape_of)
-    if cfg.stage in GENERATION_STAGES:
-        sequences = None
-        if cfg.stage == "generate":
-            per_engine = math.ceil(cfg.generate.shard_size / cfg.rollout.num_engines)
-            sequences = per_engine * cfg.rollout.n_samples_per_prompt
-        return [_engines(cfg, shape_of, "rollout", cfg.model.path, sequences)] + _reward_roles(cfg, shape_of)
-    return []  # export, report: nothing on Ray
+    """The worker groups `cfg.stage` starts, in the order its controller starts them (its Stage.plan_roles)."""
+    stage = get_stage(cfg.stage)
+    return stage.plan_roles(cfg, shape_of) if stage.plan_roles else []  # export, report: nothing on Ray
+
+
+def generation_roles(cfg: RLHFConfig, shape_of: ShapeOf) -> list[Role]:
+    """stage=generate / eval: the rollout engines (generate: one shard per call) and the reward roles."""
+    sequences = None
+    if cfg.stage == "generate":
+        per_engine = math.ceil(cfg.generate.shard_size / cfg.rollout.num_engines)
+        sequences = per_engine * cfg.rollout.n_samples_per_prompt
+    return [_engines(cfg, shape_of, "rollout", cfg.model.path, sequences)] + _reward_roles(cfg, shape_of)
 
 
 def _rl_seq_len(cfg: RLHFConfig) -> int:
@@ -473,7 +466,7 @@ def _reward_roles(cfg: RLHFConfig, shape_of: ShapeOf) -> list[Role]:
     return roles
 
 
-def _rl_roles(cfg: RLHFConfig, shape_of: ShapeOf) -> list[Role]:
+def rl_roles(cfg: RLHFConfig, shape_of: ShapeOf) -> list[Role]:
     """rlhf.trainers.rl.RLTrainer._start_roles: policy, reference, critic, rollout, then the reward roles."""
     path, seq = cfg.model.path, _rl_seq_len(cfg)
     roles = [
@@ -495,7 +488,7 @@ def _rl_roles(cfg: RLHFConfig, shape_of: ShapeOf) -> list[Role]:
     return roles + _reward_roles(cfg, shape_of)
 
 
-def _online_dpo_roles(cfg: RLHFConfig, shape_of: ShapeOf) -> list[Role]:
+def online_dpo_roles(cfg: RLHFConfig, shape_of: ShapeOf) -> list[Role]:
     """rlhf.trainers.online_dpo: the policy trains on pairs; a reference when the objective needs the initial one."""
     from rlhf.workers.objectives import OBJECTIVES
 
@@ -511,7 +504,7 @@ def _online_dpo_roles(cfg: RLHFConfig, shape_of: ShapeOf) -> list[Role]:
     return roles + _reward_roles(cfg, shape_of)
 
 
-def _offline_roles(cfg: RLHFConfig, shape_of: ShapeOf) -> list[Role]:
+def offline_roles(cfg: RLHFConfig, shape_of: ShapeOf) -> list[Role]:
     """rlhf.trainers.offline: the trained model (a reward model for stage=rm) and the reference if the loss needs one."""
     from rlhf.workers.objectives import OBJECTIVES
 
@@ -528,7 +521,7 @@ def _offline_roles(cfg: RLHFConfig, shape_of: ShapeOf) -> list[Role]:
     return roles
 
 
-def _distill_roles(cfg: RLHFConfig, shape_of: ShapeOf) -> list[Role]:
+def distill_roles(cfg: RLHFConfig, shape_of: ShapeOf) -> list[Role]:
     """rlhf.trainers.distill: the student, the teacher actors, and engines when it samples on-policy."""
     on_policy = cfg.distill.mode == "on_policy"
     seq = max(cfg.data.max_length, _rl_seq_len(cfg)) if on_policy else cfg.data.max_length

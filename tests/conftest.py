@@ -131,7 +131,7 @@ def scripted_checkpoint(tmp_path_factory):
     from rlhf.data.tiny_world import tiny_world_dir
     from rlhf.models.tiny import build_scripted_model, save_tiny_model
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_world_dir(archs=()).tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_world_dir().tokenizer_dir)
 
     def make(script: dict[str, str | list[str]]) -> str:
         model = build_scripted_model(tokenizer, script)
@@ -165,7 +165,7 @@ def task_accuracy():
 
     @functools.cache
     def accuracy(model_path: str, task: str) -> float:
-        rows = [r for r in read_jsonl(tiny_world_dir(archs=()).data("rl", "train")) if r["task"] == task]
+        rows = [r for r in read_jsonl(tiny_world_dir().data("rl", "train")) if r["task"] == task]
         path = resolve_model_path(model_path)
         model = AutoModelForCausalLM.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)

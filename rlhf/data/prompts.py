@@ -74,11 +74,11 @@ def load_prompt_dataset(
         from rlhf.data.tiny_world import tiny_world_dir
 
         tiny_split = str(source).partition(":")[2] or split
-        source = tiny_world_dir(archs=()).data("rl", tiny_split)
+        source = tiny_world_dir().data("rl", tiny_split)
     elif str(source) in TINY_CARRY_SOURCES:
         from rlhf.data.tiny_world import tiny_world_dir
 
-        source = tiny_world_dir(archs=()).data("carry", TINY_CARRY_SOURCES[str(source)])
+        source = tiny_world_dir().data("carry", TINY_CARRY_SOURCES[str(source)])
     elif str(source).startswith("tiny:"):
         return _tiny_task_subset(str(source), prompt_key, answer_key)
     examples = [_prompt_example(r, prompt_key, answer_key) for r in read_records(source, split=split)]
@@ -103,7 +103,7 @@ def _tiny_task_subset(source: str, prompt_key: str, answer_key: str | None) -> l
         raise ConfigError(
             f"tiny prompt source {source!r}: tasks must be distinct names from {', '.join(known)}, got {parts[2]!r}"
         )
-    path = tiny_world_dir(archs=()).data("rl", parts[1])
+    path = tiny_world_dir().data("rl", parts[1])
     by_task: dict[str, list[PromptExample]] = {t: [] for t in tasks}
     for record in read_records(path):
         if record.fields.get("task") in by_task:

@@ -34,8 +34,10 @@ holds the RL prompts with reference answers of the same split (prompt source "ti
 little, or one letter changed): a 2-layer reward model does not learn to judge those (held-out
 accuracy ~0.55: a held-out sum is a fact it never saw).
 
-`materialize_tiny_world` writes everything to a directory; `tiny_world_dir` does so once under
-the cache (`${RLHF_CACHE:-~/.cache/rlhf}/tiny_world/<version-hash>`) and reuses it. Layout:
+`materialize_tiny_world` writes the data and tokenizer to a directory; `tiny_world_dir` does so once under
+the cache (`${RLHF_CACHE:-~/.cache/rlhf}/tiny_world/<version-hash>`) and reuses it. The checkpoints are
+the models layer's (rlhf.models.warmup.tiny_world_models / materialize_tiny_models), in the same
+directory under the same lock. Layout:
 
   data/{pretrain,sft,preference_hard,kto,rl,carry_sft,carry_cot,preference,carry}_{train,eval}.jsonl,
   data/manifest.json
@@ -43,7 +45,7 @@ the cache (`${RLHF_CACHE:-~/.cache/rlhf}/tiny_world/<version-hash>`) and reuses 
   models/<arch>/policy-init/        random-init tiny model + tokenizer (arch: qwen2, llama)
   models/<arch>/policy-sft/         the same after a short supervised warm-up (+ warmup.json)
   models/qwen2/judge/               the tiny LLM judge of the carry world (rlhf.models.tiny_judge;
-                                    built on request, judge=True; + judge.json)
+                                    built on request by rlhf.models.warmup.tiny_world_models(judge=True); + judge.json)
 
 Each part is written to a temporary directory and renamed into place when complete, under a
 file lock, so concurrent processes build it once and a crash never leaves half a part behind.
@@ -303,7 +305,7 @@ def cot_file(split: str = "train", *, seed: int = 0) -> Path:
     """
     if split not in SPLITS:
         raise DataError(f"unknown tiny-world split {split!r}; splits: {', '.join(SPLITS)}")
-    path = tiny_world_dir(seed, archs=()).root / "extra" / f"cot_{split}.jsonl"
+    path = tiny_world_dir(seed).root / "extra" / f"cot_{split}.jsonl"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -413,7 +415,7 @@ def grid_file(kind: str = "rl", split: str = "train", *, task: str = "add_2d", s
             f"unknown tiny-world grid data {kind!r}/{split!r}; kinds: {', '.join(GRID_KINDS)}; splits: train, eval"
         )
     problems = grid_split(task, seed=seed)[split]  # validates the task before touching the disk
-    path = tiny_world_dir(seed, archs=()).root / "extra" / f"grid_{task}_{kind}_{split}.jsonl"
+    path = tiny_world_dir(seed).root / "extra" / f"grid_{task}_{kind}_{split}.jsonl"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -520,41 +522,23 @@ def tiny_world_hash(seed: int = 0) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
-def tiny_world_dir(seed: int = 0, *, archs: Sequence[str] = TINY_ARCHS, judge: bool = False) -> TinyWorldPaths:
-    """The cached tiny world for `seed`, built on first use (data, tokenizer, checkpoints of `archs`).
+def tiny_world_dir(seed: int = 0) -> TinyWorldPaths:
+    """The cached tiny world for `seed`, built on first use: data and tokenizer (about a second).
 
-    Pass archs=() when only the data and tokenizer are needed: that part builds in about a second,
-    while each arch's warm-up takes about half a minute (one CPU thread). judge=True also builds
-    the tiny judge (about 40 s more; see `materialize_tiny_world`).
+    Its checkpoints (models/) are built by rlhf.models.warmup.tiny_world_models, on first use too.
     """
-    return materialize_tiny_world(
-        cache_root() / "tiny_world" / tiny_world_hash(seed), seed=seed, archs=archs, judge=judge
-    )
+    return materialize_tiny_world(cache_root() / "tiny_world" / tiny_world_hash(seed), seed=seed)
 
 
-def materialize_tiny_world(
-    out_dir: str | Path, *, seed: int = 0, archs: Sequence[str] = TINY_ARCHS, judge: bool = False
-) -> TinyWorldPaths:
-    """Write the tiny world under `out_dir`; parts already there are kept (idempotent).
-
-    judge: also models/qwen2/judge (rlhf.models.tiny_judge: from policy-init, trained on the carry
-    world), which the rlaif recipe's reward.judge.model_path=tiny-judge loads.
-    """
+def materialize_tiny_world(out_dir: str | Path, *, seed: int = 0) -> TinyWorldPaths:
+    """Write the tiny world's data and tokenizer under `out_dir`; parts already there are kept (idempotent).
+    rlhf.models.warmup.materialize_tiny_models adds the checkpoints."""
     paths = TinyWorldPaths(Path(out_dir).expanduser(), seed)
-    unknown = [a for a in archs if a not in TINY_ARCHS]
-    if unknown:
-        raise DataError(f"unknown tiny-world arch {unknown[0]!r}; known: {', '.join(TINY_ARCHS)}")
-    if judge and JUDGE_ARCH not in archs:
-        archs = (*archs, JUDGE_ARCH)
     paths.root.mkdir(parents=True, exist_ok=True)
-    with _locked(paths.root / ".lock"):
-        _build_once(paths.data_dir, lambda tmp: _write_data(tmp, seed))
+    with locked(paths.root / ".lock"):
+        build_once(paths.data_dir, lambda tmp: _write_data(tmp, seed))
         _check_manifest(paths)
-        _build_once(paths.tokenizer_dir, lambda tmp: _write_tokenizer(tmp, paths))
-        for arch in archs:
-            _build_once(paths.root / "models" / arch, lambda tmp, arch=arch: _write_checkpoints(tmp, paths, arch))
-        if judge:
-            _build_once(paths.checkpoint(JUDGE_ARCH, "judge"), lambda tmp: _write_judge(tmp, paths))
+        build_once(paths.tokenizer_dir, lambda tmp: _write_tokenizer(tmp, paths))
     return paths
 
 
@@ -562,7 +546,7 @@ def tiny_data_file(kind: str, split: str = "train", *, seed: int = 0) -> Path:
     """The jsonl file of a tiny-world data kind (DATA_KINDS, or "cot"), built if needed."""
     if kind == "cot":
         return cot_file(split, seed=seed)
-    return tiny_world_dir(seed, archs=()).data(kind, split)
+    return tiny_world_dir(seed).data(kind, split)
 
 
 def _write_data(tmp: Path, seed: int) -> None:
@@ -597,38 +581,7 @@ def _write_tokenizer(tmp: Path, paths: TinyWorldPaths) -> None:
     save_tiny_tokenizer(train_tiny_tokenizer(texts), tmp)
 
 
-def _write_checkpoints(tmp: Path, paths: TinyWorldPaths, arch: str) -> None:
-    # Imported here: the data package must not pull in torch and the models package at import time.
-    from transformers import AutoTokenizer
-
-    from rlhf.models.warmup import build_tiny_checkpoints
-
-    tokenizer = AutoTokenizer.from_pretrained(paths.tokenizer_dir)
-    build_tiny_checkpoints(
-        tmp,
-        tokenizer,
-        arch=arch,
-        seed=paths.seed,
-        sft_rows=read_jsonl(paths.data("sft", "train")),
-        eval_rows=read_jsonl(paths.data("rl", "eval")),
-    )
-
-
-def _write_judge(tmp: Path, paths: TinyWorldPaths) -> None:
-    from transformers import AutoTokenizer
-
-    from rlhf.models.tiny_judge import build_tiny_judge
-
-    build_tiny_judge(
-        tmp,
-        paths.checkpoint(JUDGE_ARCH, "policy-init"),
-        AutoTokenizer.from_pretrained(paths.tokenizer_dir),
-        grid_split(CARRY_TASK, seed=paths.seed),
-        seed=paths.seed,
-    )
-
-
-def _build_once(target: Path, build: Callable[[Path], None]) -> None:
+def build_once(target: Path, build: Callable[[Path], None]) -> None:
     """Run `build` into a temp dir next to `target` and rename it into place, unless target exists."""
     if target.exists():
         return
@@ -649,7 +602,7 @@ def _build_once(target: Path, build: Callable[[Path], None]) -> None:
 
 
 @contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
+def locked(lock_path: Path) -> Iterator[None]:
     with open(lock_path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:

@@ -1,6 +1,6 @@
 """DeepSpeed training engine for one role (policy or critic): config, step, full-weight gather, save/load.
 
-Batch arithmetic (rlhf/config.py): train_batch_size sequences per optimizer step across all ranks,
+Batch arithmetic (rlhf/config/schema.py): train_batch_size sequences per optimizer step across all ranks,
 micro_batch_size per forward/backward on one rank, so each rank sees train_batch_size / dp rows per
 optimizer step in (train_batch_size / dp) / micro_batch_size micro-batches (DeepSpeed's gradient
 accumulation steps). With a token budget (max_tokens_per_micro_batch) a step has as many packed

@@ -1,7 +1,7 @@
 """Load tokenizers and causal LMs from a local dir, a Hub name, or a tiny-world name.
 
 Model paths in configs accept, besides a directory or a Hub name, these tiny-world names
-(built once into the cache by rlhf.data.tiny_world.tiny_world_dir, seed 0):
+(built once into the cache by rlhf.models.warmup.tiny_world_models, seed 0):
 
   tiny, tiny:qwen2            Qwen2 tiny policy after the supervised warm-up (policy-sft)
   tiny:llama                  Llama tiny policy after the warm-up
@@ -55,10 +55,10 @@ def resolve_model_path(path: str | Path) -> str:
     """
     check_model_path(path)
     if is_tiny_model_name(path):
-        from rlhf.data.tiny_world import tiny_world_dir
+        from rlhf.models.warmup import tiny_world_models
 
         arch, name = TINY_MODEL_NAMES[str(path)]
-        return str(tiny_world_dir(archs=(arch,), judge=name == "judge").checkpoint(arch, name))
+        return str(tiny_world_models(archs=(arch,), judge=name == "judge").checkpoint(arch, name))
     local = Path(path).expanduser()
     return str(local) if local.exists() else str(path)
 

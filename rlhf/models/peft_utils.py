@@ -84,10 +84,9 @@ def peft_method(model_cfg: ModelConfig) -> str:
     return model_cfg.peft.method
 
 
-def validate_peft(cfg: RLHFConfig) -> None:
-    """ConfigError, before any Ray work, for a PEFT setting that cannot run in `cfg.stage`."""
-    from rlhf.config import RL_STAGES
-
+def validate_peft(cfg: RLHFConfig, *, rl_stage: bool) -> None:
+    """ConfigError, before any Ray work, for a PEFT setting that cannot run in `cfg.stage` (`rl_stage`: one of
+    the RL stages, whose rollout engines run the trained policy's merged weights)."""
     model, peft = cfg.model, cfg.model.peft
     if peft.method not in PEFT_METHODS:
         raise ConfigError(f"model.peft.method={peft.method!r} is not one of {', '.join(PEFT_METHODS)}")
@@ -112,7 +111,7 @@ def validate_peft(cfg: RLHFConfig) -> None:
                 f"model.peft.method={method} prepends its virtual tokens to each row, not to each packed example; "
                 f"set data.packing=false"
             )
-        if cfg.stage in RL_STAGES:
+        if rl_stage:
             raise ConfigError(
                 f"model.peft.method={method} learns virtual tokens that cannot be merged into the base weights, "
                 f"so the rollout engines of stage={cfg.stage} could not run the trained policy; use lora, ia3, "

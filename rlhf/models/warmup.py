@@ -29,8 +29,23 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.data.batch import pad_sequences
-from rlhf.data.tiny_world import check_answer, generate_rows
+from rlhf.data.tiny_world import (
+    CARRY_TASK,
+    JUDGE_ARCH,
+    TINY_ARCHS,
+    TinyWorldPaths,
+    build_once,
+    cache_root,
+    check_answer,
+    generate_rows,
+    grid_split,
+    locked,
+    materialize_tiny_world,
+    read_jsonl,
+    tiny_world_hash,
+)
 from rlhf.data.tokenizer import encode_chat_prompt
+from rlhf.errors import DataError
 from rlhf.models.tiny import build_tiny_model, save_tiny_model
 
 logger = logging.getLogger(__name__)
@@ -275,3 +290,69 @@ def accuracy_by_task(
         )
         for task in tasks
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiny world's checkpoints (its data and tokenizer: rlhf.data.tiny_world)
+
+
+def tiny_world_models(seed: int = 0, *, archs: Sequence[str] = TINY_ARCHS, judge: bool = False) -> TinyWorldPaths:
+    """The cached tiny world for `seed` with the checkpoints of `archs` (and the judge), built on first use.
+
+    Each arch's warm-up takes about half a minute (one CPU thread); judge=True also builds the tiny
+    judge (about 40 s more; see `materialize_tiny_models`).
+    """
+    return materialize_tiny_models(
+        cache_root() / "tiny_world" / tiny_world_hash(seed), seed=seed, archs=archs, judge=judge
+    )
+
+
+def materialize_tiny_models(
+    out_dir: str | Path, *, seed: int = 0, archs: Sequence[str] = TINY_ARCHS, judge: bool = False
+) -> TinyWorldPaths:
+    """rlhf.data.tiny_world.materialize_tiny_world (data, tokenizer), then models/<arch>/ for each of `archs`;
+    parts already there are kept (idempotent).
+
+    judge: also models/qwen2/judge (rlhf.models.tiny_judge: from policy-init, trained on the carry
+    world), which the rlaif recipe's reward.judge.model_path=tiny-judge loads.
+    """
+    unknown = [a for a in archs if a not in TINY_ARCHS]
+    if unknown:
+        raise DataError(f"unknown tiny-world arch {unknown[0]!r}; known: {', '.join(TINY_ARCHS)}")
+    if judge and JUDGE_ARCH not in archs:
+        archs = (*archs, JUDGE_ARCH)
+    paths = materialize_tiny_world(out_dir, seed=seed)
+    with locked(paths.root / ".lock"):
+        for arch in archs:
+            build_once(paths.root / "models" / arch, lambda tmp, arch=arch: _write_checkpoints(tmp, paths, arch))
+        if judge:
+            build_once(paths.checkpoint(JUDGE_ARCH, "judge"), lambda tmp: _write_judge(tmp, paths))
+    return paths
+
+
+def _write_checkpoints(tmp: Path, paths: TinyWorldPaths, arch: str) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(paths.tokenizer_dir)
+    build_tiny_checkpoints(
+        tmp,
+        tokenizer,
+        arch=arch,
+        seed=paths.seed,
+        sft_rows=read_jsonl(paths.data("sft", "train")),
+        eval_rows=read_jsonl(paths.data("rl", "eval")),
+    )
+
+
+def _write_judge(tmp: Path, paths: TinyWorldPaths) -> None:
+    from transformers import AutoTokenizer
+
+    from rlhf.models.tiny_judge import build_tiny_judge
+
+    build_tiny_judge(
+        tmp,
+        paths.checkpoint(JUDGE_ARCH, "policy-init"),
+        AutoTokenizer.from_pretrained(paths.tokenizer_dir),
+        grid_split(CARRY_TASK, seed=paths.seed),
+        seed=paths.seed,
+    )

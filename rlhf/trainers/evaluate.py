@@ -189,20 +189,10 @@ def check_final_eval(cfg: RLHFConfig) -> None:
     prompts: data.prompt_key, data.answer_key), rollout.* to generate, reward.* to score, and
     model.* except the path.
     """
-    from rlhf.config import OFFLINE_STAGES
     from rlhf.data.prompts import load_prompt_dataset
     from rlhf.models.peft_utils import PROMPT_METHODS
     from rlhf.trainers.generate import validate_generation
 
-    if cfg.stage in OFFLINE_STAGES and cfg.stage != "distill":
-        from rlhf.workers.objectives import OBJECTIVES
-
-        model_kind = OBJECTIVES.get(cfg.offline.objective).model_kind
-        _require(
-            model_kind == "causal_lm",
-            f"run.final_eval samples from the trained causal LM, but stage={cfg.stage} trains a {model_kind} "
-            "model; set run.final_eval=false",
-        )
     _require(
         cfg.model.peft.method not in PROMPT_METHODS,
         f"run.final_eval: model.peft.method={cfg.model.peft.method} keeps its result in final/adapter, which the "

@@ -1,35 +1,19 @@
-"""Stages that train nothing (rlhf.config.UTILITY_STAGES): validate the config, then run one function.
+"""Run a stage that trains nothing (export, report: rlhf.stages, Stage.family "utility") after validating it.
 
-Each entry imports its module when called, so `rlhf stage=report` never pays for peft or DeepSpeed.
+Each stage's run function imports its module when called, so `rlhf stage=report` never pays for peft or DeepSpeed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from rlhf.config import RLHFConfig, validate
+from rlhf.config import RLHFConfig, get_stage, names_where, validate
 from rlhf.errors import ConfigError
 
 
-def _export(cfg: RLHFConfig) -> dict[str, float]:
-    from rlhf.trainers.export import run_export
-
-    return run_export(cfg)
-
-
-def _report(cfg: RLHFConfig) -> dict[str, float]:
-    from rlhf.trainers.report import run_report
-
-    return run_report(cfg)
-
-
-UTILITIES: dict[str, Callable[[RLHFConfig], dict[str, float]]] = {"export": _export, "report": _report}
-"""stage name -> its entry point (each returns a few numbers for the console/sweep summary)."""
-
-
 def run_utility(cfg: RLHFConfig) -> dict[str, float]:
-    """Run `cfg.stage`; ConfigError before any work for an invalid config or an unknown stage."""
+    """Run `cfg.stage`; ConfigError before any work for an invalid config or a stage that is not a utility."""
     validate(cfg)
-    if cfg.stage not in UTILITIES:
-        raise ConfigError(f"stage={cfg.stage} has no utility entry point; known: {', '.join(UTILITIES)}")
-    return UTILITIES[cfg.stage](cfg)
+    stage = get_stage(cfg.stage)
+    if stage.family != "utility":
+        known = names_where(lambda s: s.family == "utility")
+        raise ConfigError(f"stage={cfg.stage} has no utility entry point; known: {', '.join(known)}")
+    return stage.run(cfg)

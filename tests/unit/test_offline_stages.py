@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf.config import OFFLINE_STAGES, validate
+from rlhf.config import get_stage, validate
 from rlhf.errors import ConfigError, DataError
 from rlhf.workers.objectives import OBJECTIVES
 
@@ -40,7 +40,7 @@ EXPECTED = {
 
 @pytest.mark.parametrize("stage", sorted(EXPECTED))
 def test_stage_composes_and_validates(stage):
-    assert stage in OFFLINE_STAGES
+    assert get_stage(stage).family == "offline"
     cfg = compose(f"stage={stage}")
     objective, loss = EXPECTED[stage]
     assert cfg.stage == stage and cfg.offline.objective == objective
@@ -98,3 +98,15 @@ def test_too_little_data_for_one_step_raises_before_ray(monkeypatch):
     cfg = compose("stage=sft", "data.mixture=[{path:'tiny:sft:train',max_rows:4}]", "policy.train_batch_size=16")
     with pytest.raises(DataError, match="fewer than one batch of 16"):
         offline.prepare_offline(cfg)
+
+
+def test_final_eval_of_a_reward_model_is_refused_before_training(monkeypatch):
+    """run.final_eval samples a causal LM: stage=rm trains a reward model, so the CLI stops before the stage runs."""
+    from rlhf.cli import train
+    from rlhf.trainers import offline
+
+    monkeypatch.setattr(offline, "run_offline", None)  # would fail loudly if reached
+    cfg = compose("stage=rm", "run.final_eval=true")
+    validate(cfg)
+    with pytest.raises(ConfigError, match="stage=rm trains a reward model; set run.final_eval=false"):
+        train(cfg)

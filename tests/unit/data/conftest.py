@@ -8,7 +8,7 @@ from rlhf.data.tiny_world import TinyWorldPaths, tiny_world_dir
 
 @pytest.fixture(scope="session")
 def tiny_paths() -> TinyWorldPaths:
-    return tiny_world_dir(archs=())
+    return tiny_world_dir()
 
 
 @pytest.fixture(scope="session")

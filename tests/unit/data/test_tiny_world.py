@@ -121,14 +121,14 @@ def test_sft_rows_have_plain_and_chat_forms():
 
 
 def test_materialize_writes_every_split_and_is_idempotent(tmp_path):
-    paths = materialize_tiny_world(tmp_path / "world", seed=5, archs=())
+    paths = materialize_tiny_world(tmp_path / "world", seed=5)
     for kind in DATA_KINDS:
         for split in ("train", "eval"):
             assert read_jsonl(paths.data(kind, split)) == generate_rows(kind, split, seed=5)
     assert (paths.tokenizer_dir / "tokenizer.json").exists()
     assert json.loads((paths.data_dir / "manifest.json").read_text())["seed"] == 5
     before = {p: p.stat().st_mtime_ns for p in paths.root.rglob("*") if p.is_file()}
-    materialize_tiny_world(tmp_path / "world", seed=5, archs=())
+    materialize_tiny_world(tmp_path / "world", seed=5)
     assert {p: p.stat().st_mtime_ns for p in paths.root.rglob("*") if p.is_file()} == before
     assert not [p for p in paths.root.iterdir() if p.name.startswith(".") and p.name != ".lock"]  # no temp dirs left
 
@@ -138,15 +138,15 @@ def test_concurrent_builders_share_one_build_and_crash_leftovers_are_removed(tmp
 
     (tmp_path / ".tokenizer-crashed").mkdir(parents=True)
     with ThreadPoolExecutor(3) as pool:
-        results = list(pool.map(lambda _: materialize_tiny_world(tmp_path, seed=0, archs=()), range(3)))
+        results = list(pool.map(lambda _: materialize_tiny_world(tmp_path, seed=0), range(3)))
     assert len({r.root for r in results}) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "data", "tokenizer"]
 
 
 def test_materialize_refuses_a_dir_built_with_another_seed(tmp_path):
-    materialize_tiny_world(tmp_path, seed=0, archs=())
+    materialize_tiny_world(tmp_path, seed=0)
     with pytest.raises(DataError, match="seed 0.*pick another directory"):
-        materialize_tiny_world(tmp_path, seed=1, archs=())
+        materialize_tiny_world(tmp_path, seed=1)
 
 
 def test_cache_dir_is_keyed_by_version_and_seed(monkeypatch, tmp_path):
@@ -154,7 +154,7 @@ def test_cache_dir_is_keyed_by_version_and_seed(monkeypatch, tmp_path):
     monkeypatch.setattr(tiny_world, "TINY_WORLD_VERSION", tiny_world.TINY_WORLD_VERSION + 1)
     assert tiny_world_hash(0) != tiny_world.hashlib.sha256(b"").hexdigest()[:12]
     monkeypatch.setenv("RLHF_CACHE", str(tmp_path))
-    paths = tiny_world.tiny_world_dir(seed=2, archs=())
+    paths = tiny_world.tiny_world_dir(seed=2)
     assert paths.root == tmp_path / "tiny_world" / tiny_world_hash(2)
 
 

@@ -68,7 +68,7 @@ def test_grid_files_hold_sft_and_rl_rows_the_checker_accepts(monkeypatch, tmp_pa
     for kind in GRID_KINDS:
         for name in ("train", "eval"):
             path = grid_file(kind, name)
-            assert path == tiny_world.tiny_world_dir(archs=()).root / "extra" / f"grid_add_2d_{kind}_{name}.jsonl"
+            assert path == tiny_world.tiny_world_dir().root / "extra" / f"grid_add_2d_{kind}_{name}.jsonl"
             rows = read_jsonl(path)
             assert [r["prompt"] for r in rows] == [p.prompt for p in split[name]]
             if kind == "sft":

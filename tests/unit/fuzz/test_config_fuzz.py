@@ -22,19 +22,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from rlhf.cli import CONF_DIR, check_group_overrides, to_config
-from rlhf.config import (
-    GENERATION_STAGES,
-    OFFLINE_STAGES,
-    ONLINE_PREFERENCE_STAGES,
-    RL_STAGES,
-    RLHFConfig,
-    _bound,
-    check_fields,
-    validate,
-)
+from rlhf.config import RLHFConfig, _bound, check_fields, names_where, validate
 from rlhf.errors import ConfigError
 
-STAGES = RL_STAGES + OFFLINE_STAGES + GENERATION_STAGES + ONLINE_PREFERENCE_STAGES
+STAGES = names_where(lambda stage: stage.family != "utility")
 OVERRIDE_ERRORS = (HydraException, OmegaConfBaseException)
 """What Hydra raises for an override it cannot parse, apply or convert (shown by hydra.main as one message)."""
 

@@ -105,7 +105,7 @@ def tokenizer():
 
     from rlhf.data.tiny_world import tiny_world_dir
 
-    return AutoTokenizer.from_pretrained(tiny_world_dir(archs=()).tokenizer_dir)
+    return AutoTokenizer.from_pretrained(tiny_world_dir().tokenizer_dir)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -8,7 +8,7 @@ from rlhf.data.tiny_world import TinyWorldPaths, tiny_world_dir
 
 @pytest.fixture(scope="session")
 def tiny_paths() -> TinyWorldPaths:
-    return tiny_world_dir(archs=())
+    return tiny_world_dir()
 
 
 @pytest.fixture(scope="session")
@@ -19,4 +19,6 @@ def tiny_tokenizer(tiny_paths):
 @pytest.fixture(scope="session")
 def tiny_qwen2(tiny_paths) -> TinyWorldPaths:
     """The tiny world with qwen2 policy-init and policy-sft (about 15 s of warm-up the first time)."""
-    return tiny_world_dir(archs=("qwen2",))
+    from rlhf.models.warmup import tiny_world_models
+
+    return tiny_world_models(archs=("qwen2",))

@@ -134,21 +134,21 @@ def test_qlora_without_bitsandbytes_is_a_config_error():
     cfg.model.lora.rank = 8
     cfg.cluster.device = "cuda"
     with pytest.raises(ConfigError, match="needs a CUDA GPU and the bitsandbytes package"):
-        validate_peft(cfg)
+        validate_peft(cfg, rl_stage=False)
 
 
 def test_virtual_tokens_refuse_packed_rows():
     cfg = config(method="prompt_tuning")
     cfg.data.packing = True
     with pytest.raises(ConfigError, match="set data.packing=false"):
-        validate_peft(cfg)
+        validate_peft(cfg, rl_stage=False)
 
 
 @pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning", "p_tuning"])
 def test_virtual_tokens_are_rejected_in_rl_stages(method):
     with pytest.raises(ConfigError, match=f"method={method}.*cannot be merged.*stage=grpo"):
         validate(config("grpo", method=method))
-    validate_peft(config("sft", method=method))  # offline: saved as base model + adapter
+    validate_peft(config("sft", method=method), rl_stage=False)  # offline: saved as base model + adapter
 
 
 @pytest.mark.parametrize(
@@ -167,7 +167,7 @@ def test_inconsistent_settings_are_config_errors(peft, lora_rank, message):
     cfg = config(**peft)
     cfg.model.lora.rank = lora_rank
     with pytest.raises(ConfigError, match=message):
-        validate_peft(cfg)
+        validate_peft(cfg, rl_stage=False)
 
 
 def test_patterns_that_freeze_everything_are_a_config_error():

@@ -18,7 +18,7 @@ special token and per character (the tiny tokenizer is character level)."""
 
 @pytest.fixture(scope="module")
 def job():
-    tokenizer = AutoTokenizer.from_pretrained(tiny_world_dir(archs=()).tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_world_dir().tokenizer_dir)
     cfg = RLHFConfig(stage="generate")
     cfg.data.max_prompt_length = 16
     seeds = PromptSet([[{"role": "user", "content": "copy ab cd"}]], [], [], [{}])
