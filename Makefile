@@ -12,11 +12,16 @@ setup:
 demo: setup
 	$(ENV) $(PY) -m rlhf +experiment=tiny_grpo_demo run.output_dir=outputs/demo $(ARGS)
 
+# Two pytest workers (pytest-xdist), each test file on one of them: the Ray/CLI tests spend much of their
+# time waiting on process start-ups, so the second worker fills the idle core. WORKERS=0 runs serially.
+WORKERS ?= 2
+XDIST := $(if $(filter-out 0,$(WORKERS)),-n $(WORKERS) --dist loadfile)
+
 test: setup
-	$(ENV) $(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+	$(ENV) $(PY) -m pytest $(XDIST) -m "not slow and not gpu" $(PYTEST_ARGS)
 
 test-all: setup
-	$(ENV) $(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+	$(ENV) $(PY) -m pytest $(XDIST) -m "not gpu" $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check rlhf tests benchmarks

@@ -21,6 +21,36 @@ from rlhf.utils.distributed import torch_extensions_dir  # noqa: E402 (after RLH
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
 
 
+def pytest_configure(config):
+    """With `-n N` (make test), build the tiny world and DeepSpeed's CPU ops in the background from the start
+    (tests/fixtures/warm_caches.py); a serial run builds them in the first test that needs them, as before."""
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        return
+    if config.option.collectonly:
+        return
+    import subprocess
+    import sys
+
+    log = Path(tempfile.gettempdir()) / f"rlhf-warm-caches-{os.getpid()}.log"
+    with open(log, "w") as out:
+        config._rlhf_warm_caches = subprocess.Popen(
+            [sys.executable, str(Path(__file__).parent / "fixtures" / "warm_caches.py")],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+
+
+def pytest_unconfigure(config):
+    """Let a build still running finish (killing it would leave a half-built op's lock behind)."""
+    warm = getattr(config, "_rlhf_warm_caches", None)
+    if warm is not None:
+        try:
+            warm.wait(timeout=600)
+        except Exception:
+            warm.kill()
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch
