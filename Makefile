@@ -12,10 +12,11 @@ setup:
 demo: setup
 	$(ENV) $(PY) -m rlhf +experiment=tiny_grpo_demo run.output_dir=outputs/demo $(ARGS)
 
-# Two pytest workers (pytest-xdist), each test file on one of them: the Ray/CLI tests spend much of their
-# time waiting on process start-ups, so the second worker fills the idle core. WORKERS=0 runs serially.
+# Two pytest workers (pytest-xdist): the Ray/CLI tests spend much of their time waiting on process start-ups,
+# so the second worker fills the idle core. Each file's tests stay on one worker (tests/conftest.py groups
+# them; the e2e runs spread out), handed out longest first. WORKERS=0 runs serially.
 WORKERS ?= 2
-XDIST := $(if $(filter-out 0,$(WORKERS)),-n $(WORKERS) --dist loadfile)
+XDIST := $(if $(filter-out 0,$(WORKERS)),-n $(WORKERS) --dist loadgroup --no-loadscope-reorder)
 
 test: setup
 	$(ENV) $(PY) -m pytest $(XDIST) -m "not slow and not gpu" $(PYTEST_ARGS)

@@ -51,7 +51,30 @@ def pytest_unconfigure(config):
             warm.kill()
 
 
+LONGEST_FIRST = (
+    "tests/e2e/test_launch.py",  # the multi-node job: four Ray nodes, a stop and a resume (~120 s on 2 idle cores)
+    "tests/e2e/test_pipelines.py",  # the SFT -> DPO recipe, learning (~100 s)
+    "tests/integration/sync/test_policy_to_rollout.py",  # ZeRO-3 policy into vLLM, full and LoRA (~90 s)
+    "tests/integration/online_dpo/test_online_dpo.py",  # rounds that learn, then resume (~80 s)
+    "tests/integration/distill/test_distill.py",  # on-policy distillation that learns (~80 s)
+    "tests/e2e/test_cli_rl.py",  # three RL runs through the console script (~60 s each)
+    "tests/e2e/test_rl_learning.py",  # GRPO and PPO that learn (~50 s each)
+)
+"""Test files handed to the pytest-xdist workers first (longest first), so that no long test starts last while
+the other worker has nothing left to do; the rest keep their collection order (e2e, integration, unit)."""
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    root = Path(__file__).resolve().parent.parent
+    items.sort(key=lambda item: rank.get(item.path.relative_to(root).as_posix(), len(rank)))  # stable
+    if getattr(config.option, "dist", "no") == "loadgroup":
+        # `make test`: a module's tests stay on one worker (they share module-scoped fixtures: Ray actor
+        # groups, trained models), except the end-to-end CLI runs, which share nothing and spread out
+        for item in items:
+            if "tests/e2e/" not in item.path.as_posix():
+                item.add_marker(pytest.mark.xdist_group(item.path.relative_to(root).as_posix()))
     try:
         import torch
 
