@@ -36,7 +36,7 @@ import torch
 from rlhf.config import RLHFConfig, distill_sequences_per_step, validate
 from rlhf.data.batch import RolloutBatch
 from rlhf.errors import CheckpointError, ConfigError
-from rlhf.trainers.checkpointing import CheckpointManager, read_state
+from rlhf.trainers.checkpointing import CheckpointManager
 from rlhf.trainers.distill_data import DistillRows, load_distill_rows
 from rlhf.trainers.nonfinite import NonFiniteGuard
 from rlhf.trainers.rl import build_rollout_batch, make_progress, sample_seed
@@ -45,6 +45,7 @@ from rlhf.trainers.roles import (
     check_shared_output_dir,
     connect_weight_sync,
     start_group,
+    start_policy_group,
     write_placement,
 )
 from rlhf.utils.metrics import MetricsSink, PhaseTimer
@@ -158,19 +159,7 @@ class DistillTrainer:
 
     def _start_roles(self) -> None:
         cfg, cluster = self.cfg, self.cfg.cluster
-        self.policy = start_group(
-            cluster,
-            DistillPolicyWorker,
-            "policy",
-            cfg.policy.num_workers,
-            cluster.policy,
-            model_cfg=cfg.model,
-            train_cfg=cfg.policy,
-            algo_cfg=cfg.algorithm,
-            cluster_cfg=cluster,
-            seed=cfg.run.seed,
-            distill_cfg=cfg.distill,
-        )
+        self.policy = start_policy_group(cfg, DistillPolicyWorker, algo_cfg=cfg.algorithm, distill_cfg=cfg.distill)
         self.teacher = start_group(
             cluster,
             TeacherWorker,
@@ -293,21 +282,21 @@ class DistillTrainer:
         return metrics
 
     def save_checkpoint(self) -> Path:
-        state = {
-            "step": self.step_done,
-            "row_stream": {**self.stream.state(), **self.stream_identity()},
-            "config": config_container(self.cfg),
-        }
-        with self.checkpoints.write(self.step_done, state) as tmp:
-            self.policy.call(PolicyWorker.save_checkpoint, str(tmp / "policy"))
-        return tmp
+        state = {"row_stream": {**self.stream.state(), **self.stream_identity()}, "config": config_container(self.cfg)}
+        return self.checkpoints.save(self.step_done, state, {"policy": self.policy})
 
     def resume(self) -> None:
         """Restore the newest (or named) checkpoint; on-policy, push the restored weights into the engines."""
-        checkpoint = self.checkpoints.resolve_resume(self.cfg.run.resume)
-        if checkpoint is None:
+        state = self.checkpoints.restore(self.cfg.run.resume, {"policy": self.policy}, check=self.check_same_stream)
+        if state is None:
             return
-        state = read_state(checkpoint)
+        self.step_done = int(state["step"])
+        self.stream.load_state(state["row_stream"])
+        if self.engines is not None:
+            self.engines.sync()
+
+    def check_same_stream(self, checkpoint: Path, state: dict[str, Any]) -> None:
+        """CheckpointError unless `checkpoint` was written by a run drawing the same rows in the same order."""
         saved = state["row_stream"]
         identity = self.stream_identity()
         if {k: saved.get(k) for k in identity} != identity:
@@ -317,12 +306,6 @@ class DistillTrainer:
                 f"{identity['batch_size']} of {identity['rows']}, seed {identity['seed']} (shuffle "
                 f"{identity['shuffle']}); resume with the same data and batch settings or use a new run.output_dir"
             )
-        logger.info("resuming from %s (step %d)", checkpoint, state["step"])
-        self.policy.call(PolicyWorker.load_checkpoint, str(checkpoint / "policy"))
-        self.step_done = int(state["step"])
-        self.stream.load_state(saved)
-        if self.engines is not None:
-            self.engines.sync()
 
     def stream_identity(self) -> dict[str, Any]:
         """What the stream's position means: a saved position only resumes a stream with the same values."""

@@ -14,6 +14,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,9 +26,15 @@ from rlhf.data.batch import RolloutBatch
 from rlhf.data.collate import collate_kto, collate_packed, collate_pairs, collate_sequences
 from rlhf.data.loader import OfflineLoader
 from rlhf.errors import DataError
-from rlhf.trainers.checkpointing import CheckpointManager, read_state
+from rlhf.trainers.checkpointing import CheckpointManager
 from rlhf.trainers.nonfinite import NonFiniteGuard
-from rlhf.trainers.roles import check_shared_output_dir, start_group, write_placement
+from rlhf.trainers.roles import (
+    GroupStarter,
+    check_shared_output_dir,
+    start_group,
+    start_policy_group,
+    write_placement,
+)
 from rlhf.utils.metrics import MetricsSink, PhaseTimer
 from rlhf.utils.redact import config_container
 from rlhf.workers.group import WorkerGroup
@@ -188,6 +195,22 @@ def row_keys(batch: RolloutBatch) -> list[tuple]:
     return keys
 
 
+def start_offline_reference(cfg: RLHFConfig, objective: type[Objective], start: Optional[GroupStarter] = None):
+    """The frozen reference of an offline objective: one rank whose micro-batches hold policy.micro_batch_size
+    whole examples; load offline.reference_path (or the policy's model) into it with init_model. `start`
+    defaults to start_group on cfg.cluster."""
+    start = start or partial(start_group, cfg.cluster)
+    return start(
+        ReferenceWorker,
+        "reference",
+        1,
+        cfg.cluster.reference,
+        model_cfg=cfg.model,
+        cluster_cfg=cfg.cluster,
+        micro_batch_size=cfg.policy.micro_batch_size * objective.rows_per_example,
+    )
+
+
 # ---------------------------------------------------------------------------------------------- controller
 
 
@@ -214,30 +237,11 @@ class OfflineTrainer:
     def _start_roles(self) -> None:
         cfg, run = self.cfg, self.run
         worker_cls = self.worker_cls
-        self.policy = start_group(
-            cfg.cluster,
-            worker_cls,
-            "reward_model" if worker_cls is RewardModelWorker else "policy",
-            cfg.policy.num_workers,
-            cfg.cluster.policy,
-            model_cfg=cfg.model,
-            train_cfg=cfg.policy,
-            offline_cfg=cfg.offline,
-            cluster_cfg=cfg.cluster,
-            seed=cfg.run.seed,
-        )
+        role = "reward_model" if worker_cls is RewardModelWorker else "policy"
+        self.policy = start_policy_group(cfg, worker_cls, role=role, offline_cfg=cfg.offline)
         pending = self.policy.run(worker_cls.init_model, run.model_path, self.total_steps)
         if self.objective.needs_reference:
-            self.reference_group = start_group(
-                cfg.cluster,
-                ReferenceWorker,
-                "reference",
-                1,
-                cfg.cluster.reference,
-                model_cfg=cfg.model,
-                cluster_cfg=cfg.cluster,
-                micro_batch_size=cfg.policy.micro_batch_size * self.objective.rows_per_example,
-            )
+            self.reference_group = start_offline_reference(cfg, self.objective)
             self.reference_group.call(ReferenceWorker.init_model, cfg.offline.reference_path or run.model_path)
             self.reference = ReferenceLogprobs(self.reference_group, cache=cfg.offline.reference == "precompute")
         self.policy.wait(pending)
@@ -316,22 +320,13 @@ class OfflineTrainer:
         return last
 
     def save_checkpoint(self) -> Path:
-        state = {
-            "step": self.step_done,
-            "data_stream": self.loader.state(),
-            "config": config_container(self.cfg),
-        }
-        with self.checkpoints.write(self.step_done, state) as tmp:
-            self.policy.call(self.worker_cls.save_checkpoint, str(tmp / "policy"))
-        return tmp
+        state = {"data_stream": self.loader.state(), "config": config_container(self.cfg)}
+        return self.checkpoints.save(self.step_done, state, {"policy": self.policy})
 
     def resume(self) -> None:
-        checkpoint = self.checkpoints.resolve_resume(self.cfg.run.resume)
-        if checkpoint is None:
+        state = self.checkpoints.restore(self.cfg.run.resume, {"policy": self.policy})
+        if state is None:
             return
-        state = read_state(checkpoint)
-        logger.info("resuming from %s (step %d)", checkpoint, state["step"])
-        self.policy.call(self.worker_cls.load_checkpoint, str(checkpoint / "policy"))
         self.step_done = int(state["step"])
         self.loader.load_state(state["data_stream"])
 

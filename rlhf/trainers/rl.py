@@ -19,7 +19,7 @@ from rlhf.data.batch import RolloutBatch, pad_sequences
 from rlhf.data.stream import PromptBatch
 from rlhf.engines.rollout import logprob_temperature
 from rlhf.rewards import build_reward_pipeline
-from rlhf.trainers.checkpointing import CheckpointManager, read_state
+from rlhf.trainers.checkpointing import CheckpointManager
 from rlhf.trainers.nonfinite import NonFiniteGuard
 from rlhf.trainers.prepare import EncodedPrompts, PreparedRun
 from rlhf.trainers.roles import (
@@ -27,6 +27,8 @@ from rlhf.trainers.roles import (
     check_shared_output_dir,
     connect_weight_sync,
     start_group,
+    start_policy_group,
+    start_trained_group,
     stop_on_dead_rank,
     write_placement,
 )
@@ -83,22 +85,8 @@ class RLTrainer:
 
     def _start_roles(self) -> None:
         cfg, path = self.cfg, self.run.model_path
-        trained = dict(
-            model_cfg=cfg.model,
-            algo_cfg=cfg.algorithm,
-            cluster_cfg=cfg.cluster,
-            seed=cfg.run.seed,
-            constant_normalizer=cfg.rollout.sampling.max_new_tokens,
-        )
-        self.policy = self._group(
-            PolicyWorker,
-            "policy",
-            cfg.policy.num_workers,
-            cfg.cluster.policy,
-            train_cfg=cfg.policy,
-            **token_balance(cfg.policy),
-            **trained,
-        )
+        trained = dict(algo_cfg=cfg.algorithm, constant_normalizer=cfg.rollout.sampling.max_new_tokens)
+        self.policy = start_policy_group(cfg, PolicyWorker, start=self._group, **token_balance(cfg.policy), **trained)
         self.reference = (
             self._group(
                 ReferenceWorker,
@@ -111,12 +99,13 @@ class RLTrainer:
             else None
         )
         self.critic = (
-            self._group(
+            start_trained_group(
+                cfg,
                 CriticWorker,
                 "critic",
-                cfg.critic.num_workers,
+                cfg.critic,
                 cfg.cluster.critic,
-                train_cfg=cfg.critic,
+                start=self._group,
                 **token_balance(cfg.critic),
                 **trained,
             )
@@ -347,36 +336,26 @@ class RLTrainer:
 
     def save_checkpoint(self) -> Path:
         state = {
-            "step": self.step_done,
             "prompt_stream": self.run.train.state(),
             "kl_coef": self.kl_ctl.value,
             "rewards": self.run.rewards.state_dict(),
             "config": config_container(self.cfg),
         }
-        with self.checkpoints.write(self.step_done, state) as tmp:
-            pending = [(self.policy, self.policy.run(PolicyWorker.save_checkpoint, str(tmp / "policy")))]
-            if self.critic:
-                pending.append((self.critic, self.critic.run(CriticWorker.save_checkpoint, str(tmp / "critic"))))
-            for group, p in pending:
-                group.wait(p)
-        return tmp
+        return self.checkpoints.save(self.step_done, state, self.trained_roles())
 
     def resume(self) -> None:
-        checkpoint = self.checkpoints.resolve_resume(self.cfg.run.resume)
-        if checkpoint is None:
+        state = self.checkpoints.restore(self.cfg.run.resume, self.trained_roles())
+        if state is None:
             return
-        state = read_state(checkpoint)
-        logger.info("resuming from %s (step %d)", checkpoint, state["step"])
-        pending = [(self.policy, self.policy.run(PolicyWorker.load_checkpoint, str(checkpoint / "policy")))]
-        if self.critic:
-            pending.append((self.critic, self.critic.run(CriticWorker.load_checkpoint, str(checkpoint / "critic"))))
-        for group, p in pending:
-            group.wait(p)
         self.step_done = int(state["step"])
         self.run.train.load_state(state["prompt_stream"])
         self.kl_ctl.value = float(state["kl_coef"])
         self.run.rewards.load_state_dict(state.get("rewards", {}))
         self.sync()
+
+    def trained_roles(self) -> dict[str, WorkerGroup | None]:
+        """The groups a checkpoint holds, by their directory in it."""
+        return {"policy": self.policy, "critic": self.critic}
 
     def save_final(self) -> Path:
         final = self.run.output_dir / "final"
