@@ -103,7 +103,7 @@ def start_trained_group(
 
 def start_policy_group(
     cfg: RLHFConfig,
-    worker_cls: type = PolicyWorker,
+    worker_cls: type,
     *,
     role: str = "policy",
     start: Optional[GroupStarter] = None,

@@ -87,8 +87,7 @@ class CriticWorker(RLTrainableWorker):
                 for key, value in loss_stats.items():
                     stats.add_mean(key, value)
             stats.minibatches += 1
-            stats.add_mean("critic/grad_norm", engine.grad_norm())
-            stats.add_mean("critic/lr", engine.lr())
+            self._optimizer_step_stats(stats, "critic")
         return self._update_metrics(stats, "critic", skipped_before)
 
     @dispatch("broadcast", collect="first")

@@ -79,8 +79,7 @@ class DistillPolicyWorker(PolicyWorker):
                 for key, value in loss_stats.items():
                     stats.add_share(key, value)
             stats.minibatches += 1
-            stats.add_mean("distill/grad_norm", engine.grad_norm())
-            stats.add_mean("distill/lr", engine.lr())
+            self._optimizer_step_stats(stats, "distill")
         return self._update_metrics(stats, "distill", skipped_before)
 
     def _micro_batch_distill_loss(

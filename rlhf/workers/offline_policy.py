@@ -73,8 +73,7 @@ class OfflineTrainableWorker(TrainableWorker):
         skipped_before = engine.nonfinite.total
         stats = StepStats()
         self._minibatch(batch, aux, stats, train=True)
-        stats.add_mean("train/grad_norm", engine.grad_norm())
-        stats.add_mean("train/lr", engine.lr())
+        self._optimizer_step_stats(stats, "train")
         return self._update_metrics(stats, "train", skipped_before)
 
     @dispatch("split_dp", collect="first")

@@ -210,8 +210,7 @@ class PolicyWorker(RLTrainableWorker, CausalLMWorker):
                 engine.backward(loss, ends_step=i == len(micros) - 1)
                 engine.step()
             stats.minibatches += 1
-            stats.add_mean("policy/grad_norm", engine.grad_norm())
-            stats.add_mean("policy/lr", engine.lr())
+            self._optimizer_step_stats(stats, "policy")
         return self._update_metrics(stats, "policy", skipped_before)
 
     def _micro_batch_loss(

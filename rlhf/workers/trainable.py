@@ -158,6 +158,12 @@ class TrainableWorker(Worker):
             field=f"{self.role}.max_tokens_per_micro_batch",
         )
 
+    def _optimizer_step_stats(self, stats: StepStats, prefix: str) -> None:
+        """After a minibatch's optimizer step: its gradient norm and learning rate (`<prefix>/grad_norm`, `/lr`)."""
+        engine = self._require_engine()
+        stats.add_mean(f"{prefix}/grad_norm", engine.grad_norm())
+        stats.add_mean(f"{prefix}/lr", engine.lr())
+
     def _update_metrics(self, stats: StepStats, prefix: str, skipped_before: int) -> dict[str, float]:
         """The update's global stats plus `<prefix>/nonfinite_*`: the optimizer steps skipped since the
         engine's skip total was `skipped_before` (every rank skips together, so they agree)."""
