@@ -36,9 +36,8 @@ import torch
 from rlhf.config import RLHFConfig, distill_sequences_per_step, validate
 from rlhf.data.batch import RolloutBatch
 from rlhf.errors import CheckpointError, ConfigError
-from rlhf.trainers.checkpointing import CheckpointManager
+from rlhf.trainers.controller import Controller
 from rlhf.trainers.distill_data import DistillRows, load_distill_rows
-from rlhf.trainers.nonfinite import NonFiniteGuard
 from rlhf.trainers.rl import build_rollout_batch, make_progress, sample_seed
 from rlhf.trainers.roles import (
     RolloutSupervisor,
@@ -48,7 +47,7 @@ from rlhf.trainers.roles import (
     start_policy_group,
     write_placement,
 )
-from rlhf.utils.metrics import MetricsSink, PhaseTimer
+from rlhf.utils.metrics import PhaseTimer
 from rlhf.utils.redact import config_container
 from rlhf.workers.distill_policy import DistillPolicyWorker
 from rlhf.workers.policy import PolicyWorker
@@ -140,7 +139,7 @@ def require_equal_vocab(student_size: int, teacher_size: int, student: str, teac
         )
 
 
-class DistillTrainer:
+class DistillTrainer(Controller):
     def __init__(self, run: DistillRun):
         cfg = run.cfg
         self.cfg, self.run = cfg, run
@@ -148,10 +147,7 @@ class DistillTrainer:
         self.on_policy = cfg.distill.mode == "on_policy" and cfg.distill.lmbda > 0
         prompts_per_draw = cfg.run.rollout_batch_size if cfg.distill.mode == "on_policy" else self.rows_per_step
         self.stream = run.train.stream(prompts_per_draw, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
-        self.checkpoints = CheckpointManager(run.output_dir / "checkpoints", keep_last=cfg.run.keep_last)
-        self.nonfinite = NonFiniteGuard(cfg.run.max_consecutive_nonfinite)
-        self.metrics = MetricsSink.for_run(run.output_dir, cfg.run, config=config_container(cfg))
-        self.step_done = 0
+        self._start_bookkeeping(run.output_dir)
         self.rollout: RolloutGroup | None = None
         self.engines: RolloutSupervisor | None = None
         """On-policy: every generate and sync (restarts dead engines; sleeps them between rollouts)."""
@@ -257,14 +253,8 @@ class DistillTrainer:
         for step in make_progress(range(self.step_done, run_cfg.total_steps), run_cfg, initial=self.step_done):
             metrics = self.step(step)
             self.step_done = step + 1
-            if run_cfg.eval_every and self.step_done % run_cfg.eval_every == 0:
-                metrics.update(self.evaluate())
-            last = self.metrics.log(self.step_done, metrics)
-            clean = self.nonfinite.check(self.step_done, last, self.checkpoints.latest())
-            if clean and run_cfg.save_every and self.step_done % run_cfg.save_every == 0:
-                self.save_checkpoint()
-        if not run_cfg.eval_every or self.step_done % run_cfg.eval_every:
-            last.update(self.metrics.log(self.step_done, self.evaluate()))
+            last = self._end_step(metrics)
+        self._evaluate_at_end(last)
         self.save_final()
         return last
 

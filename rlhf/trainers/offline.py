@@ -26,8 +26,7 @@ from rlhf.data.batch import RolloutBatch
 from rlhf.data.collate import collate_kto, collate_packed, collate_pairs, collate_sequences
 from rlhf.data.loader import OfflineLoader
 from rlhf.errors import DataError
-from rlhf.trainers.checkpointing import CheckpointManager
-from rlhf.trainers.nonfinite import NonFiniteGuard
+from rlhf.trainers.controller import Controller
 from rlhf.trainers.roles import (
     GroupStarter,
     check_shared_output_dir,
@@ -35,7 +34,7 @@ from rlhf.trainers.roles import (
     start_policy_group,
     write_placement,
 )
-from rlhf.utils.metrics import MetricsSink, PhaseTimer
+from rlhf.utils.metrics import PhaseTimer
 from rlhf.utils.redact import config_container
 from rlhf.workers.group import WorkerGroup
 from rlhf.workers.objectives import OBJECTIVES, Objective, loss_mask
@@ -214,7 +213,7 @@ def start_offline_reference(cfg: RLHFConfig, objective: type[Objective], start: 
 # ---------------------------------------------------------------------------------------------- controller
 
 
-class OfflineTrainer:
+class OfflineTrainer(Controller):
     def __init__(self, run: OfflineRun):
         cfg = run.cfg
         self.cfg, self.run = cfg, run
@@ -225,10 +224,7 @@ class OfflineTrainer:
         self.eval_batches = [
             run.collate(run.eval[i : i + self.batch_size]) for i in range(0, len(run.eval), self.batch_size)
         ]
-        self.checkpoints = CheckpointManager(run.output_dir / "checkpoints", keep_last=cfg.run.keep_last)
-        self.nonfinite = NonFiniteGuard(cfg.run.max_consecutive_nonfinite)
-        self.metrics = MetricsSink.for_run(run.output_dir, cfg.run, config=config_container(cfg))
-        self.step_done = 0
+        self._start_bookkeeping(run.output_dir)
         self.worker_cls = RewardModelWorker if self.objective.model_kind == "reward" else OfflinePolicyWorker
         self.reference: Optional[ReferenceLogprobs] = None
         self.reference_group: Optional[WorkerGroup] = None
@@ -306,16 +302,11 @@ class OfflineTrainer:
         for _ in progress:
             metrics = self.step()
             self.step_done += 1
-            if run_cfg.eval_every and self.step_done % run_cfg.eval_every == 0:
-                metrics.update(self.evaluate())
-            last = self.metrics.log(self.step_done, metrics)
-            clean = self.nonfinite.check(self.step_done, last, self.checkpoints.latest())
+            last = self._end_step(metrics)
             if hasattr(progress, "set_postfix") and headline in last:
                 progress.set_postfix({headline: f"{last[headline]:.4g}"})
-            if clean and run_cfg.save_every and self.step_done % run_cfg.save_every == 0:
-                self.save_checkpoint()
-        if self.eval_batches and (not run_cfg.eval_every or self.step_done % run_cfg.eval_every):
-            last.update(self.metrics.log(self.step_done, self.evaluate()))
+        if self.eval_batches:
+            self._evaluate_at_end(last)
         self.save_final()
         return last
 

@@ -19,8 +19,7 @@ from rlhf.data.batch import RolloutBatch, pad_sequences
 from rlhf.data.stream import PromptBatch
 from rlhf.engines.rollout import logprob_temperature
 from rlhf.rewards import build_reward_pipeline
-from rlhf.trainers.checkpointing import CheckpointManager
-from rlhf.trainers.nonfinite import NonFiniteGuard
+from rlhf.trainers.controller import Controller
 from rlhf.trainers.prepare import EncodedPrompts, PreparedRun
 from rlhf.trainers.roles import (
     RolloutSupervisor,
@@ -32,7 +31,7 @@ from rlhf.trainers.roles import (
     stop_on_dead_rank,
     write_placement,
 )
-from rlhf.utils.metrics import MetricsSink, PhaseTimer, reward_trend
+from rlhf.utils.metrics import PhaseTimer, reward_trend
 from rlhf.utils.redact import config_container
 from rlhf.workers.critic import CriticWorker
 from rlhf.workers.frozen import frozen_group_options
@@ -44,7 +43,7 @@ from rlhf.workers.rollout import RolloutGroup
 logger = logging.getLogger(__name__)
 
 
-class RLTrainer:
+class RLTrainer(Controller):
     def __init__(self, run: PreparedRun):
         cfg = run.cfg
         self.cfg, self.run = cfg, run
@@ -60,10 +59,7 @@ class RLTrainer:
             if cfg.algorithm.kl_target is not None
             else FixedKLController(cfg.algorithm.kl_coef)
         )
-        self.checkpoints = CheckpointManager(run.output_dir / "checkpoints", keep_last=cfg.run.keep_last)
-        self.nonfinite = NonFiniteGuard(cfg.run.max_consecutive_nonfinite)
-        self.metrics = MetricsSink.for_run(run.output_dir, cfg.run, config=config_container(cfg))
-        self.step_done = 0
+        self._start_bookkeeping(run.output_dir)
         self.started: dict[str, WorkerGroup] = {}
         """Every group `_group` started, by role (reward-model actors included): placement.json lists them."""
         self._start_roles()
@@ -302,17 +298,11 @@ class RLTrainer:
         for step in progress:
             metrics = self.step(step)
             self.step_done = step + 1
-            if run_cfg.eval_every and self.step_done % run_cfg.eval_every == 0:
-                metrics.update(self.evaluate())
-            last = self.metrics.log(self.step_done, metrics)
-            clean = self.nonfinite.check(self.step_done, last, self.checkpoints.latest())
+            last = self._end_step(metrics)
             rewards.append(last[trend_key])
             if hasattr(progress, "set_postfix"):
                 progress.set_postfix(reward=f"{last['reward/mean']:.3f}")
-            if clean and run_cfg.save_every and self.step_done % run_cfg.save_every == 0:
-                self.save_checkpoint()
-        if not run_cfg.eval_every or self.step_done % run_cfg.eval_every:
-            last.update(self.metrics.log(self.step_done, self.evaluate()))
+        self._evaluate_at_end(last)
         log_reward_trend(rewards, key=trend_key)
         self.save_final()
         return last
