@@ -1,8 +1,8 @@
 """Role plumbing shared by the controllers: start a worker group (a trained one: `start_trained_group`,
-`start_policy_group`), wire and run the policy→rollout weight
-sync, check that every trained rank sees run.output_dir (`check_shared_output_dir`), record where each
-rank runs (`write_placement`), keep the rollout engines alive and hand their memory to the trainer
-between rollouts (`RolloutSupervisor`), stop cleanly when a rank dies (`stop_on_dead_rank`)."""
+`start_policy_group`), wire and run the policy→rollout weight sync, check that every trained rank sees
+run.output_dir (`check_shared_output_dir`), record where each rank runs (`write_placement`), keep the
+rollout engines alive and hand their memory to the trainer between rollouts (`RolloutSupervisor`), stop
+cleanly when a rank dies (`stop_on_dead_rank`)."""
 
 from __future__ import annotations
 
