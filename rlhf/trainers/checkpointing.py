@@ -113,7 +113,9 @@ class CheckpointManager:
 
 def _each_role(roles: Roles, method: Callable[..., Any], checkpoint: Path) -> None:
     """`method(<checkpoint>/<role>)` on every rank of every role, awaited together."""
-    wait_all([(group, group.run(method, str(checkpoint / name))) for name, group in roles.items() if group is not None])
+    calls = [(group, group.run(method, str(checkpoint / name))) for name, group in roles.items() if group is not None]
+    if calls:
+        wait_all(calls)
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:
