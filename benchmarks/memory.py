@@ -93,7 +93,7 @@ def rollout_batch(vocab_size: int, with_rl_fields: bool):
 def measure(role: str, case: str, path: str, vocab_size: int) -> dict[str, Any]:
     """Start the configuration's actors, load, run one step, read every rank's memory; shut them down."""
     from rlhf.config import RLHFConfig
-    from rlhf.trainers.roles import start_group
+    from rlhf.trainers.roles import start_group, start_policy_group
     from rlhf.workers.policy import PolicyWorker
     from rlhf.workers.reference import ReferenceWorker
 
@@ -105,17 +105,7 @@ def measure(role: str, case: str, path: str, vocab_size: int) -> dict[str, Any]:
         train.num_workers, train.zero_stage, train.micro_batch_size, train.train_batch_size = 2, stage, 2, ROWS
         train.offload_optimizer, train.offload_params = offload_optimizer, offload_params
         cfg.algorithm.kl_coef = 0.0
-        group = start_group(
-            cfg.cluster,
-            PolicyWorker,
-            "policy",
-            2,
-            cfg.cluster.policy,
-            model_cfg=cfg.model,
-            train_cfg=train,
-            algo_cfg=cfg.algorithm,
-            cluster_cfg=cfg.cluster,
-        )
+        group = start_policy_group(cfg, PolicyWorker, algo_cfg=cfg.algorithm)
         load, step = (PolicyWorker.init_model, (path, 1)), (PolicyWorker.update, (rollout_batch(vocab_size, True),))
     else:
         stage, actors = REFERENCE_CASES[case]

@@ -66,29 +66,27 @@ def make_batch(rows: int, longest: int, vocab_size: int, seed: int = 0):
 
 
 def start_groups(path: str, micro_batch_size: int, budget: int, train_batch_size: int) -> dict:
-    from rlhf.config import AlgorithmConfig, ClusterConfig, ModelConfig, OptimConfig, ResourceConfig, TrainConfig
+    from rlhf.config import AlgorithmConfig, ClusterConfig, OptimConfig, RLHFConfig, TrainConfig
     from rlhf.trainers.rl import token_balance
-    from rlhf.workers.group import WorkerGroup
+    from rlhf.trainers.roles import start_policy_group
     from rlhf.workers.policy import PolicyWorker
 
-    algo = AlgorithmConfig(loss_agg="token_mean", entropy_coef=0.0)
     groups = {}
     for mode in MODES:
-        cfg = TrainConfig(
-            num_workers=2,
-            zero_stage=2,
-            micro_batch_size=micro_batch_size,
-            max_tokens_per_micro_batch=budget if mode == "packed" else None,
-            train_batch_size=train_batch_size,
-            optim=OptimConfig(lr=1e-5),
+        cfg = RLHFConfig(
+            policy=TrainConfig(
+                num_workers=2,
+                zero_stage=2,
+                micro_batch_size=micro_batch_size,
+                max_tokens_per_micro_batch=budget if mode == "packed" else None,
+                train_batch_size=train_batch_size,
+                optim=OptimConfig(lr=1e-5),
+            ),
+            algorithm=AlgorithmConfig(loss_agg="token_mean", entropy_coef=0.0),
+            cluster=ClusterConfig(collective_timeout_s=1800),
         )
-        groups[mode] = WorkerGroup(
-            PolicyWorker,
-            role=f"policy-{mode}",
-            num_workers=2,
-            resources=ResourceConfig(num_cpus=1),
-            init_args=(ModelConfig(), cfg, algo, ClusterConfig(collective_timeout_s=1800), 0),
-            **token_balance(cfg),
+        groups[mode] = start_policy_group(
+            cfg, PolicyWorker, role=f"policy-{mode}", algo_cfg=cfg.algorithm, **token_balance(cfg.policy)
         )
     pending = {mode: g.run(PolicyWorker.init_model, path) for mode, g in groups.items()}
     for mode, g in groups.items():

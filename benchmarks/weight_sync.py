@@ -64,7 +64,7 @@ def copy_seconds(num_bytes: int) -> float:
 
 def measure(size: str, zero_stage: int, reps: int, bucket_mb: int, backend: str, transports: list[str]) -> list[dict]:
     from rlhf.config import RLHFConfig
-    from rlhf.trainers.roles import connect_weight_sync, start_group
+    from rlhf.trainers.roles import connect_weight_sync, start_policy_group
     from rlhf.workers.policy import PolicyWorker
     from rlhf.workers.rollout import RolloutGroup
 
@@ -73,17 +73,7 @@ def measure(size: str, zero_stage: int, reps: int, bucket_mb: int, backend: str,
     cfg.policy.zero_stage = zero_stage
     cfg.policy.num_workers = 1
     cfg.rollout.backend = backend
-    policy = start_group(
-        cfg.cluster,
-        PolicyWorker,
-        "policy",
-        1,
-        cfg.cluster.policy,
-        model_cfg=cfg.model,
-        train_cfg=cfg.policy,
-        algo_cfg=cfg.algorithm,
-        cluster_cfg=cfg.cluster,
-    )
+    policy = start_policy_group(cfg, PolicyWorker, algo_cfg=cfg.algorithm)
     rollout = RolloutGroup(path, cfg.model, cfg.rollout, cfg.cluster, seed=0)
     results = []
     try:

@@ -40,6 +40,10 @@ class ValueModel(nn.Module):
     def config(self):
         return self.backbone.config
 
+    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+        """Activation checkpointing of the backbone (the HF model's method, same arguments)."""
+        self.backbone.gradient_checkpointing_enable(**kwargs)
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Optional[Tensor] = None) -> Tensor:
         """Values [B, T] for every position of the full sequence (float32)."""
         out = self.backbone(

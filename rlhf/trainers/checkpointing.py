@@ -1,7 +1,8 @@
 """Run-level checkpoints: one directory per step, written under a temporary name and renamed.
 
 A kill -9 during a write leaves only a `.tmp` directory behind, which `latest()` ignores, so
-the previous checkpoint stays usable and `resume=auto` picks it.
+the previous checkpoint stays usable and `resume=auto` picks it. A controller's checkpoint is
+`save` (its state, and each trained role's DeepSpeed state in <checkpoint>/<role>/) and `restore`.
 """
 
 from __future__ import annotations
@@ -11,16 +12,20 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from rlhf.errors import CheckpointError
+from rlhf.workers.group import WorkerGroup, wait_all
+from rlhf.workers.trainable import TrainableWorker
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+Roles = Mapping[str, Optional[WorkerGroup]]
+"""Trained role groups by the name of their directory in a checkpoint; a None group is skipped."""
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -74,12 +79,43 @@ class CheckpointManager:
         logger.info("checkpoint written: %s", final)
         self._prune()
 
+    def save(self, step: int, state: dict[str, Any], roles: Roles) -> Path:
+        """Checkpoint `step`: {"step": step, **state} in the state file and every role's DeepSpeed state
+        (model, optimizer, scheduler, RNG: `TrainableWorker.save_checkpoint`) in <checkpoint>/<role>/;
+        the roles write at the same time. Returns the checkpoint's directory."""
+        with self.write(step, {"step": step, **state}) as tmp:
+            _each_role(roles, TrainableWorker.save_checkpoint, tmp)
+        return self.root / f"step_{step:08d}"
+
+    def restore(
+        self, resume: str, roles: Roles, *, check: Optional[Callable[[Path, dict[str, Any]], None]] = None
+    ) -> dict[str, Any] | None:
+        """Load the checkpoint `resume` names (`resolve_resume`) into every role and return its state,
+        or None when there is none. `check(checkpoint, state)` runs before any role loads (it raises
+        CheckpointError for a checkpoint this run cannot continue)."""
+        checkpoint = self.resolve_resume(resume)
+        if checkpoint is None:
+            return None
+        state = read_state(checkpoint)
+        if check is not None:
+            check(checkpoint, state)
+        logger.info("resuming from %s (step %d)", checkpoint, state["step"])
+        _each_role(roles, TrainableWorker.load_checkpoint, checkpoint)
+        return state
+
     def _prune(self) -> None:
         for old in self.complete()[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in self.root.glob(".step_*.tmp-*"):
             if not _pid_alive(stale.name.rsplit("-", 1)[-1]):
                 shutil.rmtree(stale, ignore_errors=True)
+
+
+def _each_role(roles: Roles, method: Callable[..., Any], checkpoint: Path) -> None:
+    """`method(<checkpoint>/<role>)` on every rank of every role, awaited together."""
+    calls = [(group, group.run(method, str(checkpoint / name))) for name, group in roles.items() if group is not None]
+    if calls:
+        wait_all(calls)
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:

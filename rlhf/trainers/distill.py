@@ -36,18 +36,18 @@ import torch
 from rlhf.config import RLHFConfig, distill_sequences_per_step, validate
 from rlhf.data.batch import RolloutBatch
 from rlhf.errors import CheckpointError, ConfigError
-from rlhf.trainers.checkpointing import CheckpointManager, read_state
+from rlhf.trainers.controller import Controller
 from rlhf.trainers.distill_data import DistillRows, load_distill_rows
-from rlhf.trainers.nonfinite import NonFiniteGuard
 from rlhf.trainers.rl import build_rollout_batch, make_progress, sample_seed
 from rlhf.trainers.roles import (
     RolloutSupervisor,
     check_shared_output_dir,
     connect_weight_sync,
     start_group,
+    start_policy_group,
     write_placement,
 )
-from rlhf.utils.metrics import MetricsSink, PhaseTimer
+from rlhf.utils.metrics import PhaseTimer
 from rlhf.utils.redact import config_container
 from rlhf.workers.distill_policy import DistillPolicyWorker
 from rlhf.workers.policy import PolicyWorker
@@ -139,7 +139,7 @@ def require_equal_vocab(student_size: int, teacher_size: int, student: str, teac
         )
 
 
-class DistillTrainer:
+class DistillTrainer(Controller):
     def __init__(self, run: DistillRun):
         cfg = run.cfg
         self.cfg, self.run = cfg, run
@@ -147,10 +147,7 @@ class DistillTrainer:
         self.on_policy = cfg.distill.mode == "on_policy" and cfg.distill.lmbda > 0
         prompts_per_draw = cfg.run.rollout_batch_size if cfg.distill.mode == "on_policy" else self.rows_per_step
         self.stream = run.train.stream(prompts_per_draw, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
-        self.checkpoints = CheckpointManager(run.output_dir / "checkpoints", keep_last=cfg.run.keep_last)
-        self.nonfinite = NonFiniteGuard(cfg.run.max_consecutive_nonfinite)
-        self.metrics = MetricsSink.for_run(run.output_dir, cfg.run, config=config_container(cfg))
-        self.step_done = 0
+        self._start_bookkeeping(run.output_dir)
         self.rollout: RolloutGroup | None = None
         self.engines: RolloutSupervisor | None = None
         """On-policy: every generate and sync (restarts dead engines; sleeps them between rollouts)."""
@@ -158,19 +155,7 @@ class DistillTrainer:
 
     def _start_roles(self) -> None:
         cfg, cluster = self.cfg, self.cfg.cluster
-        self.policy = start_group(
-            cluster,
-            DistillPolicyWorker,
-            "policy",
-            cfg.policy.num_workers,
-            cluster.policy,
-            model_cfg=cfg.model,
-            train_cfg=cfg.policy,
-            algo_cfg=cfg.algorithm,
-            cluster_cfg=cluster,
-            seed=cfg.run.seed,
-            distill_cfg=cfg.distill,
-        )
+        self.policy = start_policy_group(cfg, DistillPolicyWorker, algo_cfg=cfg.algorithm, distill_cfg=cfg.distill)
         self.teacher = start_group(
             cluster,
             TeacherWorker,
@@ -268,14 +253,8 @@ class DistillTrainer:
         for step in make_progress(range(self.step_done, run_cfg.total_steps), run_cfg, initial=self.step_done):
             metrics = self.step(step)
             self.step_done = step + 1
-            if run_cfg.eval_every and self.step_done % run_cfg.eval_every == 0:
-                metrics.update(self.evaluate())
-            last = self.metrics.log(self.step_done, metrics)
-            clean = self.nonfinite.check(self.step_done, last, self.checkpoints.latest())
-            if clean and run_cfg.save_every and self.step_done % run_cfg.save_every == 0:
-                self.save_checkpoint()
-        if not run_cfg.eval_every or self.step_done % run_cfg.eval_every:
-            last.update(self.metrics.log(self.step_done, self.evaluate()))
+            last = self._end_step(metrics)
+        self._evaluate_at_end(last)
         self.save_final()
         return last
 
@@ -293,21 +272,21 @@ class DistillTrainer:
         return metrics
 
     def save_checkpoint(self) -> Path:
-        state = {
-            "step": self.step_done,
-            "row_stream": {**self.stream.state(), **self.stream_identity()},
-            "config": config_container(self.cfg),
-        }
-        with self.checkpoints.write(self.step_done, state) as tmp:
-            self.policy.call(PolicyWorker.save_checkpoint, str(tmp / "policy"))
-        return tmp
+        state = {"row_stream": {**self.stream.state(), **self.stream_identity()}, "config": config_container(self.cfg)}
+        return self.checkpoints.save(self.step_done, state, {"policy": self.policy})
 
     def resume(self) -> None:
         """Restore the newest (or named) checkpoint; on-policy, push the restored weights into the engines."""
-        checkpoint = self.checkpoints.resolve_resume(self.cfg.run.resume)
-        if checkpoint is None:
+        state = self.checkpoints.restore(self.cfg.run.resume, {"policy": self.policy}, check=self.check_same_stream)
+        if state is None:
             return
-        state = read_state(checkpoint)
+        self.step_done = int(state["step"])
+        self.stream.load_state(state["row_stream"])
+        if self.engines is not None:
+            self.engines.sync()
+
+    def check_same_stream(self, checkpoint: Path, state: dict[str, Any]) -> None:
+        """CheckpointError unless `checkpoint` was written by a run drawing the same rows in the same order."""
         saved = state["row_stream"]
         identity = self.stream_identity()
         if {k: saved.get(k) for k in identity} != identity:
@@ -317,12 +296,6 @@ class DistillTrainer:
                 f"{identity['batch_size']} of {identity['rows']}, seed {identity['seed']} (shuffle "
                 f"{identity['shuffle']}); resume with the same data and batch settings or use a new run.output_dir"
             )
-        logger.info("resuming from %s (step %d)", checkpoint, state["step"])
-        self.policy.call(PolicyWorker.load_checkpoint, str(checkpoint / "policy"))
-        self.step_done = int(state["step"])
-        self.stream.load_state(saved)
-        if self.engines is not None:
-            self.engines.sync()
 
     def stream_identity(self) -> dict[str, Any]:
         """What the stream's position means: a saved position only resumes a stream with the same values."""

@@ -14,6 +14,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,10 +26,15 @@ from rlhf.data.batch import RolloutBatch
 from rlhf.data.collate import collate_kto, collate_packed, collate_pairs, collate_sequences
 from rlhf.data.loader import OfflineLoader
 from rlhf.errors import DataError
-from rlhf.trainers.checkpointing import CheckpointManager, read_state
-from rlhf.trainers.nonfinite import NonFiniteGuard
-from rlhf.trainers.roles import check_shared_output_dir, start_group, write_placement
-from rlhf.utils.metrics import MetricsSink, PhaseTimer
+from rlhf.trainers.controller import Controller
+from rlhf.trainers.roles import (
+    GroupStarter,
+    check_shared_output_dir,
+    start_group,
+    start_policy_group,
+    write_placement,
+)
+from rlhf.utils.metrics import PhaseTimer
 from rlhf.utils.redact import config_container
 from rlhf.workers.group import WorkerGroup
 from rlhf.workers.objectives import OBJECTIVES, Objective, loss_mask
@@ -188,10 +194,26 @@ def row_keys(batch: RolloutBatch) -> list[tuple]:
     return keys
 
 
+def start_offline_reference(cfg: RLHFConfig, objective: type[Objective], start: Optional[GroupStarter] = None):
+    """The frozen reference of an offline objective: one rank whose micro-batches hold policy.micro_batch_size
+    whole examples; load offline.reference_path (or the policy's model) into it with init_model. `start`
+    defaults to start_group on cfg.cluster."""
+    start = start or partial(start_group, cfg.cluster)
+    return start(
+        ReferenceWorker,
+        "reference",
+        1,
+        cfg.cluster.reference,
+        model_cfg=cfg.model,
+        cluster_cfg=cfg.cluster,
+        micro_batch_size=cfg.policy.micro_batch_size * objective.rows_per_example,
+    )
+
+
 # ---------------------------------------------------------------------------------------------- controller
 
 
-class OfflineTrainer:
+class OfflineTrainer(Controller):
     def __init__(self, run: OfflineRun):
         cfg = run.cfg
         self.cfg, self.run = cfg, run
@@ -202,10 +224,7 @@ class OfflineTrainer:
         self.eval_batches = [
             run.collate(run.eval[i : i + self.batch_size]) for i in range(0, len(run.eval), self.batch_size)
         ]
-        self.checkpoints = CheckpointManager(run.output_dir / "checkpoints", keep_last=cfg.run.keep_last)
-        self.nonfinite = NonFiniteGuard(cfg.run.max_consecutive_nonfinite)
-        self.metrics = MetricsSink.for_run(run.output_dir, cfg.run, config=config_container(cfg))
-        self.step_done = 0
+        self._start_bookkeeping(run.output_dir)
         self.worker_cls = RewardModelWorker if self.objective.model_kind == "reward" else OfflinePolicyWorker
         self.reference: Optional[ReferenceLogprobs] = None
         self.reference_group: Optional[WorkerGroup] = None
@@ -214,30 +233,11 @@ class OfflineTrainer:
     def _start_roles(self) -> None:
         cfg, run = self.cfg, self.run
         worker_cls = self.worker_cls
-        self.policy = start_group(
-            cfg.cluster,
-            worker_cls,
-            "reward_model" if worker_cls is RewardModelWorker else "policy",
-            cfg.policy.num_workers,
-            cfg.cluster.policy,
-            model_cfg=cfg.model,
-            train_cfg=cfg.policy,
-            offline_cfg=cfg.offline,
-            cluster_cfg=cfg.cluster,
-            seed=cfg.run.seed,
-        )
+        role = "reward_model" if worker_cls is RewardModelWorker else "policy"
+        self.policy = start_policy_group(cfg, worker_cls, role=role, offline_cfg=cfg.offline)
         pending = self.policy.run(worker_cls.init_model, run.model_path, self.total_steps)
         if self.objective.needs_reference:
-            self.reference_group = start_group(
-                cfg.cluster,
-                ReferenceWorker,
-                "reference",
-                1,
-                cfg.cluster.reference,
-                model_cfg=cfg.model,
-                cluster_cfg=cfg.cluster,
-                micro_batch_size=cfg.policy.micro_batch_size * self.objective.rows_per_example,
-            )
+            self.reference_group = start_offline_reference(cfg, self.objective)
             self.reference_group.call(ReferenceWorker.init_model, cfg.offline.reference_path or run.model_path)
             self.reference = ReferenceLogprobs(self.reference_group, cache=cfg.offline.reference == "precompute")
         self.policy.wait(pending)
@@ -302,36 +302,22 @@ class OfflineTrainer:
         for _ in progress:
             metrics = self.step()
             self.step_done += 1
-            if run_cfg.eval_every and self.step_done % run_cfg.eval_every == 0:
-                metrics.update(self.evaluate())
-            last = self.metrics.log(self.step_done, metrics)
-            clean = self.nonfinite.check(self.step_done, last, self.checkpoints.latest())
+            last = self._end_step(metrics)
             if hasattr(progress, "set_postfix") and headline in last:
                 progress.set_postfix({headline: f"{last[headline]:.4g}"})
-            if clean and run_cfg.save_every and self.step_done % run_cfg.save_every == 0:
-                self.save_checkpoint()
-        if self.eval_batches and (not run_cfg.eval_every or self.step_done % run_cfg.eval_every):
-            last.update(self.metrics.log(self.step_done, self.evaluate()))
+        if self.eval_batches:
+            self._evaluate_at_end(last)
         self.save_final()
         return last
 
     def save_checkpoint(self) -> Path:
-        state = {
-            "step": self.step_done,
-            "data_stream": self.loader.state(),
-            "config": config_container(self.cfg),
-        }
-        with self.checkpoints.write(self.step_done, state) as tmp:
-            self.policy.call(self.worker_cls.save_checkpoint, str(tmp / "policy"))
-        return tmp
+        state = {"data_stream": self.loader.state(), "config": config_container(self.cfg)}
+        return self.checkpoints.save(self.step_done, state, {"policy": self.policy})
 
     def resume(self) -> None:
-        checkpoint = self.checkpoints.resolve_resume(self.cfg.run.resume)
-        if checkpoint is None:
+        state = self.checkpoints.restore(self.cfg.run.resume, {"policy": self.policy})
+        if state is None:
             return
-        state = read_state(checkpoint)
-        logger.info("resuming from %s (step %d)", checkpoint, state["step"])
-        self.policy.call(self.worker_cls.load_checkpoint, str(checkpoint / "policy"))
         self.step_done = int(state["step"])
         self.loader.load_state(state["data_stream"])
 

@@ -49,10 +49,10 @@ from rlhf.data.batch import RolloutBatch
 from rlhf.rewards import build_reward_pipeline
 from rlhf.trainers import nonfinite
 from rlhf.trainers.generate import preference_pairs
-from rlhf.trainers.offline import ReferenceLogprobs
+from rlhf.trainers.offline import ReferenceLogprobs, start_offline_reference
 from rlhf.trainers.prepare import PreparedRun
 from rlhf.trainers.rl import RLTrainer, sample_seed
-from rlhf.trainers.roles import connect_weight_sync
+from rlhf.trainers.roles import connect_weight_sync, start_policy_group
 from rlhf.utils.metrics import PhaseTimer
 from rlhf.workers.objectives import OBJECTIVES, DPOObjective, loss_mask
 from rlhf.workers.offline_policy import OfflinePolicyWorker
@@ -101,31 +101,18 @@ class OnlineDPOTrainer(RLTrainer):
 
     def _start_roles(self) -> None:
         cfg, path = self.cfg, self.run.model_path
-        self.policy = self._group(
+        self.policy = start_policy_group(
+            cfg,
             OnlineDPOPolicyWorker,
-            "policy",
-            cfg.policy.num_workers,
-            cfg.cluster.policy,
-            model_cfg=cfg.model,
-            train_cfg=cfg.policy,
+            start=self._group,
             offline_cfg=cfg.offline,
-            cluster_cfg=cfg.cluster,
-            seed=cfg.run.seed,
             nll_weight=cfg.online_dpo.nll_weight,
             temperature=self.temperature,
         )
         self.critic = None
         self.reference = None
         if self.objective.needs_reference and cfg.online_dpo.reference == "initial":
-            self.reference = self._group(
-                ReferenceWorker,
-                "reference",
-                1,
-                cfg.cluster.reference,
-                model_cfg=cfg.model,
-                cluster_cfg=cfg.cluster,
-                micro_batch_size=cfg.policy.micro_batch_size * self.objective.rows_per_example,
-            )
+            self.reference = start_offline_reference(cfg, self.objective, start=self._group)
             self.reference_sums = ReferenceLogprobs(self.reference, cache=False, temperature=self.temperature)
         elif self.objective.needs_reference:
             self.reference_sums = self._round_start_logprobs

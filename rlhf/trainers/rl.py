@@ -19,18 +19,19 @@ from rlhf.data.batch import RolloutBatch, pad_sequences
 from rlhf.data.stream import PromptBatch
 from rlhf.engines.rollout import logprob_temperature
 from rlhf.rewards import build_reward_pipeline
-from rlhf.trainers.checkpointing import CheckpointManager, read_state
-from rlhf.trainers.nonfinite import NonFiniteGuard
+from rlhf.trainers.controller import Controller
 from rlhf.trainers.prepare import EncodedPrompts, PreparedRun
 from rlhf.trainers.roles import (
     RolloutSupervisor,
     check_shared_output_dir,
     connect_weight_sync,
     start_group,
+    start_policy_group,
+    start_trained_group,
     stop_on_dead_rank,
     write_placement,
 )
-from rlhf.utils.metrics import MetricsSink, PhaseTimer, reward_trend
+from rlhf.utils.metrics import PhaseTimer, reward_trend
 from rlhf.utils.redact import config_container
 from rlhf.workers.critic import CriticWorker
 from rlhf.workers.frozen import frozen_group_options
@@ -42,7 +43,7 @@ from rlhf.workers.rollout import RolloutGroup
 logger = logging.getLogger(__name__)
 
 
-class RLTrainer:
+class RLTrainer(Controller):
     def __init__(self, run: PreparedRun):
         cfg = run.cfg
         self.cfg, self.run = cfg, run
@@ -58,10 +59,7 @@ class RLTrainer:
             if cfg.algorithm.kl_target is not None
             else FixedKLController(cfg.algorithm.kl_coef)
         )
-        self.checkpoints = CheckpointManager(run.output_dir / "checkpoints", keep_last=cfg.run.keep_last)
-        self.nonfinite = NonFiniteGuard(cfg.run.max_consecutive_nonfinite)
-        self.metrics = MetricsSink.for_run(run.output_dir, cfg.run, config=config_container(cfg))
-        self.step_done = 0
+        self._start_bookkeeping(run.output_dir)
         self.started: dict[str, WorkerGroup] = {}
         """Every group `_group` started, by role (reward-model actors included): placement.json lists them."""
         self._start_roles()
@@ -83,22 +81,8 @@ class RLTrainer:
 
     def _start_roles(self) -> None:
         cfg, path = self.cfg, self.run.model_path
-        trained = dict(
-            model_cfg=cfg.model,
-            algo_cfg=cfg.algorithm,
-            cluster_cfg=cfg.cluster,
-            seed=cfg.run.seed,
-            constant_normalizer=cfg.rollout.sampling.max_new_tokens,
-        )
-        self.policy = self._group(
-            PolicyWorker,
-            "policy",
-            cfg.policy.num_workers,
-            cfg.cluster.policy,
-            train_cfg=cfg.policy,
-            **token_balance(cfg.policy),
-            **trained,
-        )
+        trained = dict(algo_cfg=cfg.algorithm, constant_normalizer=cfg.rollout.sampling.max_new_tokens)
+        self.policy = start_policy_group(cfg, PolicyWorker, start=self._group, **token_balance(cfg.policy), **trained)
         self.reference = (
             self._group(
                 ReferenceWorker,
@@ -111,12 +95,13 @@ class RLTrainer:
             else None
         )
         self.critic = (
-            self._group(
+            start_trained_group(
+                cfg,
                 CriticWorker,
                 "critic",
-                cfg.critic.num_workers,
+                cfg.critic,
                 cfg.cluster.critic,
-                train_cfg=cfg.critic,
+                start=self._group,
                 **token_balance(cfg.critic),
                 **trained,
             )
@@ -313,17 +298,11 @@ class RLTrainer:
         for step in progress:
             metrics = self.step(step)
             self.step_done = step + 1
-            if run_cfg.eval_every and self.step_done % run_cfg.eval_every == 0:
-                metrics.update(self.evaluate())
-            last = self.metrics.log(self.step_done, metrics)
-            clean = self.nonfinite.check(self.step_done, last, self.checkpoints.latest())
+            last = self._end_step(metrics)
             rewards.append(last[trend_key])
             if hasattr(progress, "set_postfix"):
                 progress.set_postfix(reward=f"{last['reward/mean']:.3f}")
-            if clean and run_cfg.save_every and self.step_done % run_cfg.save_every == 0:
-                self.save_checkpoint()
-        if not run_cfg.eval_every or self.step_done % run_cfg.eval_every:
-            last.update(self.metrics.log(self.step_done, self.evaluate()))
+        self._evaluate_at_end(last)
         log_reward_trend(rewards, key=trend_key)
         self.save_final()
         return last
@@ -347,36 +326,26 @@ class RLTrainer:
 
     def save_checkpoint(self) -> Path:
         state = {
-            "step": self.step_done,
             "prompt_stream": self.run.train.state(),
             "kl_coef": self.kl_ctl.value,
             "rewards": self.run.rewards.state_dict(),
             "config": config_container(self.cfg),
         }
-        with self.checkpoints.write(self.step_done, state) as tmp:
-            pending = [(self.policy, self.policy.run(PolicyWorker.save_checkpoint, str(tmp / "policy")))]
-            if self.critic:
-                pending.append((self.critic, self.critic.run(CriticWorker.save_checkpoint, str(tmp / "critic"))))
-            for group, p in pending:
-                group.wait(p)
-        return tmp
+        return self.checkpoints.save(self.step_done, state, self.trained_roles())
 
     def resume(self) -> None:
-        checkpoint = self.checkpoints.resolve_resume(self.cfg.run.resume)
-        if checkpoint is None:
+        state = self.checkpoints.restore(self.cfg.run.resume, self.trained_roles())
+        if state is None:
             return
-        state = read_state(checkpoint)
-        logger.info("resuming from %s (step %d)", checkpoint, state["step"])
-        pending = [(self.policy, self.policy.run(PolicyWorker.load_checkpoint, str(checkpoint / "policy")))]
-        if self.critic:
-            pending.append((self.critic, self.critic.run(CriticWorker.load_checkpoint, str(checkpoint / "critic"))))
-        for group, p in pending:
-            group.wait(p)
         self.step_done = int(state["step"])
         self.run.train.load_state(state["prompt_stream"])
         self.kl_ctl.value = float(state["kl_coef"])
         self.run.rewards.load_state_dict(state.get("rewards", {}))
         self.sync()
+
+    def trained_roles(self) -> dict[str, WorkerGroup | None]:
+        """The groups a checkpoint holds, by their directory in it."""
+        return {"policy": self.policy, "critic": self.critic}
 
     def save_final(self) -> Path:
         final = self.run.output_dir / "final"

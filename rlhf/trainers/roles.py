@@ -1,7 +1,8 @@
-"""Role plumbing shared by the controllers: start a worker group, wire and run the policy→rollout weight
-sync, check that every trained rank sees run.output_dir (`check_shared_output_dir`), record where each
-rank runs (`write_placement`), keep the rollout engines alive and hand their memory to the trainer
-between rollouts (`RolloutSupervisor`), stop cleanly when a rank dies (`stop_on_dead_rank`)."""
+"""Role plumbing shared by the controllers: start a worker group (a trained one: `start_trained_group`,
+`start_policy_group`), wire and run the policy→rollout weight sync, check that every trained rank sees
+run.output_dir (`check_shared_output_dir`), record where each rank runs (`write_placement`), keep the
+rollout engines alive and hand their memory to the trainer between rollouts (`RolloutSupervisor`), stop
+cleanly when a rank dies (`stop_on_dead_rank`)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,19 @@ import logging
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
-from rlhf.config import ClusterConfig, ResourceConfig, SamplingConfig, weight_sync_backend, weight_sync_transport
+from rlhf.config import (
+    ClusterConfig,
+    ResourceConfig,
+    RLHFConfig,
+    SamplingConfig,
+    TrainConfig,
+    weight_sync_backend,
+    weight_sync_transport,
+)
 from rlhf.engines.rollout import Generation
 from rlhf.errors import ConfigError, RunStoppedError, WorkerDiedError
 from rlhf.trainers.checkpointing import CheckpointManager, write_json_atomic
@@ -25,6 +35,10 @@ from rlhf.workers.rollout import RolloutGroup
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+GroupStarter = Callable[..., WorkerGroup]
+"""`start_group` without its first argument (the cluster config): (worker_cls, role, num_workers, resources,
+**kwargs) -> WorkerGroup. A controller passes its own to record every group it starts."""
 
 PLACEMENT_FILE = "placement.json"
 """Written into run.output_dir at start-up: the nodes, and the node of every rank of every role."""
@@ -58,6 +72,47 @@ def start_group(
         balance_tokens=balance_tokens,
         minibatch_rows=minibatch_rows,
     )
+
+
+def start_trained_group(
+    cfg: RLHFConfig,
+    worker_cls: type,
+    role: str,
+    train_cfg: TrainConfig,
+    resources: ResourceConfig,
+    *,
+    start: Optional[GroupStarter] = None,
+    **kwargs: Any,
+) -> WorkerGroup:
+    """train_cfg.num_workers ranks of a TrainableWorker subclass, each built from cfg.model, `train_cfg`,
+    cfg.cluster and cfg.run.seed, plus `kwargs`: what `worker_cls` adds (algo_cfg, offline_cfg, ...) and
+    start_group's options (token balancing). `start` defaults to start_group on cfg.cluster."""
+    start = start or partial(start_group, cfg.cluster)
+    return start(
+        worker_cls,
+        role,
+        train_cfg.num_workers,
+        resources,
+        model_cfg=cfg.model,
+        train_cfg=train_cfg,
+        cluster_cfg=cfg.cluster,
+        seed=cfg.run.seed,
+        **kwargs,
+    )
+
+
+def start_policy_group(
+    cfg: RLHFConfig,
+    worker_cls: type,
+    *,
+    role: str = "policy",
+    start: Optional[GroupStarter] = None,
+    **kwargs: Any,
+) -> WorkerGroup:
+    """The trained policy (or the offline stage's trained model): cfg.policy.num_workers ranks of `worker_cls`
+    on cfg.cluster.policy's resources (`start_trained_group`). A PolicyWorker needs algo_cfg=cfg.algorithm;
+    call init_model next."""
+    return start_trained_group(cfg, worker_cls, role, cfg.policy, cfg.cluster.policy, start=start, **kwargs)
 
 
 def connect_weight_sync(policy: WorkerGroup, rollout: RolloutGroup, cluster: ClusterConfig) -> dict[str, str]:

@@ -12,57 +12,38 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from rlhf.algorithms import value_loss
-from rlhf.config import AlgorithmConfig, ClusterConfig, ModelConfig, TrainConfig
 from rlhf.data.batch import RolloutBatch
 from rlhf.data.token_budget import rows_of
 from rlhf.models.peft_utils import apply_peft, check_scalar_head_peft
 from rlhf.models.value_model import ValueModel, hf_name, response_values
-from rlhf.models.zero3 import parameter_counts
 from rlhf.workers.group import dispatch
-from rlhf.workers.trainable import StepStats, TrainableWorker, forward_in_row_order, require_fields
+from rlhf.workers.trainable import RLTrainableWorker, StepStats, forward_in_row_order, require_fields
 
 logger = logging.getLogger(__name__)
 
 
-class CriticWorker(TrainableWorker):
-    """One data-parallel rank of the critic."""
+class CriticWorker(RLTrainableWorker):
+    """One data-parallel rank of the critic (arguments: RLTrainableWorker's)."""
 
-    def __init__(
-        self,
-        model_cfg: ModelConfig,
-        train_cfg: TrainConfig,
-        algo_cfg: AlgorithmConfig,
-        cluster_cfg: ClusterConfig,
-        seed: int = 0,
-        *,
-        constant_normalizer: Optional[float] = None,
-    ):
-        """`constant_normalizer`: C of the seq_mean_token_sum_norm aggregation."""
-        super().__init__(model_cfg, train_cfg, cluster_cfg, seed)
-        check_scalar_head_peft(model_cfg, "critic")
-        self.algo_cfg = algo_cfg
-        self.constant_normalizer = constant_normalizer
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        check_scalar_head_peft(self.model_cfg, "critic")
 
-    @dispatch("broadcast", collect="first")
-    def init_model(self, model_path: str, num_training_steps: Optional[int] = None) -> dict[str, int]:
-        """Backbone from `model_path` (a policy or critic checkpoint) with model.peft applied; its value head,
-        or a fresh one. Returns {"num_parameters", "num_trainable_parameters"}."""
-        self._setup_distributed()
-        model = ValueModel.from_pretrained(
+    def _load_model(self, model_path: str) -> ValueModel:
+        """Backbone from `model_path` (a policy or critic checkpoint) and its value head, or a fresh one."""
+        return ValueModel.from_pretrained(
             model_path, dtype=self.dtype, head_seed=self.seed, zero3_config=self._zero3_config()
         )
-        if self.model_cfg.gradient_checkpointing:
-            model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def _apply_peft(self, model: ValueModel) -> ValueModel:
         model.backbone = apply_peft(model.backbone, self.model_cfg, task_type="FEATURE_EXTRACTION")
-        counts = parameter_counts(model)
-        self._build_engine(model, num_training_steps)
-        return counts
+        return model
 
     @dispatch("split_dp", collect="concat")
     def compute_values(self, batch: RolloutBatch) -> Tensor:
@@ -106,8 +87,7 @@ class CriticWorker(TrainableWorker):
                 for key, value in loss_stats.items():
                     stats.add_mean(key, value)
             stats.minibatches += 1
-            stats.add_mean("critic/grad_norm", engine.grad_norm())
-            stats.add_mean("critic/lr", engine.lr())
+            self._optimizer_step_stats(stats, "critic")
         return self._update_metrics(stats, "critic", skipped_before)
 
     @dispatch("broadcast", collect="first")

@@ -13,14 +13,14 @@ Minibatches, micro-batches and the share-of-global-loss scheme are PolicyWorker'
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from rlhf.algorithms import DISTILLATION_LOSSES, count_tokens
 from rlhf.algorithms.token_support import student_support
-from rlhf.config import AlgorithmConfig, ClusterConfig, DistillConfig, ModelConfig, TrainConfig
+from rlhf.config import DistillConfig
 from rlhf.data.batch import RolloutBatch
 from rlhf.errors import DataError
 from rlhf.models.logprobs import response_logits
@@ -38,18 +38,9 @@ def loss_mask(batch: RolloutBatch) -> Tensor:
 class DistillPolicyWorker(PolicyWorker):
     """One data-parallel rank of the student."""
 
-    def __init__(
-        self,
-        model_cfg: ModelConfig,
-        train_cfg: TrainConfig,
-        algo_cfg: AlgorithmConfig,
-        cluster_cfg: ClusterConfig,
-        seed: int = 0,
-        *,
-        distill_cfg: DistillConfig,
-        constant_normalizer: Optional[float] = None,
-    ):
-        super().__init__(model_cfg, train_cfg, algo_cfg, cluster_cfg, seed, constant_normalizer=constant_normalizer)
+    def __init__(self, *args: Any, distill_cfg: DistillConfig, **kwargs: Any):
+        """`distill_cfg`: the loss, its beta and temperature; the other arguments are PolicyWorker's."""
+        super().__init__(*args, **kwargs)
         DISTILLATION_LOSSES.check(distill_cfg.loss, "distill.loss")
         self.distill_cfg = distill_cfg
         self.distill_loss = DISTILLATION_LOSSES.get(distill_cfg.loss)
@@ -88,8 +79,7 @@ class DistillPolicyWorker(PolicyWorker):
                 for key, value in loss_stats.items():
                     stats.add_share(key, value)
             stats.minibatches += 1
-            stats.add_mean("distill/grad_norm", engine.grad_norm())
-            stats.add_mean("distill/lr", engine.lr())
+            self._optimizer_step_stats(stats, "distill")
         return self._update_metrics(stats, "distill", skipped_before)
 
     def _micro_batch_distill_loss(

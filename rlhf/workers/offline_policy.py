@@ -21,21 +21,31 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from rlhf.config import AlgorithmConfig, ClusterConfig, ModelConfig, OfflineConfig, TrainConfig
+from rlhf.config import ClusterConfig, ModelConfig, OfflineConfig, TrainConfig
 from rlhf.data.batch import RolloutBatch
 from rlhf.errors import ConfigError
 from rlhf.workers.group import dispatch
 from rlhf.workers.objectives import OBJECTIVES, Objective
-from rlhf.workers.policy import PolicyWorker
+from rlhf.workers.policy import CausalLMWorker
 from rlhf.workers.trainable import StepStats, TrainableWorker
 
 logger = logging.getLogger(__name__)
 
 
 class OfflineTrainableWorker(TrainableWorker):
-    """`train_step` and `evaluate` for any objective; subclasses load the model and set `self.objective`."""
+    """`train_step` and `evaluate` for any objective (offline.objective); subclasses load the model."""
 
-    objective: Objective
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        train_cfg: TrainConfig,
+        offline_cfg: OfflineConfig,
+        cluster_cfg: ClusterConfig,
+        seed: int = 0,
+    ):
+        """`offline_cfg.objective` picks the loss (rlhf.workers.objectives.OBJECTIVES)."""
+        super().__init__(model_cfg, train_cfg, cluster_cfg, seed)
+        self.objective: Objective = OBJECTIVES.get(offline_cfg.objective)(offline_cfg)
 
     def _forward_model(self) -> Any:
         """What the objective calls for its forward pass (the engine, so ZeRO hooks and bf16 apply)."""
@@ -63,8 +73,7 @@ class OfflineTrainableWorker(TrainableWorker):
         skipped_before = engine.nonfinite.total
         stats = StepStats()
         self._minibatch(batch, aux, stats, train=True)
-        stats.add_mean("train/grad_norm", engine.grad_norm())
-        stats.add_mean("train/lr", engine.lr())
+        self._optimizer_step_stats(stats, "train")
         return self._update_metrics(stats, "train", skipped_before)
 
     @dispatch("split_dp", collect="first")
@@ -101,19 +110,8 @@ class OfflineTrainableWorker(TrainableWorker):
         return counts
 
 
-class OfflinePolicyWorker(OfflineTrainableWorker, PolicyWorker):
+class OfflinePolicyWorker(OfflineTrainableWorker, CausalLMWorker):
     """A policy rank for the causal-LM offline objectives (PT, SFT, DPO family, KTO, ...).
 
-    Loading, LoRA, checkpoints and `save_hf` are PolicyWorker's; the RL algorithm config is unused.
+    Loading, LoRA, checkpoints, `save_hf` and weight sync (online DPO) are CausalLMWorker's.
     """
-
-    def __init__(
-        self,
-        model_cfg: ModelConfig,
-        train_cfg: TrainConfig,
-        offline_cfg: OfflineConfig,
-        cluster_cfg: ClusterConfig,
-        seed: int = 0,
-    ):
-        super().__init__(model_cfg, train_cfg, AlgorithmConfig(), cluster_cfg, seed)
-        self.objective = OBJECTIVES.get(offline_cfg.objective)(offline_cfg)

@@ -27,7 +27,7 @@ from rlhf.algorithms import (
     kl_loss,
     logprobs_from_logits,
 )
-from rlhf.config import AlgorithmConfig, ClusterConfig, ModelConfig, TrainConfig
+from rlhf.config import ClusterConfig, ModelConfig, TrainConfig
 from rlhf.data.batch import RolloutBatch
 from rlhf.data.token_budget import MicroBatch, rows_of
 from rlhf.engines.adapters import ADAPTER_DIR, has_adapter, save_adapter
@@ -35,47 +35,32 @@ from rlhf.engines.weight_sync import WeightSyncGroup
 from rlhf.errors import WeightSyncError
 from rlhf.models.loading import load_tokenizer, resolve_model_path
 from rlhf.models.logprobs import response_logprobs, response_token_logits, to_rows
-from rlhf.models.peft_utils import apply_peft, load_base_model
-from rlhf.models.zero3 import parameter_counts
+from rlhf.models.peft_utils import load_base_model
 from rlhf.workers.group import dispatch
-from rlhf.workers.trainable import StepStats, TrainableWorker, forward_in_row_order, require_fields
+from rlhf.workers.trainable import (
+    RLTrainableWorker,
+    StepStats,
+    TrainableWorker,
+    forward_in_row_order,
+    require_fields,
+)
 
 logger = logging.getLogger(__name__)
 
 
-class PolicyWorker(TrainableWorker):
-    """One data-parallel rank of the policy."""
+class CausalLMWorker(TrainableWorker):
+    """One data-parallel rank of a trained causal LM: loading (with model.peft), logprobs, HF export and
+    weight sync. PolicyWorker adds the RL update, OfflinePolicyWorker the offline objectives."""
 
-    def __init__(
-        self,
-        model_cfg: ModelConfig,
-        train_cfg: TrainConfig,
-        algo_cfg: AlgorithmConfig,
-        cluster_cfg: ClusterConfig,
-        seed: int = 0,
-        *,
-        constant_normalizer: Optional[float] = None,
-    ):
-        """`constant_normalizer`: C of the seq_mean_token_sum_norm aggregation (Dr.GRPO: max_new_tokens)."""
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, cluster_cfg: ClusterConfig, seed: int = 0):
         super().__init__(model_cfg, train_cfg, cluster_cfg, seed)
-        POLICY_LOSSES.check(algo_cfg.policy_loss, "algorithm.policy_loss")
-        self.algo_cfg = algo_cfg
-        self.policy_loss = POLICY_LOSSES.get(algo_cfg.policy_loss)
-        self.constant_normalizer = constant_normalizer
         self.tokenizer: Any = None
         self.hf_config: Any = None
         self.generation_config: Any = None
         self._weight_sync: Optional[WeightSyncGroup] = None
 
-    @dispatch("broadcast", collect="first")
-    def init_model(self, model_path: str, num_training_steps: Optional[int] = None) -> dict[str, int]:
-        """Load the HF checkpoint at `model_path` (partitioned as it loads under ZeRO-3), apply model.peft /
-        model.lora, start DeepSpeed.
-
-        `num_training_steps` (optimizer steps of the whole run) is needed by the cosine schedule.
-        Returns {"num_parameters", "num_trainable_parameters"}.
-        """
-        self._setup_distributed()
+    def _load_model(self, model_path: str) -> Any:
+        """The HF causal LM at `model_path` (its tokenizer too, when the directory has one)."""
         path = resolve_model_path(model_path)
         self.tokenizer = _load_tokenizer(path, self.model_cfg.trust_remote_code)
         model = load_base_model(
@@ -84,12 +69,7 @@ class PolicyWorker(TrainableWorker):
         model.config.use_cache = False
         self.hf_config = model.config
         self.generation_config = getattr(model, "generation_config", None)
-        if self.model_cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = apply_peft(model, self.model_cfg)  # model.peft.method (LoRA, IA3, prompt tuning, BitFit, ...)
-        counts = parameter_counts(model)
-        self._build_engine(model, num_training_steps)
-        return counts
+        return model
 
     @dispatch("split_dp", collect="concat")
     def compute_logprobs(self, batch: RolloutBatch, temperature: float = 1.0) -> Tensor:
@@ -105,79 +85,6 @@ class PolicyWorker(TrainableWorker):
             lambda micro: response_logprobs(engine, micro, temperature=temperature)[0],
             empty=torch.zeros(0, batch.response_ids.shape[1]),
         )
-
-    @dispatch("split_dp", collect="mean")
-    def update(self, batch: RolloutBatch, temperature: float = 1.0) -> dict[str, float]:
-        """ppo_epochs × minibatches of PPO-style updates on this rank's shard; global stats `policy/...`.
-
-        Needs batch.old_logprobs and batch.advantages (and ref_logprobs with the KL loss), computed
-        at the same `temperature`, at which the new logprobs and the entropy are computed too.
-        """
-        engine = self._require_engine()
-        needed = ["old_logprobs", "advantages"]
-        if self._use_kl_loss:
-            needed.append("ref_logprobs")
-        require_fields(self.role, batch, *needed)
-        engine.train()
-        skipped_before = engine.nonfinite.total
-        stats = StepStats()
-        for minibatch in self._minibatches(batch, self.algo_cfg.ppo_epochs):
-            tokens, seqs = self._global_counts(minibatch.response_mask)
-            micros = self._micro_batches(minibatch)
-            for i, (_, micro) in enumerate(micros):
-                loss = self._micro_batch_loss(micro, tokens, seqs, temperature, stats)
-                engine.backward(loss, ends_step=i == len(micros) - 1)
-                engine.step()
-            stats.minibatches += 1
-            stats.add_mean("policy/grad_norm", engine.grad_norm())
-            stats.add_mean("policy/lr", engine.lr())
-        return self._update_metrics(stats, "policy", skipped_before)
-
-    def _micro_batch_loss(
-        self, micro: MicroBatch, tokens: Tensor, seqs: Tensor, temperature: float, stats: StepStats
-    ) -> Tensor:
-        algo = self.algo_cfg
-        counts = {"global_tokens": tokens, "global_seqs": seqs, "constant_normalizer": self.constant_normalizer}
-        rows = rows_of(micro)  # old logprobs, advantages, ... in the [b, R] layout
-        mask = rows.response_mask
-        logits, labels = response_token_logits(self._require_engine(), micro, temperature=temperature)
-        logprobs = to_rows(micro, logprobs_from_logits(logits, labels))
-        is_weights = None
-        if algo.rollout_is_cap is not None and rows.rollout_logprobs is not None:
-            is_weights = compute_truncated_is_weights(
-                rows.old_logprobs, rows.rollout_logprobs, mask, cap=algo.rollout_is_cap
-            )
-        loss, loss_stats = self.policy_loss(
-            logprobs,
-            rows.old_logprobs,
-            rows.advantages,
-            mask,
-            clip_low=algo.clip_low,
-            clip_high=algo.clip_high,
-            dual_clip=algo.dual_clip,
-            agg=algo.loss_agg,
-            rollout_is_weights=is_weights,
-            **counts,
-        )
-        stats.add_share("policy/loss", loss_stats.pop("policy/loss"))
-        for key, value in loss_stats.items():
-            stats.add_mean(key, value)
-        if self._use_kl_loss:
-            kl, _ = kl_loss(logprobs, rows.ref_logprobs, mask, kind=algo.kl_estimator, agg=algo.loss_agg, **counts)
-            loss = loss + algo.kl_coef * kl
-            stats.add_share("policy/kl", kl)
-        # entropy joins the graph only when it is part of the loss (it costs a [B, R, V] softmax)
-        with torch.set_grad_enabled(algo.entropy_coef > 0 and torch.is_grad_enabled()):
-            entropy = aggregate(to_rows(micro, entropy_from_logits(logits)), mask, algo.loss_agg, **counts)
-        if algo.entropy_coef > 0:
-            loss = loss - algo.entropy_coef * entropy
-        stats.add_share("policy/entropy", entropy)
-        stats.add_share("policy/total_loss", loss)
-        return loss
-
-    @property
-    def _use_kl_loss(self) -> bool:
-        return self.algo_cfg.use_kl_loss and self.algo_cfg.kl_coef > 0
 
     # -- export and weight sync ---------------------------------------------------------------
 
@@ -270,6 +177,87 @@ class PolicyWorker(TrainableWorker):
             "weight_sync/buckets": float(sent.num_buckets),
             "weight_sync/shm": float(self._weight_sync.transport == "shm"),
         }
+
+
+class PolicyWorker(RLTrainableWorker, CausalLMWorker):
+    """One data-parallel rank of the policy: the causal LM with the RL update (arguments: RLTrainableWorker's)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        POLICY_LOSSES.check(self.algo_cfg.policy_loss, "algorithm.policy_loss")
+        self.policy_loss = POLICY_LOSSES.get(self.algo_cfg.policy_loss)
+
+    @dispatch("split_dp", collect="mean")
+    def update(self, batch: RolloutBatch, temperature: float = 1.0) -> dict[str, float]:
+        """ppo_epochs × minibatches of PPO-style updates on this rank's shard; global stats `policy/...`.
+
+        Needs batch.old_logprobs and batch.advantages (and ref_logprobs with the KL loss), computed
+        at the same `temperature`, at which the new logprobs and the entropy are computed too.
+        """
+        engine = self._require_engine()
+        needed = ["old_logprobs", "advantages"]
+        if self._use_kl_loss:
+            needed.append("ref_logprobs")
+        require_fields(self.role, batch, *needed)
+        engine.train()
+        skipped_before = engine.nonfinite.total
+        stats = StepStats()
+        for minibatch in self._minibatches(batch, self.algo_cfg.ppo_epochs):
+            tokens, seqs = self._global_counts(minibatch.response_mask)
+            micros = self._micro_batches(minibatch)
+            for i, (_, micro) in enumerate(micros):
+                loss = self._micro_batch_loss(micro, tokens, seqs, temperature, stats)
+                engine.backward(loss, ends_step=i == len(micros) - 1)
+                engine.step()
+            stats.minibatches += 1
+            self._optimizer_step_stats(stats, "policy")
+        return self._update_metrics(stats, "policy", skipped_before)
+
+    def _micro_batch_loss(
+        self, micro: MicroBatch, tokens: Tensor, seqs: Tensor, temperature: float, stats: StepStats
+    ) -> Tensor:
+        algo = self.algo_cfg
+        counts = {"global_tokens": tokens, "global_seqs": seqs, "constant_normalizer": self.constant_normalizer}
+        rows = rows_of(micro)  # old logprobs, advantages, ... in the [b, R] layout
+        mask = rows.response_mask
+        logits, labels = response_token_logits(self._require_engine(), micro, temperature=temperature)
+        logprobs = to_rows(micro, logprobs_from_logits(logits, labels))
+        is_weights = None
+        if algo.rollout_is_cap is not None and rows.rollout_logprobs is not None:
+            is_weights = compute_truncated_is_weights(
+                rows.old_logprobs, rows.rollout_logprobs, mask, cap=algo.rollout_is_cap
+            )
+        loss, loss_stats = self.policy_loss(
+            logprobs,
+            rows.old_logprobs,
+            rows.advantages,
+            mask,
+            clip_low=algo.clip_low,
+            clip_high=algo.clip_high,
+            dual_clip=algo.dual_clip,
+            agg=algo.loss_agg,
+            rollout_is_weights=is_weights,
+            **counts,
+        )
+        stats.add_share("policy/loss", loss_stats.pop("policy/loss"))
+        for key, value in loss_stats.items():
+            stats.add_mean(key, value)
+        if self._use_kl_loss:
+            kl, _ = kl_loss(logprobs, rows.ref_logprobs, mask, kind=algo.kl_estimator, agg=algo.loss_agg, **counts)
+            loss = loss + algo.kl_coef * kl
+            stats.add_share("policy/kl", kl)
+        # entropy joins the graph only when it is part of the loss (it costs a [B, R, V] softmax)
+        with torch.set_grad_enabled(algo.entropy_coef > 0 and torch.is_grad_enabled()):
+            entropy = aggregate(to_rows(micro, entropy_from_logits(logits)), mask, algo.loss_agg, **counts)
+        if algo.entropy_coef > 0:
+            loss = loss - algo.entropy_coef * entropy
+        stats.add_share("policy/entropy", entropy)
+        stats.add_share("policy/total_loss", loss)
+        return loss
+
+    @property
+    def _use_kl_loss(self) -> bool:
+        return self.algo_cfg.use_kl_loss and self.algo_cfg.kl_coef > 0
 
 
 def _load_tokenizer(path: str, trust_remote_code: bool) -> Any:

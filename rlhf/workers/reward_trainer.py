@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-from rlhf.config import ClusterConfig, ModelConfig, OfflineConfig, TrainConfig
 from rlhf.engines.adapters import ADAPTER_DIR, has_adapter, save_adapter
 from rlhf.models.loading import load_sequence_scorer, load_tokenizer, resolve_model_path
 from rlhf.models.peft_utils import apply_peft, check_scalar_head_peft, plain_module
-from rlhf.models.zero3 import parameter_counts
 from rlhf.workers.group import dispatch
-from rlhf.workers.objectives import OBJECTIVES
 from rlhf.workers.offline_policy import OfflineTrainableWorker
 
 logger = logging.getLogger(__name__)
@@ -32,17 +29,10 @@ logger = logging.getLogger(__name__)
 class RewardModelWorker(OfflineTrainableWorker):
     """One data-parallel rank of a reward model in training (objective `reward`)."""
 
-    def __init__(
-        self,
-        model_cfg: ModelConfig,
-        train_cfg: TrainConfig,
-        offline_cfg: OfflineConfig,
-        cluster_cfg: ClusterConfig,
-        seed: int = 0,
-    ):
-        super().__init__(model_cfg, train_cfg, cluster_cfg, seed)
-        check_scalar_head_peft(model_cfg, "reward model")
-        self.objective = OBJECTIVES.get(offline_cfg.objective)(offline_cfg)
+    def __init__(self, *args: Any, **kwargs: Any):
+        """Arguments: OfflineTrainableWorker's."""
+        super().__init__(*args, **kwargs)
+        check_scalar_head_peft(self.model_cfg, "reward model")
         self.tokenizer: Any = None
         self.hf_config: Any = None
 
@@ -51,13 +41,8 @@ class RewardModelWorker(OfflineTrainableWorker):
         # (inside a PeftModel: the base model, whose layers peft has wrapped in place)
         return plain_module(self._require_engine().module)
 
-    @dispatch("broadcast", collect="first")
-    def init_model(self, model_path: str, num_training_steps: Optional[int] = None) -> dict[str, int]:
-        """Backbone (and head, if the checkpoint has one) from `model_path`, model.peft applied; then DeepSpeed.
-
-        Returns {"num_parameters", "num_trainable_parameters"}.
-        """
-        self._setup_distributed()
+    def _load_model(self, model_path: str) -> Any:
+        """Backbone (and head, if the checkpoint has one) from `model_path`, with its tokenizer."""
         path = resolve_model_path(model_path)
         self.tokenizer = load_tokenizer(path, trust_remote_code=self.model_cfg.trust_remote_code)
         model = load_sequence_scorer(
@@ -71,12 +56,10 @@ class RewardModelWorker(OfflineTrainableWorker):
         model.config.architectures = [type(model).__name__]
         model.config.use_cache = False
         self.hf_config = model.config
-        if self.model_cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = apply_peft(model, self.model_cfg, task_type="SEQ_CLS", head="score")
-        counts = parameter_counts(model)
-        self._build_engine(model, num_training_steps)
-        return counts
+        return model
+
+    def _apply_peft(self, model: Any) -> Any:
+        return apply_peft(model, self.model_cfg, task_type="SEQ_CLS", head="score")
 
     @dispatch("broadcast", collect="first")
     def save_hf(self, directory: str) -> str:

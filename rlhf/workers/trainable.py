@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from rlhf.algorithms import count_seqs, count_tokens
-from rlhf.config import ClusterConfig, ModelConfig, TrainConfig
+from rlhf.config import AlgorithmConfig, ClusterConfig, ModelConfig, TrainConfig
 from rlhf.data.batch import RolloutBatch
 from rlhf.data.token_budget import (
     MicroBatch,
@@ -44,6 +44,8 @@ from rlhf.data.token_budget import (
 )
 from rlhf.engines.train_engine import TrainEngine, deepspeed_config, gradient_accumulation_steps
 from rlhf.errors import CheckpointError, ConfigError, DataError
+from rlhf.models.peft_utils import apply_peft
+from rlhf.models.zero3 import parameter_counts
 from rlhf.utils.distributed import torch_backend
 from rlhf.utils.seeding import seed_everything
 from rlhf.workers.group import Worker, dispatch
@@ -54,7 +56,8 @@ TRAIN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class TrainableWorker(Worker):
-    """A Worker that owns a TrainEngine; subclasses build the module in `init_model`."""
+    """A Worker that owns a TrainEngine; subclasses say how their module is loaded (`_load_model`) and
+    where model.peft applies (`_apply_peft`), `init_model` does the rest."""
 
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, cluster_cfg: ClusterConfig, seed: int = 0):
         super().__init__()
@@ -69,6 +72,31 @@ class TrainableWorker(Worker):
         self.engine: Optional[TrainEngine] = None
 
     # -- setup --------------------------------------------------------------------------------
+
+    @dispatch("broadcast", collect="first")
+    def init_model(self, model_path: str, num_training_steps: Optional[int] = None) -> dict[str, int]:
+        """Load the role's model from `model_path` (partitioned as it loads under ZeRO-3), enable
+        model.gradient_checkpointing, apply model.peft, start DeepSpeed (optimizer and LR schedule).
+
+        `num_training_steps` (optimizer steps of the whole run) is needed by the cosine schedule.
+        Returns {"num_parameters", "num_trainable_parameters"}.
+        """
+        self._setup_distributed()
+        model = self._load_model(model_path)
+        if self.model_cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = self._apply_peft(model)
+        counts = parameter_counts(model)
+        self._build_engine(model, num_training_steps)
+        return counts
+
+    def _load_model(self, model_path: str) -> Any:
+        """The role's module from `model_path`, built for `_zero3_config()`; called on every rank."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how to load its model")
+
+    def _apply_peft(self, model: Any) -> torch.nn.Module:
+        """model.peft (LoRA, IA3, prompt tuning, BitFit, ...) on the loaded module; the causal-LM form here."""
+        return apply_peft(model, self.model_cfg)
 
     def _setup_distributed(self) -> None:
         self.setup_distributed(torch_backend(self.cluster_cfg.device), self.cluster_cfg.collective_timeout_s)
@@ -130,6 +158,12 @@ class TrainableWorker(Worker):
             field=f"{self.role}.max_tokens_per_micro_batch",
         )
 
+    def _optimizer_step_stats(self, stats: StepStats, prefix: str) -> None:
+        """After a minibatch's optimizer step: its gradient norm and learning rate (`<prefix>/grad_norm`, `/lr`)."""
+        engine = self._require_engine()
+        stats.add_mean(f"{prefix}/grad_norm", engine.grad_norm())
+        stats.add_mean(f"{prefix}/lr", engine.lr())
+
     def _update_metrics(self, stats: StepStats, prefix: str, skipped_before: int) -> dict[str, float]:
         """The update's global stats plus `<prefix>/nonfinite_*`: the optimizer steps skipped since the
         engine's skip total was `skipped_before` (every rank skips together, so they agree)."""
@@ -160,6 +194,25 @@ class TrainableWorker(Worker):
             raise CheckpointError(f"{self.role}: checkpoint directory {directory} does not exist")
         self._require_engine().load_checkpoint(directory)
         return str(directory)
+
+
+class RLTrainableWorker(TrainableWorker):
+    """A trained role of the RL loop (policy, critic, distillation student): the algorithm's loss settings."""
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        train_cfg: TrainConfig,
+        algo_cfg: AlgorithmConfig,
+        cluster_cfg: ClusterConfig,
+        seed: int = 0,
+        *,
+        constant_normalizer: Optional[float] = None,
+    ):
+        """`constant_normalizer`: C of the seq_mean_token_sum_norm aggregation (Dr.GRPO: max_new_tokens)."""
+        super().__init__(model_cfg, train_cfg, cluster_cfg, seed)
+        self.algo_cfg = algo_cfg
+        self.constant_normalizer = constant_normalizer
 
 
 class StepStats:

@@ -176,7 +176,7 @@ def test_then_generate_samples_the_seeds_and_the_new_prompts(expanded_then_sampl
 
 
 def test_interrupted_expansion_resumes_without_duplicate_rows(
-    expanded_then_sampled, expand_args, tmp_path, monkeypatch
+    expanded_then_sampled, expand_args, tmp_path, monkeypatch, crash_in_second_shard
 ):
     """A crash while writing round 1, then a rerun: the same rows as the uninterrupted run, none twice.
 
@@ -186,17 +186,7 @@ def test_interrupted_expansion_resumes_without_duplicate_rows(
     whole, _ = expanded_then_sampled
     out = tmp_path / "gen"
     cfg = compose_config("generate", tmp_path, *expand_args, f"generate.output={out}")
-    real_write, calls = generate_module.ShardStore.write, []
-
-    def crash_in_second_round(store, k, subsets):
-        calls.append(k)
-        if len(calls) == 2:
-            real_write(store, k, {"expanded_rejected": subsets["expanded_rejected"]})  # half a round on disk
-            (out / "expanded" / f".{store.path('expanded', k).name}.tmp").write_text('{"half": ')
-            raise RuntimeError("simulated crash")
-        real_write(store, k, subsets)
-
-    monkeypatch.setattr(generate_module.ShardStore, "write", crash_in_second_round)
+    crash_in_second_shard(out, "expanded", written=("expanded_rejected",))  # half a round on disk
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_generate(cfg)
     monkeypatch.undo()

@@ -11,7 +11,6 @@ import pytest
 
 from rlhf.data.tiny_world import check_answer
 from rlhf.errors import ConfigError
-from rlhf.trainers import generate as generate_module
 from rlhf.trainers.generate import prepare_generation, read_rows, run_generate
 
 from .conftest import compose_config
@@ -101,23 +100,14 @@ def test_generated_sets_load_as_sft_and_preference_data(ray_cluster, scripted_ch
     assert set(written["chosen"]) == {"a"} and set(written["rejected"]) == {"b"}
 
 
-def test_interrupted_generation_resumes_to_identical_rows(ray_cluster, tmp_path, monkeypatch):
+def test_interrupted_generation_resumes_to_identical_rows(ray_cluster, tmp_path, monkeypatch, crash_in_second_shard):
     """A crash after the first shard, plus a half-written temporary file, then a rerun: the same bytes."""
     whole = compose_config("generate", tmp_path, *PROMPTS, f"generate.output={tmp_path / 'whole'}")
     run_generate(whole)
 
     out = tmp_path / "resumed"
     cfg = compose_config("generate", tmp_path, *PROMPTS, f"generate.output={out}")
-    real_write, calls = generate_module.ShardStore.write, []
-
-    def crash_after_first_shard(store, k, subsets):
-        calls.append(k)
-        if len(calls) == 2:
-            (out / "samples" / f".{store.path('samples', k).name}.tmp").write_text('{"half": ')
-            raise RuntimeError("simulated crash")
-        real_write(store, k, subsets)
-
-    monkeypatch.setattr(generate_module.ShardStore, "write", crash_after_first_shard)
+    crash_in_second_shard(out, "samples")
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_generate(cfg)
     monkeypatch.undo()

@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf.config import ClusterConfig, ModelConfig, OfflineConfig, OptimConfig, ResourceConfig, TrainConfig
+from rlhf.config import ClusterConfig, OfflineConfig, OptimConfig, RLHFConfig, TrainConfig
 from rlhf.data.collate import collate_kto
 from rlhf.data.examples import KTOExample
-from rlhf.workers.group import WorkerGroup
+from rlhf.trainers.roles import start_policy_group
 from rlhf.workers.offline_policy import OfflinePolicyWorker
 
 pytestmark = pytest.mark.ray
@@ -42,19 +42,12 @@ def first_step(dp: int, micro: int, model_path: str) -> dict[str, float]:
     train_cfg = TrainConfig(
         num_workers=dp, zero_stage=2, micro_batch_size=micro, train_batch_size=8, optim=OptimConfig(lr=1e-3)
     )
-    group = WorkerGroup(
-        OfflinePolicyWorker,
-        role=f"policy-dp{dp}",
-        num_workers=dp,
-        resources=ResourceConfig(num_cpus=1),
-        init_args=(
-            ModelConfig(),
-            train_cfg,
-            OfflineConfig(objective="kto", beta=0.5),
-            ClusterConfig(collective_timeout_s=120),
-            0,
-        ),
+    cfg = RLHFConfig(
+        policy=train_cfg,
+        offline=OfflineConfig(objective="kto", beta=0.5),
+        cluster=ClusterConfig(collective_timeout_s=120),
     )
+    group = start_policy_group(cfg, OfflinePolicyWorker, role=f"policy-dp{dp}", offline_cfg=cfg.offline)
     try:
         group.call(OfflinePolicyWorker.init_model, model_path, timeout=300)
         batch, aux = kto_batch()

@@ -20,11 +20,12 @@ from rlhf.config import (
     OptimConfig,
     PeftConfig,
     ResourceConfig,
+    RLHFConfig,
     TrainConfig,
 )
 from rlhf.engines.adapters import ADAPTER_DIR
 from rlhf.models.logprobs import response_logprobs
-from rlhf.workers.group import WorkerGroup
+from rlhf.trainers.roles import start_policy_group
 from rlhf.workers.policy import PolicyWorker
 
 pytestmark = [
@@ -46,15 +47,13 @@ def test_qlora_trains_adapters_on_a_4bit_base_and_exports_plain_weights(
     train_cfg = TrainConfig(
         num_workers=1, zero_stage=2, micro_batch_size=2, train_batch_size=8, optim=OptimConfig(lr=1e-2)
     )
-    cluster = ClusterConfig(device="cuda", collective_timeout_s=120)
-    group = WorkerGroup(
-        PolicyWorker,
-        role="policy-qlora",
-        num_workers=1,
-        resources=ResourceConfig(num_cpus=1, num_gpus=0.5),
-        init_args=(model_cfg, train_cfg, AlgorithmConfig(kl_coef=0.0), cluster, 0),
-        device="cuda",
+    cfg = RLHFConfig(
+        model=model_cfg,
+        policy=train_cfg,
+        algorithm=AlgorithmConfig(kl_coef=0.0),
+        cluster=ClusterConfig(device="cuda", collective_timeout_s=120, policy=ResourceConfig(num_cpus=1, num_gpus=0.5)),
     )
+    group = start_policy_group(cfg, PolicyWorker, role="policy-qlora", algo_cfg=cfg.algorithm)
     try:
         counts = group.call(PolicyWorker.init_model, tiny_model_path, timeout=300)
         # q: A 8×128 + B 128×8, v: A 8×128 + B 64×8, two layers

@@ -23,11 +23,21 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from rlhf.config import AlgorithmConfig, ClusterConfig, LoraConfig, ModelConfig, OptimConfig, PeftConfig, TrainConfig
+from rlhf.config import (
+    AlgorithmConfig,
+    ClusterConfig,
+    LoraConfig,
+    ModelConfig,
+    OptimConfig,
+    PeftConfig,
+    RLHFConfig,
+    TrainConfig,
+)
 from rlhf.engines.adapters import ADAPTER_DIR
 from rlhf.models.logprobs import response_logprobs
 from rlhf.models.peft_utils import PROMPT_METHODS, VirtualTokenLM, apply_peft
-from rlhf.workers.group import WorkerGroup, dispatch
+from rlhf.trainers.roles import start_policy_group
+from rlhf.workers.group import dispatch
 from rlhf.workers.policy import PolicyWorker
 
 pytestmark = pytest.mark.ray
@@ -85,19 +95,12 @@ def train_config(zero_stage: int, lr: float) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def policy_ranks(ray_cluster):
-    group = WorkerGroup(
-        ReusedPolicyWorker,
-        role="policy-peft",
-        num_workers=2,
-        resources=ClusterConfig().policy,
-        init_args=(
-            ModelConfig(),
-            train_config(3, 1e-3),
-            AlgorithmConfig(kl_coef=0.0),
-            ClusterConfig(collective_timeout_s=120),
-            0,
-        ),
+    cfg = RLHFConfig(
+        policy=train_config(3, 1e-3),
+        algorithm=AlgorithmConfig(kl_coef=0.0),
+        cluster=ClusterConfig(collective_timeout_s=120),
     )
+    group = start_policy_group(cfg, ReusedPolicyWorker, role="policy-peft", algo_cfg=cfg.algorithm)
     yield group
     group.shutdown()
 

@@ -20,21 +20,13 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
-from rlhf.config import (
-    AlgorithmConfig,
-    ClusterConfig,
-    LoraConfig,
-    ModelConfig,
-    OfflineConfig,
-    OptimConfig,
-    PeftConfig,
-    TrainConfig,
-)
+from rlhf.config import LoraConfig, ModelConfig, OfflineConfig, OptimConfig, PeftConfig, RLHFConfig, TrainConfig
 from rlhf.engines.adapters import ADAPTER_DIR
 from rlhf.models.logprobs import last_token_scores
 from rlhf.models.value_model import ValueModel, response_values
+from rlhf.trainers.roles import start_policy_group, start_trained_group
 from rlhf.workers.critic import CriticWorker
-from rlhf.workers.group import WorkerGroup, dispatch
+from rlhf.workers.group import dispatch
 from rlhf.workers.reward_trainer import RewardModelWorker
 
 pytestmark = pytest.mark.ray
@@ -112,13 +104,8 @@ def what_trained(before: dict, after: dict) -> tuple[set[str], set[str]]:
 
 @pytest.fixture(scope="module")
 def reward_ranks(ray_cluster):
-    group = WorkerGroup(
-        InspectedRewardModelWorker,
-        role="rm-peft",
-        num_workers=2,
-        resources=ClusterConfig().policy,
-        init_args=(ModelConfig(), train_config(2), OfflineConfig(objective="reward"), ClusterConfig(), 0),
-    )
+    cfg = RLHFConfig(policy=train_config(2), offline=OfflineConfig(objective="reward"))
+    group = start_policy_group(cfg, InspectedRewardModelWorker, role="rm-peft", offline_cfg=cfg.offline)
     yield group
     group.shutdown()
 
@@ -162,12 +149,10 @@ def test_reward_model_trains_only_what_the_method_allows(
 
 def test_lora_critic_trains_adapters_and_value_head_only(ray_cluster, tiny_model_path, batch_factory, tmp_path):
     model_cfg = ModelConfig(lora=LORA_QV, peft=PeftConfig(method="lora"))
-    group = WorkerGroup(
-        InspectedCriticWorker,
-        role="critic-peft",
-        num_workers=1,  # one actor: the export's merge is the same code as the reward model's ZeRO-3 case
-        resources=ClusterConfig().critic,
-        init_args=(model_cfg, train_config(1, num_workers=1), AlgorithmConfig(), ClusterConfig(), 0),
+    # one actor: the export's merge is the same code as the reward model's ZeRO-3 case
+    cfg = RLHFConfig(model=model_cfg, critic=train_config(1, num_workers=1))
+    group = start_trained_group(
+        cfg, InspectedCriticWorker, "critic-peft", cfg.critic, cfg.cluster.critic, algo_cfg=cfg.algorithm
     )
     try:
         group.call(CriticWorker.init_model, tiny_model_path, timeout=300)

@@ -20,8 +20,7 @@ from rlhf.data.tokenizer import encode_chat_prompt
 from rlhf.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
 from rlhf.models.logprobs import response_logprobs
 from rlhf.trainers.rl import build_rollout_batch
-from rlhf.utils.ray_session import runtime_env_vars
-from rlhf.workers.group import WorkerGroup
+from rlhf.trainers.roles import start_policy_group
 from rlhf.workers.policy import PolicyWorker
 from rlhf.workers.rollout import RolloutGroup
 
@@ -55,14 +54,7 @@ def test_trained_zero3_policy_syncs_into_vllm(ray_cluster, lora_rank, transport)
         metadata=[{} for _ in prompt_texts],
     )
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=8)
-    policy = WorkerGroup(
-        PolicyWorker,
-        role="policy",
-        num_workers=2,
-        resources=cfg.cluster.policy,
-        init_kwargs=dict(model_cfg=cfg.model, train_cfg=cfg.policy, algo_cfg=cfg.algorithm, cluster_cfg=cfg.cluster),
-        env_vars=runtime_env_vars(cfg.cluster),
-    )
+    policy = start_policy_group(cfg, PolicyWorker, algo_cfg=cfg.algorithm)
     rollout = RolloutGroup(path, cfg.model, cfg.rollout, cfg.cluster, seed=0)
     try:
         policy.call(PolicyWorker.init_model, path)

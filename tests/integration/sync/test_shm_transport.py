@@ -15,7 +15,7 @@ import pytest
 
 from rlhf.config import RLHFConfig, SamplingConfig
 from rlhf.models.loading import load_causal_lm, resolve_model_path
-from rlhf.trainers.roles import connect_weight_sync, start_group, sync_weights
+from rlhf.trainers.roles import connect_weight_sync, start_policy_group, sync_weights
 from rlhf.workers.policy import PolicyWorker
 from rlhf.workers.rollout import RolloutGroup, RolloutWorker, weights_digest
 
@@ -39,17 +39,7 @@ def test_shm_and_collective_transports_give_bit_identical_engines(ray_cluster):
             path = resolve_model_path(policy_model)
             expected = weights_digest(load_causal_lm(path, dtype="float32"))
             assert expected != previous  # the sync has to change every engine
-            policy = start_group(
-                cfg.cluster,
-                PolicyWorker,
-                "policy",
-                1,
-                cfg.cluster.policy,
-                model_cfg=cfg.model,
-                train_cfg=cfg.policy,
-                algo_cfg=cfg.algorithm,
-                cluster_cfg=cfg.cluster,
-            )
+            policy = start_policy_group(cfg, PolicyWorker, algo_cfg=cfg.algorithm)
             try:
                 policy.call(PolicyWorker.init_model, path, 1)
                 for transport, rollout in engines.items():

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf.config import AlgorithmConfig, ClusterConfig, ModelConfig, OptimConfig, ResourceConfig, TrainConfig
+from rlhf.config import AlgorithmConfig, ClusterConfig, OptimConfig, RLHFConfig, RunConfig, TrainConfig
 from rlhf.models.value_model import ValueModel, response_values
+from rlhf.trainers.roles import start_trained_group
 from rlhf.workers.critic import CriticWorker
-from rlhf.workers.group import WorkerGroup
 
 pytestmark = pytest.mark.ray
 
@@ -30,19 +30,13 @@ def critic(ray_session, tiny_model_path):
         train_batch_size=8,
         optim=OptimConfig(lr=1e-3),
     )
-    group = WorkerGroup(
-        CriticWorker,
-        role="critic",
-        num_workers=2,
-        resources=ResourceConfig(num_cpus=1),
-        init_args=(
-            ModelConfig(),
-            train_cfg,
-            AlgorithmConfig(value_clip=0.5),
-            ClusterConfig(collective_timeout_s=120),
-            SEED,
-        ),
+    cfg = RLHFConfig(
+        critic=train_cfg,
+        algorithm=AlgorithmConfig(value_clip=0.5),
+        cluster=ClusterConfig(collective_timeout_s=120),
+        run=RunConfig(seed=SEED),
     )
+    group = start_trained_group(cfg, CriticWorker, "critic", cfg.critic, cfg.cluster.critic, algo_cfg=cfg.algorithm)
     group.call(CriticWorker.init_model, tiny_model_path, timeout=300)
     yield group
     group.shutdown()

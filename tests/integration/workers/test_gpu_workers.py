@@ -14,9 +14,18 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from rlhf.config import AlgorithmConfig, ClusterConfig, ModelConfig, OptimConfig, ResourceConfig, TrainConfig
+from rlhf.config import (
+    AlgorithmConfig,
+    ClusterConfig,
+    ModelConfig,
+    OptimConfig,
+    ResourceConfig,
+    RLHFConfig,
+    TrainConfig,
+)
 from rlhf.engines.weight_sync import WeightSyncGroup
 from rlhf.models.logprobs import response_logprobs
+from rlhf.trainers.roles import start_trained_group
 from rlhf.workers.critic import CriticWorker
 from rlhf.workers.group import Worker, WorkerGroup
 from rlhf.workers.policy import PolicyWorker
@@ -47,21 +56,22 @@ def _train_cfg(stage: int) -> TrainConfig:
 def gpu_roles(ray_session, tiny_model_path):
     groups = {}
     try:
-        groups["policy"] = WorkerGroup(
+        cfg = RLHFConfig(model=BF16, cluster=CLUSTER)
+        groups["policy"] = start_trained_group(
+            cfg,
             PolicyWorker,
-            role="policy-gpu",
-            num_workers=1,
-            resources=ResourceConfig(num_cpus=1, num_gpus=0.4),
-            init_args=(BF16, _train_cfg(3), AlgorithmConfig(kl_coef=0.0), CLUSTER, 0),
-            device="cuda",
+            "policy-gpu",
+            _train_cfg(3),
+            ResourceConfig(num_cpus=1, num_gpus=0.4),
+            algo_cfg=AlgorithmConfig(kl_coef=0.0),
         )
-        groups["critic"] = WorkerGroup(
+        groups["critic"] = start_trained_group(
+            cfg,
             CriticWorker,
-            role="critic-gpu",
-            num_workers=1,
-            resources=ResourceConfig(num_cpus=1, num_gpus=0.3),
-            init_args=(BF16, _train_cfg(2), AlgorithmConfig(), CLUSTER, 0),
-            device="cuda",
+            "critic-gpu",
+            _train_cfg(2),
+            ResourceConfig(num_cpus=1, num_gpus=0.3),
+            algo_cfg=cfg.algorithm,
         )
         groups["reference"] = WorkerGroup(
             ReferenceWorker,

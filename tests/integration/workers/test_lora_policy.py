@@ -12,16 +12,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlhf.config import (
-    AlgorithmConfig,
-    ClusterConfig,
-    LoraConfig,
-    ModelConfig,
-    OptimConfig,
-    ResourceConfig,
-    TrainConfig,
-)
+from rlhf.config import AlgorithmConfig, ClusterConfig, LoraConfig, ModelConfig, OptimConfig, RLHFConfig, TrainConfig
 from rlhf.models.logprobs import response_logprobs
+from rlhf.trainers.roles import start_policy_group
 from rlhf.workers.group import WorkerGroup
 from rlhf.workers.policy import PolicyWorker
 
@@ -40,13 +33,13 @@ def start_lora_policy(model_path: str) -> tuple[WorkerGroup, dict[str, int]]:
         train_batch_size=8,
         optim=OptimConfig(lr=1e-2),
     )
-    group = WorkerGroup(
-        PolicyWorker,
-        role="policy-lora",
-        num_workers=2,
-        resources=ResourceConfig(num_cpus=1),
-        init_args=(model_cfg, train_cfg, AlgorithmConfig(kl_coef=0.0), ClusterConfig(collective_timeout_s=120), 0),
+    cfg = RLHFConfig(
+        model=model_cfg,
+        policy=train_cfg,
+        algorithm=AlgorithmConfig(kl_coef=0.0),
+        cluster=ClusterConfig(collective_timeout_s=120),
     )
+    group = start_policy_group(cfg, PolicyWorker, role="policy-lora", algo_cfg=cfg.algorithm)
     return group, group.call(PolicyWorker.init_model, model_path, timeout=300)
 
 

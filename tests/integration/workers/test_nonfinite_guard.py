@@ -29,7 +29,8 @@ import pytest
 import ray
 import torch
 
-from rlhf.config import AlgorithmConfig, ClusterConfig, ModelConfig, OptimConfig, ResourceConfig, TrainConfig
+from rlhf.config import AlgorithmConfig, ClusterConfig, OptimConfig, RLHFConfig, TrainConfig
+from rlhf.trainers.roles import start_policy_group
 from rlhf.workers.group import WorkerGroup
 from rlhf.workers.policy import PolicyWorker
 
@@ -66,19 +67,12 @@ SETTINGS = {
 
 @pytest.fixture(scope="module")
 def policy(ray_session, tiny_model_path):
-    group = WorkerGroup(
-        PolicyWorker,
-        role="policy-optimizer-step",
-        num_workers=2,
-        resources=ResourceConfig(num_cpus=1),
-        init_args=(
-            ModelConfig(),
-            SETTINGS["zero0-fp32"],
-            AlgorithmConfig(kl_coef=0.1, use_kl_loss=True, kl_estimator="k1"),
-            ClusterConfig(collective_timeout_s=120),
-            0,
-        ),
+    cfg = RLHFConfig(
+        policy=SETTINGS["zero0-fp32"],
+        algorithm=AlgorithmConfig(kl_coef=0.1, use_kl_loss=True, kl_estimator="k1"),
+        cluster=ClusterConfig(collective_timeout_s=120),
     )
+    group = start_policy_group(cfg, PolicyWorker, role="policy-optimizer-step", algo_cfg=cfg.algorithm)
     yield group, tiny_model_path
     group.shutdown()
 

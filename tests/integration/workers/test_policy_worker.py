@@ -19,10 +19,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from rlhf.algorithms import POLICY_LOSSES, aggregate, entropy_from_logits, kl_loss, logprobs_from_logits
-from rlhf.config import AlgorithmConfig, ClusterConfig, ModelConfig, OptimConfig, ResourceConfig, TrainConfig
+from rlhf.config import AlgorithmConfig, ClusterConfig, OptimConfig, RLHFConfig, TrainConfig
 from rlhf.engines.weight_sync import WeightSyncGroup
 from rlhf.models.logprobs import response_logits, response_logprobs
 from rlhf.models.peft_utils import load_base_model
+from rlhf.trainers.roles import start_policy_group
 from rlhf.workers.group import Worker, WorkerGroup
 from rlhf.workers.policy import PolicyWorker
 
@@ -55,13 +56,8 @@ SETUPS = {
 
 def start_policy(name: str, model_path: str) -> WorkerGroup:
     train_cfg, algo_cfg = SETUPS[name]
-    group = WorkerGroup(
-        PolicyWorker,
-        role=f"policy-{name}",
-        num_workers=2,
-        resources=ResourceConfig(num_cpus=1),
-        init_args=(ModelConfig(), train_cfg, algo_cfg, CLUSTER, 0),
-    )
+    cfg = RLHFConfig(policy=train_cfg, algorithm=algo_cfg, cluster=CLUSTER)
+    group = start_policy_group(cfg, PolicyWorker, role=f"policy-{name}", algo_cfg=algo_cfg)
     group.call(PolicyWorker.init_model, model_path, timeout=300)
     return group
 

@@ -27,13 +27,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from rlhf.algorithms import POLICY_LOSSES, aggregate, entropy_from_logits, kl_loss, logprobs_from_logits, value_loss
-from rlhf.config import AlgorithmConfig, ClusterConfig, ModelConfig, OptimConfig, ResourceConfig, TrainConfig
+from rlhf.config import AlgorithmConfig, ClusterConfig, ModelConfig, OptimConfig, RLHFConfig, RunConfig, TrainConfig
 from rlhf.data.batch import RolloutBatch, pad_sequences
 from rlhf.data.token_budget import dp_shard_order, sequence_lengths, token_budget_bins
 from rlhf.models.logprobs import last_token_scores, response_logits, response_logprobs
 from rlhf.models.tiny import tiny_config
 from rlhf.models.value_model import ValueModel, hf_name, response_values
 from rlhf.trainers.rl import token_balance
+from rlhf.trainers.roles import start_trained_group
 from rlhf.workers.critic import CriticWorker
 from rlhf.workers.group import WorkerGroup
 from rlhf.workers.policy import PolicyWorker
@@ -76,7 +77,7 @@ def test_the_batch_gives_the_ranks_different_numbers_of_bins():
 
 def packed_group(worker_cls, role: str, zero_stage: int, algo: AlgorithmConfig, model_path: str) -> WorkerGroup:
     """2 ranks of `worker_cls` with a token budget, as rlhf.trainers.rl starts them, initialised from `model_path`."""
-    cfg = TrainConfig(
+    train_cfg = TrainConfig(
         num_workers=2,
         zero_stage=zero_stage,
         zero3_param_persistence_threshold=0,
@@ -85,13 +86,9 @@ def packed_group(worker_cls, role: str, zero_stage: int, algo: AlgorithmConfig, 
         train_batch_size=TRAIN_BATCH,
         optim=OptimConfig(lr=LR, eps=ADAM_EPS, grad_clip=100.0),  # a step linear in the gradient (docstring)
     )
-    group = WorkerGroup(
-        worker_cls,
-        role=role,
-        num_workers=2,
-        resources=ResourceConfig(num_cpus=1),
-        init_args=(ModelConfig(), cfg, algo, CLUSTER, SEED),
-        **token_balance(cfg),
+    cfg = RLHFConfig(algorithm=algo, cluster=CLUSTER, run=RunConfig(seed=SEED))
+    group = start_trained_group(
+        cfg, worker_cls, role, train_cfg, cfg.cluster.policy, algo_cfg=algo, **token_balance(train_cfg)
     )
     try:
         group.call(worker_cls.init_model, model_path, timeout=300)
