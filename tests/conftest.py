@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -119,6 +122,40 @@ def ray_cluster():
     )
     yield ray
     ray.shutdown()
+
+
+@dataclass(frozen=True)
+class CliRun:
+    """One run of the `rlhf` console script: its exit code and what it printed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def assert_ok(self) -> CliRun:
+        assert self.returncode == 0, (
+            f"exit {self.returncode}\n--- stdout\n{self.stdout[-4000:]}\n--- stderr\n{self.stderr[-8000:]}"
+        )
+        return self
+
+
+@pytest.fixture(scope="session")
+def rlhf_cli():
+    """`rlhf_cli(cwd, *overrides, defaults=(), timeout=420) -> CliRun`: the `rlhf` console script of this
+    environment as a user runs it (its own process, Ray and all), `defaults` before `overrides`, output captured.
+    The repo is on PYTHONPATH so that overrides can name functions of tests/fixtures by import path."""
+    script = str(Path(sys.executable).with_name("rlhf"))
+    repo = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
+
+    def run(cwd: Path, *overrides: str, defaults: tuple[str, ...] | list[str] = (), timeout: int = 420) -> CliRun:
+        proc = subprocess.run(
+            [script, *defaults, *overrides], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        )
+        return CliRun(proc.returncode, proc.stdout, proc.stderr)
+
+    return run
 
 
 TINY_VOCAB = 64

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
+import functools
 
 import pytest
 
@@ -13,7 +10,6 @@ from rlhf.utils.metrics import read_metrics
 
 pytestmark = [pytest.mark.ray]
 
-RLHF = str(Path(sys.executable).with_name("rlhf"))
 SMALL = [
     "stage=distill",
     "policy.num_workers=2",
@@ -27,18 +23,17 @@ SMALL = [
 ]
 
 
-def run_cli(tmp_path: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [RLHF, *SMALL, *overrides], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
-    )
+@pytest.fixture
+def run_cli(rlhf_cli):
+    """The console script (tests/conftest.py) with this file's SMALL sizes first."""
+    return functools.partial(rlhf_cli, defaults=SMALL)
 
 
 @pytest.mark.slow  # the distill trainer: tests/integration/distill (default); the CLI path: the other e2e tests
-def test_offline_distill_runs_end_to_end(tmp_path):
+def test_offline_distill_runs_end_to_end(run_cli, tmp_path):
     out = tmp_path / "run"
     proc = run_cli(tmp_path, "distill.loss=jsd", "distill.top_k=16", "run.total_steps=2", f"run.output_dir={out}")
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    proc.assert_ok()
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows if "distill/jsd" in r] == [1, 2]
     assert rows[0]["step"] == 0 and "eval/forward_kl" in rows[0] and "eval/forward_kl" in rows[-1]
@@ -46,7 +41,7 @@ def test_offline_distill_runs_end_to_end(tmp_path):
 
 
 @pytest.mark.slow  # three CLI runs; the offline and RL resume tests keep the mechanism in the default suite
-def test_offline_distill_resumes_from_its_last_checkpoint(tmp_path):
+def test_offline_distill_resumes_from_its_last_checkpoint(run_cli, tmp_path):
     """Stopped after step 2 and rerun with resume=auto, step 3's loss equals an uninterrupted run's."""
     common = [
         "distill.top_k=16",
@@ -59,7 +54,7 @@ def test_offline_distill_resumes_from_its_last_checkpoint(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     for out, steps in ((full, 3), (part, 2), (part, 4)):
         proc = run_cli(tmp_path, *common, f"run.total_steps={steps}", f"run.output_dir={out}")
-        assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        proc.assert_ok()
     assert "resuming from" in proc.stdout + proc.stderr
     a = {r["step"]: r for r in read_metrics(full / "metrics.jsonl") if "distill/loss" in r}
     b = {r["step"]: r for r in read_metrics(part / "metrics.jsonl") if "distill/loss" in r}
@@ -74,7 +69,7 @@ def test_offline_distill_resumes_from_its_last_checkpoint(tmp_path):
     assert (part / "final" / "model.safetensors").exists()
 
 
-def test_vocabulary_mismatch_fails_before_ray(tmp_path):
+def test_vocabulary_mismatch_fails_before_ray(run_cli, tmp_path):
     from rlhf.models.tiny import build_tiny_model, save_tiny_model
 
     teacher = save_tiny_model(build_tiny_model("qwen2", vocab_size=64), None, tmp_path / "teacher-64")

@@ -7,9 +7,6 @@ merge_and_unload) to 1e-5 in float32.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,17 +19,7 @@ from rlhf.errors import ConfigError
 from rlhf.models.loading import resolve_model_path
 from rlhf.trainers.utility import run_utility
 
-RLHF = str(Path(sys.executable).with_name("rlhf"))
 IDS = torch.tensor([[5, 17, 3, 40, 22, 9, 31], [8, 8, 2, 51, 14, 60, 7]])
-
-
-def run_cli(cwd: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([RLHF, *overrides], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def assert_ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
 
 def logits(model: torch.nn.Module) -> torch.Tensor:
@@ -59,19 +46,19 @@ def assert_matches_peft(exported: Path, base: str, adapter: Path) -> None:
     torch.testing.assert_close(logits(plain), logits(with_adapter.merge_and_unload()), rtol=0, atol=1e-5)
 
 
-def test_export_merges_a_lora_adapter_through_the_cli(tmp_path):
+def test_export_merges_a_lora_adapter_through_the_cli(rlhf_cli, tmp_path):
     adapter = save_adapter(tmp_path / "adapter", LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"]))
     out = tmp_path / "merged"
     # no export.base: the adapter's adapter_config.json names its base model
-    proc = run_cli(tmp_path, "stage=export", f"export.adapter={adapter}", f"export.output={out}")
-    assert_ok(proc)
+    proc = rlhf_cli(tmp_path, "stage=export", f"export.adapter={adapter}", f"export.output={out}")
+    proc.assert_ok()
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     assert AutoTokenizer.from_pretrained(out).eos_token is not None
     assert_matches_peft(out, resolve_model_path("tiny"), adapter)
 
     # an unmergeable adapter is refused before any model is loaded, with exit code 2
     prompt = save_adapter(tmp_path / "prompt", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
-    proc = run_cli(tmp_path, "stage=export", "export.base=tiny", f"export.adapter={prompt}", f"export.output={out}-2")
+    proc = rlhf_cli(tmp_path, "stage=export", "export.base=tiny", f"export.adapter={prompt}", f"export.output={out}-2")
     assert proc.returncode == 2
     assert "ConfigError" in proc.stderr + proc.stdout and "cannot be merged" in proc.stderr + proc.stdout
     assert not (tmp_path / "merged-2").exists()
@@ -112,10 +99,10 @@ def test_export_refuses_to_overwrite_its_input(tmp_path):
 # test_export_merges_a_lora_adapter_through_the_cli.
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
-def test_lora_training_under_zero3_then_export(tmp_path, stage):
+def test_lora_training_under_zero3_then_export(rlhf_cli, tmp_path, stage):
     """LoRA SFT and LoRA DPO (reference = the frozen base) on 2 ZeRO-3 ranks export a merged model equal to peft's."""
     run = tmp_path / "run"
-    proc = run_cli(
+    proc = rlhf_cli(
         tmp_path,
         f"stage={stage}",
         "model.lora.rank=4",
@@ -138,7 +125,7 @@ def test_lora_training_under_zero3_then_export(tmp_path, stage):
         f"run.output_dir={run}",
         timeout=600,
     )
-    assert_ok(proc)
+    proc.assert_ok()
     final = run / "final"
     assert (final / "adapter" / "adapter_model.safetensors").is_file()
     base = resolve_model_path("tiny")
@@ -148,10 +135,10 @@ def test_lora_training_under_zero3_then_export(tmp_path, stage):
 
     # the DeepSpeed step checkpoint (ZeRO-3 shards of the adapters only) exports to the same model
     out = tmp_path / "from-step"
-    proc = run_cli(
+    proc = rlhf_cli(
         tmp_path, "stage=export", f"export.checkpoint={run / 'checkpoints' / 'step_00000002'}", f"export.output={out}"
     )
-    assert_ok(proc)
+    proc.assert_ok()
     exported = logits(AutoModelForCausalLM.from_pretrained(out))
     torch.testing.assert_close(exported, logits(AutoModelForCausalLM.from_pretrained(final)), rtol=0, atol=1e-5)
     assert (exported - logits(AutoModelForCausalLM.from_pretrained(base))).abs().max() > 1e-3  # training moved it

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,6 @@ from rlhf.utils.metrics import read_metrics
 
 pytestmark = [pytest.mark.ray]
 
-RLHF = str(Path(sys.executable).with_name("rlhf"))
 
 # 8 examples per optimizer step (2 ranks × micro 2 × 2 accumulation steps)
 SMALL = [
@@ -30,31 +27,24 @@ SMALL = [
 ]
 
 
-def run_cli(tmp_path: Path, *overrides: str, timeout: int = 420) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [RLHF, *SMALL, *overrides], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
-    )
-
-
-def assert_ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, (
-        f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}"
-    )
+@pytest.fixture
+def run_cli(rlhf_cli):
+    """The console script (tests/conftest.py) with this file's SMALL sizes first."""
+    return functools.partial(rlhf_cli, defaults=SMALL)
 
 
 @pytest.mark.slow  # SFT through the CLI with resume: tests/e2e/test_pipelines.py (default)
-def test_sft_runs_saves_and_resumes(tmp_path):
+def test_sft_runs_saves_and_resumes(run_cli, tmp_path):
     out = tmp_path / "sft"
     common = ["stage=sft", "data.mixture=[{path:'tiny:sft:train',max_rows:64}]", f"run.output_dir={out}"]
-    assert_ok(run_cli(tmp_path, *common, "offline.max_steps=2", "run.save_every=2", "policy.optim.lr=1e-4"))
+    run_cli(tmp_path, *common, "offline.max_steps=2", "run.save_every=2", "policy.optim.lr=1e-4").assert_ok()
     assert (out / "checkpoints" / "step_00000002" / "trainer_state.json").exists()
     assert (out / "final" / "model.safetensors").exists() and (out / "config.yaml").exists()
     # resume=auto continues at step 3 with the same loader position and optimizer state; then
     # run.final_eval samples the saved final model on 8 held-out prompts (2 samples + 1 greedy each)
     final_eval = ["run.final_eval=true", "eval.max_prompts=8", "eval.n_samples=2", "eval.k=[1,2]",
                   "rollout.backend=hf", "rollout.sampling.max_new_tokens=8"]  # fmt: skip
-    assert_ok(run_cli(tmp_path, *common, "offline.max_steps=4", "policy.optim.lr=1e-4", *final_eval))
+    run_cli(tmp_path, *common, "offline.max_steps=4", "policy.optim.lr=1e-4", *final_eval).assert_ok()
     steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "sft/loss" in r]
     assert steps == [1, 2, 3, 4]
     results = json.loads((out / "final_eval" / "eval_results.json").read_text())
@@ -65,7 +55,7 @@ def test_sft_runs_saves_and_resumes(tmp_path):
     assert AutoModelForCausalLM.from_pretrained(out / "final").config.model_type == "qwen2"
 
 
-def test_dpo_runs_with_precomputed_reference(tmp_path):
+def test_dpo_runs_with_precomputed_reference(run_cli, tmp_path):
     out = tmp_path / "dpo"
     proc = run_cli(
         tmp_path,
@@ -74,7 +64,7 @@ def test_dpo_runs_with_precomputed_reference(tmp_path):
         "offline.max_steps=3",
         f"run.output_dir={out}",
     )
-    assert_ok(proc)
+    proc.assert_ok()
     rows = read_metrics(out / "metrics.jsonl")
     train = [r for r in rows if "dpo/loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3]
@@ -84,7 +74,7 @@ def test_dpo_runs_with_precomputed_reference(tmp_path):
     assert (out / "final" / "model.safetensors").exists()
 
 
-def test_config_error_exits_before_ray_starts(tmp_path):
+def test_config_error_exits_before_ray_starts(run_cli, tmp_path):
     proc = run_cli(tmp_path, "stage=kto", "policy.train_batch_size=10", "policy.micro_batch_size=4")
     text = proc.stderr + proc.stdout
     assert proc.returncode == 2, text[-3000:]

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
+import functools
 
 import pytest
 
@@ -13,7 +10,6 @@ from rlhf.utils.metrics import read_metrics
 
 pytestmark = [pytest.mark.ray]
 
-RLHF = str(Path(sys.executable).with_name("rlhf"))
 SMALL = [
     "stage=online_dpo",
     "data.train=tiny:train:copy+reverse",
@@ -33,19 +29,18 @@ SMALL = [
 ]
 
 
-def run_cli(tmp_path: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [RLHF, *SMALL, *overrides], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
-    )
+@pytest.fixture
+def run_cli(rlhf_cli):
+    """The console script (tests/conftest.py) with this file's SMALL sizes first."""
+    return functools.partial(rlhf_cli, defaults=SMALL)
 
 
 @pytest.mark.slow  # tests/integration/online_dpo runs two rounds and a resume in the default suite
-def test_two_rounds_end_to_end(tmp_path):
+def test_two_rounds_end_to_end(run_cli, tmp_path):
     out = tmp_path / "run"
     # reference=previous here: the integration tests train with a reference model (initial)
     proc = run_cli(tmp_path, "run.total_steps=2", "online_dpo.reference=previous", f"run.output_dir={out}")
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    proc.assert_ok()
     rounds = [r for r in read_metrics(out / "metrics.jsonl") if "online_dpo/pairs" in r]
     assert [r["step"] for r in rounds] == [1, 2]
     assert all("reward/mean" in r and "eval/accuracy" in r for r in rounds)  # stage yaml: eval_every 1
@@ -53,7 +48,7 @@ def test_two_rounds_end_to_end(tmp_path):
     assert (out / "final" / "model.safetensors").exists() and (out / "config.yaml").exists()
 
 
-def test_config_error_fails_before_ray(tmp_path):
+def test_config_error_fails_before_ray(run_cli, tmp_path):
     proc = run_cli(tmp_path, "policy.train_batch_size=16", f"run.output_dir={tmp_path / 'bad'}", timeout=120)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 2, text[-3000:]

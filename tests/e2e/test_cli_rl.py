@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import functools
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,6 @@ from rlhf.utils.metrics import read_metrics
 
 pytestmark = [pytest.mark.ray]
 
-RLHF = str(Path(sys.executable).with_name("rlhf"))
 
 # 4 prompts × 4 samples = 16 sequences per step; 2 ranks × micro 4 = 8 per optimizer step.
 SMALL = [
@@ -31,22 +28,10 @@ SMALL = [
 ]
 
 
-def run_cli(tmp_path: Path, *overrides: str, timeout: int = 420) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [RLHF, *SMALL, *overrides],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def assert_ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, (
-        f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}"
-    )
+@pytest.fixture
+def run_cli(rlhf_cli):
+    """The console script (tests/conftest.py) with this file's SMALL sizes first."""
+    return functools.partial(rlhf_cli, defaults=SMALL)
 
 
 # the ppo ZeRO-3 case runs policy, critic and reference by token budget (packed micro-batches, ranks
@@ -64,7 +49,7 @@ TOKEN_BUDGETS = [f"{role}.max_tokens_per_micro_batch=96" for role in ("policy", 
     ],
     ids=["grpo-2-vllm", "grpo-3-hf", "ppo-2-hf", "ppo-3-vllm-token-budgets"],
 )
-def test_rl_stage_runs_end_to_end(tmp_path, stage, zero, backend, budgets):
+def test_rl_stage_runs_end_to_end(run_cli, tmp_path, stage, zero, backend, budgets):
     """Sampling at temperature 0.7; the policy takes one optimizer step per RL step (train_batch_size 16).
 
     Under ZeRO-3 the reference (PPO's KL term) is a ZeRO-3 group of 2 actors too, every parameter partitioned;
@@ -89,7 +74,7 @@ def test_rl_stage_runs_end_to_end(tmp_path, stage, zero, backend, budgets):
         f"run.output_dir={out}",
         *(sharded_reference if zero == 3 else []),
     )
-    assert_ok(proc)
+    proc.assert_ok()
     rows = read_metrics(out / "metrics.jsonl")
     steps = [r for r in rows if "reward/mean" in r and "policy/loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
@@ -115,14 +100,14 @@ def test_rl_stage_runs_end_to_end(tmp_path, stage, zero, backend, budgets):
     if stage == "grpo" and zero == 2:  # `stage=report` redraws them from metrics.jsonl alone
         for png in (out / "plots").glob("*.png"):
             png.unlink()
-        assert_ok(run_cli(tmp_path, "stage=report", f"report.run_dir={out}", timeout=120))
+        run_cli(tmp_path, "stage=report", f"report.run_dir={out}", timeout=120).assert_ok()
         assert {p.name for p in (out / "plots").glob("*.png")} == plots
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(final)
 
 
-def test_config_error_before_ray_starts(tmp_path):
+def test_config_error_before_ray_starts(run_cli, tmp_path):
     proc = run_cli(tmp_path, "policy.train_batch_size=12", f"run.output_dir={tmp_path / 'bad'}", timeout=120)
     assert proc.returncode == 2
     assert "policy.train_batch_size 12 is not divisible" in proc.stderr + proc.stdout
@@ -130,7 +115,7 @@ def test_config_error_before_ray_starts(tmp_path):
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
 
 
-def test_unknown_stage_lists_known(tmp_path):
+def test_unknown_stage_lists_known(run_cli, tmp_path):
     proc = run_cli(tmp_path, "algorithm.advantage=grpoo", f"run.output_dir={tmp_path / 'bad'}", timeout=120)
     assert proc.returncode == 2
     text = proc.stderr + proc.stdout
@@ -150,13 +135,13 @@ def checkpoint_weights(step_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow  # 144 s of CLI runs; run.deterministic reaching every actor: test_worker_group, test_seeding
-def test_deterministic_runs_repeat_and_resume_reproduces_next_step(tmp_path):
+def test_deterministic_runs_repeat_and_resume_reproduces_next_step(run_cli, tmp_path):
     """run.deterministic=true: two runs with one seed log the same numbers and save the same weights;
     stopped after step 2 and resumed, step 3 matches an uninterrupted run."""
     common = ["stage=grpo", "rollout.backend=vllm", "run.deterministic=true", "run.save_every=1"]
     full, part = tmp_path / "full", tmp_path / "part"
-    assert_ok(run_cli(tmp_path, *common, "run.total_steps=3", f"run.output_dir={full}"))
-    assert_ok(run_cli(tmp_path, *common, "run.total_steps=2", f"run.output_dir={part}"))
+    run_cli(tmp_path, *common, "run.total_steps=3", f"run.output_dir={full}").assert_ok()
+    run_cli(tmp_path, *common, "run.total_steps=2", f"run.output_dir={part}").assert_ok()
     # steps 1-2 of the two runs, metrics and the weights checkpointed after step 2, exactly
     a = {r["step"]: r for r in read_metrics(full / "metrics.jsonl") if "policy/loss" in r}
     b = {r["step"]: r for r in read_metrics(part / "metrics.jsonl") if "policy/loss" in r}
@@ -165,14 +150,14 @@ def test_deterministic_runs_repeat_and_resume_reproduces_next_step(tmp_path):
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
-    assert_ok(run_cli(tmp_path, *common, "run.total_steps=3", f"run.output_dir={part}"))
+    run_cli(tmp_path, *common, "run.total_steps=3", f"run.output_dir={part}").assert_ok()
     b = {r["step"]: r for r in read_metrics(part / "metrics.jsonl") if "policy/loss" in r}
     assert sorted(b) == [1, 2, 3]
     for key in ("reward/mean", "rollout/response_length", "policy/loss", "policy/entropy"):
         assert b[3][key] == pytest.approx(a[3][key], rel=1e-4, abs=1e-5), key
 
 
-def test_failing_actor_stops_run_with_its_traceback(tmp_path):
+def test_failing_actor_stops_run_with_its_traceback(run_cli, tmp_path):
     """A reward-model actor that cannot load its checkpoint stops the run: exit 2, role named, remote traceback."""
     broken = tmp_path / "broken-rm"
     broken.mkdir()

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
+import functools
 
 import pytest
 
 from rlhf.utils.metrics import read_metrics
 
-REPO = Path(__file__).resolve().parents[3]
 # 2 prompts × 4 samples = 8 sequences per step; 2 ranks × micro 4 = one optimizer step.
 SMALL = [
     "run.rollout_batch_size=2",
@@ -27,24 +23,14 @@ SMALL = [
 ]
 
 
-def run_cli(tmp_path: Path, *overrides: str, timeout: int = 420) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "rlhf", *SMALL, *overrides],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+@pytest.fixture
+def run_cli(rlhf_cli):
+    """The console script (tests/conftest.py) with this file's SMALL sizes first."""
+    return functools.partial(rlhf_cli, defaults=SMALL)
 
 
 @pytest.mark.ray
-def test_custom_reward_by_import_path_with_overlong_penalty(tmp_path):
+def test_custom_reward_by_import_path_with_overlong_penalty(run_cli, tmp_path):
     out = tmp_path / "run"
     proc = run_cli(
         tmp_path,
@@ -53,7 +39,7 @@ def test_custom_reward_by_import_path_with_overlong_penalty(tmp_path):
         "run.total_steps=2",
         f"run.output_dir={out}",
     )
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    proc.assert_ok()
     steps = [r for r in read_metrics(out / "metrics.jsonl") if "policy/loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
     for row in steps:
@@ -64,7 +50,7 @@ def test_custom_reward_by_import_path_with_overlong_penalty(tmp_path):
     assert "reward: 1 × score + 0.5 × overlong_penalty" in proc.stderr + proc.stdout
 
 
-def test_wrong_arity_fails_before_ray(tmp_path):
+def test_wrong_arity_fails_before_ray(run_cli, tmp_path):
     proc = run_cli(tmp_path, "reward.fn=tests.fixtures.my_reward:two_args", f"run.output_dir={tmp_path / 'bad'}")
     text = proc.stdout + proc.stderr
     assert proc.returncode == 2, text[-3000:]
