@@ -1,5 +1,5 @@
 """Checks of the schema that every stage shares: field types and bounds (check_fields, FIELD_BOUNDS), the
-cluster, token budgets and frozen groups, batch arithmetic (_check_train), the reward numbers, and derived
+cluster, token budgets and frozen groups, batch arithmetic (check_train), the reward numbers, and derived
 values (uses_critic, engine_resources, ...). They read the config and the stage registry, nothing above.
 
 `validate` runs the checks every stage shares, then the stage's own (its `validate` in rlhf.stages):
@@ -25,31 +25,31 @@ ROLLOUT_BACKENDS = ("vllm", "hf")
 PLACEMENT_STRATEGIES = ("PACK", "STRICT_PACK", "SPREAD")
 
 
-def _require(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
 
 
-def _choice(value: Any, allowed: tuple, field_name: str) -> None:
-    _require(value in allowed, f"{field_name}={value!r} is not one of {', '.join(map(str, allowed))}")
+def require_choice(value: Any, allowed: tuple, field_name: str) -> None:
+    require(value in allowed, f"{field_name}={value!r} is not one of {', '.join(map(str, allowed))}")
 
 
-def _check_train(cfg: TrainConfig, role: str, sequences_per_step: int, arithmetic: str = "sequences per step") -> None:
+def check_train(cfg: TrainConfig, role: str, sequences_per_step: int, arithmetic: str = "sequences per step") -> None:
     """ZeRO and batch arithmetic of one trained role; `arithmetic` says how sequences_per_step was computed."""
-    _choice(cfg.zero_stage, ZERO_STAGES, f"{role}.zero_stage")
-    _require(cfg.num_workers >= 1, f"{role}.num_workers must be >= 1 (got {cfg.num_workers})")
-    _require(cfg.micro_batch_size >= 1, f"{role}.micro_batch_size must be >= 1 (got {cfg.micro_batch_size})")
-    _require(cfg.optim.lr > 0, f"{role}.optim.lr must be > 0 (got {cfg.optim.lr})")
-    _require(cfg.offload_params is False or cfg.zero_stage == 3, f"{role}.offload_params needs {role}.zero_stage=3")
+    require_choice(cfg.zero_stage, ZERO_STAGES, f"{role}.zero_stage")
+    require(cfg.num_workers >= 1, f"{role}.num_workers must be >= 1 (got {cfg.num_workers})")
+    require(cfg.micro_batch_size >= 1, f"{role}.micro_batch_size must be >= 1 (got {cfg.micro_batch_size})")
+    require(cfg.optim.lr > 0, f"{role}.optim.lr must be > 0 (got {cfg.optim.lr})")
+    require(cfg.offload_params is False or cfg.zero_stage == 3, f"{role}.offload_params needs {role}.zero_stage=3")
     per_pass = cfg.micro_batch_size * cfg.num_workers
-    _require(
+    require(
         cfg.train_batch_size % per_pass == 0,
         f"{role}.train_batch_size {cfg.train_batch_size} is not divisible by {role}.micro_batch_size "
         f"{cfg.micro_batch_size} × {role}.num_workers {cfg.num_workers} = {per_pass}; "
         f"pick a multiple of {per_pass}",
     )
     fits = [size for size in range(per_pass, sequences_per_step + 1, per_pass) if sequences_per_step % size == 0]
-    _require(
+    require(
         sequences_per_step % cfg.train_batch_size == 0,
         f"{arithmetic} = {sequences_per_step} sequences per step is not divisible by {role}.train_batch_size "
         f"{cfg.train_batch_size} ({sequences_per_step} / {cfg.train_batch_size} = "
@@ -136,7 +136,7 @@ SCHEDULERS = ("constant", "cosine")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
-def _bound(path: str) -> str:
+def field_bound(path: str) -> str:
     import fnmatch
 
     if path in FIELD_BOUNDS:
@@ -200,28 +200,28 @@ def check_fields(node: Any, path: str = "", pattern: str = "") -> None:
             check_fields(value, f"{name}.", f"{key}.")
             continue
         problem = _type_problem(value, hints[f.name])
-        _require(problem is None, f"{name} must be {problem}")
+        require(problem is None, f"{name} must be {problem}")
         items = [(f"{name}[{i}]", f"{key}.#", v) for i, v in enumerate(value)] if isinstance(value, list) else []
         for shown, item_key, item in items or [(name, key, value)]:
             if dataclasses.is_dataclass(item):
                 check_fields(item, f"{shown}.", f"{item_key}.")
             elif isinstance(item, (int, float)) and not isinstance(item, bool):
-                _require(math.isfinite(item), f"{shown} must be a finite number (got {item})")
-                rule = _bound(item_key)
-                _require(_in_bounds(item, rule), f"{shown} must be {_rule_text(rule)} (got {item})")
+                require(math.isfinite(item), f"{shown} must be a finite number (got {item})")
+                rule = field_bound(item_key)
+                require(_in_bounds(item, rule), f"{shown} must be {_rule_text(rule)} (got {item})")
 
 
 def _rule_text(rule: str) -> str:
     return rule if rule[0] not in "([" else f"in {rule}"
 
 
-def _check_cluster(cluster: ClusterConfig) -> None:
+def check_cluster(cluster: ClusterConfig) -> None:
     """The cluster preset's choices, the same for every stage that starts Ray."""
-    _choice(cluster.device, DEVICES, "cluster.device")
-    _choice(cluster.placement_strategy, PLACEMENT_STRATEGIES, "cluster.placement_strategy")
-    _choice(cluster.weight_sync_backend, ("auto", "gloo", "nccl"), "cluster.weight_sync_backend")
-    _choice(cluster.weight_sync_transport, WEIGHT_SYNC_TRANSPORTS, "cluster.weight_sync_transport")
-    _check_call_timeout(cluster)
+    require_choice(cluster.device, DEVICES, "cluster.device")
+    require_choice(cluster.placement_strategy, PLACEMENT_STRATEGIES, "cluster.placement_strategy")
+    require_choice(cluster.weight_sync_backend, ("auto", "gloo", "nccl"), "cluster.weight_sync_backend")
+    require_choice(cluster.weight_sync_transport, WEIGHT_SYNC_TRANSPORTS, "cluster.weight_sync_transport")
+    check_call_timeout(cluster)
 
 
 def validate(cfg: RLHFConfig, *, produced: Collection[Path] = ()) -> None:
@@ -236,34 +236,34 @@ def validate(cfg: RLHFConfig, *, produced: Collection[Path] = ()) -> None:
     check_fields(cfg)
     for role in ("policy", "critic"):
         optim = getattr(cfg, role).optim
-        _choice(optim.scheduler, SCHEDULERS, f"{role}.optim.scheduler")
-        _require(len(optim.betas) == 2, f"{role}.optim.betas must be two numbers [beta1, beta2] (got {optim.betas})")
-    _choice(cfg.run.tracking.wandb_mode, WANDB_MODES, "run.tracking.wandb_mode")
+        require_choice(optim.scheduler, SCHEDULERS, f"{role}.optim.scheduler")
+        require(len(optim.betas) == 2, f"{role}.optim.betas must be two numbers [beta1, beta2] (got {optim.betas})")
+    require_choice(cfg.run.tracking.wandb_mode, WANDB_MODES, "run.tracking.wandb_mode")
     stage.validate(cfg, produced)
 
 
 def check_shared(cfg: RLHFConfig) -> None:
     """The cluster preset, token budgets and frozen groups: what every stage's `validate` checks after the
     model/dataset paths and PEFT (rlhf.stages.common.check_inputs)."""
-    _check_cluster(cfg.cluster)
+    check_cluster(cfg.cluster)
     _check_token_budget_stage(cfg)
     _check_inference_groups(cfg)
 
 
 def _check_inference_groups(cfg: RLHFConfig) -> None:
     """zero_stage of the reference and reward-model groups; reference.* sizes only the RL stages' reference."""
-    _choice(cfg.reference.zero_stage, INFERENCE_ZERO_STAGES, "reference.zero_stage")
-    _choice(cfg.reward.zero_stage, INFERENCE_ZERO_STAGES, "reward.zero_stage")
-    _require(
+    require_choice(cfg.reference.zero_stage, INFERENCE_ZERO_STAGES, "reference.zero_stage")
+    require_choice(cfg.reward.zero_stage, INFERENCE_ZERO_STAGES, "reward.zero_stage")
+    require(
         get_stage(cfg.stage).reference_group or (cfg.reference.num_workers == 1 and cfg.reference.zero_stage == 0),
         f"reference.num_workers={cfg.reference.num_workers} / reference.zero_stage={cfg.reference.zero_stage} "
         f"shape the RL stages' reference group; stage={cfg.stage} runs one whole reference actor: leave them at 1 / 0",
     )
 
 
-def _check_shards(rows: int, arithmetic: str, num_workers: int, field_name: str) -> None:
+def check_shards(rows: int, arithmetic: str, num_workers: int, field_name: str) -> None:
     """`rows` per step split into num_workers equal data-parallel shards (every frozen-model actor scores one)."""
-    _require(
+    require(
         rows % num_workers == 0,
         f"{arithmetic} = {rows} rows per step cannot be split into {field_name} {num_workers} equal shards; "
         f"make the rows per step a multiple of {num_workers}",
@@ -280,8 +280,8 @@ def distill_sequences_per_step(cfg: RLHFConfig) -> int:
     return cfg.run.rollout_batch_size * cfg.rollout.n_samples_per_prompt
 
 
-def _check_call_timeout(cluster: ClusterConfig) -> None:
-    _require(
+def check_call_timeout(cluster: ClusterConfig) -> None:
+    require(
         cluster.call_timeout_s == 0 or cluster.call_timeout_s > cluster.collective_timeout_s > 0,
         f"cluster.call_timeout_s ({cluster.call_timeout_s}) must exceed cluster.collective_timeout_s "
         f"({cluster.collective_timeout_s}), so a stuck collective reports from inside the rank first; or be 0 (no limit)",
@@ -317,10 +317,10 @@ def _check_token_budget_stage(cfg: RLHFConfig) -> None:
             "unset it (PT/SFT pack examples with data.packing=true)"
         )
     if cfg.reward.max_tokens_per_micro_batch and "policy" not in stage.token_budget_roles:
-        _check_token_budgets(cfg, roles=("reward",))  # the RL stages check every budget after their arithmetic
+        check_token_budgets(cfg, roles=("reward",))  # the RL stages check every budget after their arithmetic
 
 
-def _check_token_budgets(cfg: RLHFConfig, roles: Collection[str] = ("policy", "critic", "reference", "reward")) -> None:
+def check_token_budgets(cfg: RLHFConfig, roles: Collection[str] = ("policy", "critic", "reference", "reward")) -> None:
     """Every token budget holds the longest sequence a rollout can make (prompt + response); the reward
     model's also the longest evaluation sample (rollout.eval_sampling), which it may score too."""
     sampling, eval_sampling = cfg.rollout.sampling, cfg.rollout.eval_sampling
@@ -331,7 +331,7 @@ def _check_token_budgets(cfg: RLHFConfig, roles: Collection[str] = ("policy", "c
         if role == "reward" and eval_sampling.max_new_tokens > new_tokens:
             name, new_tokens = "rollout.eval_sampling.max_new_tokens", eval_sampling.max_new_tokens
         longest = cfg.data.max_prompt_length + new_tokens
-        _require(
+        require(
             not budget or budget >= longest,
             f"{role}.max_tokens_per_micro_batch={budget} cannot hold the longest sequence, data.max_prompt_length "
             f"{cfg.data.max_prompt_length} + {name} {new_tokens} = {longest} tokens; set it to at least {longest} "
@@ -342,40 +342,38 @@ def _check_token_budgets(cfg: RLHFConfig, roles: Collection[str] = ("policy", "c
 REWARD_NORM_MODES = ("none", "running", "batch")
 
 
-def _check_reward(reward: RewardConfig) -> None:
+def check_reward(reward: RewardConfig) -> None:
     """Numbers and choices of the reward sources; functions, regexes and templates are checked by
     rlhf.rewards.pipeline.build_reward_pipeline (also before Ray starts)."""
-    _require(
+    require(
         bool(reward.fn or reward.components or reward.model_path or reward.remote.url or reward.judge.model_path),
         "no reward: set reward.fn (a rule reward), reward.components, reward.model_path (a reward model), "
         "reward.remote.url (a reward server) and/or reward.judge.model_path (an LLM judge)",
     )
     for i, component in enumerate(reward.components):
-        _require(
-            bool(component.fn), f"reward.components[{i}].fn is required (a registered name or pkg.module:function)"
-        )
-    _require(reward.num_workers >= 1, f"reward.num_workers must be >= 1 (got {reward.num_workers})")
-    _choice(reward.model_norm.mode, REWARD_NORM_MODES, "reward.model_norm.mode")
+        require(bool(component.fn), f"reward.components[{i}].fn is required (a registered name or pkg.module:function)")
+    require(reward.num_workers >= 1, f"reward.num_workers must be >= 1 (got {reward.num_workers})")
+    require_choice(reward.model_norm.mode, REWARD_NORM_MODES, "reward.model_norm.mode")
     clip = reward.model_norm.clip
-    _require(clip is None or clip > 0, f"reward.model_norm.clip must be > 0 or null (got {clip})")
+    require(clip is None or clip > 0, f"reward.model_norm.clip must be > 0 or null (got {clip})")
     remote = reward.remote
-    _require(remote.batch_size >= 1, f"reward.remote.batch_size must be >= 1 (got {remote.batch_size})")
-    _require(remote.max_concurrency >= 1, f"reward.remote.max_concurrency must be >= 1 (got {remote.max_concurrency})")
-    _require(remote.timeout_s > 0, f"reward.remote.timeout_s must be > 0 (got {remote.timeout_s})")
-    _require(remote.max_retries >= 0, f"reward.remote.max_retries must be >= 0 (got {remote.max_retries})")
-    _require(remote.backoff_s >= 0, f"reward.remote.backoff_s must be >= 0 (got {remote.backoff_s})")
+    require(remote.batch_size >= 1, f"reward.remote.batch_size must be >= 1 (got {remote.batch_size})")
+    require(remote.max_concurrency >= 1, f"reward.remote.max_concurrency must be >= 1 (got {remote.max_concurrency})")
+    require(remote.timeout_s > 0, f"reward.remote.timeout_s must be > 0 (got {remote.timeout_s})")
+    require(remote.max_retries >= 0, f"reward.remote.max_retries must be >= 0 (got {remote.max_retries})")
+    require(remote.backoff_s >= 0, f"reward.remote.backoff_s must be >= 0 (got {remote.backoff_s})")
     judge = reward.judge
-    _require(
+    require(
         judge.score_max > judge.score_min,
         f"reward.judge.score_max {judge.score_max} must be > reward.judge.score_min {judge.score_min}",
     )
-    _require(judge.num_engines >= 1, f"reward.judge.num_engines must be >= 1 (got {judge.num_engines})")
-    _require(judge.max_new_tokens >= 1, f"reward.judge.max_new_tokens must be >= 1 (got {judge.max_new_tokens})")
-    _require(
+    require(judge.num_engines >= 1, f"reward.judge.num_engines must be >= 1 (got {judge.num_engines})")
+    require(judge.max_new_tokens >= 1, f"reward.judge.max_new_tokens must be >= 1 (got {judge.max_new_tokens})")
+    require(
         judge.max_prompt_tokens >= 1, f"reward.judge.max_prompt_tokens must be >= 1 (got {judge.max_prompt_tokens})"
     )
     if judge.backend is not None:
-        _choice(judge.backend, ROLLOUT_BACKENDS, "reward.judge.backend")
+        require_choice(judge.backend, ROLLOUT_BACKENDS, "reward.judge.backend")
 
 
 WEIGHT_SYNC_TRANSPORTS = ("auto", "collective", "shm")

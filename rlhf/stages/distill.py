@@ -11,11 +11,11 @@ from rlhf.config import (
     ROLLOUT_BACKENDS,
     RLHFConfig,
     Stage,
-    _check_train,
-    _choice,
-    _require,
+    check_train,
     distill_sequences_per_step,
     register_stage,
+    require,
+    require_choice,
 )
 from rlhf.stages.common import check_inputs
 
@@ -32,29 +32,29 @@ def validate_distill(cfg: RLHFConfig) -> None:
     d, run = cfg.distill, cfg.run
     DISTILLATION_LOSSES.check(d.loss, "distill.loss")
     LOSS_AGGREGATIONS.check(cfg.algorithm.loss_agg, "algorithm.loss_agg")
-    _choice(d.mode, DISTILL_MODES, "distill.mode")
-    _require(0.0 <= d.beta <= 1.0, f"distill.beta must be in [0, 1] (got {d.beta})")
-    _require(d.temperature > 0, f"distill.temperature must be > 0 (got {d.temperature})")
-    _require(d.top_k >= 0, f"distill.top_k must be >= 0, 0 meaning the full vocabulary (got {d.top_k})")
-    _require(0.0 <= d.lmbda <= 1.0, f"distill.lmbda must be in [0, 1] (got {d.lmbda})")
-    _require(d.num_workers >= 1, f"distill.num_workers must be >= 1 (got {d.num_workers})")
-    _require(run.eval_every >= 0 and run.save_every >= 0, "run.eval_every and run.save_every must be >= 0")
-    _require(bool(d.teacher_path), "distill.teacher_path is empty; set it to the teacher checkpoint")
-    _require(run.total_steps >= 1, f"run.total_steps must be >= 1 (got {run.total_steps})")
-    _require(run.eval_every >= 0, f"run.eval_every must be >= 0 (got {run.eval_every})")
-    _choice(cfg.model.dtype, DTYPES, "model.dtype")
+    require_choice(d.mode, DISTILL_MODES, "distill.mode")
+    require(0.0 <= d.beta <= 1.0, f"distill.beta must be in [0, 1] (got {d.beta})")
+    require(d.temperature > 0, f"distill.temperature must be > 0 (got {d.temperature})")
+    require(d.top_k >= 0, f"distill.top_k must be >= 0, 0 meaning the full vocabulary (got {d.top_k})")
+    require(0.0 <= d.lmbda <= 1.0, f"distill.lmbda must be in [0, 1] (got {d.lmbda})")
+    require(d.num_workers >= 1, f"distill.num_workers must be >= 1 (got {d.num_workers})")
+    require(run.eval_every >= 0 and run.save_every >= 0, "run.eval_every and run.save_every must be >= 0")
+    require(bool(d.teacher_path), "distill.teacher_path is empty; set it to the teacher checkpoint")
+    require(run.total_steps >= 1, f"run.total_steps must be >= 1 (got {run.total_steps})")
+    require(run.eval_every >= 0, f"run.eval_every must be >= 0 (got {run.eval_every})")
+    require_choice(cfg.model.dtype, DTYPES, "model.dtype")
     rows = distill_sequences_per_step(cfg)
-    _check_train(cfg.policy, "policy", rows)
-    _require(
+    check_train(cfg.policy, "policy", rows)
+    require(
         rows % d.num_workers == 0,
         f"{rows} rows per distillation step cannot be split over distill.num_workers {d.num_workers} teachers",
     )
     if d.mode == "on_policy":
         rollout = cfg.rollout
-        _choice(rollout.backend, ROLLOUT_BACKENDS, "rollout.backend")
-        _require(rollout.n_samples_per_prompt >= 1, "rollout.n_samples_per_prompt must be >= 1")
-        _require(rollout.sampling.max_new_tokens >= 1, "rollout.sampling.max_new_tokens must be >= 1")
-        _require(rollout.sampling.temperature > 0, "rollout.sampling.temperature must be > 0 for on-policy samples")
+        require_choice(rollout.backend, ROLLOUT_BACKENDS, "rollout.backend")
+        require(rollout.n_samples_per_prompt >= 1, "rollout.n_samples_per_prompt must be >= 1")
+        require(rollout.sampling.max_new_tokens >= 1, "rollout.sampling.max_new_tokens must be >= 1")
+        require(rollout.sampling.temperature > 0, "rollout.sampling.temperature must be > 0 for on-policy samples")
 
 
 def run(cfg: RLHFConfig) -> dict[str, float]:

@@ -5,7 +5,16 @@ from __future__ import annotations
 from collections.abc import Collection
 from pathlib import Path
 
-from rlhf.config import DTYPES, ROLLOUT_BACKENDS, RLHFConfig, Stage, _check_reward, _choice, _require, register_stage
+from rlhf.config import (
+    DTYPES,
+    ROLLOUT_BACKENDS,
+    RLHFConfig,
+    Stage,
+    check_reward,
+    register_stage,
+    require,
+    require_choice,
+)
 from rlhf.stages.common import check_inputs
 from rlhf.stages.offline import validate_offline
 
@@ -25,56 +34,54 @@ def validate_online_dpo(cfg: RLHFConfig) -> None:
 
     validate_offline(cfg)
     objective = OBJECTIVES.get(cfg.offline.objective)
-    _require(
+    require(
         objective.example_kind == "pair" and objective.model_kind == "causal_lm",
         f"offline.objective={cfg.offline.objective} is not a preference loss of the policy; "
         f"stage=online_dpo trains on pairs of its samples: use dpo (or simpo, orpo)",
     )
     online, run, rollout, policy = cfg.online_dpo, cfg.run, cfg.rollout, cfg.policy
-    _choice(online.reference, REFERENCES, "online_dpo.reference")
-    _require(online.epochs >= 1, f"online_dpo.epochs must be >= 1 (got {online.epochs})")
-    _require(online.nll_weight >= 0, f"online_dpo.nll_weight must be >= 0 (got {online.nll_weight})")
-    _require(
+    require_choice(online.reference, REFERENCES, "online_dpo.reference")
+    require(online.epochs >= 1, f"online_dpo.epochs must be >= 1 (got {online.epochs})")
+    require(online.nll_weight >= 0, f"online_dpo.nll_weight must be >= 0 (got {online.nll_weight})")
+    require(
         cfg.offline.nll_weight == 0,
         f"stage=online_dpo reads its NLL weight from online_dpo.nll_weight; set offline.nll_weight=0 "
         f"(got {cfg.offline.nll_weight})",
     )
-    _require(
+    require(
         online.nll_weight == 0 or cfg.offline.objective == "dpo",
         f"online_dpo.nll_weight={online.nll_weight} adds an NLL term to the dpo objective only "
         f"(offline.objective={cfg.offline.objective}); set it to 0 or use offline.objective=dpo",
     )
-    _require(
+    require(
         online.reference == "initial" or not cfg.offline.reference_path,
         f"offline.reference_path={cfg.offline.reference_path} names a fixed reference, but online_dpo.reference="
         f"previous uses the policy of the round's start; unset offline.reference_path or use reference=initial",
     )
-    _require(run.total_steps >= 1, f"run.total_steps (rounds) must be >= 1 (got {run.total_steps})")
-    _require(
+    require(run.total_steps >= 1, f"run.total_steps (rounds) must be >= 1 (got {run.total_steps})")
+    require(
         run.rollout_batch_size >= policy.train_batch_size,
         f"a round pairs at most one best/worst sample per prompt: run.rollout_batch_size {run.rollout_batch_size} "
         f"prompts give at most {run.rollout_batch_size} pairs, fewer than policy.train_batch_size "
         f"{policy.train_batch_size} pairs per optimizer step; raise run.rollout_batch_size or lower the batch",
     )
-    _require(
+    require(
         rollout.n_samples_per_prompt >= 2,
         f"rollout.n_samples_per_prompt must be >= 2 to pair samples of a prompt (got {rollout.n_samples_per_prompt})",
     )
-    _choice(rollout.backend, ROLLOUT_BACKENDS, "rollout.backend")
-    _require(rollout.num_engines >= 1, f"rollout.num_engines must be >= 1 (got {rollout.num_engines})")
-    _require(rollout.sampling.max_new_tokens >= 1, "rollout.sampling.max_new_tokens must be >= 1")
-    _require(
-        0 < rollout.sampling.top_p <= 1, f"rollout.sampling.top_p must be in (0, 1] (got {rollout.sampling.top_p})"
-    )
-    _require(rollout.sampling.temperature > 0, "rollout.sampling.temperature must be > 0 to sample distinct responses")
-    _choice(cfg.model.dtype, DTYPES, "model.dtype")
-    _require(cfg.data.max_prompt_length >= 1, "data.max_prompt_length must be >= 1")
+    require_choice(rollout.backend, ROLLOUT_BACKENDS, "rollout.backend")
+    require(rollout.num_engines >= 1, f"rollout.num_engines must be >= 1 (got {rollout.num_engines})")
+    require(rollout.sampling.max_new_tokens >= 1, "rollout.sampling.max_new_tokens must be >= 1")
+    require(0 < rollout.sampling.top_p <= 1, f"rollout.sampling.top_p must be in (0, 1] (got {rollout.sampling.top_p})")
+    require(rollout.sampling.temperature > 0, "rollout.sampling.temperature must be > 0 to sample distinct responses")
+    require_choice(cfg.model.dtype, DTYPES, "model.dtype")
+    require(cfg.data.max_prompt_length >= 1, "data.max_prompt_length must be >= 1")
     method = peft_method(cfg.model)
-    _require(
+    require(
         method not in PROMPT_METHODS,
         f"model.peft.method={method} cannot be merged into the rollout engines' weights; use lora, ia3, loha or lokr",
     )
-    _check_reward(cfg.reward)
+    check_reward(cfg.reward)
 
 
 def run(cfg: RLHFConfig) -> dict[str, float]:

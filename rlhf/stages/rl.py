@@ -14,13 +14,13 @@ from rlhf.config import (
     ROLLOUT_BACKENDS,
     RLHFConfig,
     Stage,
-    _check_reward,
-    _check_shards,
-    _check_token_budgets,
-    _check_train,
-    _choice,
-    _require,
+    check_reward,
+    check_shards,
+    check_token_budgets,
+    check_train,
     register_stage,
+    require,
+    require_choice,
     uses_critic,
     uses_reference,
 )
@@ -39,11 +39,11 @@ def validate_rl(cfg: RLHFConfig) -> None:
     from rlhf.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 
     run, algo, rollout = cfg.run, cfg.algorithm, cfg.rollout
-    _require(run.total_steps >= 1, f"run.total_steps must be >= 1 (got {run.total_steps})")
-    _require(run.rollout_batch_size >= 1, f"run.rollout_batch_size must be >= 1 (got {run.rollout_batch_size})")
-    _require(run.keep_last >= 1, f"run.keep_last must be >= 1 (got {run.keep_last})")
-    _require(run.eval_every >= 0 and run.save_every >= 0, "run.eval_every and run.save_every must be >= 0")
-    _require(
+    require(run.total_steps >= 1, f"run.total_steps must be >= 1 (got {run.total_steps})")
+    require(run.rollout_batch_size >= 1, f"run.rollout_batch_size must be >= 1 (got {run.rollout_batch_size})")
+    require(run.keep_last >= 1, f"run.keep_last must be >= 1 (got {run.keep_last})")
+    require(run.eval_every >= 0 and run.save_every >= 0, "run.eval_every and run.save_every must be >= 0")
+    require(
         run.resume in ("auto", "none") or bool(run.resume),
         "run.resume must be auto, none, or a checkpoint directory",
     )
@@ -51,54 +51,52 @@ def validate_rl(cfg: RLHFConfig) -> None:
     POLICY_LOSSES.check(algo.policy_loss, "algorithm.policy_loss")
     LOSS_AGGREGATIONS.check(algo.loss_agg, "algorithm.loss_agg")
     KL_ESTIMATORS.check(algo.kl_estimator, "algorithm.kl_estimator")
-    _require(0 <= algo.clip_low < 1, f"algorithm.clip_low must be in [0, 1) (got {algo.clip_low})")
-    _require(algo.clip_high >= 0, f"algorithm.clip_high must be >= 0 (got {algo.clip_high})")
-    _require(algo.dual_clip is None or algo.dual_clip > 1, f"algorithm.dual_clip must be > 1 (got {algo.dual_clip})")
-    _require(algo.kl_coef >= 0, f"algorithm.kl_coef must be >= 0 (got {algo.kl_coef})")
-    _require(algo.ppo_epochs >= 1, f"algorithm.ppo_epochs must be >= 1 (got {algo.ppo_epochs})")
-    _require(0 < algo.gamma <= 1 and 0 <= algo.lam <= 1, "algorithm.gamma must be in (0, 1] and lam in [0, 1]")
+    require(0 <= algo.clip_low < 1, f"algorithm.clip_low must be in [0, 1) (got {algo.clip_low})")
+    require(algo.clip_high >= 0, f"algorithm.clip_high must be >= 0 (got {algo.clip_high})")
+    require(algo.dual_clip is None or algo.dual_clip > 1, f"algorithm.dual_clip must be > 1 (got {algo.dual_clip})")
+    require(algo.kl_coef >= 0, f"algorithm.kl_coef must be >= 0 (got {algo.kl_coef})")
+    require(algo.ppo_epochs >= 1, f"algorithm.ppo_epochs must be >= 1 (got {algo.ppo_epochs})")
+    require(0 < algo.gamma <= 1 and 0 <= algo.lam <= 1, "algorithm.gamma must be in (0, 1] and lam in [0, 1]")
     group_based = algo.advantage in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
-    _require(
+    require(
         not group_based or rollout.n_samples_per_prompt >= 2,
         f"algorithm.advantage={algo.advantage} compares samples of one prompt: "
         f"set rollout.n_samples_per_prompt >= 2 (got {rollout.n_samples_per_prompt})",
     )
-    _require(
+    require(
         algo.max_sampling_rounds >= 1, f"algorithm.max_sampling_rounds must be >= 1 (got {algo.max_sampling_rounds})"
     )
-    _require(
+    require(
         not algo.dynamic_sampling or rollout.n_samples_per_prompt >= 2,
         "algorithm.dynamic_sampling keeps groups whose samples score differently: "
         f"set rollout.n_samples_per_prompt >= 2 (got {rollout.n_samples_per_prompt})",
     )
-    _choice(rollout.backend, ROLLOUT_BACKENDS, "rollout.backend")
-    _require(rollout.num_engines >= 1, f"rollout.num_engines must be >= 1 (got {rollout.num_engines})")
-    _require(rollout.max_restarts >= 0, f"rollout.max_restarts must be >= 0 (got {rollout.max_restarts})")
-    _require(rollout.n_samples_per_prompt >= 1, "rollout.n_samples_per_prompt must be >= 1")
-    _require(rollout.sampling.max_new_tokens >= 1, "rollout.sampling.max_new_tokens must be >= 1")
-    _require(
-        0 < rollout.sampling.top_p <= 1, f"rollout.sampling.top_p must be in (0, 1] (got {rollout.sampling.top_p})"
-    )
-    _require(rollout.sampling.temperature > 0, "rollout.sampling.temperature must be > 0 for training rollouts")
-    _choice(cfg.model.dtype, DTYPES, "model.dtype")
-    _require(cfg.model.lora.rank >= 0, f"model.lora.rank must be >= 0 (got {cfg.model.lora.rank})")
+    require_choice(rollout.backend, ROLLOUT_BACKENDS, "rollout.backend")
+    require(rollout.num_engines >= 1, f"rollout.num_engines must be >= 1 (got {rollout.num_engines})")
+    require(rollout.max_restarts >= 0, f"rollout.max_restarts must be >= 0 (got {rollout.max_restarts})")
+    require(rollout.n_samples_per_prompt >= 1, "rollout.n_samples_per_prompt must be >= 1")
+    require(rollout.sampling.max_new_tokens >= 1, "rollout.sampling.max_new_tokens must be >= 1")
+    require(0 < rollout.sampling.top_p <= 1, f"rollout.sampling.top_p must be in (0, 1] (got {rollout.sampling.top_p})")
+    require(rollout.sampling.temperature > 0, "rollout.sampling.temperature must be > 0 for training rollouts")
+    require_choice(cfg.model.dtype, DTYPES, "model.dtype")
+    require(cfg.model.lora.rank >= 0, f"model.lora.rank must be >= 0 (got {cfg.model.lora.rank})")
     sequences = run.rollout_batch_size * rollout.n_samples_per_prompt
     arithmetic = (
         f"run.rollout_batch_size {run.rollout_batch_size} × rollout.n_samples_per_prompt {rollout.n_samples_per_prompt}"
     )
-    _check_train(cfg.policy, "policy", sequences, arithmetic)
+    check_train(cfg.policy, "policy", sequences, arithmetic)
     if uses_critic(cfg):
         from rlhf.models.peft_utils import check_scalar_head_peft
 
-        _check_train(cfg.critic, "critic", sequences, arithmetic)
+        check_train(cfg.critic, "critic", sequences, arithmetic)
         check_scalar_head_peft(cfg.model, f"critic (algorithm.advantage={algo.advantage})")
-    _require(cfg.data.max_prompt_length >= 1, "data.max_prompt_length must be >= 1")
+    require(cfg.data.max_prompt_length >= 1, "data.max_prompt_length must be >= 1")
     if uses_reference(cfg):
-        _check_shards(sequences, arithmetic, cfg.reference.num_workers, "reference.num_workers")
+        check_shards(sequences, arithmetic, cfg.reference.num_workers, "reference.num_workers")
     if cfg.reward.model_path:
-        _check_shards(sequences, arithmetic, cfg.reward.num_workers, "reward.num_workers")
-    _check_reward(cfg.reward)
-    _check_token_budgets(cfg)
+        check_shards(sequences, arithmetic, cfg.reward.num_workers, "reward.num_workers")
+    check_reward(cfg.reward)
+    check_token_budgets(cfg)
 
 
 def run(cfg: RLHFConfig) -> dict[str, float]:

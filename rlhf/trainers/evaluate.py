@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rlhf.algorithms.pass_at_k import mean_pass_at_k
-from rlhf.config import RLHFConfig, _require, validate
+from rlhf.config import RLHFConfig, require, validate
 from rlhf.trainers.generate import (
     SAMPLE_COLUMNS,
     PromptSet,
@@ -54,25 +54,25 @@ RESULTS = "eval_results"
 
 def validate_eval(cfg: RLHFConfig) -> None:
     e = cfg.eval
-    _require(e.n_samples >= 1, f"eval.n_samples must be >= 1 (got {e.n_samples})")
-    _require(e.max_prompts >= 0, f"eval.max_prompts must be >= 0, 0 meaning all (got {e.max_prompts})")
-    _require(bool(e.k) and all(k >= 1 for k in e.k), f"eval.k must be a non-empty list of k >= 1 (got {e.k})")
-    _require(
+    require(e.n_samples >= 1, f"eval.n_samples must be >= 1 (got {e.n_samples})")
+    require(e.max_prompts >= 0, f"eval.max_prompts must be >= 0, 0 meaning all (got {e.max_prompts})")
+    require(bool(e.k) and all(k >= 1 for k in e.k), f"eval.k must be a non-empty list of k >= 1 (got {e.k})")
+    require(
         bool(e.samples) or max(e.k) <= e.n_samples,
         f"eval.k={e.k} asks for pass@{max(e.k)} from eval.n_samples={e.n_samples} samples; raise n_samples or drop k",
     )
-    _require(
+    require(
         bool(e.samples or e.data or cfg.data.eval), "nothing to evaluate: set eval.data (or data.eval) or eval.samples"
     )
-    _require(
+    require(
         not e.samples or bool(cfg.reward.fn),
         "eval.samples re-scores responses with the rule reward: set reward.fn (e.g. tiny_world, math)",
     )
-    _require(
+    require(
         not e.reference_model or bool(cfg.reward.judge.model_path),
         "eval.reference_model needs a judge for the win rate: set reward.judge.model_path",
     )
-    _require(not (e.samples and e.reference_model), "eval.reference_model needs generation; unset eval.samples")
+    require(not (e.samples and e.reference_model), "eval.reference_model needs generation; unset eval.samples")
 
 
 def run_eval(cfg: RLHFConfig) -> dict[str, float]:
@@ -193,13 +193,13 @@ def check_final_eval(cfg: RLHFConfig) -> None:
     from rlhf.models.peft_utils import PROMPT_METHODS
     from rlhf.trainers.generate import validate_generation
 
-    _require(
+    require(
         cfg.model.peft.method not in PROMPT_METHODS,
         f"run.final_eval: model.peft.method={cfg.model.peft.method} keeps its result in final/adapter, which the "
         "rollout engines cannot load; set run.final_eval=false and evaluate with the adapter yourself",
     )
-    _require(not cfg.eval.samples, "run.final_eval generates with the trained model; unset eval.samples")
-    _require(bool(cfg.eval.data or cfg.data.eval), "run.final_eval needs prompts: set eval.data (or data.eval)")
+    require(not cfg.eval.samples, "run.final_eval generates with the trained model; unset eval.samples")
+    require(bool(cfg.eval.data or cfg.data.eval), "run.final_eval needs prompts: set eval.data (or data.eval)")
     validate_generation(dataclasses.replace(cfg, stage="eval"))
     answer_key = cfg.data.answer_key if cfg.reward.fn or cfg.reward.components else None
     load_prompt_dataset(cfg.eval.data or cfg.data.eval, prompt_key=cfg.data.prompt_key, answer_key=answer_key)

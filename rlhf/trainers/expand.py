@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf.config import RLHFConfig, _require
+from rlhf.config import RLHFConfig, require
 from rlhf.data.expansion import (
     ACCEPTED,
     REJECT_REASONS,
@@ -64,24 +64,24 @@ def validate_expand(cfg: RLHFConfig) -> None:
     e = cfg.generate.expand
     if not e.enabled:
         return
-    _require(e.num_new >= 1, f"generate.expand.num_new must be >= 1 (got {e.num_new})")
-    _require(e.shots >= 1, f"generate.expand.shots must be >= 1 (got {e.shots})")
-    _require(
+    require(e.num_new >= 1, f"generate.expand.num_new must be >= 1 (got {e.num_new})")
+    require(e.shots >= 1, f"generate.expand.shots must be >= 1 (got {e.shots})")
+    require(
         0 < e.similarity_threshold <= 1,
         f"generate.expand.similarity_threshold is a ROUGE-L F1 in (0, 1] (got {e.similarity_threshold}; "
         "Self-Instruct uses 0.7, 1.0 drops exact duplicates only)",
     )
-    _require(
+    require(
         e.max_attempts >= e.num_new,
         f"generate.expand.max_attempts {e.max_attempts} < num_new {e.num_new}: every kept instruction takes "
         "at least one attempt; raise max_attempts",
     )
     s = e.sampling
-    _require(s.max_new_tokens >= 1, "generate.expand.sampling.max_new_tokens must be >= 1")
-    _require(0 < s.top_p <= 1, f"generate.expand.sampling.top_p must be in (0, 1] (got {s.top_p})")
-    _require(s.temperature >= 0, "generate.expand.sampling.temperature must be >= 0 (0: greedy)")
+    require(s.max_new_tokens >= 1, "generate.expand.sampling.max_new_tokens must be >= 1")
+    require(0 < s.top_p <= 1, f"generate.expand.sampling.top_p must be in (0, 1] (got {s.top_p})")
+    require(s.temperature >= 0, "generate.expand.sampling.temperature must be >= 0 (0: greedy)")
     check_template(e.template)
-    _require(
+    require(
         not (e.then_generate and (cfg.reward.fn or cfg.reward.components)),
         "generate.expand.then_generate=true samples the expanded prompts too, which have no reference answer "
         "for reward.fn / reward.components: use a reward model or judge, no reward, or then_generate=false",

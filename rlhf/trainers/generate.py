@@ -48,9 +48,9 @@ from rlhf.config import (
     ROLLOUT_BACKENDS,
     RLHFConfig,
     SamplingConfig,
-    _check_reward,
-    _choice,
-    _require,
+    check_reward,
+    require,
+    require_choice,
     validate,
 )
 from rlhf.errors import ConfigError
@@ -91,17 +91,17 @@ def validate_generation(cfg: RLHFConfig) -> None:
     _check_sampling(cfg)
     if cfg.stage == "generate":
         g = cfg.generate
-        _choice(g.format, FORMATS, "generate.format")
-        _choice(g.keep, KEEP_MODES, "generate.keep")
-        _require(g.shard_size >= 1, f"generate.shard_size must be >= 1 (got {g.shard_size})")
-        _require(g.max_prompts >= 0, f"generate.max_prompts must be >= 0, 0 meaning all (got {g.max_prompts})")
-        _require(g.max_shards_per_run >= 0, f"generate.max_shards_per_run must be >= 0 (got {g.max_shards_per_run})")
-        _require(
+        require_choice(g.format, FORMATS, "generate.format")
+        require_choice(g.keep, KEEP_MODES, "generate.keep")
+        require(g.shard_size >= 1, f"generate.shard_size must be >= 1 (got {g.shard_size})")
+        require(g.max_prompts >= 0, f"generate.max_prompts must be >= 0, 0 meaning all (got {g.max_prompts})")
+        require(g.max_shards_per_run >= 0, f"generate.max_shards_per_run must be >= 0 (got {g.max_shards_per_run})")
+        require(
             (g.keep == "all" and not g.pairs) or has_reward(cfg),
             f"generate.keep={g.keep} / generate.pairs={g.pairs} rank samples by their reward: configure one "
             "(reward.fn, reward.model_path, ...) or use generate.keep=all generate.pairs=false",
         )
-        _require(
+        require(
             not g.pairs or cfg.rollout.n_samples_per_prompt >= 2,
             "generate.pairs=true pairs the best and worst sample of a prompt: set rollout.n_samples_per_prompt >= 2",
         )
@@ -113,20 +113,20 @@ def validate_generation(cfg: RLHFConfig) -> None:
 
         validate_eval(cfg)
     if has_reward(cfg):
-        _check_reward(cfg.reward)
+        check_reward(cfg.reward)
 
 
 def _check_sampling(cfg: RLHFConfig) -> None:
     rollout = cfg.rollout
-    _choice(rollout.backend, ROLLOUT_BACKENDS, "rollout.backend")
-    _require(rollout.num_engines >= 1, f"rollout.num_engines must be >= 1 (got {rollout.num_engines})")
-    _require(rollout.n_samples_per_prompt >= 1, "rollout.n_samples_per_prompt must be >= 1")
+    require_choice(rollout.backend, ROLLOUT_BACKENDS, "rollout.backend")
+    require(rollout.num_engines >= 1, f"rollout.num_engines must be >= 1 (got {rollout.num_engines})")
+    require(rollout.n_samples_per_prompt >= 1, "rollout.n_samples_per_prompt must be >= 1")
     for name, sampling in (("sampling", rollout.sampling), ("eval_sampling", rollout.eval_sampling)):
-        _require(sampling.max_new_tokens >= 1, f"rollout.{name}.max_new_tokens must be >= 1")
-        _require(0 < sampling.top_p <= 1, f"rollout.{name}.top_p must be in (0, 1] (got {sampling.top_p})")
-        _require(sampling.temperature >= 0, f"rollout.{name}.temperature must be >= 0 (0: greedy)")
-    _require(cfg.data.max_prompt_length >= 1, "data.max_prompt_length must be >= 1")
-    _choice(cfg.model.dtype, DTYPES, "model.dtype")
+        require(sampling.max_new_tokens >= 1, f"rollout.{name}.max_new_tokens must be >= 1")
+        require(0 < sampling.top_p <= 1, f"rollout.{name}.top_p must be in (0, 1] (got {sampling.top_p})")
+        require(sampling.temperature >= 0, f"rollout.{name}.temperature must be >= 0 (0: greedy)")
+    require(cfg.data.max_prompt_length >= 1, "data.max_prompt_length must be >= 1")
+    require_choice(cfg.model.dtype, DTYPES, "model.dtype")
 
 
 def sampling_seed(run_seed: int) -> int:

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from rlhf.cli import CONF_DIR, check_group_overrides, to_config
-from rlhf.config import RLHFConfig, _bound, check_fields, names_where, validate
+from rlhf.config import RLHFConfig, check_fields, field_bound, names_where, validate
 from rlhf.errors import ConfigError
 
 STAGES = names_where(lambda stage: stage.family != "utility")
@@ -153,7 +153,7 @@ def test_every_numeric_field_rejects_nan_inf_and_out_of_range(hydra_conf, stage)
     raw = compose("config", overrides=[f"stage={stage}"])
     checked = 0
     for path, hint in NUMERIC:
-        bad = ["-1000001"] if _bound(path) != "any" else []
+        bad = ["-1000001"] if field_bound(path) != "any" else []
         if float in (hint, *typing.get_args(hint)):
             bad += ["nan", "inf"]
         original = OmegaConf.select(raw, path)
