@@ -68,6 +68,12 @@ def ray_session(cluster: ClusterConfig, *, deterministic: bool = False) -> Itera
             yield
 
 
+LOCAL_SYSTEM_CONFIG = {"_system_config": {"prestart_worker_first_driver": False}}
+"""A cluster this run starts itself: no pool of idle task workers when the driver connects. Ray prestarts one
+per CPU (each a Python process importing Ray), for tasks; a run starts actors, each in a process of its own,
+so on a laptop or CI machine those workers only take CPU from the actors' start-up."""
+
+
 @contextmanager
 def _ray_session(cluster: ClusterConfig) -> Iterator[None]:
     import ray
@@ -81,7 +87,7 @@ def _ray_session(cluster: ClusterConfig) -> Iterator[None]:
         address = cluster.address or os.environ.get("RAY_ADDRESS")
         if not address:
             check_local_devices(cluster)
-        kwargs = {} if address else {"num_cpus": cluster.num_cpus, "num_gpus": cluster.num_gpus}
+        kwargs = {} if address else {"num_cpus": cluster.num_cpus, "num_gpus": cluster.num_gpus, **LOCAL_SYSTEM_CONFIG}
         ray.init(address=address, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True, **kwargs)
         logger.info("ray cluster resources: %s", ray.cluster_resources())
     try:
