@@ -150,10 +150,10 @@ def ray_nodes(head_cpus: int, worker_cpus: Sequence[int] = ()) -> Iterator[RayHe
     try:
         started = subprocess.run(head, env=env, capture_output=True, text=True, timeout=120)
         assert started.returncode == 0, f"ray start failed\n{started.stdout}\n{started.stderr}"
-        # one at a time: Ray gives a starting raylet 30 s to register, which several at once can miss on a busy machine
-        for cmd in workers:
-            joined = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-            assert joined.returncode == 0, f"ray start (worker) failed\n{joined.stdout}\n{joined.stderr}"
+        joining = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for cmd in workers]
+        for proc in joining:  # the workers join together
+            out, _ = proc.communicate(timeout=120)
+            assert proc.returncode == 0, f"ray start (worker) failed\n{out.decode(errors='replace')}"
         yield RayHead(address=f"http://127.0.0.1:{dashboard}", gcs_address=f"127.0.0.1:{gcs}", env=env)
     finally:
         stop_ray(temp_dirs, gcs)
