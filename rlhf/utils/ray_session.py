@@ -69,9 +69,9 @@ def ray_session(cluster: ClusterConfig, *, deterministic: bool = False) -> Itera
 
 
 LOCAL_SYSTEM_CONFIG = {"_system_config": {"prestart_worker_first_driver": False}}
-"""A cluster this run starts itself: no pool of idle task workers when the driver connects. Ray prestarts one
-per CPU (each a Python process importing Ray), for tasks; a run starts actors, each in a process of its own,
-so on a laptop or CI machine those workers only take CPU from the actors' start-up."""
+"""A cluster this run starts itself: no pool of idle task workers when the driver connects. Ray prestarts some
+for tasks (two on a 2-core machine, measured with num_cpus=8), each a Python process importing Ray; a run starts
+actors, each in a process of its own, so on a laptop or CI machine those workers only take CPU from their start-up."""
 
 
 @contextmanager
