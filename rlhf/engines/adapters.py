@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from rlhf.models.peft_utils import find_peft_model
+from rlhf.utils.distributed import import_deepspeed
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ def save_adapter(module: nn.Module, directory: str | Path, *, rank: int) -> Opti
 
     Collective under ZeRO-3: every rank must call it (the trainable parameters are gathered).
     """
+    import_deepspeed()
     from deepspeed.runtime.zero import GatheredParameters
 
     peft_model = find_peft_model(module)

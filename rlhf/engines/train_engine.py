@@ -47,6 +47,7 @@ from rlhf.config import OptimConfig, TrainConfig
 from rlhf.engines.zero3 import zero3_gather_limits
 from rlhf.errors import CheckpointError, ConfigError
 from rlhf.models.peft_utils import is_peft_layer, merged_layer_tensors, plain_module, plain_tensor
+from rlhf.utils.distributed import import_deepspeed
 from rlhf.utils.seeding import get_rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
@@ -140,6 +141,7 @@ def gated_cpu_adam() -> type[torch.optim.Optimizer]:
     JIT-builds into TORCH_EXTENSIONS_DIR (rlhf.utils.distributed.torch_extensions_dir) on first use,
     ~40 s, then loads in under a second.
     """
+    import_deepspeed()
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
     class GatedCPUAdam(_SkipGate, DeepSpeedCPUAdam):
@@ -222,7 +224,7 @@ class TrainEngine:
         device: str,
         num_training_steps: Optional[int] = None,
     ):
-        import deepspeed
+        deepspeed = import_deepspeed()
 
         self.train_cfg = train_cfg
         self.dp = dp
@@ -446,7 +448,7 @@ class NonFiniteCounter:
 
 def init_distributed(backend: str, timeout_s: float) -> None:
     """Join the default process group from the env:// variables (gloo on CPU, NCCL on GPU)."""
-    import deepspeed
+    deepspeed = import_deepspeed()
     import torch.distributed as dist
 
     if not dist.is_initialized():
@@ -526,6 +528,7 @@ def iter_full_parameters(
       - collective under ZeRO-3: every rank must exhaust the iterator (only rank 0 yields), also
         after rank 0's consumer failed, or the other ranks block in the next gather.
     """
+    import_deepspeed()
     from deepspeed.runtime.zero import GatheredParameters
 
     for bucket in _bucketed(_export_units(module), bucket_bytes):

@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from rlhf.models.zero3 import full_numel
+from rlhf.utils.distributed import import_deepspeed
 
 GATHER_WINDOW_FRACTION = 16
 """At most about 1/GATHER_WINDOW_FRACTION of a model's elements stay gathered on a rank (`zero3_gather_limits`)."""
@@ -74,7 +75,7 @@ def start_inference_engine(model: nn.Module, ds_config: dict[str, Any]) -> Any:
     `engine.module` (collective). Needs torch.distributed started on the group's ranks; keep the
     engine alive while the model is used.
     """
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     zero = {**ds_config["zero_optimization"], **zero3_gather_limits(model)}
     engine, *_ = deepspeed.initialize(

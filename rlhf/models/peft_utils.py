@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from rlhf.config import LoraConfig, ModelConfig
 from rlhf.errors import ConfigError
+from rlhf.utils.distributed import import_deepspeed
 
 if TYPE_CHECKING:
     from rlhf.config import RLHFConfig
@@ -269,7 +270,7 @@ def _full_linear_weights_if_partitioned(model: nn.Module, method: str) -> Iterat
     if not partitioned:
         yield
         return
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
         yield

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from rlhf.errors import ConfigError
+from rlhf.utils.distributed import import_deepspeed
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +121,7 @@ def stream_checkpoint(
     ConfigError, on every rank before any gather, for a parameter that is neither in the
     checkpoint nor `fresh`, or whose shape differs.
     """
+    import_deepspeed()
     from deepspeed.runtime.zero import GatheredParameters
 
     path = Path(path)

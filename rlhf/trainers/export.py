@@ -24,6 +24,7 @@ from torch import nn
 
 from rlhf.config import ModelConfig, RLHFConfig
 from rlhf.errors import CheckpointError, ConfigError
+from rlhf.utils.distributed import import_deepspeed
 
 logger = logging.getLogger(__name__)
 
@@ -216,6 +217,7 @@ def deepspeed_state_dict(policy_dir: Path) -> dict[str, torch.Tensor]:
     """The saved parameters of a TrainEngine checkpoint (fp32 master weights under ZeRO 1-3)."""
     tag_dir = policy_dir / DEEPSPEED_TAG
     if any(tag_dir.glob("*optim_states.pt")) and any(tag_dir.glob("zero_pp_rank_*")):
+        import_deepspeed()
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return dict(get_fp32_state_dict_from_zero_checkpoint(str(policy_dir), tag=DEEPSPEED_TAG))
