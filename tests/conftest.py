@@ -134,6 +134,12 @@ class CliRun:
     stdout: str
     stderr: str
 
+    @property
+    def used_ray(self) -> bool:
+        """Whether the run started a Ray cluster or joined one (ray.init logs either line)."""
+        text = self.stdout + self.stderr
+        return "Started a local Ray instance" in text or "Connected to Ray cluster" in text
+
     def assert_ok(self) -> CliRun:
         assert self.returncode == 0, (
             f"exit {self.returncode}\n--- stdout\n{self.stdout[-4000:]}\n--- stderr\n{self.stderr[-8000:]}"
@@ -142,18 +148,32 @@ class CliRun:
 
 
 @pytest.fixture(scope="session")
-def rlhf_cli():
-    """`rlhf_cli(cwd, *overrides, defaults=(), timeout=420) -> CliRun`: the `rlhf` console script of this
-    environment as a user runs it (its own process, Ray and all), `defaults` before `overrides`, output captured.
+def rlhf_cli(ray_cluster):
+    """`rlhf_cli(cwd, *overrides, defaults=(), timeout=420, own_cluster=False) -> CliRun`: the `rlhf` console
+    script of this environment as a user runs it (its own process), `defaults` before `overrides`, output captured.
+
+    The run joins the session's Ray cluster through RAY_ADDRESS, as a run does on a cluster someone started
+    (`ray start --head`): starting and stopping a local Ray costs ~5 s a run, measured on 2 cores. Its actors
+    belong to its own Ray job and die with it. `own_cluster=True`: the run starts its own, as on a laptop.
     The repo is on PYTHONPATH so that overrides can name functions of tests/fixtures by import path."""
     script = str(Path(sys.executable).with_name("rlhf"))
     repo = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
+    session_address = ray_cluster.get_runtime_context().gcs_address
 
-    def run(cwd: Path, *overrides: str, defaults: tuple[str, ...] | list[str] = (), timeout: int = 420) -> CliRun:
+    def run(
+        cwd: Path,
+        *overrides: str,
+        defaults: tuple[str, ...] | list[str] = (),
+        timeout: int = 420,
+        own_cluster: bool = False,
+    ) -> CliRun:
+        run_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+        if not own_cluster:
+            run_env["RAY_ADDRESS"] = session_address
         proc = subprocess.run(
-            [script, *defaults, *overrides], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+            [script, *defaults, *overrides], cwd=cwd, env=run_env, capture_output=True, text=True, timeout=timeout
         )
         return CliRun(proc.returncode, proc.stdout, proc.stderr)
 

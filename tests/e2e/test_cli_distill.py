@@ -77,5 +77,5 @@ def test_vocabulary_mismatch_fails_before_ray(run_cli, tmp_path):
     text = proc.stdout + proc.stderr
     assert proc.returncode == 2, text[-3000:]
     assert "ConfigError: vocabulary sizes differ" in text and "teacher" in text
-    assert "Started a local Ray instance" not in text
+    assert not proc.used_ray
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()

@@ -53,5 +53,5 @@ def test_config_error_fails_before_ray(run_cli, tmp_path):
     text = proc.stdout + proc.stderr
     assert proc.returncode == 2, text[-3000:]
     assert "ConfigError: a round pairs at most one best/worst sample per prompt" in text
-    assert "Started a local Ray instance" not in text
+    assert not proc.used_ray
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
