@@ -177,8 +177,10 @@ def test_failing_actor_stops_run_with_its_traceback(run_cli, tmp_path):
         f"reward.model_path={broken}",
         f"run.output_dir={tmp_path / 'out'}",
         timeout=300,
+        own_cluster=True,  # as on a laptop: the run starts its own Ray, and stops it after the failure
     )
     text = proc.stdout + proc.stderr
     assert proc.returncode == 2, text[-3000:]
+    assert "Started a local Ray instance" in text
     assert "WorkerError: reward rank 0: init_model raised" in text
     assert "traceback from reward rank 0" in text
