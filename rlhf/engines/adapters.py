@@ -36,8 +36,7 @@ def save_adapter(module: nn.Module, directory: str | Path, *, rank: int) -> Opti
 
     Collective under ZeRO-3: every rank must call it (the trainable parameters are gathered).
     """
-    import_deepspeed()
-    from deepspeed.runtime.zero import GatheredParameters
+    GatheredParameters = import_deepspeed().zero.GatheredParameters
 
     peft_model = find_peft_model(module)
     if peft_model is None:

@@ -141,8 +141,7 @@ def gated_cpu_adam() -> type[torch.optim.Optimizer]:
     JIT-builds into TORCH_EXTENSIONS_DIR (rlhf.utils.distributed.torch_extensions_dir) on first use,
     ~40 s, then loads in under a second.
     """
-    import_deepspeed()
-    from deepspeed.ops.adam import DeepSpeedCPUAdam
+    DeepSpeedCPUAdam = import_deepspeed("ops.adam").DeepSpeedCPUAdam
 
     class GatedCPUAdam(_SkipGate, DeepSpeedCPUAdam):
         """DeepSpeed's vectorised CPU AdamW (`adamw_mode=True`: decoupled weight decay, as torch's AdamW)."""
@@ -528,8 +527,7 @@ def iter_full_parameters(
       - collective under ZeRO-3: every rank must exhaust the iterator (only rank 0 yields), also
         after rank 0's consumer failed, or the other ranks block in the next gather.
     """
-    import_deepspeed()
-    from deepspeed.runtime.zero import GatheredParameters
+    GatheredParameters = import_deepspeed().zero.GatheredParameters
 
     for bucket in _bucketed(_export_units(module), bucket_bytes):
         params = [t for unit in bucket for t in unit.tensors if isinstance(t, nn.Parameter)]

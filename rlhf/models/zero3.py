@@ -121,8 +121,7 @@ def stream_checkpoint(
     ConfigError, on every rank before any gather, for a parameter that is neither in the
     checkpoint nor `fresh`, or whose shape differs.
     """
-    import_deepspeed()
-    from deepspeed.runtime.zero import GatheredParameters
+    GatheredParameters = import_deepspeed().zero.GatheredParameters
 
     path = Path(path)
     shapes, files = _safetensors_index(path)

@@ -217,10 +217,8 @@ def deepspeed_state_dict(policy_dir: Path) -> dict[str, torch.Tensor]:
     """The saved parameters of a TrainEngine checkpoint (fp32 master weights under ZeRO 1-3)."""
     tag_dir = policy_dir / DEEPSPEED_TAG
     if any(tag_dir.glob("*optim_states.pt")) and any(tag_dir.glob("zero_pp_rank_*")):
-        import_deepspeed()
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(policy_dir), tag=DEEPSPEED_TAG))
+        zero_to_fp32 = import_deepspeed("utils.zero_to_fp32")
+        return dict(zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(policy_dir), tag=DEEPSPEED_TAG))
     model_states = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
     if not model_states:
         raise CheckpointError(f"{tag_dir} holds no DeepSpeed model states (mp_rank_00_model_states.pt)")

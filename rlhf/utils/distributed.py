@@ -8,6 +8,7 @@ is imported in the actor's process (thread counts, DeepSpeed's accelerator and J
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import random
 import socket
@@ -37,24 +38,24 @@ def torch_extensions_dir() -> str:
     return str(cache / "torch_extensions" / env_key)
 
 
-def import_deepspeed():  # -> the deepspeed module (not annotated: importing it here would defeat the point)
-    """`import deepspeed`, without the optional mlflow import of its autotuner (which we never run).
+def import_deepspeed(submodule: str = ""):  # -> a module (not annotated: importing deepspeed here defeats the point)
+    """`import deepspeed` (or `deepspeed.<submodule>`), without the optional mlflow import of its autotuner,
+    which we never run. The library's only way to import deepspeed (tests/unit/test_layering.py checks it).
 
     With mlflow installed (the `tracking` extra) that import is 1.1 s of deepspeed's 1.4 s (measured on 2 cores),
     paid by every actor process that trains or shards a model. mlflow stays importable afterwards; a process
-    that imported it already keeps it. Call this before any `from deepspeed... import` in a fresh process.
+    that imported it already keeps it.
     """
-    if "deepspeed" in sys.modules:
-        return sys.modules["deepspeed"]
-    hide = "mlflow" not in sys.modules
-    if hide:
-        sys.modules["mlflow"] = None  # type: ignore[assignment]  # makes `import mlflow` raise ImportError
-    try:
-        import deepspeed
-    finally:
-        if hide and sys.modules.get("mlflow", False) is None:
-            del sys.modules["mlflow"]
-    return deepspeed
+    if "deepspeed" not in sys.modules:
+        hide = "mlflow" not in sys.modules
+        if hide:
+            sys.modules["mlflow"] = None  # type: ignore[assignment]  # makes `import mlflow` raise ImportError
+        try:
+            import deepspeed  # noqa: F401
+        finally:
+            if hide and sys.modules.get("mlflow", False) is None:
+                del sys.modules["mlflow"]
+    return importlib.import_module(f"deepspeed.{submodule}" if submodule else "deepspeed")
 
 
 def clear_stale_build_locks(root: str | Path, max_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]:

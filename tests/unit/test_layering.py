@@ -57,8 +57,9 @@ def rlhf_imports(path: Path) -> list[tuple[int, str]]:
     return imports_of(path.read_text(), module if path.name == "__init__.py" else module.rpartition(".")[0])
 
 
-def imports_of(source: str, package: str) -> list[tuple[int, str]]:
-    """(line, absolute module) of every rlhf import in `source`, a module of `package` (for relative imports)."""
+def imports_of(source: str, package: str, top: str = "rlhf") -> list[tuple[int, str]]:
+    """(line, absolute module) of every import of `top` or its modules in `source`, a module of `package` (for
+    relative imports)."""
     found = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
@@ -70,7 +71,7 @@ def imports_of(source: str, package: str) -> list[tuple[int, str]]:
             else:
                 target = node.module or ""
             found.append((node.lineno, target))
-    return [(line, target) for line, target in found if target == "rlhf" or target.startswith("rlhf.")]
+    return [(line, target) for line, target in found if target == top or target.startswith(top + ".")]
 
 
 def all_modules() -> list[Path]:
@@ -124,6 +125,17 @@ def test_the_schema_imports_nothing_above_it():
             assert unit(target)[0] == 0, f"{path.relative_to(ROOT.parent)}:{line} imports {target}"
 
 
+def test_deepspeed_is_imported_only_through_import_deepspeed():
+    """rlhf.utils.distributed.import_deepspeed leaves out its autotuner's mlflow import (1.1 s per actor process);
+    an `import deepspeed...` anywhere else would bring it back in the first process to reach that line."""
+    for path in all_modules():
+        if path != ROOT / "utils" / "distributed.py":
+            found = imports_of(path.read_text(), "rlhf", top="deepspeed")
+            assert not found, (
+                f"{path.relative_to(ROOT.parent)}: use rlhf.utils.distributed.import_deepspeed, not {found}"
+            )
+
+
 def test_the_checker_sees_imports_inside_functions_and_under_type_checking():
     source = (
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from rlhf.trainers.rl import RLTrainer\n"
@@ -131,4 +143,7 @@ def test_the_checker_sees_imports_inside_functions_and_under_type_checking():
     )
     found = [target for _, target in imports_of(source, "rlhf.models")]
     assert found == ["rlhf.trainers.rl", "rlhf.cli", "rlhf.models"]
+    assert imports_of("def f():\n    from deepspeed.ops import adam\n", "rlhf", top="deepspeed") == [
+        (2, "deepspeed.ops")
+    ]
     assert [unit(t)[1] for t in found] == ["rlhf.trainers", "rlhf.cli", "rlhf.models"]
