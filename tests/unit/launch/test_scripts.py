@@ -46,7 +46,8 @@ def stubs(tmp_path):
     bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
     bin_dir.mkdir()
     log.touch()
-    record = 'printf "%s" "$(basename "$0")" >> "$STUB_LOG"; for a in "$@"; do printf " %q" "$a" >> "$STUB_LOG"; done; echo >> "$STUB_LOG"\n'
+    # one write per call: stubs started in the background (`ray start --block &`) append at the same time
+    record = 'line="$(basename "$0")"; for a in "$@"; do line+=" $(printf "%q" "$a")"; done; printf "%s\\n" "$line" >> "$STUB_LOG"\n'
     bodies = {
         "ray": 'if [ "$1" = status ]; then printf " 1 node_aaa\\n 1 node_bbb\\n"; fi\n',
         "rlhf": "",
