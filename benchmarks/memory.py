@@ -281,12 +281,14 @@ engine); *step peak* VmHWM over the update / logprob call alone (reset before it
 {ratio_table(payload["ratios"])}
 
 Target ZeRO-3 peak ≤ {TARGET_RATIO}× ZeRO-2's per rank (policy without offload; reference group vs one actor): **{verdict}**.
-Why the ratio stays above 0.6 on 2 ranks: ZeRO-2 already partitions gradients and AdamW state, so ZeRO-3 removes
-only the other half of the weights, and its optimizer steps in sub-groups of 1/16 of the model
-(`rlhf.engines.zero3`) where ZeRO-2 makes flat-gradient and AdamW temporaries of its whole partition. A frozen model
-on 2 ranks at best halves the model's part, and the libraries (baseline) count on both sides: at best about
-(0.5 + 0.55) / (0.5 + 1.1) GiB ≈ 0.66. The whole-model reference's start-up peak is low because its weights stay
-memory-mapped from the safetensors file until the first forward reads them; its step peak holds them.
+Policy: ZeRO-3 holds a rank's float32 partition once (`rlhf.engines.zero3.share_fp32_master_weights`: DeepSpeed
+means to skip the fp32 master copy when the weights are float32, but compares a torch.device with a device name and
+kept a second copy, 560 MiB per rank here) and gathers, reduces and steps the optimizer a 64th of the model at a time;
+ZeRO-2 keeps its fp32 copy of the partition by design, and DeepSpeed's default reduce bucket (5e8 elements).
+Reference: a frozen model on 2 ranks at best halves the model's part, and the libraries (baseline) count on both
+sides, so whole-process peaks cannot go below about (0.5 + 0.55) / (0.5 + 1.1) GiB ≈ 0.66 on 2 ranks; the
+peak − baseline column compares what the model costs a rank. The whole-model reference's start-up peak is low because
+its weights stay memory-mapped from the safetensors file until the first forward reads them; its step peak holds them.
 Raw: `results/{NAME}.json`.
 """
 

@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from rlhf.config import OptimConfig, TrainConfig
-from rlhf.engines.zero3 import zero3_gather_limits
+from rlhf.engines.zero3 import share_fp32_master_weights, zero3_gather_limits
 from rlhf.errors import CheckpointError, ConfigError
 from rlhf.models.peft_utils import is_peft_layer, merged_layer_tensors, plain_module, plain_tensor
 from rlhf.utils.distributed import import_deepspeed
@@ -237,6 +237,12 @@ class TrainEngine:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
         )
+        if train_cfg.zero_stage == 3:
+            freed = share_fp32_master_weights(self.engine.optimizer)
+            if freed:
+                logger.info(
+                    "ZeRO-3: the fp32 master weights share the partition's memory (%.0f MiB freed)", freed / 2**20
+                )
         self.module: nn.Module = self.engine.module
         self.device = self.engine.device
         self.micro_batch_size = train_cfg.micro_batch_size

@@ -17,7 +17,7 @@ from torch import nn
 from rlhf.models.zero3 import full_numel
 from rlhf.utils.distributed import import_deepspeed
 
-GATHER_WINDOW_FRACTION = 16
+GATHER_WINDOW_FRACTION = 64
 """At most about 1/GATHER_WINDOW_FRACTION of a model's elements stay gathered on a rank (`zero3_gather_limits`)."""
 DEEPSPEED_MAX_LIVE = 10**9
 """DeepSpeed's default stage3_max_live_parameters and stage3_max_reuse_distance (elements)."""
@@ -28,7 +28,7 @@ DEEPSPEED_REDUCE_BUCKET = 5 * 10**8
 
 
 def zero3_gather_limits(module: nn.Module) -> dict[str, int]:
-    """ZeRO-3 buffer sizes for `module`: about 1/16 of its elements gathered (or reduced) at once beyond
+    """ZeRO-3 buffer sizes for `module`: about 1/64 of its elements gathered (or reduced) at once beyond
     a rank's partition.
 
     DeepSpeed's defaults (max live parameters and max reuse distance 1e9 elements, prefetch 5e7,
@@ -36,7 +36,7 @@ def zero3_gather_limits(module: nn.Module) -> dict[str, int]:
     gathered under them: a parameter whose next use lies within 1e9 elements is kept, and for a
     300M model that is every parameter between two forward passes, and between forward and backward
     (measured: each of 2 ranks held the whole model from the second forward pass on, and the first
-    backward's reduce bucket added 2 GiB). So the window is capped at a sixteenth of the model, never
+    backward's reduce bucket added 2 GiB). So the window is capped at a 64th of the model, never
     below its largest parameter (which must be whole to run) nor above DeepSpeed's defaults; half of
     it is prefetched, and gradients are reduced in buckets of the window's size.
 
@@ -45,6 +45,8 @@ def zero3_gather_limits(module: nn.Module) -> dict[str, int]:
     partition's gradients into one flat tensor and runs AdamW over it, whose temporaries
     (exp_avg_sq.sqrt() / c + eps) are each as large as that tensor (measured on 2 ranks, 97M
     parameters: 1.8 GiB above baseline per rank during an update, 1.3 GiB with window sub-groups).
+    A 64th rather than a 16th took 120 MiB off each of 2 ranks' update peak of a 294M model (and 73 MiB
+    off a 2-rank reference group's logprob pass) at the same step time (benchmarks/memory.py).
     """
     sizes = [full_numel(p) for p in module.parameters()]
     window = min(max(max(sizes, default=1), sum(sizes) // GATHER_WINDOW_FRACTION), DEEPSPEED_MAX_LIVE)
@@ -82,3 +84,31 @@ def start_inference_engine(model: nn.Module, ds_config: dict[str, Any]) -> Any:
         model=model, config={**ds_config, "zero_optimization": zero}, dist_init_required=False
     )
     return engine
+
+
+def share_fp32_master_weights(zero_optimizer: Any) -> int:
+    """Make a ZeRO-3 optimizer's fp32 master partition the weight partition itself when the weights are
+    float32 already, as DeepSpeed means to; returns the bytes freed.
+
+    DeepSpeed's stage 3 skips the master copy when the partition's dtype and device match its own
+    (stage3.py, `_create_fp32_partitions`), but compares the partition's torch.device with its device
+    name, a string ('cpu', 'cuda:0'), which never compares equal: a float32 run kept two copies of every
+    rank's partition (measured: 560 MiB of 2 ranks' 294M-parameter model, benchmarks/memory.py). The
+    master tensors keep their identity (the torch optimizer holds them) and take the partition's
+    storage; DeepSpeed's copy of the master into the partition after each step becomes a copy onto
+    itself. Mixed precision (bf16/fp16 weights, fp32 master) and optimizer offload keep their copy.
+    """
+    masters = getattr(zero_optimizer, "fp32_partitioned_groups_flat", None)
+    partitions = getattr(zero_optimizer, "fp16_partitioned_groups_flat", None)
+    if not masters or not partitions or getattr(zero_optimizer, "offload_optimizer", False):
+        return 0
+    freed = 0
+    for master, partition in zip(masters, partitions):
+        same_kind = master.dtype == partition.dtype and master.device == partition.device
+        if not same_kind or master.untyped_storage().data_ptr() == partition.untyped_storage().data_ptr():
+            continue
+        if zero_optimizer.optimizer.state.get(master):  # optimizer state is keyed by the master tensor
+            continue
+        freed += master.untyped_storage().nbytes()
+        master.data = partition.data
+    return freed

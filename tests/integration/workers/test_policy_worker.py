@@ -217,6 +217,24 @@ def test_export_yields_the_gathered_parameters_without_a_copy(policy):
     assert rank0 == [] and rank1 == []
 
 
+def _master_copies(worker) -> tuple[int, int]:
+    """(sub-groups, those whose fp32 master weights are a second copy of the weight partition) of a ZeRO-3
+    rank's optimizer; runs in the actor."""
+    optimizer = worker.engine.engine.optimizer
+    pairs = list(zip(optimizer.fp32_partitioned_groups_flat, optimizer.fp16_partitioned_groups_flat))
+    return len(pairs), sum(m.untyped_storage().data_ptr() != p.untyped_storage().data_ptr() for m, p in pairs)
+
+
+def test_zero3_float32_master_weights_are_the_partition_itself(policy):
+    """rlhf.engines.zero3.share_fp32_master_weights: no second float32 copy of a rank's partition (and the
+    update and checkpoint tests of this file run on it)."""
+    name, group = policy
+    if name != "zero3":
+        pytest.skip("ZeRO-2 keeps its fp32 partition by design")
+    for sub_groups, copies in ray.get([a.__ray_call__.remote(_master_copies) for a in group.actors]):
+        assert sub_groups >= 1 and copies == 0
+
+
 def test_checkpoint_restores_weights_and_optimizer(policy, tiny_model_path, tmp_path, batch_factory):
     # ZeRO-3 restores into a fresh group (a resumed run); ZeRO-2 into the same group after a further
     # step, which exercises the same load path at a fraction of the test time
