@@ -80,7 +80,8 @@ def read_model_shape(field_name: str, path: str, model_cfg: ModelConfig, kind: s
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from rlhf.models.loading import resolve_model_path
-    from rlhf.models.peft_utils import apply_peft, peft_method
+    from rlhf.models.peft_methods import peft_method
+    from rlhf.models.peft_utils import apply_peft
 
     resolved = resolve_model_path(path)
     try:
@@ -546,7 +547,7 @@ def _frozen_width(mem: RankMemory, role: Role) -> float:
 
 def role_memory(role: Role, cfg: RLHFConfig, nodes: NodeShape) -> tuple[RankMemory, Optional[KVCache]]:
     """One rank's estimated memory, and an engine's KV cache."""
-    from rlhf.models.peft_utils import peft_method
+    from rlhf.models.peft_methods import peft_method
 
     width = DTYPE_BYTES[cfg.model.dtype]
     shape = role.model

@@ -30,14 +30,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Union
 
-from transformers import PreTrainedTokenizerBase
-
 from rlhf.data.formats import Messages, require_field, require_messages, require_prompt, require_text
 from rlhf.data.sources import Record
 from rlhf.data.tokenizer import as_messages
 from rlhf.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from rlhf.config import DataConfig
 
 logger = logging.getLogger(__name__)

@@ -23,10 +23,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+if TYPE_CHECKING:  # transformers is imported where a tokenizer is made: the config checks reading this module load none
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +60,8 @@ def train_tiny_tokenizer(texts: Iterable[str], *, vocab_size: int = DEFAULT_VOCA
     `vocab_size` counts the 256 byte tokens and the special tokens, so it must stay above 262
     to learn any merge; it is capped below 512 to keep the tiny models' embeddings small.
     """
+    from transformers import PreTrainedTokenizerFast
+
     if not 256 + len(SPECIAL_TOKENS) <= vocab_size < 512:
         raise ValueError(f"vocab_size must be in [{256 + len(SPECIAL_TOKENS)}, 512), got {vocab_size}")
     backend = Tokenizer(models.BPE())

@@ -12,8 +12,8 @@ def check_inputs(cfg: RLHFConfig, produced: Collection[Path]) -> None:
     """Local model and dataset paths exist (unless inside `produced`), their weights load safely, the PEFT
     method fits the stage; then the cluster, token budgets and frozen groups (rlhf.config.check_shared)."""
     from rlhf.data.sources import check_dataset_paths
-    from rlhf.models.loading import check_model_paths
-    from rlhf.models.peft_utils import validate_peft
+    from rlhf.models.paths import check_model_paths
+    from rlhf.models.peft_methods import validate_peft
 
     check_model_paths(cfg, produced)
     check_dataset_paths(cfg, produced)

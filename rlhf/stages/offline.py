@@ -31,7 +31,7 @@ def validate_offline(cfg: RLHFConfig) -> None:
         f"{objective.example_kind} examples: set data.packing=false",
     )
     if objective.model_kind == "reward":
-        from rlhf.models.peft_utils import check_scalar_head_peft
+        from rlhf.models.peft_methods import check_scalar_head_peft
 
         check_scalar_head_peft(cfg.model, f"reward model (offline.objective={off.objective})")
     LOSS_AGGREGATIONS.check(off.loss_agg, "offline.loss_agg")

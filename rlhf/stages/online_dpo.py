@@ -29,7 +29,7 @@ def validate(cfg: RLHFConfig, produced: Collection[Path]) -> None:
 
 def validate_online_dpo(cfg: RLHFConfig) -> None:
     """The DPO side (validate_offline: loss, schedule, batch arithmetic in pairs), the rollout and the reward."""
-    from rlhf.models.peft_utils import PROMPT_METHODS, peft_method
+    from rlhf.models.peft_methods import PROMPT_METHODS, peft_method
     from rlhf.workers.objectives import OBJECTIVES
 
     validate_offline(cfg)

@@ -86,7 +86,7 @@ def validate_rl(cfg: RLHFConfig) -> None:
     )
     check_train(cfg.policy, "policy", sequences, arithmetic)
     if uses_critic(cfg):
-        from rlhf.models.peft_utils import check_scalar_head_peft
+        from rlhf.models.peft_methods import check_scalar_head_peft
 
         check_train(cfg.critic, "critic", sequences, arithmetic)
         check_scalar_head_peft(cfg.model, f"critic (algorithm.advantage={algo.advantage})")

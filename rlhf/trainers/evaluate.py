@@ -190,7 +190,7 @@ def check_final_eval(cfg: RLHFConfig) -> None:
     model.* except the path.
     """
     from rlhf.data.prompts import load_prompt_dataset
-    from rlhf.models.peft_utils import PROMPT_METHODS
+    from rlhf.models.peft_methods import PROMPT_METHODS
     from rlhf.trainers.generate import validate_generation
 
     require(

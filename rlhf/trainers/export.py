@@ -120,7 +120,7 @@ def _plan_checkpoint(checkpoint: Path, base: Optional[str], output: Path) -> Exp
             f"(trainer_state.json + {POLICY_DIR}/{DEEPSPEED_TAG}/); found: {_listing(checkpoint)}"
         )
     model_cfg = _run_model_config(state_file)
-    from rlhf.models.peft_utils import PROMPT_METHODS, peft_method
+    from rlhf.models.peft_methods import PROMPT_METHODS, peft_method
 
     method = peft_method(model_cfg)
     if method in PROMPT_METHODS:
@@ -227,7 +227,8 @@ def deepspeed_state_dict(policy_dir: Path) -> dict[str, torch.Tensor]:
 
 def _tokenizer(plan: ExportPlan, trust_remote_code: bool) -> Any:
     """The adapter's or final dir's tokenizer, else the base model's; None (with a warning) when none has one."""
-    from rlhf.models.loading import is_tiny_model_name, load_tokenizer
+    from rlhf.models.loading import load_tokenizer
+    from rlhf.models.paths import is_tiny_model_name
 
     for source in (plan.adapter, plan.base):
         if source is None:

@@ -1,8 +1,6 @@
-"""Ray actors (policy, critic, reference, reward, rollout) and the WorkerGroup that drives them.
+"""Ray actors (policy, critic, reference, reward, rollout) and the WorkerGroup that drives them
+(rlhf.workers.group).
 
-Role classes live in their modules (`rlhf.workers.policy.PolicyWorker`, ...), imported where used.
+Role classes live in their modules (`rlhf.workers.policy.PolicyWorker`, ...), imported where used; the
+package itself imports nothing, so that a config check reading `rlhf.workers.objectives` loads no Ray.
 """
-
-from rlhf.workers.group import DispatchSpec, Pending, Worker, WorkerGroup, create_placement_group, dispatch
-
-__all__ = ["DispatchSpec", "Pending", "Worker", "WorkerGroup", "create_placement_group", "dispatch"]

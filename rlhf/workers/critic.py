@@ -20,7 +20,8 @@ from torch import Tensor
 from rlhf.algorithms import value_loss
 from rlhf.data.batch import RolloutBatch
 from rlhf.data.token_budget import rows_of
-from rlhf.models.peft_utils import apply_peft, check_scalar_head_peft
+from rlhf.models.peft_methods import check_scalar_head_peft
+from rlhf.models.peft_utils import apply_peft
 from rlhf.models.value_model import ValueModel, hf_name, response_values
 from rlhf.workers.group import dispatch
 from rlhf.workers.trainable import RLTrainableWorker, StepStats, forward_in_row_order, require_fields

@@ -19,7 +19,8 @@ from typing import Any
 
 from rlhf.engines.adapters import ADAPTER_DIR, has_adapter, save_adapter
 from rlhf.models.loading import load_sequence_scorer, load_tokenizer, resolve_model_path
-from rlhf.models.peft_utils import apply_peft, check_scalar_head_peft, plain_module
+from rlhf.models.peft_methods import check_scalar_head_peft
+from rlhf.models.peft_utils import apply_peft, plain_module
 from rlhf.workers.group import dispatch
 from rlhf.workers.offline_policy import OfflineTrainableWorker
 

@@ -250,7 +250,7 @@ def check_reward_functions(cfg: RLHFConfig) -> None:
 def assert_inputs_exist(cfg: RLHFConfig, produced: list[Path] = ()) -> None:
     """Every model and dataset field is unset, a tiny-world name or an existing path (or an earlier pipeline step's)."""
     from rlhf.data.sources import DATASET_FIELDS, is_produced
-    from rlhf.models.loading import MODEL_PATH_FIELDS
+    from rlhf.models.paths import MODEL_PATH_FIELDS
 
     fields = [(f, _get(cfg, f)) for f in (*MODEL_PATH_FIELDS, *DATASET_FIELDS)]
     fields += [(f"data.mixture[{i}].path", s.path) for i, s in enumerate(cfg.data.mixture)]

@@ -35,7 +35,8 @@ from rlhf.config import (
 )
 from rlhf.engines.adapters import ADAPTER_DIR
 from rlhf.models.logprobs import response_logprobs
-from rlhf.models.peft_utils import PROMPT_METHODS, VirtualTokenLM, apply_peft
+from rlhf.models.peft_methods import PROMPT_METHODS
+from rlhf.models.peft_utils import VirtualTokenLM, apply_peft
 from rlhf.trainers.roles import start_policy_group
 from rlhf.workers.group import dispatch
 from rlhf.workers.policy import PolicyWorker

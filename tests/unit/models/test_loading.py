@@ -5,7 +5,8 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from rlhf.errors import ConfigError
-from rlhf.models.loading import TINY_MODEL_NAMES, check_model_path, load_causal_lm, load_tokenizer, resolve_model_path
+from rlhf.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
+from rlhf.models.paths import TINY_MODEL_NAMES, check_model_path
 from rlhf.models.tiny import build_tiny_model, save_tiny_model
 
 

@@ -15,18 +15,14 @@ from peft import get_peft_model
 from rlhf.config import LoraConfig, ModelConfig, PeftConfig, RLHFConfig, validate
 from rlhf.engines.train_engine import iter_full_parameters
 from rlhf.errors import ConfigError
-from rlhf.models.peft_utils import (
+from rlhf.models.peft_methods import (
     PEFT_METHODS,
     SCALAR_HEAD_PEFT_METHODS,
-    VirtualTokenLM,
-    apply_peft,
     check_scalar_head_peft,
-    export_root,
-    find_peft_model,
-    peft_config,
     peft_method,
     validate_peft,
 )
+from rlhf.models.peft_utils import VirtualTokenLM, apply_peft, export_root, find_peft_model, peft_config
 from rlhf.models.tiny import build_tiny_model, tiny_config
 
 VOCAB = 64
