@@ -1,6 +1,6 @@
 """Parameter-efficient training of the policy: which parameters train, and merged plain-HF weights for export.
 
-`model.peft.method` picks one of PEFT_METHODS (rlhf.config.PeftConfig):
+`model.peft.method` picks one of rlhf.models.peft_methods.PEFT_METHODS (rlhf.config.PeftConfig; checked there at start-up):
 
   lora, qlora, loha, lokr   low-rank adapters on model.lora.target_modules (qlora: 4-bit frozen base)
   ia3                       learned scale vectors on keys, values and the MLP input (peft's defaults)
@@ -21,7 +21,7 @@ peft's merge_and_unload would write without modifying the live model:
 Virtual tokens and prefixes have no place in the base weights: such adapters are saved beside the
 unchanged base model, and RL stages (whose rollout engines run plain weights) reject them.
 
-Models with a scalar head (the reward model of stage=rm, the critic) take SCALAR_HEAD_PEFT_METHODS:
+Models with a scalar head (the reward model of stage=rm, the critic) take rlhf.models.peft_methods.SCALAR_HEAD_PEFT_METHODS:
 the method applies to the transformer, and the head always trains in full (it starts fresh and is
 the model's whole output). For the reward model the head is peft's `modules_to_save` (task SEQ_CLS),
 so its adapter directory restores it; exports write the trained copy under the plain name.
