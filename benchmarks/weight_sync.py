@@ -96,8 +96,8 @@ def _measure_transport(policy, rollout, size: str, zero_stage: int, reps: int, b
 
     def sync() -> tuple[dict, list[dict], float]:
         with Stopwatch() as sw:
+            receivers = rollout.receive_weights_async()  # first, as rlhf.trainers.roles.sync_weights
             sender = policy.run(PolicyWorker.sync_weights, bucket_mb)
-            receivers = rollout.receive_weights_async()
             sent = policy.wait(sender)
             received = rollout.wait(receivers)
         return sent, received, sw.seconds
@@ -221,11 +221,13 @@ written out of cache (`copy_seconds`). Ratios are per repeat (sync bandwidth ÷ 
 {table(results)}
 
 Target sync ≥ {TARGET_RATIO}× the in-process copy bandwidth (transfer, median, shm transport): **{verdict}**.
-Raw: `results/{NAME}.json`. Reading the ratios: on shm rank 0 copies each tensor once, from the gathered buffer
-(ZeRO-3) or the live parameter straight into the segment (`iter_full_parameters` yields inside the gather);
-the ZeRO-3 rows add DeepSpeed's gather of each bucket (on 1 rank a view, except a bucket of one parameter, which
-DeepSpeed copies); the driver copies with torch's default threads, the actors run with
-`cluster.threads_per_worker` (1); with the load above 2 the repeats vary by up to 5×.
+Raw: `results/{NAME}.json`. Reading the ratios: on shm rank 0 copies each tensor once, straight into the segment,
+a gathered bucket at a time (`iter_full_parameter_groups`): from the gathered buffer (ZeRO-3 over several ranks),
+the partition itself (ZeRO-3 over one rank: it is the whole tensor, read without DeepSpeed's gather) or the live
+parameter (ZeRO-2). Tensors that lie back to back in DeepSpeed's flat buffers and in the segment are copied as one
+run, and each bucket's runs are cut into `cluster.weight_sync_copy_threads` (2) equal lanes copied in parallel;
+the driver's reference copy uses torch's default threads (2 here). The hf engine only adopts the views, so the
+transfer is rank 0's copy plus three store handshakes. With the load above 2 the repeats vary by up to 5×.
 """
 
 

@@ -89,6 +89,7 @@ FIELD_BOUNDS: dict[str, str] = {
     "rollout.weight_sync_bucket_mb": ">= 1",
     "cluster.threads_per_worker": ">= 1",
     "cluster.collective_timeout_s": ">= 1",
+    "cluster.weight_sync_copy_threads": ">= 1",
     "cluster.nodes.count": ">= 1",
     "cluster.nodes.device_memory_gib": "> 0",
     "cluster.nodes.host_memory_gib": "> 0",

@@ -497,6 +497,10 @@ class ClusterConfig:
     """collective (broadcast over weight_sync_backend), shm (a shared-memory segment in /dev/shm that the
     engines map: trainer rank 0 and every engine on one Ray node), or auto: shm on cluster.device cpu when
     every engine has rank 0's Ray node id and can open its segment (checked at join), else collective."""
+    weight_sync_copy_threads: int = 2
+    """Threads the trainer's rank 0 copies weights into the shared-memory segment with (transport shm), a
+    gathered bucket at a time: one core copies at about two thirds of a 2-core machine's memory bandwidth
+    (benchmarks/weight_sync.py). The other roles wait during a sync; 1: copy on the calling thread only."""
     nodes: NodesConfig = field(default_factory=NodesConfig)
     """Shape and number of the nodes, for the sizing plan (run.plan=true) only."""
 

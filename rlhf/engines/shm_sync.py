@@ -63,6 +63,8 @@ class ShmSegment:
         self.token = token
         self._mm: Optional[mmap.mmap] = None
         self._buf: Optional[Tensor] = None
+        self._reserved = 0
+        """Owner: bytes known allocated (the writer asks per tensor; an fstat each time shows in a sync's time)."""
 
     @classmethod
     def create(cls, capacity: int, directory: str = SHM_DIR) -> ShmSegment:
@@ -99,7 +101,10 @@ class ShmSegment:
 
     def reserve(self, size: int) -> None:
         """Owner: make the file at least `size` bytes, with every page allocated."""
-        if size <= self.size:
+        if size <= self._reserved:
+            return
+        self._reserved = self.size
+        if size <= self._reserved:
             return
         size = -(-size // ALIGN) * ALIGN
         try:
@@ -111,6 +116,7 @@ class ShmSegment:
                 f"{free / 2**20:.0f} MiB free ({e}). Enlarge /dev/shm (docker run --shm-size, a bigger "
                 f"tmpfs) or set cluster.weight_sync_transport=collective."
             ) from e
+        self._reserved = size
 
     def bytes(self, end: int) -> Tensor:
         """uint8 view of the segment's bytes [0, size), mapped again if it has grown past `end`."""
@@ -194,7 +200,7 @@ def aligned(offset: int) -> int:
 
 
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def remove_stale(directory: str = SHM_DIR) -> list[str]:

@@ -54,7 +54,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Optional, Protocol
@@ -69,7 +70,16 @@ from rlhf.utils.distributed import free_port, node_id, node_ip
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "TRANSPORTS", "SyncStats", "WeightSyncGroup", "free_port", "node_ip", "pack_buckets"]
+__all__ = [
+    "BACKENDS",
+    "TRANSPORTS",
+    "ParallelCopy",
+    "SyncStats",
+    "WeightSyncGroup",
+    "free_port",
+    "node_ip",
+    "pack_buckets",
+]
 
 BACKENDS = ("gloo", "nccl")
 TRANSPORTS = ("collective", "shm", "auto")
@@ -109,6 +119,7 @@ class WeightSyncGroup:
         device: torch.device,
         timeout_s: float,
         segment: Optional[ShmSegment] = None,
+        copy_threads: int = 1,
     ):
         self._store = store
         self._pg = pg
@@ -121,6 +132,7 @@ class WeightSyncGroup:
         self.timeout_s = timeout_s
         self._round = 0
         self._published = 0  # store keys the last shm round wrote, deleted at the next
+        self._copy = ParallelCopy(copy_threads)
         self.last_stats = SyncStats()
 
     @classmethod
@@ -136,6 +148,7 @@ class WeightSyncGroup:
         shm_bytes: int = 0,
         shm_dir: str = SHM_DIR,
         node: Optional[str] = None,
+        copy_threads: int = 1,
     ) -> WeightSyncGroup:
         """Join the group; blocks until all `world_size` ranks have joined (rank 0 hosts the store).
 
@@ -153,6 +166,7 @@ class WeightSyncGroup:
             shm_dir: the tmpfs holding the segment.
             node: this process's node id (None: `node_id()`, Ray's node id inside Ray); shm needs
                 every engine's to equal rank 0's.
+            copy_threads: rank 0 on shm, threads that copy a group of tensors into the segment (`ParallelCopy`).
         """
         if backend not in BACKENDS:
             raise WeightSyncError(f"weight sync backend {backend!r} is not supported; use one of {BACKENDS}")
@@ -169,14 +183,14 @@ class WeightSyncGroup:
             node = node_id() if node is None else node
             segment = _choose_transport(store, rank, world_size, transport, shm_bytes, shm_dir, timeout, node)
             if segment is not None:  # the handshake was the join barrier; no process group needed
-                group = cls(store, None, rank, world_size, torch.device("cpu"), timeout_s, segment)
+                group = cls(store, None, rank, world_size, torch.device("cpu"), timeout_s, segment, copy_threads)
                 logger.debug("%s joined (shared memory)", what)
                 return group
             if backend == "gloo":
                 pg, device = _gloo_group(store, rank, world_size, timeout), torch.device("cpu")
             else:
                 pg, device = _nccl_group(store, rank, world_size, timeout)
-            group = cls(store, pg, rank, world_size, device, timeout_s)
+            group = cls(store, pg, rank, world_size, device, timeout_s, copy_threads=copy_threads)
             # NCCL connects lazily, so every backend proves the group works with one tiny collective.
             group._broadcast(torch.zeros(1, dtype=torch.int64, device=device), "the join check")
         except WeightSyncError:
@@ -194,8 +208,14 @@ class WeightSyncGroup:
         logger.debug("%s joined", what)
         return group
 
-    def send(self, named_tensors: Iterable[tuple[str, Tensor]], bucket_bytes: int = 64 << 20) -> SyncStats:
-        """Rank 0: stream `named_tensors` to every other rank in buckets of about `bucket_bytes`."""
+    def send(self, named_tensors: Iterable[Any], bucket_bytes: int = 64 << 20, *, grouped: bool = False) -> SyncStats:
+        """Rank 0: stream `named_tensors` to every other rank in buckets of about `bucket_bytes`.
+
+        `named_tensors` yields (name, tensor) pairs, each read before the next is asked for; with
+        `grouped`, lists of pairs, each list valid until the next is asked for
+        (`iter_full_parameter_groups`), whose tensors are copied together on `copy_threads` threads.
+        """
+        groups = named_tensors if grouped else ([pair] for pair in named_tensors)
         if self.rank != 0:
             raise WeightSyncError(f"only rank 0 sends weights; this is rank {self.rank}")
         if bucket_bytes <= 0:
@@ -204,7 +224,7 @@ class WeightSyncGroup:
         self._round += 1
         stats = SyncStats()
         if self._segment is not None:
-            self._send_shm(named_tensors, bucket_bytes, stats)
+            self._send_shm(groups, bucket_bytes, stats)
             stats.seconds = time.perf_counter() - start
             self.last_stats = stats
             self._log_sent(stats)
@@ -212,7 +232,8 @@ class WeightSyncGroup:
         self._wait_for_receivers()
         self._store.set(f"begin/{self._round}", "1")
         try:
-            pack_buckets(named_tensors, bucket_bytes, _BroadcastBuckets(self, bucket_bytes), stats)
+            # one copy thread: the socket, not the copy into the bucket, bounds the broadcast
+            pack_buckets(groups, bucket_bytes, _BroadcastBuckets(self, bucket_bytes), stats)
         except WeightSyncError:
             raise  # the transport itself failed: the receivers see it too
         except BaseException:
@@ -280,6 +301,7 @@ class WeightSyncGroup:
 
     def close(self) -> None:
         """Drop the process group or segment and the store connection (rank 0's store stops serving)."""
+        self._copy.close()
         segment, self._segment = self._segment, None
         if segment is not None:
             segment.close()
@@ -293,7 +315,7 @@ class WeightSyncGroup:
 
     # -- shared-memory transport ---------------------------------------------------------------
 
-    def _send_shm(self, named_tensors: Iterable[tuple[str, Tensor]], bucket_bytes: int, stats: SyncStats) -> None:
+    def _send_shm(self, groups: Iterable[Sequence[tuple[str, Tensor]]], bucket_bytes: int, stats: SyncStats) -> None:
         """Write every bucket into the segment (the engines read while the next one is written), then
         wait until every engine has read the whole stream. Any failure releases the engines at once.
 
@@ -305,7 +327,7 @@ class WeightSyncGroup:
         self._wait_all([f"shm/{round_}/ready/{k}" for k in engines], "called receive()")
         previous, self._published = self._published, 0
         try:
-            pack_buckets(named_tensors, bucket_bytes, SegmentBuckets(self._segment, self._publish), stats)
+            pack_buckets(groups, bucket_bytes, SegmentBuckets(self._segment, self._publish), stats, self._copy)
         except BaseException:
             try:
                 self._publish({"aborted": stats.num_tensors})
@@ -453,41 +475,164 @@ class BucketTarget(Protocol):
 
 
 def pack_buckets(
-    named_tensors: Iterable[tuple[str, Tensor]], bucket_bytes: int, target: BucketTarget, stats: SyncStats
+    groups: Iterable[Sequence[tuple[str, Tensor]]],
+    bucket_bytes: int,
+    target: BucketTarget,
+    stats: SyncStats,
+    copy: Optional[ParallelCopy] = None,
 ) -> None:
-    """Copy each tensor into the open bucket as it arrives, and emit the bucket when the next tensor
-    has another dtype or would overflow it (a tensor larger than `bucket_bytes` travels alone).
+    """Place each tensor in the open bucket, and emit the bucket when the next tensor has another dtype
+    or would overflow it (a tensor larger than `bucket_bytes` travels alone).
 
-    The copy into the target is the only one the sender makes, and it is made before the next tensor
-    is asked for: the producer may hand out views of memory it releases or reuses afterwards (the
-    ZeRO-3 gathered buffers of `iter_full_parameters`). One bucket is open at a time, so a bucket
-    holds one dtype and the shared-memory layout stays contiguous.
+    `groups` yields lists of (name, tensor); the tensors of one list are copied into the target
+    together (`copy`, in parallel), before the bucket is emitted and before the next list is asked
+    for: the producer may hand out views of memory it releases or reuses afterwards (the ZeRO-3
+    gathered buffers of `iter_full_parameter_groups`). That copy is the only one the sender makes.
+    One bucket is open at a time, so a bucket holds one dtype and the shared-memory layout stays
+    contiguous.
     """
+    copy = copy or ParallelCopy(1)
     dtype: Optional[torch.dtype] = None
     entries: list[list[Any]] = []
+    pending: list[tuple[Tensor, Tensor]] = []  # (destination, source) of this list, not yet copied
     numel = payload = 0
 
     def emit() -> None:  # stats count what was handed to the transport
+        copy(pending)
+        pending.clear()
         target.emit(dtype, numel, entries)  # type: ignore[arg-type]
         stats.num_buckets += 1
         stats.num_tensors += len(entries)
         stats.num_bytes += payload
 
-    for name, tensor in named_tensors:
-        itemsize = tensor.element_size()
-        start = target.tensor_start(numel, itemsize)
-        if entries and (tensor.dtype != dtype or (start + tensor.numel()) * itemsize > bucket_bytes):
-            emit()
-            entries, numel, payload, start = [], 0, 0, 0
-        dtype = tensor.dtype
-        end = start + tensor.numel()
-        with torch.no_grad():
-            target.view(dtype, end)[start:end].view(tensor.shape).copy_(tensor.detach())
-        entries.append([name, list(tensor.shape), start])
-        numel = end
-        payload += tensor.numel() * itemsize
+    for group in groups:
+        for name, tensor in group:
+            itemsize = tensor.element_size()
+            start = target.tensor_start(numel, itemsize)
+            if entries and (tensor.dtype != dtype or (start + tensor.numel()) * itemsize > bucket_bytes):
+                emit()
+                entries, numel, payload, start = [], 0, 0, 0
+            dtype = tensor.dtype
+            end = start + tensor.numel()
+            # a view of the open bucket; the target may only move a bucket that is empty (`view`), and an
+            # empty bucket has no pending copies
+            pending.append((target.view(dtype, end)[start:end].view(tensor.shape), tensor.detach()))
+            entries.append([name, list(tensor.shape), start])
+            numel = end
+            payload += tensor.numel() * itemsize
+        copy(pending)
+        pending.clear()
     if entries:
         emit()
+
+
+class ParallelCopy:
+    """Copies a list of (destination, source) CPU tensors on `threads` threads: runs of pairs that lie back
+    to back on both sides are merged first (`_coalesce`), then the list's bytes are cut into equal lanes
+    (a long run split between lanes), one fork and join per list.
+
+    Per-tensor parallelism (torch's intra-op threads) pays a fork and join for every tensor, which on a
+    model's few-MiB tensors costs more than it gains (measured on 2 cores, a 30M-parameter model's
+    tensors: 2 intra-op threads 0.020 s, 1 thread 0.017 s, 2 lanes 0.012 s; one flat 2-thread copy of
+    the same bytes 0.009 s). torch releases the GIL while it copies, so Python threads run the lanes.
+    """
+
+    MIN_LANE_BYTES = 1 << 20
+    """Least bytes per lane: a smaller list uses fewer threads (under 2 MiB, only the calling one)."""
+
+    def __init__(self, threads: int):
+        if threads < 1:
+            raise WeightSyncError(f"copy threads must be >= 1, got {threads}")
+        self.threads = threads
+        self._pool: Optional[ThreadPoolExecutor] = None
+
+    def __call__(self, jobs: Sequence[tuple[Tensor, Tensor]]) -> None:
+        jobs = _coalesce(jobs)
+        total = sum(src.numel() * src.element_size() for _, src in jobs)
+        lanes = min(self.threads, max(1, total // self.MIN_LANE_BYTES))
+        if lanes == 1 or any(dst.device.type != "cpu" for dst, _ in jobs):  # device copies queue asynchronously
+            _copy_lane(jobs)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="weight-sync-copy")
+        split = _split_lanes(jobs, lanes, total)
+        futures = [self._pool.submit(_copy_lane, lane) for lane in split[1:]]
+        try:
+            _copy_lane(split[0])
+        finally:
+            for future in futures:
+                future.result()
+
+    def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+
+def _coalesce(jobs: Sequence[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    """`jobs` with each run of pairs whose sources and destinations both lie back to back in one storage
+    merged into one flat pair: DeepSpeed keeps a group's partitions in one flat buffer, the buckets
+    hold tensors back to back, so most of a model copies in a few long runs instead of a copy per tensor."""
+    out: list[tuple[Tensor, Tensor]] = []
+    for dst, src in jobs:
+        if out and _adjacent(out[-1][0], dst) and _adjacent(out[-1][1], src):
+            (prev_dst, prev_src), numel = out[-1], out[-1][1].numel() + src.numel()
+            out[-1] = (_flat_run(prev_dst, numel), _flat_run(prev_src, numel))
+        else:
+            out.append((dst, src))
+    return out
+
+
+def _adjacent(first: Tensor, second: Tensor) -> bool:
+    """Whether `second` starts where `first` ends, both contiguous, in one storage of one dtype."""
+    return (
+        first.dtype == second.dtype
+        and first.is_contiguous()
+        and second.is_contiguous()
+        and second.storage_offset() == first.storage_offset() + first.numel()
+        and first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
+    )
+
+
+def _flat_run(start: Tensor, numel: int) -> Tensor:
+    return start.as_strided((numel,), (1,), start.storage_offset())
+
+
+def _copy_lane(jobs: Sequence[tuple[Tensor, Tensor]]) -> None:
+    for dst, src in jobs:
+        dst.copy_(src)
+
+
+def _split_lanes(jobs: Sequence[tuple[Tensor, Tensor]], lanes: int, total: int) -> list[list[tuple[Tensor, Tensor]]]:
+    """`jobs` cut in order into `lanes` runs of about `total / lanes` bytes; a pair of contiguous
+    tensors may be split between two lanes, any other pair goes whole into the lane it starts in."""
+    share = -(-total // lanes)
+    out: list[list[tuple[Tensor, Tensor]]] = [[] for _ in range(lanes)]
+    lane = filled = 0  # the lane being filled, and its bytes so far
+
+    def advance() -> None:
+        nonlocal lane, filled
+        if filled >= share and lane < lanes - 1:
+            lane, filled = lane + 1, 0
+
+    for dst, src in jobs:
+        itemsize, numel = src.element_size(), src.numel()
+        advance()
+        if not (dst.is_contiguous() and src.is_contiguous()):
+            out[lane].append((dst, src))
+            filled += numel * itemsize
+            continue
+        flat_dst, flat_src = dst.view(-1), src.view(-1)
+        offset = 0
+        while offset < numel:
+            advance()
+            take = numel - offset
+            if lane < lanes - 1:
+                take = min(take, -(-(share - filled) // itemsize))
+            out[lane].append((flat_dst[offset : offset + take], flat_src[offset : offset + take]))
+            offset += take
+            filled += take * itemsize
+    return [run for run in out if run]
 
 
 class _BroadcastBuckets:
@@ -506,7 +651,7 @@ class _BroadcastBuckets:
     def view(self, dtype: torch.dtype, numel: int) -> Tensor:
         buffer = self._buffers.get(dtype)
         if buffer is None or buffer.numel() < numel:
-            itemsize = torch.empty((), dtype=dtype).element_size()
+            itemsize = dtype.itemsize
             grown = torch.empty(max(numel, self.bucket_bytes // itemsize), dtype=dtype, device=self.group.device)
             if buffer is not None:
                 grown[: buffer.numel()].copy_(buffer)

@@ -201,8 +201,9 @@ def sync_weights(policy: WorkerGroup, rollout: RolloutGroup, bucket_mb: int) -> 
     engine's death before the sender's resulting WeightSyncError). Returns the sender's
     `weight_sync/...` stats (seconds, MiB, tensors, buckets).
     """
-    sender = policy.run(PolicyWorker.sync_weights, bucket_mb)
+    # the engines first: on shared memory rank 0 starts writing once every engine waits for the stream
     receivers = rollout.receive_weights_async()
+    sender = policy.run(PolicyWorker.sync_weights, bucket_mb)
     stats, _ = wait_all([(policy, sender), (rollout.group, receivers)])
     return dict(stats or {})
 

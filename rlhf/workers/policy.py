@@ -136,6 +136,7 @@ class CausalLMWorker(TrainableWorker):
             timeout_s=self.cluster_cfg.collective_timeout_s,
             transport=transport,
             shm_bytes=full_bytes,
+            copy_threads=self.cluster_cfg.weight_sync_copy_threads,
         )
         return self._weight_sync.transport
 
@@ -150,13 +151,14 @@ class CausalLMWorker(TrainableWorker):
     def sync_weights(self, bucket_mb: int = 64) -> dict[str, float]:
         """Stream the full weights to the engines; every rank takes part in the ZeRO-3 gathers.
 
-        Rank 0 feeds the gathered (LoRA-merged, plain-named) tensors straight into the sync group's
-        bucketed broadcast; the engines must be in `receive` at the same time. Returns rank 0's
-        transfer stats (`weight_sync/...`).
+        Rank 0 feeds the gathered (LoRA-merged, plain-named) tensors, a gathered bucket at a time,
+        straight into the sync group's buckets (on shm, copied on cluster.weight_sync_copy_threads
+        threads); the engines must be in `receive` at the same time. Returns rank 0's transfer stats
+        (`weight_sync/...`).
         """
         engine = self._require_engine()
         bucket_bytes = bucket_mb << 20
-        named = engine.iter_full_parameters(bucket_bytes)
+        named = engine.iter_full_parameter_groups(bucket_bytes)
         if self.rank != 0:
             for _ in named:
                 pass
@@ -164,7 +166,7 @@ class CausalLMWorker(TrainableWorker):
         try:
             if self._weight_sync is None:
                 raise WeightSyncError("sync_weights before init_weight_sync: join the weight-sync group first")
-            sent = self._weight_sync.send(named, bucket_bytes=bucket_bytes)
+            sent = self._weight_sync.send(named, bucket_bytes=bucket_bytes, grouped=True)
         except BaseException:
             # finish the gathers so the other ranks are not left blocked in a collective
             for _ in named:

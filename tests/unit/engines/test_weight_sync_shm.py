@@ -14,7 +14,7 @@ import torch
 
 from rlhf.engines import shm_sync
 from rlhf.engines.shm_sync import ALIGN, PREFIX, SegmentBuckets, ShmSegment, read_bucket, remove_stale
-from rlhf.engines.weight_sync import SyncStats, WeightSyncGroup, free_port, pack_buckets
+from rlhf.engines.weight_sync import ParallelCopy, SyncStats, WeightSyncGroup, _split_lanes, free_port, pack_buckets
 from rlhf.errors import WeightSyncError
 
 _JOIN_TIMEOUT_S = 60.0  # covers the child's torch import on a busy 2-core machine
@@ -44,10 +44,18 @@ def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-def _write_stream(segment: ShmSegment, tensors: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[dict]:
-    """The sender's streaming write (pack_buckets into the segment); the published bucket headers."""
+def _write_stream(
+    segment: ShmSegment,
+    tensors: list[tuple[str, torch.Tensor]],
+    bucket_bytes: int,
+    group_size: int = 1,
+    copy: ParallelCopy | None = None,
+) -> list[dict]:
+    """The sender's streaming write (pack_buckets into the segment, `group_size` tensors per producer
+    list); the published bucket headers."""
     headers: list[dict] = []
-    pack_buckets(tensors, bucket_bytes, SegmentBuckets(segment, headers.append), SyncStats())
+    groups = [tensors[i : i + group_size] for i in range(0, len(tensors), group_size)]
+    pack_buckets(groups, bucket_bytes, SegmentBuckets(segment, headers.append), SyncStats(), copy)
     return headers
 
 
@@ -73,6 +81,56 @@ def test_segment_round_trip_is_byte_exact_for_mixed_dtypes_and_grows(tmp_path):
     assert torch.equal(view, torch.full((3, 5), 7.0))
     writer.close()
     reader.close()
+
+
+def test_lists_copied_on_several_threads_give_the_same_stream(tmp_path, monkeypatch):
+    # lanes of a few hundred bytes, so that 3 threads split the small tensors too, mid-tensor
+    monkeypatch.setattr(ParallelCopy, "MIN_LANE_BYTES", 64)
+    tensors = [t for bucket in _mixed_buckets() for t in bucket]
+    tensors += [("big", torch.arange(3 * ALIGN, dtype=torch.float32)), ("big.t", torch.randn(40, 30).t())]
+    one_by_one = ShmSegment.create(ALIGN, str(tmp_path))
+    expected = _write_stream(one_by_one, tensors, bucket_bytes=1024)
+    parallel = ShmSegment.create(ALIGN, str(tmp_path))
+    copy = ParallelCopy(3)
+    for group_size in (3, len(tensors)):
+        headers = _write_stream(parallel, tensors, bucket_bytes=1024, group_size=group_size, copy=copy)
+        assert headers == expected  # the same layout, whatever the lists
+        for header in headers:
+            for (name, got), (_, want) in zip(read_bucket(parallel, header), read_bucket(one_by_one, header)):
+                assert _same_bytes(got, want), name
+    copy.close()
+    for segment in (one_by_one, parallel):
+        segment.close()
+
+
+def test_lanes_cover_every_element_once_in_order_with_equal_bytes():
+    contiguous = [(torch.empty(n), torch.arange(n, dtype=torch.float32)) for n in (1000, 7, 2500, 1)]
+    transposed = (torch.empty(30, 20), torch.randn(20, 30).t())  # not splittable: goes whole
+    jobs = contiguous[:2] + [transposed] + contiguous[2:]
+    total = sum(src.numel() * 4 for _, src in jobs)
+    lanes = _split_lanes(jobs, 3, total)
+    assert len(lanes) == 3
+    pieces = [piece for lane in lanes for piece in lane]
+    # in order: each job is one piece, or (contiguous) consecutive flat pieces of it back to back
+    i = 0
+    for dst, src in jobs:
+        if not src.is_contiguous():
+            assert pieces[i][0] is dst and pieces[i][1] is src
+            i += 1
+            continue
+        covered = 0
+        while covered < src.numel():
+            d, s = pieces[i]
+            assert d.data_ptr() == dst.data_ptr() + covered * 4
+            assert torch.equal(s, src.reshape(-1)[covered : covered + s.numel()])
+            covered += s.numel()
+            i += 1
+        assert covered == src.numel()
+    assert i == len(pieces)
+    share = -(-total // 3)
+    sizes = [sum(s.numel() * 4 for _, s in lane) for lane in lanes]
+    assert sum(sizes) == total
+    assert all(size <= share + 600 * 4 for size in sizes)  # over by at most the unsplittable job
 
 
 def test_a_full_tmpfs_fails_at_create_and_leaves_nothing(tmp_path, monkeypatch):
