@@ -27,6 +27,7 @@ logger = logging.getLogger("benchmarks.weight_sync")
 
 NAME = "weight_sync"
 TARGET_RATIO = 0.5
+ACCEPTANCE_SIZES = ("30m", "100m")
 
 
 EVICT_BYTES = 256 << 20
@@ -178,6 +179,8 @@ def main() -> None:
     # the target is the shared-memory path's (the collective one is kept for other nodes and GPUs)
     judged = [r for r in results if r["transport"] == "shm"] or results
     met = [r["ratio_transfer_vs_copy"]["median"] >= TARGET_RATIO for r in judged]
+    # issue 18's acceptance names ZeRO-3 at 30M and 100M; below that the handshakes' fixed cost dominates
+    accepted = [m for r, m in zip(judged, met) if r["zero_stage"] == 3 and r["size"] in ACCEPTANCE_SIZES]
     payload = {
         "benchmark": NAME,
         "quick": args.quick,
@@ -191,6 +194,8 @@ def main() -> None:
         },
         "target": f"sync GB/s >= {TARGET_RATIO} x in-process copy GB/s (median of repeats)",
         "target_met": all(met),
+        "acceptance": f"ZeRO-3 at {', '.join(ACCEPTANCE_SIZES)}",
+        "acceptance_met": bool(accepted) and all(accepted),
         "target_met_by_case": {f"{r['size']}/zero{r['zero_stage']}/{r['transport']}": m for r, m in zip(judged, met)},
         "results": results,
     }
@@ -203,6 +208,10 @@ def render(payload: dict) -> str:
     cases = payload["target_met_by_case"]
     met = sum(cases.values())
     verdict = "met" if payload["target_met"] else f"NOT met ({met} of {len(cases)} cases reach it)"
+    verdict = f"**{verdict}**"
+    if "acceptance_met" in payload:
+        accepted = "met" if payload["acceptance_met"] else "NOT met"
+        verdict += f"; in the cases issue 18 names ({payload['acceptance']}): **{accepted}**"
     return f"""## Weight sync: policy (DeepSpeed, 1 rank) → one rollout engine, CPU
 
 `python -m benchmarks.weight_sync` — {{machine}}
@@ -220,14 +229,15 @@ written out of cache (`copy_seconds`). Ratios are per repeat (sync bandwidth ÷ 
 
 {table(results)}
 
-Target sync ≥ {TARGET_RATIO}× the in-process copy bandwidth (transfer, median, shm transport): **{verdict}**.
+Target sync ≥ {TARGET_RATIO}× the in-process copy bandwidth (transfer, median, shm transport), every size: {verdict}.
 Raw: `results/{NAME}.json`. Reading the ratios: on shm rank 0 copies each tensor once, straight into the segment,
 a gathered bucket at a time (`iter_full_parameter_groups`): from the gathered buffer (ZeRO-3 over several ranks),
 the partition itself (ZeRO-3 over one rank: it is the whole tensor, read without DeepSpeed's gather) or the live
-parameter (ZeRO-2). Tensors that lie back to back in DeepSpeed's flat buffers and in the segment are copied as one
-run, and each bucket's runs are cut into `cluster.weight_sync_copy_threads` (2) equal lanes copied in parallel;
+parameter (ZeRO-2). A bucket's tensors are placed in the segment in the order of DeepSpeed's flat buffers (not the
+module's), so they copy as a few long runs, cut into `cluster.weight_sync_copy_threads` (2) equal lanes in parallel;
 the driver's reference copy uses torch's default threads (2 here). The hf engine only adopts the views, so the
-transfer is rank 0's copy plus three store handshakes. With the load above 2 the repeats vary by up to 5×.
+transfer is rank 0's copy plus three store handshakes, whose fixed cost keeps the 1M and 10M models below the
+target. With the load above 2 the repeats vary by up to 5×.
 """
 
 

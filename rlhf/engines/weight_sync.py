@@ -488,6 +488,7 @@ def pack_buckets(
     together (`copy`, in parallel), before the bucket is emitted and before the next list is asked
     for: the producer may hand out views of memory it releases or reuses afterwards (the ZeRO-3
     gathered buffers of `iter_full_parameter_groups`). That copy is the only one the sender makes.
+    A list's tensors are placed in their sources' memory order (`_source_order`), not the list's.
     One bucket is open at a time, so a bucket holds one dtype and the shared-memory layout stays
     contiguous.
     """
@@ -506,7 +507,7 @@ def pack_buckets(
         stats.num_bytes += payload
 
     for group in groups:
-        for name, tensor in group:
+        for name, tensor in sorted(group, key=_source_order):
             itemsize = tensor.element_size()
             start = target.tensor_start(numel, itemsize)
             if entries and (tensor.dtype != dtype or (start + tensor.numel()) * itemsize > bucket_bytes):
@@ -524,6 +525,14 @@ def pack_buckets(
         pending.clear()
     if entries:
         emit()
+
+
+def _source_order(pair: tuple[str, Tensor]) -> tuple[str, int, int]:
+    """Where a tensor's bytes lie: a list placed in this order follows its sources' layout (DeepSpeed's flat
+    buffers hold a param group's partitions back to back, weight-decay and no-decay groups apart), so
+    `ParallelCopy` merges most of it into a few long runs. Receivers look tensors up by name."""
+    tensor = pair[1]
+    return str(tensor.dtype), tensor.untyped_storage().data_ptr(), tensor.storage_offset()
 
 
 class ParallelCopy:

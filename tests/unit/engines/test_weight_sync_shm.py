@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf.engines import shm_sync
+from rlhf.engines import shm_sync, weight_sync
 from rlhf.engines.shm_sync import ALIGN, PREFIX, SegmentBuckets, ShmSegment, read_bucket, remove_stale
 from rlhf.engines.weight_sync import ParallelCopy, SyncStats, WeightSyncGroup, _split_lanes, free_port, pack_buckets
 from rlhf.errors import WeightSyncError
@@ -83,7 +83,7 @@ def test_segment_round_trip_is_byte_exact_for_mixed_dtypes_and_grows(tmp_path):
     reader.close()
 
 
-def test_lists_copied_on_several_threads_give_the_same_stream(tmp_path, monkeypatch):
+def test_lists_copied_on_several_threads_carry_every_tensor_exactly(tmp_path, monkeypatch):
     # lanes of a few hundred bytes, so that 3 threads split the small tensors too, mid-tensor
     monkeypatch.setattr(ParallelCopy, "MIN_LANE_BYTES", 64)
     tensors = [t for bucket in _mixed_buckets() for t in bucket]
@@ -92,15 +92,39 @@ def test_lists_copied_on_several_threads_give_the_same_stream(tmp_path, monkeypa
     expected = _write_stream(one_by_one, tensors, bucket_bytes=1024)
     parallel = ShmSegment.create(ALIGN, str(tmp_path))
     copy = ParallelCopy(3)
-    for group_size in (3, len(tensors)):
+    for group_size in (1, 3, len(tensors)):
         headers = _write_stream(parallel, tensors, bucket_bytes=1024, group_size=group_size, copy=copy)
-        assert headers == expected  # the same layout, whatever the lists
-        for header in headers:
-            for (name, got), (_, want) in zip(read_bucket(parallel, header), read_bucket(one_by_one, header)):
-                assert _same_bytes(got, want), name
+        if group_size == 1:
+            assert headers == expected  # lists of one: the stream's order and layout
+        # a longer list is placed in its sources' memory order: the same tensors, found by name
+        received = {name: view for header in headers for name, view in read_bucket(parallel, header)}
+        assert sorted(received) == sorted(name for name, _ in tensors)
+        for name, sent in tensors:
+            assert _same_bytes(received[name], sent), name
+            assert received[name].data_ptr() % shm_sync.TENSOR_ALIGN == 0
     copy.close()
     for segment in (one_by_one, parallel):
         segment.close()
+
+
+def test_a_list_is_placed_in_its_sources_order_so_its_copies_merge(tmp_path):
+    # one flat buffer, handed out in another order (as a module's order interleaves DeepSpeed's
+    # weight-decay and no-decay groups): the segment follows the buffer, and the copy is one run
+    flat = torch.arange(4 * 64, dtype=torch.float32)
+    parts = [("c", flat[128:192]), ("a", flat[0:64]), ("d", flat[192:256]), ("b", flat[64:128])]
+    segment = ShmSegment.create(ALIGN, str(tmp_path))
+    runs = []
+
+    class Recording(ParallelCopy):
+        def __call__(self, jobs):
+            runs.append(len(weight_sync._coalesce(jobs)))
+            super().__call__(jobs)
+
+    headers = _write_stream(segment, parts, bucket_bytes=1 << 20, group_size=len(parts), copy=Recording(1))
+    assert [entry[0] for entry in headers[0]["entries"]] == ["a", "b", "c", "d"]
+    assert [r for r in runs if r] == [1]  # one copy (the emit after it has nothing left)
+    assert torch.equal(read_bucket(segment, headers[0])[0][1], flat[:64])
+    segment.close()
 
 
 def test_lanes_cover_every_element_once_in_order_with_equal_bytes():
