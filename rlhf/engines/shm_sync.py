@@ -169,14 +169,14 @@ class SegmentBuckets:
 
     def view(self, dtype: torch.dtype, numel: int) -> Tensor:
         """The open bucket as `numel` elements of `dtype` (the segment grows to hold them)."""
-        end = self.offset + numel * _itemsize(dtype)
+        end = self.offset + numel * dtype.itemsize
         self.segment.reserve(end)
         return self.segment.bytes(end)[self.offset : end].view(dtype)
 
     def emit(self, dtype: torch.dtype, numel: int, entries: list[list[Any]]) -> None:
         """The open bucket is complete: publish it; the next one starts after it."""
         header = {"offset": self.offset, "dtype": str(dtype).removeprefix("torch."), "numel": numel, "entries": entries}
-        self.offset = aligned(self.offset + numel * _itemsize(dtype))
+        self.offset = aligned(self.offset + numel * dtype.itemsize)
         self.publish(header)
 
 
@@ -184,7 +184,7 @@ def read_bucket(segment: ShmSegment, header: dict[str, Any]) -> list[tuple[str, 
     """Zero-copy (name, tensor) views of a bucket `SegmentBuckets` published."""
     dtype = getattr(torch, header["dtype"])
     offset, numel = header["offset"], header["numel"]
-    end = offset + numel * _itemsize(dtype)
+    end = offset + numel * dtype.itemsize
     flat = segment.bytes(end)[offset:end].view(dtype)
     out = []
     for name, shape, start in header["entries"]:
@@ -197,10 +197,6 @@ def read_bucket(segment: ShmSegment, header: dict[str, Any]) -> list[tuple[str, 
 
 def aligned(offset: int) -> int:
     return -(-offset // ALIGN) * ALIGN
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return dtype.itemsize
 
 
 def remove_stale(directory: str = SHM_DIR) -> list[str]:
