@@ -40,7 +40,7 @@ def torch_extensions_dir() -> str:
 
 def import_deepspeed(submodule: str = ""):  # -> a module (not annotated: importing deepspeed here defeats the point)
     """`import deepspeed` (or `deepspeed.<submodule>`), without the optional mlflow import of its autotuner,
-    which we never run. The library's only way to import deepspeed (tests/unit/test_layering.py checks it).
+    which we never run, and with its Muon module uncompiled (`_import_muon_uncompiled`). The library's only way to import deepspeed (tests/unit/test_layering.py checks it).
 
     With mlflow installed (the `tracking` extra) that import is 1.1 s of deepspeed's 1.4 s (measured on 2 cores),
     paid by every actor process that trains or shards a model. mlflow stays importable afterwards; a process
@@ -55,7 +55,33 @@ def import_deepspeed(submodule: str = ""):  # -> a module (not annotated: import
         finally:
             if hide and sys.modules.get("mlflow", False) is None:
                 del sys.modules["mlflow"]
+        _import_muon_uncompiled()
     return importlib.import_module(f"deepspeed.{submodule}" if submodule else "deepspeed")
+
+
+def _import_muon_uncompiled() -> None:
+    """Import DeepSpeed's Muon optimizer module with its `torch.compile` decorators left off.
+
+    Every ZeRO optimizer imports it when it is built, only to test `isinstance(optimizer, MuonWithAuxAdam)`;
+    its module decorates three functions with torch.compile at import, which imports TorchDynamo and
+    Inductor: 1.4-2.5 s of CPU in every process that trains or shards a model (measured on 2 cores),
+    for an optimizer the framework never builds. The functions stay plain Python, correct if ever called.
+    """
+    import torch
+
+    compile_ = torch.compile
+    torch.compile = _no_compile  # type: ignore[assignment]
+    try:
+        importlib.import_module("deepspeed.runtime.zero.muon.muon_optimizer")
+    except ImportError:  # a DeepSpeed without Muon
+        pass
+    finally:
+        torch.compile = compile_
+
+
+def _no_compile(model=None, **_options):
+    """torch.compile's two call forms (`torch.compile(fn)`, `torch.compile(**options)(fn)`), returning fn as is."""
+    return model if model is not None else (lambda fn: fn)
 
 
 def clear_stale_build_locks(root: str | Path, max_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]:

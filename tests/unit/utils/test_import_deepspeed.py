@@ -1,4 +1,4 @@
-"""import_deepspeed: deepspeed without its autotuner's mlflow import, and mlflow still importable after."""
+"""import_deepspeed: deepspeed without its autotuner's mlflow import (mlflow still importable after) and without compiling Muon."""
 
 from __future__ import annotations
 
@@ -24,3 +24,18 @@ print(mlflow.__name__)
 def test_deepspeed_imports_without_mlflow_and_mlflow_still_imports():
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.split() == ["deepspeed", "False", "True", "False", "mlflow"]
+
+
+def test_deepspeed_muon_module_imports_without_compiling():
+    """Building a ZeRO optimizer imports DeepSpeed's Muon module; under import_deepspeed its torch.compile
+    decorators are left off, so TorchDynamo and Inductor stay unimported, and torch.compile is restored."""
+    probe = """
+import sys, torch
+compile_ = torch.compile
+from rlhf.utils.distributed import import_deepspeed
+import_deepspeed()
+from deepspeed.runtime.zero.muon.original_muon import muon_update
+print(type(muon_update).__name__, "torch._inductor.compile_fx" in sys.modules, torch.compile is compile_)
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.split() == ["function", "False", "True"]
