@@ -20,9 +20,10 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RLHF_CACHE", str(Path.home() / ".cache" / "rlhf"))
-from rlhf.utils.distributed import torch_extensions_dir  # noqa: E402 (after RLHF_CACHE, before torch)
+from rlhf.utils.distributed import interpreter_bin_first, torch_extensions_dir  # noqa: E402 (after RLHF_CACHE, before torch)
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
+os.environ["PATH"] = interpreter_bin_first(os.environ.get("PATH", ""))  # one ninja for every JIT build of the run
 
 
 def pytest_configure(config):

@@ -182,7 +182,8 @@ def torch_backend(device: str) -> str:
 
 
 def process_env(*, device: str, threads: int) -> dict[str, str]:
-    """Variables every worker process needs before importing torch / DeepSpeed.
+    """Variables every worker process needs before importing torch / DeepSpeed (and before its first JIT build:
+    PATH, see `interpreter_bin_first`).
 
     OMP/MKL thread counts stop ranks sharing a node from oversubscribing its cores (10-100x
     slower steps on CPU otherwise); DS_ACCELERATOR picks DeepSpeed's CPU path (gloo) or CUDA.
@@ -195,6 +196,7 @@ def process_env(*, device: str, threads: int) -> dict[str, str]:
     the policy's ZeRO-3 update 2745 -> 2456 MiB; forward and step times unchanged within noise).
     """
     return {
+        "PATH": interpreter_bin_first(),
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
         "DS_ACCELERATOR": "cpu" if device == "cpu" else "cuda",
@@ -202,6 +204,18 @@ def process_env(*, device: str, threads: int) -> dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
         **({"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BYTES)} if device == "cpu" else {}),
     }
+
+
+def interpreter_bin_first(path: str = "${PATH}") -> str:
+    """`path` (by default Ray's placeholder for the worker's own PATH) with this interpreter's bin directory first.
+
+    DeepSpeed's JIT builds run the `ninja` found on PATH. The environment ships one (requirements/cpu.lock) and a
+    machine may have another: a process started as `.venv/bin/python` without the venv activated finds the
+    system's. Two ninja versions hash a build's commands differently, so each rebuilds what the other built:
+    measured, DeepSpeed's shm op was compiled afresh (40 s of CPU) whenever jobs launched with and without the
+    venv on PATH took turns on one cache. Workers and tests therefore always take the environment's tools.
+    """
+    return f"{Path(sys.executable).parent}{os.pathsep}{path}"
 
 
 def rank_env(*, rank: int, world_size: int, local_rank: int, local_world_size: int) -> dict[str, str]:

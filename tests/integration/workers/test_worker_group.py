@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -35,6 +36,7 @@ ENV_KEYS = (
     "DS_ACCELERATOR",
     "TORCH_EXTENSIONS_DIR",
     "RLHF_TEST_FLAG",
+    "PATH",
 )
 
 
@@ -141,6 +143,9 @@ def test_rank_env_is_set_before_methods_run(echo_group):
     assert len({(e["MASTER_ADDR"], e["MASTER_PORT"]) for e in envs}) == 1 and envs[0]["MASTER_PORT"].isdigit()
     assert {e["OMP_NUM_THREADS"] for e in envs} == {"1"} and {e["DS_ACCELERATOR"] for e in envs} == {"cpu"}
     assert envs[0]["TORCH_EXTENSIONS_DIR"] and {e["RLHF_TEST_FLAG"] for e in envs} == {"1"}
+    # the environment's tools (its ninja, for DeepSpeed's JIT builds) first, then the worker's own PATH
+    path = envs[0]["PATH"].split(os.pathsep)
+    assert path[0] == str(Path(sys.executable).parent) and "/usr/bin" in path and "${PATH}" not in path
 
 
 def test_broadcast_rank0_all_and_mean(echo_group):
