@@ -294,10 +294,10 @@ ZeRO-2 keeps its fp32 copy of the partition by design, and DeepSpeed's default r
 Reference: a frozen model on 2 ranks at best halves the model's part, and the libraries (baseline) count on both
 sides, so whole-process peaks cannot go below about (0.5 + 0.55) / (0.5 + 1.1) GiB ≈ 0.66 on 2 ranks; it is judged on
 peak − baseline, what the model costs a rank. A rank holds its partition, a 64th of the model gathered at a time
-(`zero3_gather_limits`), and one 32 MiB bucket while the checkpoint streams in. CPU workers hand every allocation of
-256 KiB or more back to the system when it is freed (`rlhf.utils.distributed.process_env`): with 1 MiB, the
-activations and half-megabyte partitions of each module's pass left a fragmented heap, 80 MiB above the live
-memory per rank (peak − baseline 0.64 then). The whole-model reference's start-up peak is low because
+(`zero3_gather_limits`), and one 32 MiB bucket while the checkpoint streams in. Its ranks hand every allocation of
+256 KiB or more back to the system when it is freed (`rlhf.utils.distributed.set_mmap_threshold`; other CPU workers
+1 MiB): at 1 MiB, the activations and half-megabyte partitions of each module's pass left a fragmented heap, 80 MiB
+above the live memory per rank (peak − baseline 0.64 then). The whole-model reference's start-up peak is low because
 its weights stay memory-mapped from the safetensors file until the first forward reads them; its step peak holds them.
 Raw: `results/{NAME}.json`.
 """

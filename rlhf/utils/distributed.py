@@ -7,6 +7,8 @@ is imported in the actor's process (thread counts, DeepSpeed's accelerator and J
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import importlib
 import os
@@ -17,8 +19,12 @@ import time
 from pathlib import Path
 
 DEVICES = ("cpu", "cuda")
-MMAP_THRESHOLD_BYTES = 256 << 10
+MMAP_THRESHOLD_BYTES = 1 << 20
 """CPU workers: glibc's MALLOC_MMAP_THRESHOLD_ (see `process_env`)."""
+ZERO3_INFERENCE_MMAP_THRESHOLD_BYTES = 256 << 10
+"""CPU ranks of a ZeRO-3 inference group (reference, reward model): see `set_mmap_threshold`."""
+M_MMAP_THRESHOLD = -3
+"""glibc's mallopt parameter number (malloc.h)."""
 STALE_BUILD_LOCK_S = 900
 """A JIT build lock older than this is left over from a killed build (a CPU op builds in ~35 s)."""
 
@@ -187,13 +193,11 @@ def process_env(*, device: str, threads: int) -> dict[str, str]:
 
     OMP/MKL thread counts stop ranks sharing a node from oversubscribing its cores (10-100x
     slower steps on CPU otherwise); DS_ACCELERATOR picks DeepSpeed's CPU path (gloo) or CUDA.
-    On CPU, where the tensors live in host memory, glibc gives every allocation of 256 KiB or more
+    On CPU, where the tensors live in host memory, glibc gives every allocation of 1 MiB or more
     its own mapping, returned to the system when freed: with its adaptive default, the buffers
     that ZeRO-3 gathers and frees a module at a time stay in a fragmented heap, and a rank's
-    resident memory creeps towards the whole model it partitions. At 1 MiB, the activations and
-    half-megabyte partitions of each module's pass still left 80 MiB of free heap per rank of a
-    2-rank 294M reference group (benchmarks/memory.py: peak - baseline 734 -> 666 MiB at 256 KiB,
-    the policy's ZeRO-3 update 2745 -> 2456 MiB; forward and step times unchanged within noise).
+    resident memory creeps towards the whole model it partitions (benchmarks/memory.py). ZeRO-3
+    inference ranks go lower (`set_mmap_threshold`).
     """
     return {
         "PATH": interpreter_bin_first(),
@@ -216,6 +220,24 @@ def interpreter_bin_first(path: str = "${PATH}") -> str:
     venv on PATH took turns on one cache. Workers and tests therefore always take the environment's tools.
     """
     return f"{Path(sys.executable).parent}{os.pathsep}{path}"
+
+
+def set_mmap_threshold(nbytes: int) -> bool:
+    """From now on, glibc maps every allocation of `nbytes` or more on its own and unmaps it when freed
+    (mallopt M_MMAP_THRESHOLD); False where the C library has no mallopt (not glibc).
+
+    A ZeRO-3 inference rank on CPU calls it with 256 KiB before it loads its partition: at the workers'
+    1 MiB, the activations and half-megabyte partitions of each module's pass left 80 MiB of free heap
+    per rank of a 2-rank 294M reference group (peak - baseline 734 -> 666 MiB, benchmarks/memory.py;
+    its forward passes as fast). Not for every worker: each mapping costs page faults when it is touched,
+    and a process that trains tiny models allocates many such tensors (the SFT -> DPO recipe test took
+    110 s against 98 s with every worker at 256 KiB, mean of four alternated runs).
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, nbytes))
+    except (OSError, AttributeError):
+        return False
 
 
 def rank_env(*, rank: int, world_size: int, local_rank: int, local_world_size: int) -> dict[str, str]:

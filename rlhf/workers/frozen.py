@@ -24,7 +24,7 @@ from rlhf.engines.zero3 import inference_deepspeed_config, start_inference_engin
 from rlhf.errors import ConfigError
 from rlhf.models.loading import load_causal_lm
 from rlhf.models.zero3 import parameter_counts
-from rlhf.utils.distributed import torch_backend
+from rlhf.utils.distributed import ZERO3_INFERENCE_MMAP_THRESHOLD_BYTES, set_mmap_threshold, torch_backend
 from rlhf.workers.group import Worker
 from rlhf.workers.trainable import micro_batches
 
@@ -86,6 +86,8 @@ class FrozenModelWorker(Worker):
         config to build and run the model with; zero_stage 0: None."""
         if self.zero_stage != 3:
             return None
+        if self.cluster_cfg.device == "cpu":
+            set_mmap_threshold(ZERO3_INFERENCE_MMAP_THRESHOLD_BYTES)
         self.setup_distributed(torch_backend(self.cluster_cfg.device), self.cluster_cfg.collective_timeout_s)
         return inference_deepspeed_config(
             micro_batch_size=self.micro_batch_size,
