@@ -77,15 +77,17 @@ def _processes() -> dict[int, tuple[int, str]]:
     return found
 
 
-def stop_ray(temp_dirs: Sequence[str], gcs_port: int, grace_s: float = 5.0) -> None:
+def stop_ray(temp_dirs: Sequence[str], gcs_port: int | None, grace_s: float = 5.0) -> None:
     """Stop the Ray nodes this test started, and only them.
 
     `ray stop` would end every Ray process of this user on the machine (other tests' and other
     people's clusters too) and takes no --temp-dir, so: the processes whose command line names one of
     these nodes' temp dirs or the GCS port, plus all their descendants (workers, the job's driver), by pid.
+    gcs_port None: only the nodes of these temp dirs (every node names the GCS port).
     """
     procs = _processes()
-    tree = {pid for pid, (_, cmd) in procs.items() if f":{gcs_port}" in cmd or any(d in cmd for d in temp_dirs)}
+    gcs = f":{gcs_port}" if gcs_port is not None else None
+    tree = {pid for pid, (_, cmd) in procs.items() if (gcs and gcs in cmd) or any(d in cmd for d in temp_dirs)}
     grown = True
     while grown:
         children = {pid for pid, (parent, _) in procs.items() if parent in tree} - tree
@@ -150,15 +152,28 @@ def ray_nodes(head_cpus: int, worker_cpus: Sequence[int] = ()) -> Iterator[RayHe
     try:
         started = subprocess.run(head, env=env, capture_output=True, text=True, timeout=120)
         assert started.returncode == 0, f"ray start failed\n{started.stdout}\n{started.stderr}"
-        joining = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for cmd in workers]
-        for proc in joining:  # the workers join together
-            out, _ = proc.communicate(timeout=120)
-            assert proc.returncode == 0, f"ray start (worker) failed\n{out.decode(errors='replace')}"
+        for cmd, temp_dir in zip(workers, temp_dirs[1:]):
+            join_node(cmd, temp_dir, env)
         yield RayHead(address=f"http://127.0.0.1:{dashboard}", gcs_address=f"127.0.0.1:{gcs}", env=env)
     finally:
         stop_ray(temp_dirs, gcs)
         for temp_dir in temp_dirs:
             shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def join_node(cmd: list[str], temp_dir: str, env: dict[str, str], attempts: int = 2) -> None:
+    """`ray start --address ...` for one worker node, one node at a time, a second attempt if it times out.
+
+    Ray gives a new raylet 30 s to register with the GCS (ray/_private/node.py). Three nodes starting together
+    on 2 busy cores once missed it (a fresh-clone CI run: "The current node timed out during startup"); one at a
+    time they start in a few seconds each. A failed attempt's processes are stopped before the next."""
+    for attempt in range(1, attempts + 1):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        if proc.returncode == 0:
+            return
+        stop_ray([temp_dir], gcs_port=None)
+        if attempt == attempts:
+            pytest.fail(f"ray start (worker) failed {attempts} times\n{proc.stdout}\n{proc.stderr}")
 
 
 @pytest.fixture(scope="module")
