@@ -46,7 +46,8 @@ def torch_extensions_dir() -> str:
 
 def import_deepspeed(submodule: str = ""):  # -> a module (not annotated: importing deepspeed here defeats the point)
     """`import deepspeed` (or `deepspeed.<submodule>`), without the optional mlflow import of its autotuner,
-    which we never run, and with its Muon module uncompiled (`_import_muon_uncompiled`). The library's only way to import deepspeed (tests/unit/test_layering.py checks it).
+    which we never run, and with its Muon module uncompiled (`_import_muon_uncompiled`). The library's only way
+    to import deepspeed (tests/unit/test_layering.py checks it).
 
     With mlflow installed (the `tracking` extra) that import is 1.1 s of deepspeed's 1.4 s (measured on 2 cores),
     paid by every actor process that trains or shards a model. mlflow stays importable afterwards; a process
