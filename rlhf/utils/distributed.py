@@ -25,6 +25,8 @@ ZERO3_INFERENCE_MMAP_THRESHOLD_BYTES = 256 << 10
 """CPU ranks of a ZeRO-3 inference group (reference, reward model): see `set_mmap_threshold`."""
 M_MMAP_THRESHOLD = -3
 """glibc's mallopt parameter number (malloc.h)."""
+DEEPSPEED_MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+"""Imported uncompiled by `import_deepspeed` (`_import_muon_uncompiled`)."""
 STALE_BUILD_LOCK_S = 900
 """A JIT build lock older than this is left over from a killed build (a CPU op builds in ~35 s)."""
 
@@ -62,6 +64,7 @@ def import_deepspeed(submodule: str = ""):  # -> a module (not annotated: import
         finally:
             if hide and sys.modules.get("mlflow", False) is None:
                 del sys.modules["mlflow"]
+    if DEEPSPEED_MUON_MODULE not in sys.modules:  # also when something else imported deepspeed first
         _import_muon_uncompiled()
     return importlib.import_module(f"deepspeed.{submodule}" if submodule else "deepspeed")
 
@@ -79,7 +82,7 @@ def _import_muon_uncompiled() -> None:
     compile_ = torch.compile
     torch.compile = _no_compile  # type: ignore[assignment]
     try:
-        importlib.import_module("deepspeed.runtime.zero.muon.muon_optimizer")
+        importlib.import_module(DEEPSPEED_MUON_MODULE)
     except ImportError:  # a DeepSpeed without Muon
         pass
     finally:

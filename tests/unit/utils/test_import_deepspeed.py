@@ -26,12 +26,15 @@ def test_deepspeed_imports_without_mlflow_and_mlflow_still_imports():
     assert out.stdout.split() == ["deepspeed", "False", "True", "False", "mlflow"]
 
 
-def test_deepspeed_muon_module_imports_without_compiling():
+@pytest.mark.parametrize("first", ["", "import deepspeed"], ids=["import_deepspeed-first", "deepspeed-first"])
+def test_deepspeed_muon_module_imports_without_compiling(first):
     """Building a ZeRO optimizer imports DeepSpeed's Muon module; under import_deepspeed its torch.compile
-    decorators are left off, so TorchDynamo and Inductor stay unimported, and torch.compile is restored."""
-    probe = """
+    decorators are left off, so TorchDynamo and Inductor stay unimported, and torch.compile is restored,
+    also when something else imported deepspeed before."""
+    probe = f"""
 import sys, torch
 compile_ = torch.compile
+{first}
 from rlhf.utils.distributed import import_deepspeed
 import_deepspeed()
 from deepspeed.runtime.zero.muon.original_muon import muon_update
