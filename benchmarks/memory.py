@@ -49,10 +49,9 @@ POLICY_CASES = {
 REFERENCE_CASES = {"zero0 (1 actor)": (0, 1), "zero3 (2 ranks)": (3, 2)}
 """name: (zero_stage, actors)."""
 JUDGED = {"policy zero3 / zero2": "peak_mib", "reference zero3 (2 ranks) / zero0 (1 actor)": "model_peak_mib"}
-"""The ratios held to TARGET_RATIO, and on which figure. The policy's whole process: its gradients and optimizer
-state dwarf the libraries. The reference's model part (peak − baseline): a frozen model on 2 ranks at best halves
-the model, and the ~0.5 GiB of libraries every process imports would keep the whole-process ratio above
-(0.5 + 0.55) / (0.5 + 1.1) GiB ≈ 0.66 even with perfect partitioning."""
+"""The ratios held to TARGET_RATIO, and on which figure: the policy's whole process (its gradients and optimizer
+state dwarf the libraries), the reference's model part (peak − baseline; `render` says why the whole process
+cannot reach the target on 2 ranks)."""
 
 
 def _memory_status(actor_self: Any, reset: bool = False) -> dict[str, int]:
