@@ -34,15 +34,18 @@ def train(cfg: RLHFConfig) -> dict[str, float]:
         if stage.check_final_eval is not None:
             stage.check_final_eval(cfg)
         check_final_eval(cfg)
-    final = stage.run(cfg)
-    if cfg.run.plots:
-        from rlhf.utils.plots import write_plots
+    from rlhf.utils.ray_session import held_ray_session
 
-        write_plots(cfg.run.output_dir)
-    if cfg.run.final_eval:  # the stage has saved <output_dir>/final and shut its actors down
-        from rlhf.trainers.evaluate import run_final_eval
+    with held_ray_session():  # the final evaluation runs on the cluster training started
+        final = stage.run(cfg)
+        if cfg.run.plots:
+            from rlhf.utils.plots import write_plots
 
-        final = {**final, **{f"final_{key}": value for key, value in run_final_eval(cfg).items()}}
+            write_plots(cfg.run.output_dir)
+        if cfg.run.final_eval:  # the stage has saved <output_dir>/final and shut its actors down
+            from rlhf.trainers.evaluate import run_final_eval
+
+            final = {**final, **{f"final_{key}": value for key, value in run_final_eval(cfg).items()}}
     return final
 
 

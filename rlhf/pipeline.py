@@ -189,21 +189,23 @@ def is_done(pipeline: Pipeline, step: PipelineStep) -> bool:
 def run_pipeline(pipeline: Pipeline) -> dict[str, dict[str, float]]:
     """Validate every step, then run those not done yet; returns each step's final metrics."""
     from rlhf.cli import train
+    from rlhf.utils.ray_session import held_ray_session
 
     configs = {step.name: compose_step(pipeline, step) for step in pipeline.steps}
     logger.info("pipeline %s: %s", pipeline.source, " -> ".join(s.name for s in pipeline.steps))
     results: dict[str, dict[str, float]] = {}
     lines: list[str] = []
-    for step in pipeline.steps:
-        marker = pipeline.step_dir(step.name) / DONE_MARKER
-        if is_done(pipeline, step):
-            logger.info("step %s finished in an earlier run; skipping (delete %s to redo it)", step.name, marker)
-            results[step.name] = json.loads(marker.read_text())["metrics"]
-        else:
-            logger.info("step %s: rlhf %s", step.name, " ".join(step_overrides(pipeline, step)))
-            results[step.name] = run_step(pipeline, step, configs[step.name], train)
-        lines.append(step_summary(step.name, pipeline.step_dir(step.name), results[step.name]))
-        logger.info("%s", lines[-1])
+    with held_ray_session():  # steps with the same cluster settings run on one local Ray cluster
+        for step in pipeline.steps:
+            marker = pipeline.step_dir(step.name) / DONE_MARKER
+            if is_done(pipeline, step):
+                logger.info("step %s finished in an earlier run; skipping (delete %s to redo it)", step.name, marker)
+                results[step.name] = json.loads(marker.read_text())["metrics"]
+            else:
+                logger.info("step %s: rlhf %s", step.name, " ".join(step_overrides(pipeline, step)))
+                results[step.name] = run_step(pipeline, step, configs[step.name], train)
+            lines.append(step_summary(step.name, pipeline.step_dir(step.name), results[step.name]))
+            logger.info("%s", lines[-1])
     lines.append(recipe_summary(Path(pipeline.source).stem, results))
     logger.info("%s", lines[-1])
     (pipeline.output_dir / "pipeline_summary.json").write_text(json.dumps(results, indent=1))

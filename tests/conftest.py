@@ -27,19 +27,35 @@ os.environ["PATH"] = interpreter_bin_first(os.environ.get("PATH", ""))  # one ni
 
 
 def pytest_configure(config):
-    """With `-n N` (make test), build the tiny world and DeepSpeed's CPU ops in the background from the start
-    (tests/fixtures/warm_caches.py); a serial run builds them in the first test that needs them, as before."""
-    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
-        return
+    """`-n N`: the controller collects nothing itself, so it warms the caches whatever the workers will run."""
+    if not hasattr(config, "workerinput") and getattr(config.option, "numprocesses", None):
+        _warm_caches(config)
+
+
+def pytest_collection_finish(session):
+    """A serial run that collected Ray tests warms the caches (`_warm_caches`)."""
+    if not getattr(session.config.option, "numprocesses", None):
+        if any(item.get_closest_marker("ray") for item in session.items):
+            _warm_caches(session.config)
+
+
+def _warm_caches(config) -> None:
+    """When a one-time artefact is missing (a fresh machine), build the tiny world and DeepSpeed's CPU ops in the
+    background from the start (tests/fixtures/warm_caches.py): the first tests that need them wait for them
+    instead of building each in turn, one core working while the other idles."""
     if config.option.collectonly:
         return
-    import subprocess
-    import sys
-
+    sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
+    try:
+        import warm_caches
+    finally:
+        sys.path.pop(0)
+    if not warm_caches.missing():
+        return
     log = Path(tempfile.gettempdir()) / f"rlhf-warm-caches-{os.getpid()}.log"
     with open(log, "w") as out:
         config._rlhf_warm_caches = subprocess.Popen(
-            [sys.executable, str(Path(__file__).parent / "fixtures" / "warm_caches.py")],
+            [sys.executable, warm_caches.__file__],
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, "OMP_NUM_THREADS": "1"},

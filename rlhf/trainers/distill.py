@@ -45,6 +45,7 @@ from rlhf.trainers.roles import (
     connect_weight_sync,
     start_group,
     start_policy_group,
+    start_rollout_group,
     write_placement,
 )
 from rlhf.utils.metrics import PhaseTimer
@@ -167,7 +168,7 @@ class DistillTrainer(Controller):
             micro_batch_size=cfg.policy.micro_batch_size,
         )
         if self.on_policy:
-            self.rollout = RolloutGroup(self.run.student_path, cfg.model, cfg.rollout, cluster, seed=cfg.run.seed)
+            self.rollout = start_rollout_group(cfg, self.run.student_path, [self.policy, self.teacher])
         optimizer_steps = cfg.run.total_steps * (self.rows_per_step // cfg.policy.train_batch_size)
         student = self.policy.run(PolicyWorker.init_model, self.run.student_path, optimizer_steps)
         teacher = self.teacher.run(TeacherWorker.init_model, self.run.teacher_path)

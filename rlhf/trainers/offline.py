@@ -235,9 +235,10 @@ class OfflineTrainer(Controller):
         worker_cls = self.worker_cls
         role = "reward_model" if worker_cls is RewardModelWorker else "policy"
         self.policy = start_policy_group(cfg, worker_cls, role=role, offline_cfg=cfg.offline)
-        pending = self.policy.run(worker_cls.init_model, run.model_path, self.total_steps)
-        if self.objective.needs_reference:
+        if self.objective.needs_reference:  # its actors start while the policy's do
             self.reference_group = start_offline_reference(cfg, self.objective)
+        pending = self.policy.run(worker_cls.init_model, run.model_path, self.total_steps)
+        if self.reference_group is not None:
             self.reference_group.call(ReferenceWorker.init_model, cfg.offline.reference_path or run.model_path)
             self.reference = ReferenceLogprobs(self.reference_group, cache=cfg.offline.reference == "precompute")
         self.policy.wait(pending)

@@ -52,13 +52,12 @@ from rlhf.trainers.generate import preference_pairs
 from rlhf.trainers.offline import ReferenceLogprobs, start_offline_reference
 from rlhf.trainers.prepare import PreparedRun
 from rlhf.trainers.rl import RLTrainer, sample_seed
-from rlhf.trainers.roles import connect_weight_sync, start_policy_group
+from rlhf.trainers.roles import connect_weight_sync, start_policy_group, start_rollout_group
 from rlhf.utils.metrics import PhaseTimer
 from rlhf.workers.objectives import OBJECTIVES, DPOObjective, loss_mask
 from rlhf.workers.offline_policy import OfflinePolicyWorker
 from rlhf.workers.policy import PolicyWorker
 from rlhf.workers.reference import ReferenceWorker
-from rlhf.workers.rollout import RolloutGroup
 
 logger = logging.getLogger(__name__)
 
@@ -116,13 +115,13 @@ class OnlineDPOTrainer(RLTrainer):
             self.reference_sums = ReferenceLogprobs(self.reference, cache=False, temperature=self.temperature)
         elif self.objective.needs_reference:
             self.reference_sums = self._round_start_logprobs
-        self.rollout = RolloutGroup(path, cfg.model, cfg.rollout, cfg.cluster, seed=cfg.run.seed)
+        self.rollout = start_rollout_group(cfg, path, [self.policy, self.reference])
+        self.rewards = self.run.rewards or build_reward_pipeline(cfg, self.tokenizer)
+        self.rewards.start(self._group)  # its actors start with the others (the groups above have not waited)
         pending = [(self.policy, self.policy.run(PolicyWorker.init_model, path, optimizer_steps_bound(cfg)))]
         if self.reference is not None:
             reference_path = cfg.offline.reference_path or path
             pending.append((self.reference, self.reference.run(ReferenceWorker.init_model, reference_path)))
-        self.rewards = self.run.rewards or build_reward_pipeline(cfg, self.tokenizer)
-        self.rewards.start(self._group)
         for group, p in pending:
             group.wait(p)
         self.weight_sync = connect_weight_sync(self.policy, self.rollout, cfg.cluster)

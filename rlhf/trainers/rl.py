@@ -27,6 +27,7 @@ from rlhf.trainers.roles import (
     connect_weight_sync,
     start_group,
     start_policy_group,
+    start_rollout_group,
     start_trained_group,
     stop_on_dead_rank,
     write_placement,
@@ -38,7 +39,6 @@ from rlhf.workers.frozen import frozen_group_options
 from rlhf.workers.group import WorkerGroup
 from rlhf.workers.policy import PolicyWorker
 from rlhf.workers.reference import ReferenceWorker
-from rlhf.workers.rollout import RolloutGroup
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,10 @@ class RLTrainer(Controller):
             if uses_critic(cfg)
             else None
         )
-        self.rollout = RolloutGroup(path, cfg.model, cfg.rollout, cfg.cluster, seed=cfg.run.seed)
+        self.rollout = start_rollout_group(cfg, path, self.groups())
+        # the groups above returned before their actors' constructors ran: they start side by side
+        self.rewards = self.run.rewards or build_reward_pipeline(cfg, self.tokenizer)
+        self.rewards.start(self._group)  # reward model actors, judge engines, remote server check
         pending = [self.policy.run(PolicyWorker.init_model, path, optimizer_steps_total(cfg, cfg.policy))]
         if self.reference:
             pending.append(self.reference.run(ReferenceWorker.init_model, path))
@@ -118,8 +121,6 @@ class RLTrainer(Controller):
                     CriticWorker.init_model, cfg.critic_model_path or path, optimizer_steps_total(cfg, cfg.critic)
                 )
             )
-        self.rewards = self.run.rewards or build_reward_pipeline(cfg, self.tokenizer)
-        self.rewards.start(self._group)  # reward model actors, judge engines, remote server check
         for group, p in zip([g for g in self.groups() if g is not None], pending):
             group.wait(p)
         self.weight_sync = connect_weight_sync(self.policy, self.rollout, cfg.cluster)

@@ -57,7 +57,8 @@ def start_group(
 ) -> WorkerGroup:
     """`num_workers` actors of `worker_cls` placed and configured by the cluster preset; every wait on
     them is limited by cluster.call_timeout_s. `balance_tokens` / `minibatch_rows`: see WorkerGroup
-    (a role with a token budget)."""
+    (a role with a token budget). Returns before the actors' constructors ran (WorkerGroup's
+    wait_ready=False; the first call waits for them), so a controller starts every role before it calls one."""
     return WorkerGroup(
         worker_cls,
         role=role,
@@ -71,6 +72,7 @@ def start_group(
         call_timeout_s=cluster.call_timeout_s,
         balance_tokens=balance_tokens,
         minibatch_rows=minibatch_rows,
+        wait_ready=False,
     )
 
 
@@ -113,6 +115,24 @@ def start_policy_group(
     on cfg.cluster.policy's resources (`start_trained_group`). A PolicyWorker needs algo_cfg=cfg.algorithm;
     call init_model next."""
     return start_trained_group(cfg, worker_cls, role, cfg.policy, cfg.cluster.policy, start=start, **kwargs)
+
+
+def start_rollout_group(cfg: RLHFConfig, model_path: str, roles: list[Optional[WorkerGroup]]) -> RolloutGroup:
+    """The rollout engines of a controller that started `roles` before them (None entries skipped).
+
+    On CPU every actor starts side by side. On CUDA the engines size their KV cache from the memory free
+    when they start (vLLM's gpu_memory_utilization), so they start after the other roles' actors are up
+    (their CUDA contexts taken) and are up themselves before any role loads its weights (call init_model
+    after this)."""
+    on_gpu = cfg.cluster.device == "cuda"
+    if on_gpu:
+        for group in roles:
+            if group is not None:
+                group.ready()
+    rollout = RolloutGroup(model_path, cfg.model, cfg.rollout, cfg.cluster, seed=cfg.run.seed)
+    if on_gpu:
+        rollout.group.ready()
+    return rollout
 
 
 def connect_weight_sync(policy: WorkerGroup, rollout: RolloutGroup, cluster: ClusterConfig) -> dict[str, str]:

@@ -6,7 +6,9 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from rlhf.config import ClusterConfig
 from rlhf.errors import ConfigError
@@ -74,6 +76,48 @@ for tasks (two on a 2-core machine, measured with num_cpus=8), each a Python pro
 actors, each in a process of its own, so on a laptop or CI machine those workers only take CPU from their start-up."""
 
 
+@dataclass
+class _HeldSession:
+    """A local Ray cluster this process started and keeps up between runs (`held_ray_session`)."""
+
+    settings: Optional[tuple] = None
+    """The settings it was started with (`_session_settings`); None while none is up."""
+
+
+_held: Optional[_HeldSession] = None
+"""Set inside `held_ray_session`: runs started there leave their cluster up for the next run."""
+
+
+@contextmanager
+def held_ray_session() -> Iterator[None]:
+    """Runs of this process inside it share the Ray cluster the first one starts, shut down at the end.
+
+    `rlhf` wraps a stage and its final evaluation in it, `rlhf-pipeline` its whole recipe: each
+    `ray_session` of a run would otherwise start a local Ray and stop it (~4 s of start-up a time on
+    2 cores, and the Ray processes' CPU). A run whose settings differ (cluster preset, device, resources,
+    actor environment: run.deterministic) stops the held cluster and starts its own. Nested: the outer
+    one holds. A cluster joined by address is never held; joining costs nothing to repeat.
+    """
+    global _held
+    if _held is not None:
+        yield
+        return
+    _held = _HeldSession()
+    try:
+        yield
+    finally:
+        held, _held = _held, None
+        if held.settings is not None:
+            import ray
+
+            ray.shutdown()
+
+
+def _session_settings(cluster: ClusterConfig, env: dict[str, str]) -> tuple:
+    """What a local cluster is started with; a held one serves a run only if they are equal."""
+    return (cluster.num_cpus, cluster.num_gpus, tuple(sorted(env.items())))
+
+
 @contextmanager
 def _ray_session(cluster: ClusterConfig) -> Iterator[None]:
     import ray
@@ -82,16 +126,27 @@ def _ray_session(cluster: ClusterConfig) -> Iterator[None]:
     os.environ.update(env)
     for lock in clear_stale_build_locks(env["TORCH_EXTENSIONS_DIR"]):
         logger.warning("removed a stale DeepSpeed build lock left by a killed build: %s", lock)
+    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    settings = _session_settings(cluster, env)
+    if _held is not None and _held.settings is not None and (address or _held.settings != settings):
+        logger.info("stopping the Ray cluster of the previous run: this run needs another")
+        ray.shutdown()
+        _held.settings = None
+    reused = _held is not None and _held.settings == settings and ray.is_initialized()
     started_here = not ray.is_initialized()
     if started_here:
-        address = cluster.address or os.environ.get("RAY_ADDRESS")
         if not address:
             check_local_devices(cluster)
         kwargs = {} if address else {"num_cpus": cluster.num_cpus, "num_gpus": cluster.num_gpus, **LOCAL_SYSTEM_CONFIG}
         ray.init(address=address, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True, **kwargs)
         logger.info("ray cluster resources: %s", ray.cluster_resources())
+    elif reused:
+        logger.info("reusing the Ray cluster of the previous run of this process")
+    hold = started_here and not address and _held is not None
+    if hold:
+        _held.settings = settings
     try:
         yield
     finally:
-        if started_here:
+        if started_here and not hold:
             ray.shutdown()

@@ -205,9 +205,15 @@ class WorkerGroup:
         call_timeout_s: Optional[float] = None,
         balance_tokens: bool = False,
         minibatch_rows: Optional[int] = None,
+        wait_ready: bool = True,
     ):
         """`balance_tokens`: split_dp deals rows so that ranks get balanced real tokens, keeping the
-        rows of each minibatch of `minibatch_rows` rows per rank (one optimizer step) together."""
+        rows of each minibatch of `minibatch_rows` rows per rank (one optimizer step) together.
+
+        `wait_ready=False` returns once the actors are requested, before their constructors ran: a
+        controller starts all its roles so, and their processes start (import torch, transformers: ~6 s
+        of CPU each) side by side instead of one group after the other. `ready()`, which the first `run`
+        calls, waits for them (a constructor's error is raised there)."""
         if num_workers < 1:
             raise ConfigError(f"{role}: num_workers must be >= 1, got {num_workers}")
         if not (isinstance(worker_cls, type) and issubclass(worker_cls, Worker)):
@@ -237,20 +243,35 @@ class WorkerGroup:
         self._actors: list[Any] = []
         self._actor_options: list[dict[str, Any]] = []
         self._rendezvous: dict[str, str] = {}
+        self._ready = False
         try:
             self._start_actors(
                 resources, init_args, dict(init_kwargs or {}), dict(env_vars or {}), device, threads_per_worker
             )
-            self._set_rendezvous(startup_timeout_s)
         except BaseException:
             self.shutdown()
             raise
-        logger.info("%s: %d workers up (%s)", role, num_workers, worker_cls.__name__)
+        if wait_ready:
+            self.ready()
+
+    def ready(self) -> None:
+        """Wait until every actor's constructor finished (within startup_timeout_s) and give the ranks their
+        rendezvous address; once, before any other call. WorkerError (and the group shut down) if one failed."""
+        if self._ready:
+            return
+        self._ready = True  # the rendezvous calls below go through `run`
+        try:
+            self._set_rendezvous(self.startup_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+        logger.info("%s: %d workers up (%s)", self.role, self.world_size, self.worker_cls.__name__)
 
     # -- calling ------------------------------------------------------------------------------
 
     def run(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Pending:
         """Start `method` on the ranks its @dispatch mode names; returns futures at once."""
+        self.ready()
         name, spec = self._resolve(method)
         order = self._balanced_order(args, kwargs) if spec.mode == "split_dp" else None
         calls = _per_rank_arguments(spec.mode, self.world_size, args, kwargs, f"{self.role}.{name}", order)
@@ -295,6 +316,7 @@ class WorkerGroup:
         The new actor has none of the old one's state beyond its constructor: the caller re-runs
         whatever set-up followed (rollout engines: weight-sync join and the current weights).
         """
+        self.ready()  # the rendezvous address the new actor gets
         try:
             ray.kill(self._actors[rank], no_restart=True)
         except Exception as e:  # already dead
@@ -322,7 +344,8 @@ class WorkerGroup:
 
     @property
     def actors(self) -> list[Any]:
-        """The Ray actor handles, in rank order (for wiring, e.g. passing to another role)."""
+        """The Ray actor handles, in rank order (for wiring, e.g. passing to another role); waits for `ready`."""
+        self.ready()
         return list(self._actors)
 
     # -- internals ----------------------------------------------------------------------------

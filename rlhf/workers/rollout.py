@@ -156,6 +156,7 @@ class RolloutGroup:
             placement_group=placement_group,
             bundle_indices=bundle_indices,
             call_timeout_s=cluster_cfg.call_timeout_s,
+            wait_ready=False,  # the engines' processes start while the caller starts its other roles
         )
 
     @property

@@ -100,6 +100,7 @@ def test_sft_then_dpo_recipe_learns_and_resumes(tmp_path):
     assert lines[1].startswith("step dpo: eval/loss") and "eval/reward_accuracy 0.000 ->" in lines[1]
     assert lines[-1].startswith("recipe sft_dpo: held-out accuracy (greedy, run.final_eval) sft ")
     assert lines[-1] in proc.stderr  # logged too
+    assert proc.stderr.count("Started a local Ray instance") == 1  # both steps and their final evaluations
     # a second run finds both steps done and trains nothing
     again = run_pipeline(tmp_path, "sft_dpo", sizes=LEARNING)
     assert again.stderr.count("finished in an earlier run; skipping") == 2

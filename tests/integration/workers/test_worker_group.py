@@ -214,6 +214,23 @@ def test_constructor_failure_is_reported(ray_session):
     assert "constructor exploded" in str(info.value)
 
 
+def test_group_started_without_waiting_reports_its_constructor_failure_at_the_first_call(ray_session):
+    """wait_ready=False (how the controllers start their roles, side by side): the constructor's error comes
+    from the first call, as a WorkerError naming the rank, and the group is shut down."""
+    group = WorkerGroup(
+        EchoWorker,
+        role="broken",
+        num_workers=2,
+        resources=ResourceConfig(num_cpus=0.25),
+        init_args=("explode",),
+        wait_ready=False,
+    )
+    with pytest.raises(WorkerError, match="broken rank 0") as info:
+        group.call(EchoWorker.echo, 0)
+    assert "constructor exploded" in str(info.value)
+    assert group.placement_group is None  # shut down: the placement group is gone
+
+
 @pytest.mark.parametrize("strategy", ["PACK", "STRICT_PACK", "SPREAD"])
 def test_placement_strategies_create_groups(ray_session, strategy):
     from ray.util.placement_group import placement_group_table, remove_placement_group

@@ -1,4 +1,8 @@
-"""What the machine must have is checked when a run starts its own Ray, not in validate()."""
+"""What the machine must have is checked when a run starts its own Ray, not in validate(); a held local cluster."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,3 +17,34 @@ def test_a_cuda_preset_on_a_machine_without_a_gpu_stops_before_ray_starts(monkey
     with pytest.raises(ConfigError, match=r"cluster.device=cuda \(cluster=single_gpu\), but torch sees no CUDA GPU"):
         check_local_devices(ClusterConfig(name="single_gpu", device="cuda"))
     check_local_devices(ClusterConfig(device="cpu"))  # nothing to ask of the machine
+
+
+HELD_PROBE = """
+import logging
+import ray
+from rlhf.config import ClusterConfig
+from rlhf.utils.ray_session import held_ray_session, ray_session
+
+logging.basicConfig(level=logging.INFO)
+
+def gcs(num_cpus):
+    with ray_session(ClusterConfig(num_cpus=num_cpus)):
+        return ray.get_runtime_context().gcs_address, ray.cluster_resources()["CPU"]
+
+with held_ray_session():
+    first, again, other = gcs(2), gcs(2), gcs(3)
+    assert ray.is_initialized()
+assert not ray.is_initialized()
+print(first == again, first[0] != other[0], other[1])
+"""
+
+
+def test_held_session_keeps_one_cluster_for_runs_with_its_settings_and_restarts_for_others():
+    """rlhf and rlhf-pipeline hold the local cluster between a stage, its final evaluation and the next step;
+    a run with other settings gets a cluster of its own (a fresh process: the suite's own cluster is up here)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", HELD_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["True", "True", "3.0"]
+    assert proc.stderr.count("Started a local Ray instance") == 2
+    assert "reusing the Ray cluster of the previous run of this process" in proc.stderr
