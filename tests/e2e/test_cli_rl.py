@@ -37,23 +37,30 @@ def run_cli(rlhf_cli):
 # the ppo ZeRO-3 case runs policy, critic and reference by token budget (packed micro-batches, ranks
 # balanced by tokens): 96 >= data.max_prompt_length 64 + 8 new tokens, several sequences per micro-batch
 TOKEN_BUDGETS = [f"{role}.max_tokens_per_micro_batch=96" for role in ("policy", "critic", "reference")]
+# the grpo ZeRO-2 case scores with a custom reward given by import path (the repo is on the run's PYTHONPATH),
+# plus DAPO's overlong penalty as a second component (docs/rewards.md)
+CUSTOM_REWARD = [
+    "reward.fn=tests.fixtures.my_reward:score",
+    "reward.components=[{fn: overlong_penalty, weight: 0.5, kwargs: {buffer: 4}}]",
+]
 
 
 @pytest.mark.parametrize(
-    "stage,zero,backend,budgets",
+    "stage,zero,backend,extra",
     [
-        ("grpo", 2, "vllm", []),
+        ("grpo", 2, "vllm", CUSTOM_REWARD),
         pytest.param("grpo", 3, "hf", [], marks=pytest.mark.slow),  # ZeRO-3 and hf are each covered by a ppo case
         pytest.param("ppo", 2, "hf", [], marks=pytest.mark.slow),  # hf backend: every RL learning test runs on it
         ("ppo", 3, "vllm", TOKEN_BUDGETS),
     ],
-    ids=["grpo-2-vllm", "grpo-3-hf", "ppo-2-hf", "ppo-3-vllm-token-budgets"],
+    ids=["grpo-2-vllm-custom-reward", "grpo-3-hf", "ppo-2-hf", "ppo-3-vllm-token-budgets"],
 )
-def test_rl_stage_runs_end_to_end(run_cli, tmp_path, stage, zero, backend, budgets):
+def test_rl_stage_runs_end_to_end(run_cli, tmp_path, stage, zero, backend, extra):
     """Sampling at temperature 0.7; the policy takes one optimizer step per RL step (train_batch_size 16).
 
     Under ZeRO-3 the reference (PPO's KL term) is a ZeRO-3 group of 2 actors too, every parameter partitioned;
-    with the token budgets its ranks pack their shards and even out their forward passes.
+    with the token budgets its ranks pack their shards and even out their forward passes. With the custom
+    reward, each step's reward is the sum of its components as logged: score + 0.5 × overlong penalty.
     """
     out = tmp_path / "run"
     sharded_reference = [
@@ -63,7 +70,7 @@ def test_rl_stage_runs_end_to_end(run_cli, tmp_path, stage, zero, backend, budge
     ]
     proc = run_cli(
         tmp_path,
-        *budgets,
+        *extra,
         f"stage={stage}",
         f"policy.zero_stage={zero}",
         f"critic.zero_stage={zero}",
@@ -90,6 +97,13 @@ def test_rl_stage_runs_end_to_end(run_cli, tmp_path, stage, zero, backend, budge
         assert row["policy/approx_kl"] < 1e-8 and row["policy/clip_frac"] == 0.0
         if stage == "ppo":
             assert "critic/loss" in row
+        if extra is CUSTOM_REWARD:
+            assert 0.0 <= row["reward/score_mean"] <= 1.0
+            assert -1.0 <= row["reward/overlong_penalty_mean"] <= 0.0
+            expected = row["reward/score_mean"] + 0.5 * row["reward/overlong_penalty_mean"]
+            assert row["reward/mean"] == pytest.approx(expected, abs=1e-5)
+    if extra is CUSTOM_REWARD:
+        assert "reward: 1 × score + 0.5 × overlong_penalty" in proc.stderr + proc.stdout
     assert any("eval/accuracy" in r for r in rows)
     final = out / "final"
     assert (final / "model.safetensors").exists() and (final / "config.json").exists()
@@ -97,7 +111,7 @@ def test_rl_stage_runs_end_to_end(run_cli, tmp_path, stage, zero, backend, budge
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     plots = {p.name for p in (out / "plots").glob("*.png")}
     assert {"reward.png", "loss.png", "timings.png", "response_length.png"} <= plots
-    if stage == "grpo" and zero == 2:  # `stage=report` redraws them from metrics.jsonl alone
+    if extra is CUSTOM_REWARD:  # `stage=report` redraws them from metrics.jsonl alone
         for png in (out / "plots").glob("*.png"):
             png.unlink()
         run_cli(tmp_path, "stage=report", f"report.run_dir={out}", timeout=120).assert_ok()
@@ -173,6 +187,7 @@ def test_failing_actor_stops_run_with_its_traceback(run_cli, tmp_path):
     proc = run_cli(
         tmp_path,
         "rollout.backend=hf",
+        "policy.num_workers=1",  # fewer processes to start: the run stops at the reward model's load
         "run.total_steps=1",
         f"reward.model_path={broken}",
         f"run.output_dir={tmp_path / 'out'}",

@@ -21,30 +21,38 @@ def test_a_cuda_preset_on_a_machine_without_a_gpu_stops_before_ray_starts(monkey
 
 HELD_PROBE = """
 import logging
+import sys
+
 import ray
 from rlhf.config import ClusterConfig
 from rlhf.utils.ray_session import held_ray_session, ray_session
 
 logging.basicConfig(level=logging.INFO)
 
-def gcs(num_cpus):
-    with ray_session(ClusterConfig(num_cpus=num_cpus)):
-        return ray.get_runtime_context().gcs_address, ray.cluster_resources()["CPU"]
+def gcs(cluster):
+    with ray_session(cluster):
+        return ray.get_runtime_context().gcs_address
 
 with held_ray_session():
-    first, again, other = gcs(2), gcs(2), gcs(3)
-    assert ray.is_initialized()
+    first, again = gcs(ClusterConfig(num_cpus=2)), gcs(ClusterConfig(num_cpus=2))
+    joined = gcs(ClusterConfig(address=sys.argv[1]))
+    assert not ray.is_initialized()  # a joined cluster is left at the end of its run
 assert not ray.is_initialized()
-print(first == again, first[0] != other[0], other[1])
+print(first == again, joined == sys.argv[1])
 """
 
 
-def test_held_session_keeps_one_cluster_for_runs_with_its_settings_and_restarts_for_others():
+def test_held_session_keeps_one_cluster_for_runs_with_its_settings_and_stops_it_for_others(ray_cluster):
     """rlhf and rlhf-pipeline hold the local cluster between a stage, its final evaluation and the next step;
-    a run with other settings gets a cluster of its own (a fresh process: the suite's own cluster is up here)."""
+    a run with other settings (here: joining the suite's cluster by address) stops it first. In a process of its
+    own: the suite's cluster is up in this one."""
+    address = ray_cluster.get_runtime_context().gcs_address
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, "-c", HELD_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", HELD_PROBE, address], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split() == ["True", "True", "3.0"]
-    assert proc.stderr.count("Started a local Ray instance") == 2
+    assert proc.stdout.split() == ["True", "True"]
+    assert proc.stderr.count("Started a local Ray instance") == 1
     assert "reusing the Ray cluster of the previous run of this process" in proc.stderr
+    assert "stopping the Ray cluster of the previous run: this run needs another" in proc.stderr
