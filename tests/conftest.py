@@ -83,22 +83,14 @@ LONGEST_FIRST = (
     "tests/e2e/test_rl_learning.py",  # GRPO and PPO that learn (~50 s each)
 )
 """Test files handed to the pytest-xdist workers first (longest first), so that no long test starts last while
-the other worker has nothing left to do; the rest keep their collection order (e2e, integration, unit). A serial
-run starts with the unit tests (one core each, ~3 min), then these files."""
+the other worker has nothing left to do; the rest keep their collection order (e2e, integration, unit)."""
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
     root = Path(__file__).resolve().parent.parent
-    # serial: the unit tests first, on one core, while the other builds what a fresh machine lacks (_warm_caches)
-    serial = not getattr(config.option, "numprocesses", None)
-
-    def order(item) -> tuple[int, int]:
-        path = item.path.relative_to(root).as_posix()
-        return (0 if serial and path.startswith("tests/unit/") else 1, rank.get(path, len(rank)))
-
-    items.sort(key=order)  # stable
+    items.sort(key=lambda item: rank.get(item.path.relative_to(root).as_posix(), len(rank)))  # stable
     if getattr(config.option, "dist", "no") == "loadgroup":
         # `make test`: a module's tests stay on one worker (they share module-scoped fixtures: Ray actor
         # groups, trained models), except the end-to-end CLI runs, which share nothing and spread out

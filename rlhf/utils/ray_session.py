@@ -96,7 +96,9 @@ def held_ray_session() -> Iterator[None]:
     `ray_session` of a run would otherwise start a local Ray and stop it (~4 s of start-up a time on
     2 cores, and the Ray processes' CPU). A run whose settings differ (cluster preset, device, resources,
     actor environment: run.deterministic) stops the held cluster and starts its own. Nested: the outer
-    one holds. A cluster joined by address is never held; joining costs nothing to repeat.
+    one holds. A cluster joined by address is never held; joining costs nothing to repeat. Only a CPU
+    cluster is held: a stopped run's actors give their GPU memory back when their processes exit, which
+    `ray.shutdown` waits for and the next run's engines (sized from the free memory) need.
     """
     global _held
     if _held is not None:
@@ -142,7 +144,7 @@ def _ray_session(cluster: ClusterConfig) -> Iterator[None]:
         logger.info("ray cluster resources: %s", ray.cluster_resources())
     elif reused:
         logger.info("reusing the Ray cluster of the previous run of this process")
-    hold = started_here and not address and _held is not None
+    hold = started_here and not address and _held is not None and cluster.device == "cpu"
     if hold:
         _held.settings = settings
     try:
