@@ -206,29 +206,26 @@ def test_dead_actor_becomes_worker_error(ray_session):
         group.shutdown()
 
 
-def test_constructor_failure_is_reported(ray_session):
+@pytest.mark.parametrize("wait_ready", [True, False], ids=["waiting", "side-by-side"])
+def test_constructor_failure_is_reported(ray_session, wait_ready):
+    """A constructor's error is a WorkerError naming the rank: from WorkerGroup(...) itself, or with
+    wait_ready=False (how the controllers start their roles, side by side) from the first call, the group shut down."""
+    started: list[WorkerGroup] = []
     with pytest.raises(WorkerError, match="broken rank 0") as info:
-        WorkerGroup(
-            EchoWorker, role="broken", num_workers=1, resources=ResourceConfig(num_cpus=0.25), init_args=("explode",)
+        started.append(
+            WorkerGroup(
+                EchoWorker,
+                role="broken",
+                num_workers=2,
+                resources=ResourceConfig(num_cpus=0.25),
+                init_args=("explode",),
+                wait_ready=wait_ready,
+            )
         )
+        started[0].call(EchoWorker.echo, 0)
     assert "constructor exploded" in str(info.value)
-
-
-def test_group_started_without_waiting_reports_its_constructor_failure_at_the_first_call(ray_session):
-    """wait_ready=False (how the controllers start their roles, side by side): the constructor's error comes
-    from the first call, as a WorkerError naming the rank, and the group is shut down."""
-    group = WorkerGroup(
-        EchoWorker,
-        role="broken",
-        num_workers=2,
-        resources=ResourceConfig(num_cpus=0.25),
-        init_args=("explode",),
-        wait_ready=False,
-    )
-    with pytest.raises(WorkerError, match="broken rank 0") as info:
-        group.call(EchoWorker.echo, 0)
-    assert "constructor exploded" in str(info.value)
-    assert group.placement_group is None  # shut down: the placement group is gone
+    assert len(started) == (0 if wait_ready else 1)
+    assert all(group.placement_group is None for group in started)  # shut down: the placement group is gone
 
 
 @pytest.mark.parametrize("strategy", ["PACK", "STRICT_PACK", "SPREAD"])
