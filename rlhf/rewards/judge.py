@@ -132,8 +132,6 @@ class LLMJudge:
         from rlhf.workers.rollout import RolloutGroup
 
         self.engines = RolloutGroup(self.model_path, self.model_cfg, self.rollout_cfg, self.cluster_cfg, seed=self.seed)
-        if self.cluster_cfg.device == "cuda":  # up before the trained roles load their weights (start_rollout_group)
-            self.engines.group.ready()
 
     def render(self, template: str, fields: set[str], row: int, metadata: dict[str, Any], **values: str) -> list[int]:
         """Rubric → (chat-templated) token ids, keeping the last max_prompt_tokens."""

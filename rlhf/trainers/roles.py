@@ -122,17 +122,13 @@ def start_rollout_group(cfg: RLHFConfig, model_path: str, roles: list[Optional[W
 
     On CPU every actor starts side by side. On CUDA the engines size their KV cache from the memory free
     when they start (vLLM's gpu_memory_utilization), so they start after the other roles' actors are up
-    (their CUDA contexts taken) and are up themselves before any role loads its weights (call init_model
-    after this)."""
-    on_gpu = cfg.cluster.device == "cuda"
-    if on_gpu:
+    (their CUDA contexts taken); RolloutGroup then waits for them, before any role loads its weights
+    (call init_model after this)."""
+    if cfg.cluster.device == "cuda":
         for group in roles:
             if group is not None:
                 group.ready()
-    rollout = RolloutGroup(model_path, cfg.model, cfg.rollout, cfg.cluster, seed=cfg.run.seed)
-    if on_gpu:
-        rollout.group.ready()
-    return rollout
+    return RolloutGroup(model_path, cfg.model, cfg.rollout, cfg.cluster, seed=cfg.run.seed)
 
 
 def connect_weight_sync(policy: WorkerGroup, rollout: RolloutGroup, cluster: ClusterConfig) -> dict[str, str]:

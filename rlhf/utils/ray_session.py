@@ -134,7 +134,6 @@ def _ray_session(cluster: ClusterConfig) -> Iterator[None]:
         logger.info("stopping the Ray cluster of the previous run: this run needs another")
         ray.shutdown()
         _held.settings = None
-    reused = _held is not None and _held.settings == settings and ray.is_initialized()
     started_here = not ray.is_initialized()
     if started_here:
         if not address:
@@ -142,7 +141,7 @@ def _ray_session(cluster: ClusterConfig) -> Iterator[None]:
         kwargs = {} if address else {"num_cpus": cluster.num_cpus, "num_gpus": cluster.num_gpus, **LOCAL_SYSTEM_CONFIG}
         ray.init(address=address, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True, **kwargs)
         logger.info("ray cluster resources: %s", ray.cluster_resources())
-    elif reused:
+    elif _held is not None and _held.settings == settings:
         logger.info("reusing the Ray cluster of the previous run of this process")
     hold = started_here and not address and _held is not None and cluster.device == "cpu"
     if hold:

@@ -156,7 +156,9 @@ class RolloutGroup:
             placement_group=placement_group,
             bundle_indices=bundle_indices,
             call_timeout_s=cluster_cfg.call_timeout_s,
-            wait_ready=False,  # the engines' processes start while the caller starts its other roles
+            # on CPU the engines' processes start while the caller starts its other roles; on CUDA they are up
+            # before the caller goes on to load any weights: vLLM sizes its KV cache from the memory free at start
+            wait_ready=cluster_cfg.device == "cuda",
         )
 
     @property
