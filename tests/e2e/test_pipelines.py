@@ -57,7 +57,8 @@ def run_pipeline(tmp_path: Path, recipe: str, *more: str, sizes: list[str] = TIN
     proc = subprocess.run(
         [PIPELINE, recipe, f"output_dir={tmp_path / recipe}", *sizes, *more],
         cwd=tmp_path,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # starts its own Ray, as on a laptop, even where the caller's environment names a cluster to join
+        env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONUNBUFFERED": "1"},
         capture_output=True,
         text=True,
         timeout=900,
