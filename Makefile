@@ -13,9 +13,10 @@ demo: setup
 	$(ENV) $(PY) -m rlhf +experiment=tiny_grpo_demo run.output_dir=outputs/demo $(ARGS)
 
 # WORKERS=N runs the tests on N pytest-xdist workers (each file's tests on one worker, the longest files first:
-# tests/conftest.py). Serial by default: on 2 cores the suite is CPU-bound, and two workers took 23 min 0 s
-# against 22 min 6 s serially (fresh clone, idle machine); it pays on machines with more cores.
-WORKERS ?= 0
+# tests/conftest.py); WORKERS=0 runs them in this process. Two by default: since the tests reuse worker
+# processes (rlhf.utils.process_pool) a serial run leaves one of 2 cores idle a third of the time, and two
+# workers took 14 min 27 s against 16 min 24 s serially on the 2-core CI machine (warm caches).
+WORKERS ?= 2
 XDIST := $(if $(filter-out 0,$(WORKERS)),-n $(WORKERS) --dist loadgroup --no-loadscope-reorder)
 
 test: setup

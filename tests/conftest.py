@@ -113,15 +113,22 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A real local Ray cluster shared by every test of the session (logical CPUs so all roles fit)."""
+    """A real local Ray cluster shared by every test of the session (logical CPUs so all roles fit).
+
+    Worker processes are reused from one test's groups to the next's (rlhf.workers.host: each new process costs
+    ~6 s of CPU in imports, and the suite starts ~140 groups' worth): parked groups hold at most
+    PARKED_CPUS of the cluster's logical CPUs, so the other half stays free for what is not a WorkerGroup (the
+    CLI runs joining this cluster, plain Ray actors)."""
     import ray
+
+    from rlhf.utils.process_pool import PROCESS_POOL
 
     if ray.is_initialized():
         yield ray
         return
     temp_dir = tempfile.mkdtemp(prefix="rlhf-ray-")
     ray.init(
-        num_cpus=8,
+        num_cpus=2 * PARKED_CPUS,
         include_dashboard=False,
         _temp_dir=temp_dir,
         runtime_env={
@@ -139,8 +146,13 @@ def ray_cluster():
             }
         },
     )
+    PROCESS_POOL.enable(max_cpus=PARKED_CPUS)
     yield ray
+    PROCESS_POOL.disable()
     ray.shutdown()
+
+
+PARKED_CPUS = 8
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,10 @@ def held_ray_session() -> Iterator[None]:
     one holds. A cluster joined by address is never held; joining costs nothing to repeat. Only a CPU
     cluster is held: a stopped run's actors give their GPU memory back when their processes exit, which
     `ray.shutdown` waits for and the next run's engines (sized from the free memory) need.
+
+    While a cluster is held, the runs reuse each other's worker processes (rlhf.utils.process_pool): a group
+    shut down at the end of a stage hosts the next stage's group of the same shape (~6 s of imports saved per
+    rank).
     """
     global _held
     if _held is not None:
@@ -112,6 +116,9 @@ def held_ray_session() -> Iterator[None]:
         if held.settings is not None:
             import ray
 
+            from rlhf.utils.process_pool import PROCESS_POOL
+
+            PROCESS_POOL.disable()
             ray.shutdown()
 
 
@@ -124,6 +131,8 @@ def _session_settings(cluster: ClusterConfig, env: dict[str, str]) -> tuple:
 def _ray_session(cluster: ClusterConfig) -> Iterator[None]:
     import ray
 
+    from rlhf.utils.process_pool import PROCESS_POOL
+
     env = runtime_env_vars(cluster)
     os.environ.update(env)
     for lock in clear_stale_build_locks(env["TORCH_EXTENSIONS_DIR"]):
@@ -132,6 +141,7 @@ def _ray_session(cluster: ClusterConfig) -> Iterator[None]:
     settings = _session_settings(cluster, env)
     if _held is not None and _held.settings is not None and (address or _held.settings != settings):
         logger.info("stopping the Ray cluster of the previous run: this run needs another")
+        PROCESS_POOL.disable()
         ray.shutdown()
         _held.settings = None
     started_here = not ray.is_initialized()
@@ -146,6 +156,7 @@ def _ray_session(cluster: ClusterConfig) -> Iterator[None]:
     hold = started_here and not address and _held is not None and cluster.device == "cpu"
     if hold:
         _held.settings = settings
+        PROCESS_POOL.enable(max_cpus=ray.cluster_resources().get("CPU", 0.0))
     try:
         yield
     finally:

@@ -35,6 +35,11 @@ if one shows up. `wait` without a timeout uses the group's `call_timeout_s`. Cal
 after such an error, or `restart(rank)` to replace a dead rank (rollout engines do; see
 rlhf.trainers.roles.RolloutSupervisor). `wait_all` waits for calls on several groups that depend
 on each other (weight sync: the policy sends while the engines receive).
+
+Each rank's actor is a WorkerHost (rlhf.workers.host) that builds the worker and runs its methods; Ray names
+the actor after the worker class. Where this driver reuses processes (a held local CPU cluster, the test
+session: rlhf.utils.process_pool), `shutdown` parks a healthy, idle group instead of killing it, and the next
+group with its ranks, resources and actor environment builds its workers in those processes.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Literal, Optional, TypeVar
 
 import ray
@@ -61,7 +67,9 @@ from rlhf.data.token_budget import dp_shard_order, inverse_order, sequence_lengt
 from rlhf.engines.train_engine import init_distributed
 from rlhf.errors import ConfigError, WorkerDiedError, WorkerError
 from rlhf.utils.distributed import free_port, node_id, node_ip, process_env, rank_env
+from rlhf.utils.process_pool import PROCESS_POOL, ParkedGroup
 from rlhf.utils.seeding import deterministic_from_env
+from rlhf.workers.host import host_class
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +78,8 @@ CollectMode = Literal["list", "concat", "first", "mean"]
 DISPATCH_MODES: tuple[str, ...] = ("broadcast", "split_dp", "rank0", "all")
 COLLECT_MODES: tuple[str, ...] = ("list", "concat", "first", "mean")
 PLACEMENT_STRATEGIES: tuple[str, ...] = ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
+RELEASE_TIMEOUT_S = 30.0
+"""How long `shutdown` waits for idle ranks to drop their workers before it parks them (else they are killed)."""
 PEER_DEATH_GRACE_S = 5.0
 """After a rank raised, how long `wait` looks for a dead peer among the still-running ranks."""
 
@@ -138,6 +148,11 @@ class Worker:
         _configure_worker_logging(self.rank)
         self.deterministic = deterministic_from_env()
 
+    def release(self) -> bool:
+        """Let go of what this worker holds outside its own attributes before its process hosts another worker
+        (rlhf.workers.host: process reuse); False if the process cannot be handed on clean."""
+        return True
+
     @dispatch("broadcast", collect="list")
     def ping(self) -> dict[str, Any]:
         """Liveness answer: who and where this actor is (queued behind a running call)."""
@@ -169,7 +184,8 @@ class Worker:
         actor sees (Ray narrows CUDA_VISIBLE_DEVICES per actor), because DeepSpeed calls
         set_device(LOCAL_RANK).
         """
-        if dist.is_initialized():
+        if dist.is_initialized():  # a reused process (rlhf.workers.host): same world, this run's timeout
+            dist.distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_s))
             return
         if backend == "nccl":
             device_index = self.local_rank % max(torch.cuda.device_count(), 1)
@@ -226,13 +242,32 @@ class WorkerGroup:
         self.balance_tokens = balance_tokens
         self.minibatch_rows = minibatch_rows
         self._owns_placement_group = placement_group is None
+        self._healthy = True  # no error, timeout or restart seen: the processes may be parked for reuse
+        self._last_refs: tuple[ray.ObjectRef, ...] = ()
+        self._rebuilding: tuple[ray.ObjectRef, ...] = ()
+        self._reuse_key: Optional[tuple] = None
+        parked: Optional[ParkedGroup] = None
+        env_vars = dict(env_vars or {})
         if placement_group is None:
-            placement_group = create_placement_group(
-                [resource_bundle(resources)] * num_workers,
-                placement_strategy,
-                timeout_s=startup_timeout_s,
-                name=f"rlhf-{role}-{uuid.uuid4().hex[:8]}",  # Ray's placement-group names are cluster-wide
-            )
+            bundles = [resource_bundle(resources)] * num_workers
+            if device == "cpu" and PROCESS_POOL.enabled:
+                self._reuse_key = (
+                    num_workers,
+                    tuple(sorted(bundles[0].items())),
+                    placement_strategy,
+                    threads_per_worker,
+                    tuple(sorted(env_vars.items())),
+                )
+                parked = PROCESS_POOL.take(self._reuse_key)
+            if parked is not None:
+                placement_group = parked.placement_group
+            else:
+                placement_group = create_placement_group(
+                    bundles,
+                    placement_strategy,
+                    timeout_s=startup_timeout_s,
+                    name=f"rlhf-{role}-{uuid.uuid4().hex[:8]}",  # Ray's placement-group names are cluster-wide
+                )
             bundle_indices = list(range(num_workers))
         elif bundle_indices is None:
             bundle_indices = list(range(num_workers))
@@ -246,7 +281,7 @@ class WorkerGroup:
         self._ready = False
         try:
             self._start_actors(
-                resources, init_args, dict(init_kwargs or {}), dict(env_vars or {}), device, threads_per_worker
+                resources, init_args, dict(init_kwargs or {}), env_vars, device, threads_per_worker, parked
             )
         except BaseException:
             self.shutdown()
@@ -261,7 +296,12 @@ class WorkerGroup:
             return
         self._ready = True  # the rendezvous calls below go through `run`
         try:
-            self._set_rendezvous(self.startup_timeout_s)
+            if self._rebuilding:  # reused processes: their worlds and rendezvous stand
+                refs, self._rebuilding = self._rebuilding, ()
+                rebuilt = Pending("__init__", DispatchSpec("all", "list"), tuple(range(self.world_size)), refs)
+                wait_all([(self, rebuilt)], timeout=self.startup_timeout_s)
+            else:
+                self._set_rendezvous(self.startup_timeout_s)
         except BaseException:
             self.shutdown()
             raise
@@ -276,7 +316,9 @@ class WorkerGroup:
         order = self._balanced_order(args, kwargs) if spec.mode == "split_dp" else None
         calls = _per_rank_arguments(spec.mode, self.world_size, args, kwargs, f"{self.role}.{name}", order)
         ranks = tuple(sorted(calls))
-        refs = tuple(getattr(self._actors[r], name).remote(*calls[r][0], **calls[r][1]) for r in ranks)
+        label = f"{self.worker_cls.__name__}.{name}"  # the task's name in Ray's state API and tracebacks
+        refs = tuple(self._actors[r].call.options(name=label).remote(name, *calls[r][0], **calls[r][1]) for r in ranks)
+        self._last_refs = refs
         return Pending(name, spec, ranks, refs, order)
 
     def wait(self, pending: Pending, timeout: Optional[float] = None) -> Any:
@@ -317,18 +359,22 @@ class WorkerGroup:
         whatever set-up followed (rollout engines: weight-sync join and the current weights).
         """
         self.ready()  # the rendezvous address the new actor gets
+        self._healthy = False
         try:
             ray.kill(self._actors[rank], no_restart=True)
         except Exception as e:  # already dead
             logger.debug("%s rank %d: kill before restart: %s", self.role, rank, e)
         self._actors[rank] = self._new_actor(rank)
         name, spec = self._resolve(Worker.set_env)
-        ref = self._actors[rank].set_env.remote(self._rendezvous)  # the first call: waits for the constructor
+        ref = self._actors[rank].call.remote(name, self._rendezvous)  # the first call: waits for the constructor
         wait_all([(self, Pending(name, spec, (rank,), (ref,)))], timeout=timeout_s or self.startup_timeout_s)
         logger.warning("%s rank %d restarted", self.role, rank)
 
     def shutdown(self) -> None:
-        """Kill the actors and remove the placement group if this group created it (idempotent)."""
+        """Kill the actors and remove the placement group if this group created it (idempotent). With process
+        reuse on (rlhf.workers.host), a healthy idle CPU group's processes are parked for the next group instead."""
+        if self._park():
+            return
         for actor in self._actors:
             try:
                 ray.kill(actor, no_restart=True)
@@ -341,6 +387,27 @@ class WorkerGroup:
             except Exception as e:
                 logger.debug("%s: remove placement group: %s", self.role, e)
             self.placement_group = None
+
+    def _park(self) -> bool:
+        """Hand the processes to PROCESS_POOL if they are fit for another group; True if they were."""
+        if not (self._reuse_key is not None and self._actors and self._ready and self._healthy):
+            return False
+        try:
+            _, busy = ray.wait(list(self._last_refs), num_returns=len(self._last_refs), timeout=0)
+            if busy:  # a call still runs (the run stopped on another group's error)
+                return False
+            fit = ray.get([actor.release.remote() for actor in self._actors], timeout=RELEASE_TIMEOUT_S)
+        except Exception as e:
+            logger.debug("%s: not parked: %s", self.role, e)
+            return False
+        bundles = [dict(b) for b in self.placement_group.bundle_specs]
+        parked = ParkedGroup(self._reuse_key, self._actors, self.placement_group, self._rendezvous, bundles)
+        if not all(fit) or not PROCESS_POOL.park(parked):
+            return False
+        logger.debug("%s: %d processes parked for reuse", self.role, self.world_size)
+        self._actors = []
+        self.placement_group = None
+        return True
 
     @property
     def actors(self) -> list[Any]:
@@ -366,8 +433,9 @@ class WorkerGroup:
         env_vars: dict[str, str],
         device: str,
         threads: int,
+        parked: Optional[ParkedGroup],
     ) -> None:
-        self._remote_cls = ray.remote(self.worker_cls)
+        self._remote_cls = ray.remote(host_class(self.worker_cls))
         self._init_args = (tuple(init_args), init_kwargs)
         local_ranks, local_sizes = _local_ranks(self.placement_group, self.bundle_indices)
         for rank, bundle in enumerate(self.bundle_indices):
@@ -393,11 +461,21 @@ class WorkerGroup:
                     runtime_env={"env_vars": env},
                 )
             )
-            self._actors.append(self._new_actor(rank))
+            if parked is None:
+                self._actors.append(self._new_actor(rank))
+        if parked is not None:
+            self._actors = list(parked.hosts)
+            self._rendezvous = dict(parked.rendezvous)
+            self._rebuilding = tuple(
+                actor.rebuild.remote(
+                    self.worker_cls, {**opts["runtime_env"]["env_vars"], **self._rendezvous}, *self._init_args
+                )
+                for actor, opts in zip(self._actors, self._actor_options)
+            )
 
     def _new_actor(self, rank: int) -> Any:
         args, kwargs = self._init_args
-        return self._remote_cls.options(**self._actor_options[rank]).remote(*args, **kwargs)
+        return self._remote_cls.options(**self._actor_options[rank]).remote(self.worker_cls, args, kwargs)
 
     def _set_rendezvous(self, timeout_s: float) -> None:
         # Rank 0's node and a port free there; every rank learns it before any method runs.
@@ -419,6 +497,13 @@ class WorkerGroup:
         return name, spec
 
     def _get(self, ref: ray.ObjectRef, rank: int, method: str) -> Any:
+        try:
+            return self._get_or_raise(ref, rank, method)
+        except BaseException:
+            self._healthy = False
+            raise
+
+    def _get_or_raise(self, ref: ray.ObjectRef, rank: int, method: str) -> Any:
         actor = f"{self.role} rank {rank}"
         try:
             return ray.get(ref)
@@ -452,6 +537,8 @@ def wait_all(calls: Sequence[tuple[WorkerGroup, Pending]], timeout: Optional[flo
         left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
         ready, _ = ray.wait(list(remaining), num_returns=1, timeout=left)
         if not ready:
+            for group, _ in calls:
+                group._healthy = False
             raise WorkerError(_waiting_ranks(calls, remaining.values()), _timeout_message(calls, timeout))
         for ref in ready:
             i, rank = remaining.pop(ref)
@@ -523,6 +610,7 @@ def create_placement_group(
     """A placement group with `bundles`, ready to use; WorkerError if the cluster cannot host it in time."""
     if strategy not in PLACEMENT_STRATEGIES:
         raise ConfigError(f"unknown placement strategy {strategy!r}; known: {', '.join(PLACEMENT_STRATEGIES)}")
+    PROCESS_POOL.make_room(bundles)  # parked worker processes (rlhf.workers.host) make way
     pg = placement_group(bundles, strategy=strategy, name=name)
     try:
         ray.get(pg.ready(), timeout=timeout_s)

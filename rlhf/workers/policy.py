@@ -147,6 +147,10 @@ class CausalLMWorker(TrainableWorker):
             self._weight_sync.close()
             self._weight_sync = None
 
+    def release(self) -> bool:
+        self.close_weight_sync()  # local: its peers may be gone already
+        return True
+
     @dispatch("broadcast", collect="first")
     def sync_weights(self, bucket_mb: int = 64) -> dict[str, float]:
         """Stream the full weights to the engines; every rank takes part in the ZeRO-3 gathers.

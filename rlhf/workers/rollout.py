@@ -38,6 +38,7 @@ from ray.util.placement_group import PlacementGroup
 
 from rlhf.config import ClusterConfig, ModelConfig, RolloutConfig, SamplingConfig, engine_resources
 from rlhf.engines.rollout import ROLLOUT_BACKENDS, SLEEP_TAGS, Generation
+from rlhf.engines.rollout.hf_backend import HFBackend
 from rlhf.engines.weight_sync import WeightSyncGroup
 from rlhf.errors import ConfigError, WeightSyncError
 from rlhf.utils.ray_session import runtime_env_vars
@@ -78,6 +79,14 @@ class RolloutWorker(Worker):
         if self.weight_sync is not None:
             self.weight_sync.close()
         self.weight_sync = WeightSyncGroup.create(host, port, rank, world_size, backend, timeout_s)
+
+    def release(self) -> bool:
+        """Only an hf engine's process is handed on: vLLM keeps process-wide state (its environment, compiled
+        graphs, the CPU KV cache) that dropping the engine does not undo."""
+        if self.weight_sync is not None:
+            self.weight_sync.close()
+            self.weight_sync = None
+        return isinstance(self.backend, HFBackend)
 
     @dispatch("broadcast", collect="list")
     def receive_weights(self) -> dict[str, float]:

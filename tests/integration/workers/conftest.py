@@ -11,5 +11,5 @@ import pytest
 
 @pytest.fixture(scope="session")
 def ray_session(ray_cluster):
-    """The session's Ray cluster: ray.init(num_cpus=8, include_dashboard=False, _temp_dir=<tmp>)."""
+    """The session's Ray cluster (tests/conftest.py ray_cluster: 16 logical CPUs, worker processes reused)."""
     yield ray_cluster

@@ -181,7 +181,7 @@ def test_zero3_reference_group_matches_one_actor(colocated, zero3_groups, tiny_m
     torch.testing.assert_close(logprobs[mask], expected[mask], rtol=0, atol=1e-5)
     # shards of 5 and 3 rows: 3 and 2 micro-batches, so rank 1 pads one forward pass (else both hang)
     shards = [batch.select(slice(0, 5)), batch.select(slice(5, 8))]
-    parts = ray.get([a.compute_logprobs.remote(s, 0.7) for a, s in zip(sharded.actors, shards)], timeout=120)
+    parts = ray.get([a.call.remote("compute_logprobs", s, 0.7) for a, s in zip(sharded.actors, shards)], timeout=120)
     torch.testing.assert_close(torch.cat(parts)[mask], expected[mask], rtol=0, atol=1e-5)
 
 

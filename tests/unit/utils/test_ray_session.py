@@ -24,35 +24,42 @@ import logging
 import sys
 
 import ray
-from rlhf.config import ClusterConfig
+from rlhf.config import ClusterConfig, ResourceConfig
+from rlhf.utils.process_pool import PROCESS_POOL
 from rlhf.utils.ray_session import held_ray_session, ray_session
+from rlhf.workers.group import Worker, WorkerGroup
 
 logging.basicConfig(level=logging.INFO)
 
-def gcs(cluster):
+def run(cluster):
     with ray_session(cluster):
-        return ray.get_runtime_context().gcs_address
+        group = WorkerGroup(Worker, role="probe", num_workers=1, resources=ResourceConfig(num_cpus=1))
+        pid = group.ping()[0]["pid"]
+        group.shutdown()
+        return ray.get_runtime_context().gcs_address, pid
 
 with held_ray_session():
-    first, again = gcs(ClusterConfig(num_cpus=2)), gcs(ClusterConfig(num_cpus=2))
-    joined = gcs(ClusterConfig(address=sys.argv[1]))
+    (first, first_pid), (again, again_pid) = run(ClusterConfig(num_cpus=2)), run(ClusterConfig(num_cpus=2))
+    joined, _ = run(ClusterConfig(address=sys.argv[1]))
     assert not ray.is_initialized()  # a joined cluster is left at the end of its run
+    assert not PROCESS_POOL.enabled and not PROCESS_POOL.parked  # nothing is parked on a cluster joined by address
 assert not ray.is_initialized()
-print(first == again, joined == sys.argv[1])
+print(first == again, first_pid == again_pid, joined == sys.argv[1])
 """
 
 
 def test_held_session_keeps_one_cluster_for_runs_with_its_settings_and_stops_it_for_others(ray_cluster):
-    """rlhf and rlhf-pipeline hold the local cluster between a stage, its final evaluation and the next step;
-    a run with other settings (here: joining the suite's cluster by address) stops it first. In a process of its
-    own: the suite's cluster is up in this one."""
+    """rlhf and rlhf-pipeline hold the local cluster between a stage, its final evaluation and the next step, and
+    the next run's group of a shape builds in the processes of the last one's (rlhf.utils.process_pool); a run
+    with other settings (here: joining the suite's cluster by address) stops it first. In a process of its own:
+    the suite's cluster is up in this one."""
     address = ray_cluster.get_runtime_context().gcs_address
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run(
         [sys.executable, "-c", HELD_PROBE, address], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split() == ["True", "True"]
+    assert proc.stdout.split() == ["True", "True", "True"]
     assert proc.stderr.count("Started a local Ray instance") == 1
     assert "reusing the Ray cluster of the previous run of this process" in proc.stderr
     assert "stopping the Ray cluster of the previous run: this run needs another" in proc.stderr
