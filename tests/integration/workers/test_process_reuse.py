@@ -24,7 +24,18 @@ pytestmark = pytest.mark.ray
 RESOURCES = ResourceConfig(num_cpus=0.75)  # a shape no other test of the session uses
 
 
-class LeavesTraces(Worker):
+class InTheWorld(Worker):
+    """Joins the group's torch.distributed world and sums its ranks over it."""
+
+    @dispatch("broadcast", collect="list")
+    def all_reduce_rank(self) -> float:
+        self.setup_distributed("gloo", 60)
+        value = torch.tensor([float(self.rank + 1)])
+        dist.all_reduce(value)
+        return value.item()
+
+
+class LeavesTraces(InTheWorld):
     """Changes what a process-wide setting can change, so the next worker in its process can look for it."""
 
     def __init__(self) -> None:
@@ -41,18 +52,11 @@ class LeavesTraces(Worker):
         return {"pid": os.getpid(), "rng_at_start": self.rng_at_start}
 
     @dispatch("broadcast", collect="list")
-    def all_reduce_rank(self) -> float:
-        self.setup_distributed("gloo", 60)
-        value = torch.tensor([float(self.rank + 1)])
-        dist.all_reduce(value)
-        return value.item()
-
-    @dispatch("broadcast", collect="list")
     def fail(self) -> None:
         raise RuntimeError("this worker's process must not be handed on")
 
 
-class LooksForTraces(Worker):
+class LooksForTraces(InTheWorld):
     """Another class in the same processes: reports what it finds."""
 
     def __init__(self, tag: str) -> None:
@@ -73,13 +77,6 @@ class LooksForTraces(Worker):
             "rng_at_start": self.rng_at_start,
             "path_has_placeholder": "${PATH}" in os.environ["PATH"],
         }
-
-    @dispatch("broadcast", collect="list")
-    def all_reduce_rank(self) -> float:
-        self.setup_distributed("gloo", 60)
-        value = torch.tensor([float(self.rank + 1)])
-        dist.all_reduce(value)
-        return value.item()
 
 
 class CannotBeCleaned(Worker):
