@@ -501,6 +501,11 @@ class ClusterConfig:
     """Threads the trainer's rank 0 copies weights into the shared-memory segment with (transport shm), a
     gathered bucket at a time: one core copies at about two thirds of a 2-core machine's memory bandwidth
     (benchmarks/weight_sync.py). The other roles wait during a sync; 1: copy on the calling thread only."""
+    reuse_worker_processes: bool = True
+    """In a local CPU cluster that `rlhf` or `rlhf-pipeline` keeps between runs (a stage and its final
+    evaluation, the steps of a recipe): the next run's worker group of the same shape builds in the processes of
+    the last one's, cleaned of it, instead of starting new ones (~6 s of CPU per rank; rlhf.workers.host).
+    false: every group starts its own processes."""
     nodes: NodesConfig = field(default_factory=NodesConfig)
     """Shape and number of the nodes, for the sizing plan (run.plan=true) only."""
 

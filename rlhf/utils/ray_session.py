@@ -156,7 +156,11 @@ def _ray_session(cluster: ClusterConfig) -> Iterator[None]:
     hold = started_here and not address and _held is not None and cluster.device == "cpu"
     if hold:
         _held.settings = settings
-        PROCESS_POOL.enable(max_cpus=ray.cluster_resources().get("CPU", 0.0))
+    if _held is not None and _held.settings == settings:  # a held cluster: this run's groups may be reused
+        if cluster.reuse_worker_processes:
+            PROCESS_POOL.enable(max_cpus=ray.cluster_resources().get("CPU", 0.0))
+        else:
+            PROCESS_POOL.disable()
     try:
         yield
     finally:

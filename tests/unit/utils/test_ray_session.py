@@ -40,6 +40,8 @@ def run(cluster):
 
 with held_ray_session():
     (first, first_pid), (again, again_pid) = run(ClusterConfig(num_cpus=2)), run(ClusterConfig(num_cpus=2))
+    _, own_pid = run(ClusterConfig(num_cpus=2, reuse_worker_processes=False))
+    assert own_pid != again_pid and not PROCESS_POOL.parked
     joined, _ = run(ClusterConfig(address=sys.argv[1]))
     assert not ray.is_initialized()  # a joined cluster is left at the end of its run
     assert not PROCESS_POOL.enabled and not PROCESS_POOL.parked  # nothing is parked on a cluster joined by address
@@ -50,9 +52,9 @@ print(first == again, first_pid == again_pid, joined == sys.argv[1])
 
 def test_held_session_keeps_one_cluster_for_runs_with_its_settings_and_stops_it_for_others(ray_cluster):
     """rlhf and rlhf-pipeline hold the local cluster between a stage, its final evaluation and the next step, and
-    the next run's group of a shape builds in the processes of the last one's (rlhf.utils.process_pool); a run
-    with other settings (here: joining the suite's cluster by address) stops it first. In a process of its own:
-    the suite's cluster is up in this one."""
+    the next run's group of a shape builds in the processes of the last one's (rlhf.utils.process_pool; not with
+    cluster.reuse_worker_processes=false); a run with other settings (here: joining the suite's cluster by
+    address) stops it first. In a process of its own: the suite's cluster is up in this one."""
     address = ray_cluster.get_runtime_context().gcs_address
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run(
