@@ -77,22 +77,23 @@ class ProcessPool:
         return None
 
     def make_room(self, bundles: Sequence[dict[str, float]]) -> None:
-        """Kill parked groups, oldest first, until a new placement group of `bundles` fits beside the rest."""
+        """Kill parked groups, oldest first, until what is free in the cluster, with what they give back, holds a
+        new placement group of `bundles` (Ray's free count lags a removal a little: at worst one more goes)."""
         if not self.parked:
             return
         if not self._same_cluster():
             self.parked = []  # their cluster is gone, and its actors with it
             return
-        total = ray.cluster_resources()
+        free = ray.available_resources()
         need: dict[str, float] = {}
-        for bundle in [*bundles, *(b for g in self.parked for b in g.bundles)]:
+        for bundle in bundles:
             for k, v in bundle.items():
                 need[k] = need.get(k, 0.0) + v
-        while self.parked and any(v > total.get(k, 0.0) for k, v in need.items()):
+        while self.parked and any(v > free.get(k, 0.0) for k, v in need.items()):
             oldest = self.parked.pop(0)
             for bundle in oldest.bundles:
                 for k, v in bundle.items():
-                    need[k] -= v
+                    free[k] = free.get(k, 0.0) + v
             oldest.kill()
 
     def park(self, group: ParkedGroup) -> bool:
