@@ -111,6 +111,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+PARKED_CPUS = 8
+"""The most logical CPUs this session's parked worker processes hold (`ray_cluster`)."""
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray cluster shared by every test of the session (logical CPUs so all roles fit).
@@ -150,9 +154,6 @@ def ray_cluster():
     yield ray
     PROCESS_POOL.disable()
     ray.shutdown()
-
-
-PARKED_CPUS = 8
 
 
 @dataclass(frozen=True)

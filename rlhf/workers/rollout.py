@@ -83,9 +83,7 @@ class RolloutWorker(Worker):
     def release(self) -> bool:
         """Only an hf engine's process is handed on: vLLM keeps process-wide state (its environment, compiled
         graphs, the CPU KV cache) that dropping the engine does not undo."""
-        if self.weight_sync is not None:
-            self.weight_sync.close()
-            self.weight_sync = None
+        self.close_weight_sync()  # local: its peers may be gone already
         return isinstance(self.backend, HFBackend)
 
     @dispatch("broadcast", collect="list")

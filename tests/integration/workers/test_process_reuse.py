@@ -123,6 +123,8 @@ def test_next_group_of_the_shape_builds_in_the_same_clean_processes_and_world(po
     finally:
         second.shutdown()
     assert len(pool.parked) == 1
+    group(LooksForTraces, "untouched", "x").shutdown()  # rebuilt in them, no call made: parked again
+    assert len(pool.parked) == 1
 
     # a group of another shape gets a process of its own; the two-rank one waits for a group of its shape
     single = group(LooksForTraces, "one", "c", num_workers=1)
