@@ -5,9 +5,11 @@
 #
 # The dependencies (torch, then the exact versions of the lock file) are installed once per machine into a
 # venv outside the repo, $RLHF_VENV_CACHE/<hash of the lock, this recipe and the Python> (default
-# ${RLHF_CACHE:-~/.cache/rlhf}/venvs). Each clone's $VENV is a hard-linked copy of it with this package
-# installed editable on top: seconds and next to no disk instead of 2-3 minutes from pip's cache (2-core
-# machine). pip and Python replace files rather than write into them, so the copies never change the cache.
+# ${RLHF_CACHE:-~/.cache/rlhf}/venvs). A clone's $VENV is a venv of its own layered on it: its own Python,
+# a .pth line that adds the cached packages, the cached console scripts pointed at its Python, and this
+# package installed editable. That takes seconds instead of 2-3 minutes from pip's cache (2-core machine),
+# and every clone imports torch and DeepSpeed from one place, so DeepSpeed's JIT-built ops, which are keyed
+# by where DeepSpeed lives (rlhf.utils.distributed.torch_extensions_dir), are built once for all of them.
 # RLHF_VENV_CACHE=off installs straight into $VENV. `setup_env.sh --cache-dir` prints where the cached
 # dependencies of this lock go.
 set -euo pipefail
@@ -17,7 +19,8 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 LOCK=requirements/cpu.lock
 VENV_CACHE=${RLHF_VENV_CACHE:-${RLHF_CACHE:-$HOME/.cache/rlhf}/venvs}
-KEEP_CACHED=2  # cached dependency venvs kept, the newest (~4 GB each)
+KEEP_CACHED=3  # cached dependency venvs kept, the newest (~4 GB each); a clone layered on an evicted one is
+               # made again by its next `make`
 
 install_dependencies() {  # into a new venv at $1
     "$PYTHON" -m venv "$1"
@@ -56,20 +59,35 @@ ensure_cached() {
     ls -1dt "$VENV_CACHE"/*/ | tail -n +$((KEEP_CACHED + 1)) | xargs -r rm -rf  # older lock files' venvs
 }
 
-# In the scripts and pyvenv.cfg of the venv $1, prefix $2 becomes $3. sed -i writes new files: where $1 is a
-# hard-linked copy, the files it shares with the cache stay as they were.
+# In the scripts and pyvenv.cfg of the venv $1, prefix $2 becomes $3 (the cached venv was built elsewhere).
 name_prefix() {
     { grep -rlIF "$2" "$1/bin" "$1/pyvenv.cfg" || true; } | while read -r file; do
         sed -i "s#$2#$3#g" "$file"
     done
 }
 
-# A copy at $2 of the venv $1: hard links where both sit on one filesystem, a plain copy otherwise.
-copy_venv() {
-    mkdir -p "$(dirname "$2")"
-    cp -al "$1" "$2" 2>/dev/null || { rm -rf "$2"; cp -a "$1" "$2"; }
-    rm -f "$2/.complete"
-    name_prefix "$2" "$1" "$(cd "$2" && pwd)"
+purelib() {  # the site-packages directory of the venv $1
+    "$1/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))'
+}
+
+# A venv at $2 layered on the cached venv $1 (see the top of this file). The cache's scripts that run its
+# Python are copied with $2's Python instead; its other files in bin/ (ninja, hadolint) are linked.
+layer_venv() {
+    local from=$1 to=$2 script
+    "$PYTHON" -m venv --without-pip "$to"
+    to=$(cd "$to" && pwd)
+    echo "import site; site.addsitedir('$(purelib "$from")')" > "$(purelib "$to")/_rlhf_dependencies.pth"
+    echo "$from" > "$to/.rlhf-dependencies"
+    for script in "$from"/bin/*; do
+        local name=${script##*/}
+        [ -f "$script" ] && [ ! -e "$to/bin/$name" ] || continue  # python, activate: the new venv's own
+        if grep -qIF "$from/bin/python" "$script"; then
+            sed "s#$from/bin/python#$to/bin/python#g" "$script" > "$to/bin/$name"
+            chmod +x "$to/bin/$name"
+        else
+            ln -s "$script" "$to/bin/$name"
+        fi
+    done
 }
 
 if [ "${1:-}" = --cache-dir ]; then
@@ -79,7 +97,9 @@ fi
 
 stamp="$VENV/.rlhf-installed"
 want=$(cat "$LOCK" pyproject.toml scripts/setup_env.sh | sha256sum | cut -d' ' -f1)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
+layered_on=$(cat "$VENV/.rlhf-dependencies" 2>/dev/null || true)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/python" ] &&
+    { [ -z "$layered_on" ] || [ -f "$layered_on/.complete" ]; }; then
     exit 0
 fi
 
@@ -90,8 +110,8 @@ if [ "$VENV_CACHE" = off ]; then
 else
     cached=$(cache_dir)
     ensure_cached "$cached"
-    echo "[setup] creating $VENV from $cached"
-    copy_venv "$cached" "$VENV"
+    echo "[setup] creating $VENV on $cached"
+    layer_venv "$cached" "$VENV"
 fi
 "$VENV/bin/python" -m pip --disable-pip-version-check install -q --no-deps --no-build-isolation -e .
 echo "$want" > "$stamp"

@@ -11,6 +11,7 @@ import ctypes
 import ctypes.util
 import hashlib
 import importlib
+import importlib.util
 import os
 import random
 import socket
@@ -32,18 +33,28 @@ STALE_BUILD_LOCK_S = 900
 
 
 def torch_extensions_dir() -> str:
-    """Where DeepSpeed's JIT-built ops live: outside the repo, one directory per Python environment.
+    """Where DeepSpeed's JIT-built ops live: outside the repo, one directory per DeepSpeed installation.
 
-    $TORCH_EXTENSIONS_DIR wins when set. Otherwise <RLHF_CACHE>/torch_extensions/<hash of sys.prefix>:
-    each venv builds against its own torch headers, and two venvs sharing one directory rebuild it
-    for each other (and wait on each other's build locks). The first build takes ~35 s, later loads 0.4 s.
+    $TORCH_EXTENSIONS_DIR wins when set. Otherwise <RLHF_CACHE>/torch_extensions/<hash of where deepspeed is
+    installed>: an op builds against the torch and DeepSpeed headers beside it and its build flags name their
+    paths, so two installations sharing one directory rebuild it for each other (and wait on each other's build
+    locks). The venvs that scripts/setup_env.sh layers on one cached dependency venv share one installation, so a
+    new clone reuses the ops. The first build takes ~35 s, later loads 0.4 s.
     """
     configured = os.environ.get("TORCH_EXTENSIONS_DIR")
     if configured:
         return configured
     cache = Path(os.environ.get("RLHF_CACHE") or Path.home() / ".cache" / "rlhf").expanduser()
-    env_key = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
+    env_key = hashlib.sha1(deepspeed_location().encode()).hexdigest()[:10]
     return str(cache / "torch_extensions" / env_key)
+
+
+def deepspeed_location() -> str:
+    """The real directory deepspeed is imported from (found, not imported), or sys.prefix without it."""
+    spec = importlib.util.find_spec("deepspeed")
+    if spec is None or spec.origin is None:
+        return sys.prefix
+    return os.path.dirname(os.path.realpath(spec.origin))
 
 
 def import_deepspeed(submodule: str = ""):  # -> a module (not annotated: importing deepspeed here defeats the point)

@@ -1,20 +1,24 @@
-"""DeepSpeed's JIT cache: one directory per Python environment, and stale build locks cleared."""
+"""DeepSpeed's JIT cache: one directory per DeepSpeed installation, and stale build locks cleared."""
 
 from __future__ import annotations
 
 import os
-import sys
 import time
 
-from rlhf.utils.distributed import clear_stale_build_locks, torch_extensions_dir
+from rlhf.utils import distributed
+from rlhf.utils.distributed import clear_stale_build_locks, deepspeed_location, torch_extensions_dir
 
 
-def test_the_directory_is_keyed_by_the_python_environment(monkeypatch, tmp_path):
+def test_the_directory_is_keyed_by_the_deepspeed_installation(monkeypatch, tmp_path):
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
     monkeypatch.setenv("RLHF_CACHE", str(tmp_path))
     here = torch_extensions_dir()
     assert here.startswith(str(tmp_path / "torch_extensions")) and here != str(tmp_path / "torch_extensions")
-    monkeypatch.setattr(sys, "prefix", "/some/other/venv")
+    import deepspeed
+
+    assert deepspeed_location() == os.path.dirname(os.path.realpath(deepspeed.__file__))
+    # another venv with its own deepspeed: another directory; a venv layered on this one's packages: this one
+    monkeypatch.setattr(distributed, "deepspeed_location", lambda: "/some/other/venv/site-packages/deepspeed")
     assert torch_extensions_dir() != here
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/explicit")
     assert torch_extensions_dir() == "/explicit"
