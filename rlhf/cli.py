@@ -98,16 +98,22 @@ def _protect_secrets() -> None:
 def check_group_overrides(overrides: list[str]) -> None:
     """ConfigError for `group=value` overrides of a conf/ group (stage, cluster, ...) naming no file of it.
 
-    Hydra lists the options itself for most typos, but `stage=null` crashes inside Hydra with a long traceback.
+    Hydra lists the options itself for most typos, but `stage=null` and `stage=[null]` crash inside Hydra with a
+    long traceback. A list (`[a,b]`: Hydra merges the configs named) must name known configs only.
     """
     conf = Path(CONF_DIR)
     for override in overrides:
         key, sep, value = override.lstrip("+~").partition("=")
         group = conf / key
-        if not sep or not group.is_dir() or any(c in value for c in ",()[]*$"):  # sweeps, interpolations
+        if not sep or not group.is_dir():
+            continue
+        names = [value]
+        if value.startswith("[") and value.endswith("]"):
+            names = value[1:-1].split(",")
+        if any(c in name for name in names for c in ",()[]*$"):  # sweeps, interpolations, nested lists
             continue
         known = sorted(p.stem for p in group.glob("*.yaml"))
-        if value.strip("'\"") not in known:
+        if not all(name.strip().strip("'\"") in known for name in names):
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(known)}")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 import typing
 
 import pytest
@@ -225,3 +226,11 @@ def test_batch_arithmetic_is_shown(hydra_conf):
         ConfigError, match=r"policy.micro_batch_size 3 × policy.num_workers 2 = 6; pick a multiple of 6"
     ):
         validate(cfg)
+
+
+@pytest.mark.parametrize("value", ["null", "''", "[null]", "[]", "[grpo,nope]"])
+def test_a_group_override_naming_no_config_is_a_config_error(value):
+    """Hydra crashes on some of these (`stage=[null]`: a TypeError deep in its defaults list, found by the fuzz above)."""
+    with pytest.raises(ConfigError, match=rf"stage={re.escape(repr(value))} is not one of dapo, distill, "):
+        check_group_overrides([f"stage={value}"])
+    check_group_overrides(["stage=[grpo,ppo]", "stage=grpo", "+experiment=tiny_grpo"])  # known names pass
