@@ -63,3 +63,7 @@ class RewardError(RLHFError):
 
 class NonFiniteError(RLHFError):
     """Training skipped run.max_consecutive_nonfinite optimizer steps in a row for a NaN/inf loss or gradient norm."""
+
+
+class RolloutMismatchError(RLHFError):
+    """The rollout engine samples from another distribution than the trainer scores (algorithm.mismatch_kl_threshold)."""

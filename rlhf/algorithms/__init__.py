@@ -67,6 +67,7 @@ from rlhf.algorithms.kl import (
     kl_estimate,
     kl_in_reward,
     kl_loss,
+    rollout_mismatch,
 )
 from rlhf.algorithms.policy_losses import (
     POLICY_LOSSES,
@@ -143,6 +144,7 @@ __all__ = [
     "kl_estimate",
     "kl_in_reward",
     "kl_loss",
+    "rollout_mismatch",
     "FixedKLController",
     "AdaptiveKLController",
     # preference

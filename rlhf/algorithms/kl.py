@@ -75,6 +75,39 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k3") -> Ten
 
 
 @torch.no_grad()
+def rollout_mismatch(engine_logprobs: Tensor, trainer_logprobs: Tensor, mask: Tensor) -> Stats:
+    """How far the rollout engine's sampling distribution is from the trainer's, on the engine's own samples.
+
+    logprob_diff    = mean_j |trainer_j - engine_j|
+    mismatch_kl     = mean_j k3(engine_j, trainer_j)          KL(pi_engine || pi_trainer)
+    mismatch_kl_max = max_i mean_{j in row i} k3(...)         the worst sequence
+
+    The samples come from the engine, so ``k3`` with the engine as pi and the trainer as the reference estimates
+    KL(pi_engine || pi_trainer) without bias (module docstring). With the same weights on both sides it is float
+    noise (float32 on CPU: ~1e-10; bf16 engines against a float32 trainer: ~1e-3, Yao et al. 2025, "Your Efficient
+    RL Framework Secretly Brings You Off-Policy RL Training"); a wrong chat template, tokenizer, dtype or sampling
+    temperature on one side, or weights that never reached the engine, make it large.
+
+    Args:
+        engine_logprobs: ``[B, R]`` log-probabilities the engine reported for its sampled tokens.
+        trainer_logprobs: ``[B, R]`` the trainer's log-probabilities of the same tokens, same temperature.
+        mask: ``[B, R]`` real response tokens.
+
+    Returns:
+        ``rollout/logprob_diff``, ``rollout/mismatch_kl`` and ``rollout/mismatch_kl_max`` (0-d tensors; 0 for a
+        batch without real tokens).
+    """
+    real = mask.bool()
+    kl = torch.where(real, kl_estimate(engine_logprobs, trainer_logprobs, "k3"), torch.zeros_like(engine_logprobs))
+    per_sequence = masked_mean(kl, mask, dim=-1)
+    return {
+        "rollout/logprob_diff": masked_mean((trainer_logprobs - engine_logprobs).abs(), mask),
+        "rollout/mismatch_kl": masked_mean(kl, mask),
+        "rollout/mismatch_kl_max": per_sequence.max() if per_sequence.numel() else per_sequence.sum(),
+    }
+
+
+@torch.no_grad()
 def kl_in_reward(
     scores: Tensor,
     logprobs: Tensor,

@@ -22,6 +22,7 @@ INFERENCE_ZERO_STAGES = (0, 3)
 DTYPES = ("float32", "bfloat16")
 DEVICES = ("cpu", "cuda")
 ROLLOUT_BACKENDS = ("vllm", "hf")
+MISMATCH_ACTIONS = ("warn", "stop")
 PLACEMENT_STRATEGIES = ("PACK", "STRICT_PACK", "SPREAD")
 
 
@@ -110,6 +111,7 @@ FIELD_BOUNDS: dict[str, str] = {
     "rollout.kv_cache_gib": "> 0",
     "algorithm.kl_target": "> 0",
     "algorithm.rollout_is_cap": "> 0",
+    "algorithm.mismatch_kl_threshold": "> 0",
     "algorithm.dual_clip": "> 1",
     "reward.model_norm.clip": "> 0",
     "data.mixture.#.weight": "> 0",

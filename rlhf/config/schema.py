@@ -178,6 +178,13 @@ class AlgorithmConfig:
     """Dual-clip constant c > 1 bounding the loss for negative advantages (None: off)."""
     rollout_is_cap: Optional[float] = None
     """Truncated importance-sampling cap for rollout/trainer logprob mismatch (None: off)."""
+    mismatch_kl_threshold: float = 0.1
+    """The rollout/trainer contract: per-token KL(engine || trainer) on the engine's samples (metric
+    rollout/mismatch_kl, rlhf.algorithms.rollout_mismatch) above this is a broken contract. On a run's first step
+    both sides hold the same weights, so it is an error there whatever mismatch_action says; later, mismatch_action.
+    Float noise is ~1e-10 (float32 CPU) to ~1e-3 (bf16 engine vs float32 trainer)."""
+    mismatch_action: str = "warn"
+    """Above mismatch_kl_threshold after the first step: warn (a warning each such step) or stop (an error)."""
     gamma: float = 1.0
     """Discount factor (GAE, REINFORCE++)."""
     lam: float = 0.95

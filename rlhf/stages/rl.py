@@ -11,6 +11,7 @@ from pathlib import Path
 
 from rlhf.config import (
     DTYPES,
+    MISMATCH_ACTIONS,
     ROLLOUT_BACKENDS,
     RLHFConfig,
     Stage,
@@ -51,6 +52,7 @@ def validate_rl(cfg: RLHFConfig) -> None:
     POLICY_LOSSES.check(algo.policy_loss, "algorithm.policy_loss")
     LOSS_AGGREGATIONS.check(algo.loss_agg, "algorithm.loss_agg")
     KL_ESTIMATORS.check(algo.kl_estimator, "algorithm.kl_estimator")
+    require_choice(algo.mismatch_action, MISMATCH_ACTIONS, "algorithm.mismatch_action")
     require(0 <= algo.clip_low < 1, f"algorithm.clip_low must be in [0, 1) (got {algo.clip_low})")
     require(algo.clip_high >= 0, f"algorithm.clip_high must be >= 0 (got {algo.clip_high})")
     require(algo.dual_clip is None or algo.dual_clip > 1, f"algorithm.dual_clip must be > 1 (got {algo.dual_clip})")

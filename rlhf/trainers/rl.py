@@ -11,13 +11,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from rlhf.algorithms import ADVANTAGE_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_in_reward, masked_mean
+from rlhf.algorithms import (
+    ADVANTAGE_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    kl_in_reward,
+    masked_mean,
+    rollout_mismatch,
+)
 from rlhf.algorithms.sampling import informative_groups, select_groups
 from rlhf.config import RLHFConfig, TrainConfig, uses_critic, uses_reference
 from rlhf.data.batch import RolloutBatch, pad_sequences
 from rlhf.data.stream import PromptBatch
 from rlhf.engines.rollout import logprob_temperature
+from rlhf.errors import RolloutMismatchError
 from rlhf.rewards import build_reward_pipeline
 from rlhf.trainers.controller import Controller
 from rlhf.trainers.prepare import EncodedPrompts, PreparedRun
@@ -53,6 +62,8 @@ class RLTrainer(Controller):
         self.temperature = logprob_temperature(cfg.rollout.sampling)
         self.estimate_advantages = ADVANTAGE_ESTIMATORS.get(cfg.algorithm.advantage)
         self.collect = self._collect_informative if cfg.algorithm.dynamic_sampling else self._collect_once
+        self.contract_checked = False
+        """The first step of this process has compared the engines' logprobs with the policy's (check_rollout_contract)."""
         self.kl_in_reward = cfg.algorithm.kl_coef > 0 and not cfg.algorithm.use_kl_loss
         self.kl_ctl = (
             AdaptiveKLController(cfg.algorithm.kl_coef, cfg.algorithm.kl_target, cfg.algorithm.kl_horizon)
@@ -140,9 +151,7 @@ class RLTrainer(Controller):
             batch, rollout_stats, reward_stats = self.collect(step, timer)
             with timer("logprobs"):
                 batch = self.logprobs(batch)
-                rollout_stats["rollout/logprob_diff"] = masked_mean(
-                    (batch.old_logprobs - batch.rollout_logprobs).abs(), batch.response_mask
-                )
+                rollout_stats.update(self.check_rollout_contract(batch, step))
             if self.critic:
                 with timer("values"):
                     batch = batch.replace(values=self.critic.call(CriticWorker.compute_values, batch))
@@ -161,6 +170,37 @@ class RLTrainer(Controller):
             **self.engines.metrics(),  # faults/rollout_restarts
         }
         return {**rollout_stats, **reward_stats, **adv_stats, **train_stats, **sync_stats, **timer.metrics(), **perf}
+
+    def check_rollout_contract(self, batch: RolloutBatch, step: int) -> dict[str, Tensor]:
+        """rollout/mismatch_kl and friends (rlhf.algorithms.rollout_mismatch), with the contract enforced.
+
+        The first step of this process runs on weights the engines loaded from the same checkpoint (or got synced
+        on resume), so a mismatch there is never noise: an error that names the likely causes. Later steps act by
+        algorithm.mismatch_action (warn or stop)."""
+        algo = self.cfg.algorithm
+        stats = rollout_mismatch(batch.rollout_logprobs, batch.old_logprobs, batch.response_mask)
+        first, self.contract_checked = not self.contract_checked, True
+        kl = float(stats["rollout/mismatch_kl"])
+        if kl <= algo.mismatch_kl_threshold:
+            return stats
+        measured = (
+            f"step {step + 1}: the rollout engine's logprobs of its own samples differ from the policy's "
+            f"(KL(engine || trainer) {kl:.3g} per token, worst sequence {float(stats['rollout/mismatch_kl_max']):.3g}; "
+            f"algorithm.mismatch_kl_threshold {algo.mismatch_kl_threshold:g})"
+        )
+        if first:
+            raise RolloutMismatchError(
+                f"{measured} on the first step, where both hold the same weights. Likely causes: a different dtype "
+                f"(model.dtype {self.cfg.model.dtype}), tokenizer or chat template on one side, a sampling setting "
+                "(temperature, top_p, top_k) the engine applies and the trainer does not, or an engine serving "
+                "other weights than model.path"
+            )
+        if algo.mismatch_action == "stop":
+            raise RolloutMismatchError(
+                f"{measured}; algorithm.mismatch_action=stop. Did the weight sync reach the engines?"
+            )
+        logger.warning("%s; training goes on (algorithm.mismatch_action=warn)", measured)
+        return stats
 
     def _collect_once(
         self, step: int, timer: PhaseTimer, sampling_round: int = 0

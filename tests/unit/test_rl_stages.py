@@ -127,3 +127,15 @@ def test_bad_reference_or_reward_group_is_refused(overrides, message):
     cfg = compose("stage=ppo", *sizes, *overrides)
     with pytest.raises(ConfigError, match=message):
         validate(cfg)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("algorithm.mismatch_action=correct", r"algorithm.mismatch_action='correct' is not one of warn, stop"),
+        ("algorithm.mismatch_kl_threshold=0", r"algorithm.mismatch_kl_threshold"),
+    ],
+)
+def test_bad_rollout_contract_settings_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose("stage=grpo", override))

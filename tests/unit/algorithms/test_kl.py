@@ -13,6 +13,7 @@ from rlhf.algorithms.kl import (
     kl_estimate,
     kl_in_reward,
     kl_loss,
+    rollout_mismatch,
 )
 from rlhf.algorithms.utils import masked_mean
 from rlhf.errors import ConfigError
@@ -92,3 +93,29 @@ def test_controllers_reject_bad_settings():
         AdaptiveKLController(0.1, target=1.0, horizon=0)
     with pytest.raises(ConfigError, match="kl_coef"):
         FixedKLController(-1.0)
+
+
+def test_rollout_mismatch_hand_values():
+    """KL(engine || trainer) by k3 on the engine's samples: per token exp(t - e) - (t - e) - 1, padding ignored."""
+    engine = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -0.5, -9.0]])
+    trainer = torch.tensor([[-1.0, -2.0 - LN2, 5.0], [-0.5 + LN2, -0.5, 3.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    stats = rollout_mismatch(engine, trainer, mask)
+    half = 0.5 + LN2 - 1  # t - e = -ln 2
+    double = 2.0 - LN2 - 1  # t - e = +ln 2
+    assert stats["rollout/logprob_diff"] == pytest.approx(LN2 / 2)
+    assert stats["rollout/mismatch_kl"] == pytest.approx((half + double) / 4)
+    assert stats["rollout/mismatch_kl_max"] == pytest.approx(double / 2)  # row 2's mean; row 1 has half / 2
+    same = rollout_mismatch(engine, engine.clone(), mask)
+    assert all(float(v) == 0.0 for v in same.values())
+    empty = rollout_mismatch(engine, trainer, torch.zeros_like(mask))
+    assert all(float(v) == 0.0 for v in empty.values())
+
+
+def test_rollout_mismatch_of_a_truncated_engine_distribution_is_the_kept_mass():
+    """An engine reporting top-k/top-p logprobs (renormalised over the mass m it kept) against the trainer's full
+    distribution: t - e = log m on every token, so k3 = m - log m - 1 (0.19 at m = 0.5, 0.005 at m = 0.9)."""
+    for kept in (0.5, 0.9):
+        engine = torch.full((2, 4), -1.0)
+        stats = rollout_mismatch(engine, engine + math.log(kept), torch.ones(2, 4))
+        assert stats["rollout/mismatch_kl"] == pytest.approx(kept - math.log(kept) - 1, abs=1e-6)  # float32
