@@ -29,15 +29,7 @@ class ParkedGroup:
         return sum(b.get("CPU", 0.0) for b in self.bundles)
 
     def kill(self) -> None:
-        for host in self.hosts:
-            try:
-                ray.kill(host, no_restart=True)
-            except Exception as e:  # already gone (or the cluster is)
-                logger.debug("parked worker: kill: %s", e)
-        try:
-            remove_placement_group(self.placement_group)
-        except Exception as e:
-            logger.debug("parked worker: remove placement group: %s", e)
+        kill_processes(self.hosts, self.placement_group, "parked worker")
 
 
 @dataclass
@@ -110,6 +102,21 @@ class ProcessPool:
 
     def _same_cluster(self) -> bool:
         return ray.is_initialized() and self.cluster == _cluster_id()
+
+
+def kill_processes(actors: Sequence[Any], placement_group: Optional[PlacementGroup], what: str) -> None:
+    """Kill `actors` and remove `placement_group` (None: leave it), passing over what is already gone (or whose
+    cluster is); `what` names them in the debug log."""
+    for actor in actors:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception as e:
+            logger.debug("%s: kill: %s", what, e)
+    if placement_group is not None:
+        try:
+            remove_placement_group(placement_group)
+        except Exception as e:
+            logger.debug("%s: remove placement group: %s", what, e)
 
 
 def _cluster_id() -> tuple[str, str]:

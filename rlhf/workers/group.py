@@ -67,7 +67,7 @@ from rlhf.data.token_budget import dp_shard_order, inverse_order, sequence_lengt
 from rlhf.engines.train_engine import init_distributed
 from rlhf.errors import ConfigError, WorkerDiedError, WorkerError
 from rlhf.utils.distributed import free_port, node_id, node_ip, process_env, rank_env
-from rlhf.utils.process_pool import PROCESS_POOL, ParkedGroup
+from rlhf.utils.process_pool import PROCESS_POOL, ParkedGroup, kill_processes
 from rlhf.utils.seeding import deterministic_from_env
 from rlhf.workers.host import host_class
 
@@ -375,17 +375,9 @@ class WorkerGroup:
         reuse on (rlhf.workers.host), a healthy idle CPU group's processes are parked for the next group instead."""
         if self._park():
             return
-        for actor in self._actors:
-            try:
-                ray.kill(actor, no_restart=True)
-            except Exception as e:  # already dead
-                logger.debug("%s: kill: %s", self.role, e)
+        kill_processes(self._actors, self.placement_group if self._owns_placement_group else None, self.role)
         self._actors = []
-        if self._owns_placement_group and self.placement_group is not None:
-            try:
-                remove_placement_group(self.placement_group)
-            except Exception as e:
-                logger.debug("%s: remove placement group: %s", self.role, e)
+        if self._owns_placement_group:
             self.placement_group = None
 
     def _park(self) -> bool:
