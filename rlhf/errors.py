@@ -67,3 +67,7 @@ class NonFiniteError(RLHFError):
 
 class RolloutMismatchError(RLHFError):
     """The rollout engine samples from another distribution than the trainer scores (algorithm.mismatch_kl_threshold)."""
+
+
+class StaleSampleError(RLHFError):
+    """A sample is older than run.max_staleness allows when the policy trains on it (its version tag says so)."""

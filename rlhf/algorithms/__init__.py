@@ -70,8 +70,10 @@ from rlhf.algorithms.kl import (
     rollout_mismatch,
 )
 from rlhf.algorithms.policy_losses import (
+    IS_MODES,
     POLICY_LOSSES,
     PolicyLoss,
+    compute_rollout_is_weights,
     compute_truncated_is_weights,
     gspo_loss,
     ppo_policy_loss,
@@ -135,6 +137,8 @@ __all__ = [
     # policy and value
     "ppo_policy_loss",
     "gspo_loss",
+    "IS_MODES",
+    "compute_rollout_is_weights",
     "compute_truncated_is_weights",
     "value_loss",
     # logits helpers

@@ -235,7 +235,63 @@ def gspo_loss(
     return loss, _policy_stats(loss, token_log_ratio, is_clipped, is_dual_clipped, mask)
 
 
-@torch.no_grad()
+IS_MODES = ("truncate", "mask", "off")
+"""How rollout importance weights w = exp(old - rollout) act on the policy loss (compute_rollout_is_weights)."""
+
+
+def compute_rollout_is_weights(
+    old_logprobs: Tensor,
+    rollout_logprobs: Tensor,
+    mask: Tensor,
+    *,
+    cap: float,
+    mode: str = "truncate",
+) -> tuple[Tensor, Tensor]:
+    """Per-token importance weights between the trainer's old policy and the engine that sampled (the behaviour policy).
+
+    w_j = exp(old_logprobs_j - rollout_logprobs_j)
+
+    truncate (TIS)  min(w_j, cap): unbiased where w <= cap, bounded variance (Yao et al. 2025, "Your Efficient
+                    RL Framework Secretly Brings You Off-Policy RL Training"; cap 2 there, in verl and OpenRLHF)
+    mask (MIS)      w_j where 1/cap <= w_j <= cap, else 0: a token the two policies disagree on that much drops
+                    out of the loss instead of being down-weighted (verl's rollout_is mask mode, whose lower bound
+                    defaults to 1/upper)
+
+    The engine samples with slightly different probabilities than the trainer computes for the same weights
+    (kernels, dtype), and in the off-policy rollout modes from older weights; the weights correct the policy
+    gradient for both.
+
+    Args:
+        old_logprobs: ``[B, R]`` trainer log-probabilities of the old policy.
+        rollout_logprobs: ``[B, R]`` log-probabilities reported by the rollout engine.
+        mask: ``[B, R]`` real response tokens.
+        cap: the bound (> 0).
+        mode: ``truncate`` or ``mask``.
+
+    Returns:
+        ``(weights, bounded)``: ``[B, R]`` weights without gradient, 0 at masked positions, and ``[B, R]`` bool,
+        the real tokens whose weight the bound changed (truncated, or masked out).
+
+    Raises:
+        ConfigError: ``cap`` is not positive, or ``mode`` is not truncate/mask.
+    """
+    if cap <= 0:
+        raise ConfigError(f"rollout IS cap must be > 0, got {cap}")
+    if mode not in ("truncate", "mask"):
+        raise ConfigError(f"rollout IS mode must be truncate or mask, got {mode!r}")
+    real = mask.bool()
+    with torch.no_grad():
+        log_ratio = torch.where(real, old_logprobs - rollout_logprobs, torch.zeros_like(old_logprobs))
+        ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        if mode == "truncate":
+            bounded = real & (ratio > cap)
+            weights = ratio.clamp(max=cap)
+        else:
+            bounded = real & ((ratio > cap) | (ratio < 1.0 / cap))
+            weights = torch.where(bounded, torch.zeros_like(ratio), ratio)
+        return torch.where(real, weights, torch.zeros_like(weights)), bounded
+
+
 def compute_truncated_is_weights(
     old_logprobs: Tensor,
     rollout_logprobs: Tensor,
@@ -243,30 +299,5 @@ def compute_truncated_is_weights(
     *,
     cap: float,
 ) -> Tensor:
-    """Truncated importance-sampling (TIS) weights between the trainer and the rollout engine.
-
-    w_j = min(exp(old_logprobs_j - rollout_logprobs_j), cap)
-
-    The rollout engine (vLLM) samples with slightly different probabilities than the trainer
-    computes for the same weights; multiplying the policy loss by w corrects for it, and the cap
-    bounds the variance (Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You
-    Off-Policy RL Training"; offered by verl and OpenRLHF, typically cap = 2).
-
-    Args:
-        old_logprobs: ``[B, R]`` trainer log-probabilities of the old policy.
-        rollout_logprobs: ``[B, R]`` log-probabilities reported by the rollout engine.
-        mask: ``[B, R]`` real response tokens.
-        cap: truncation threshold (> 0).
-
-    Returns:
-        ``[B, R]`` weights without gradient, 0 at masked positions.
-
-    Raises:
-        ConfigError: ``cap`` is not positive.
-    """
-    if cap <= 0:
-        raise ConfigError(f"truncated IS cap must be > 0, got {cap}")
-    real = mask.bool()
-    log_ratio = torch.where(real, old_logprobs - rollout_logprobs, torch.zeros_like(old_logprobs))
-    weights = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).clamp(max=cap)
-    return torch.where(real, weights, torch.zeros_like(weights))
+    """Truncated importance-sampling (TIS) weights min(exp(old - rollout), cap) (compute_rollout_is_weights)."""
+    return compute_rollout_is_weights(old_logprobs, rollout_logprobs, mask, cap=cap, mode="truncate")[0]

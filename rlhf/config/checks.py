@@ -22,7 +22,9 @@ INFERENCE_ZERO_STAGES = (0, 3)
 DTYPES = ("float32", "bfloat16")
 DEVICES = ("cpu", "cuda")
 ROLLOUT_BACKENDS = ("vllm", "hf")
-MISMATCH_ACTIONS = ("warn", "stop")
+MISMATCH_ACTIONS = ("warn", "stop", "correct")
+ROLLOUT_MODES = ("sync", "one_step_off")
+"""run.rollout_mode: when the engines generate relative to the update (docs/async.md)."""
 PLACEMENT_STRATEGIES = ("PACK", "STRICT_PACK", "SPREAD")
 
 
@@ -98,6 +100,7 @@ FIELD_BOUNDS: dict[str, str] = {
     "algorithm.kl_horizon": ">= 1",
     "algorithm.max_sampling_rounds": ">= 1",
     "run.keep_last": ">= 1",
+    "run.max_staleness": ">= 0",
     "eval.n_samples": ">= 1",
     "eval.k.#": ">= 1",
     "generate.shard_size": ">= 1",
@@ -415,6 +418,51 @@ def engine_resources(rollout_cfg: RolloutConfig, cluster_cfg: ClusterConfig) -> 
 def uses_critic(cfg: RLHFConfig) -> bool:
     """PPO-style estimators need a value model; the GRPO family does not."""
     return cfg.algorithm.advantage == "gae"
+
+
+def off_policy(cfg: RLHFConfig) -> bool:
+    """The engines generate while the policy trains (run.rollout_mode other than sync): samples lag the policy."""
+    return cfg.run.rollout_mode != "sync"
+
+
+def rollout_is_mode(cfg: RLHFConfig) -> str:
+    """algorithm.rollout_is with auto resolved: truncate in the off-policy rollout modes, else off."""
+    mode = cfg.algorithm.rollout_is
+    if mode == "auto":
+        return "truncate" if off_policy(cfg) else "off"
+    return mode
+
+
+def check_rollout_mode(cfg: RLHFConfig) -> None:
+    """run.rollout_mode against the layout: overlapping generation with training needs resources of its own."""
+    run, cluster = cfg.run, cfg.cluster
+    require_choice(run.rollout_mode, ROLLOUT_MODES, "run.rollout_mode")
+    if not off_policy(cfg):
+        return
+    require(
+        run.max_staleness >= 1,
+        f"run.rollout_mode={run.rollout_mode} trains every sample one policy update after the weights that "
+        f"generated it: run.max_staleness must be >= 1 (got {run.max_staleness}), or use run.rollout_mode=sync",
+    )
+    require(
+        not cfg.rollout.enable_sleep,
+        f"run.rollout_mode={run.rollout_mode} generates while the policy trains, but rollout.enable_sleep=true puts "
+        "the engines to sleep so the trainer can use their GPU memory (a colocated layout, as in "
+        "cluster=single_gpu): use run.rollout_mode=sync there, or give the engines GPUs of their own "
+        "(cluster=multi_node) with rollout.enable_sleep=false",
+    )
+    if cluster.device == "cuda":
+        shared = [
+            f"cluster.{role}.num_gpus={res.num_gpus:g}"
+            for role, res in (("policy", cluster.policy), ("rollout", cluster.rollout))
+            if res.num_gpus < 1
+        ]
+        require(
+            not shared,
+            f"run.rollout_mode={run.rollout_mode} runs the engines and the policy at the same time, so each needs "
+            f"whole GPUs of its own; {', '.join(shared)} shares a GPU (a colocated layout, which stays "
+            "run.rollout_mode=sync). Set num_gpus >= 1 for both (cluster=multi_node does), or use run.rollout_mode=sync",
+        )
 
 
 def uses_reference(cfg: RLHFConfig) -> bool:

@@ -176,15 +176,21 @@ class AlgorithmConfig:
     """Upper PPO clip range: ratio <= 1 + clip_high (DAPO's clip-higher uses 0.28)."""
     dual_clip: Optional[float] = None
     """Dual-clip constant c > 1 bounding the loss for negative advantages (None: off)."""
-    rollout_is_cap: Optional[float] = None
-    """Truncated importance-sampling cap for rollout/trainer logprob mismatch (None: off)."""
+    rollout_is: str = "auto"
+    """Importance weights w = exp(old - rollout) between the trainer's old logprobs and the engine's (the policy that
+    sampled) on every policy-loss token: truncate (TIS, min(w, rollout_is_cap)), mask (MIS, tokens with w outside
+    [1/cap, cap] leave the loss), off, or auto: off with run.rollout_mode=sync, truncate in the off-policy modes
+    (rlhf.algorithms.compute_rollout_is_weights). Metrics policy/is_weight_mean, policy/is_bounded_frac."""
+    rollout_is_cap: float = 2.0
+    """The bound of rollout_is (Yao et al. 2025 and verl use 2)."""
     mismatch_kl_threshold: float = 0.1
     """The rollout/trainer contract: per-token KL(engine || trainer) on the engine's samples (metric
     rollout/mismatch_kl, rlhf.algorithms.rollout_mismatch) above this is a broken contract. On a run's first step
     both sides hold the same weights, so it is an error there whatever mismatch_action says; later, mismatch_action.
     Float noise is ~1e-10 (float32 CPU) to ~1e-3 (bf16 engine vs float32 trainer)."""
     mismatch_action: str = "warn"
-    """Above mismatch_kl_threshold after the first step: warn (a warning each such step) or stop (an error)."""
+    """Above mismatch_kl_threshold after the first step: warn (a warning each such step), stop (an error), or
+    correct (rollout_is=truncate from then on, with a warning; when importance weights are on already, a warning)."""
     gamma: float = 1.0
     """Discount factor (GAE, REINFORCE++)."""
     lam: float = 0.95
@@ -545,6 +551,15 @@ class RunConfig:
     """RL steps (each: generate, score, update, sync)."""
     rollout_batch_size: int = 16
     """Prompts per RL step."""
+    rollout_mode: str = "sync"
+    """sync: each step generates, then trains, then syncs (the engines idle while the policy trains, and back).
+    one_step_off: the engines generate step k+1's batch with the weights of step k while the policy trains on
+    batch k, and the weights sync at the step boundary; every sample is one update old when trained, corrected by
+    algorithm.rollout_is (auto: truncate). Needs engines and trainers on their own resources (no rollout.enable_sleep,
+    whole GPUs each on cuda). docs/async.md."""
+    max_staleness: int = 1
+    """Off-policy modes: how many policy updates older than the policy that trains on it a sample may be (its
+    version tag against the policy's); one_step_off's are 1. A sample past it stops the run (a bug, not noise)."""
     eval_every: int = 10
     """Evaluate on held-out prompts every N steps (0: only at the end)."""
     eval_size: int = 64

@@ -35,7 +35,7 @@ _PER_TOKEN = (
     "token_rewards",
     "loss_mask",
 )
-_PER_SEQUENCE = ("scores", "group_ids", "margins", "labels")
+_PER_SEQUENCE = ("scores", "group_ids", "margins", "labels", "versions")
 
 
 @dataclass
@@ -58,6 +58,7 @@ class RolloutBatch:
     group_ids: Tensor | None = None
     margins: Tensor | None = None
     labels: Tensor | None = None
+    versions: Tensor | None = None  # RL: the policy version (updates applied) of the weights that sampled each row
     # [B, P + R] position ids of packed rows (None: derived from the attention mask)
     positions: Tensor | None = None
     # one entry per row (e.g. the reference answer), never tensors

@@ -16,6 +16,7 @@ from rlhf.config import (
     RLHFConfig,
     Stage,
     check_reward,
+    check_rollout_mode,
     check_shards,
     check_token_budgets,
     check_train,
@@ -37,7 +38,7 @@ def validate(cfg: RLHFConfig, produced: Collection[Path]) -> None:
 
 def validate_rl(cfg: RLHFConfig) -> None:
     """The RL stages' fields (rollout, algorithm, reward, batch arithmetic of policy and critic)."""
-    from rlhf.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
+    from rlhf.algorithms import ADVANTAGE_ESTIMATORS, IS_MODES, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 
     run, algo, rollout = cfg.run, cfg.algorithm, cfg.rollout
     require(run.total_steps >= 1, f"run.total_steps must be >= 1 (got {run.total_steps})")
@@ -53,6 +54,8 @@ def validate_rl(cfg: RLHFConfig) -> None:
     LOSS_AGGREGATIONS.check(algo.loss_agg, "algorithm.loss_agg")
     KL_ESTIMATORS.check(algo.kl_estimator, "algorithm.kl_estimator")
     require_choice(algo.mismatch_action, MISMATCH_ACTIONS, "algorithm.mismatch_action")
+    require_choice(algo.rollout_is, ("auto", *IS_MODES), "algorithm.rollout_is")
+    check_rollout_mode(cfg)
     require(0 <= algo.clip_low < 1, f"algorithm.clip_low must be in [0, 1) (got {algo.clip_low})")
     require(algo.clip_high >= 0, f"algorithm.clip_high must be >= 0 (got {algo.clip_high})")
     require(algo.dual_clip is None or algo.dual_clip > 1, f"algorithm.dual_clip must be > 1 (got {algo.dual_clip})")

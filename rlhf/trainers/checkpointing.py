@@ -79,12 +79,17 @@ class CheckpointManager:
         logger.info("checkpoint written: %s", final)
         self._prune()
 
-    def save(self, step: int, state: dict[str, Any], roles: Roles) -> Path:
+    def save(
+        self, step: int, state: dict[str, Any], roles: Roles, *, files: Optional[Callable[[Path], None]] = None
+    ) -> Path:
         """Checkpoint `step`: {"step": step, **state} in the state file and every role's DeepSpeed state
         (model, optimizer, scheduler, RNG: `TrainableWorker.save_checkpoint`) in <checkpoint>/<role>/;
-        the roles write at the same time. Returns the checkpoint's directory."""
+        the roles write at the same time. `files(directory)` writes the controller's own files (a rollout
+        buffer) into the checkpoint before it is renamed into place. Returns the checkpoint's directory."""
         with self.write(step, {"step": step, **state}) as tmp:
             _each_role(roles, TrainableWorker.save_checkpoint, tmp)
+            if files is not None:
+                files(tmp)
         return self.root / f"step_{step:08d}"
 
     def restore(

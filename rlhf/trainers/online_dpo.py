@@ -132,6 +132,7 @@ class OnlineDPOTrainer(RLTrainer):
         train_stats: dict[str, Any] = {"online_dpo/optimizer_steps": 0.0}
         with timer("step"):
             batch, rollout_stats, reward_stats = self._collect_once(step, timer)
+            rollout_stats.pop("rollout/generate_s")
             with timer("pairs"):
                 pairs, pair_stats = self.pairs(batch)
             if len(pairs):

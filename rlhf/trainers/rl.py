@@ -2,13 +2,22 @@
 
 One class serves PPO and the GRPO family; every config branch is decided once in __init__
 (registry lookups, which roles exist), so `step()` reads like DESIGN.md §1.
+
+run.rollout_mode=one_step_off overlaps the engines with the update: right after step k's batch is
+collected, the engines start generating step k+1's prompts with the weights they hold (version k),
+the policy trains on batch k meanwhile, and the step ends by waiting for that generation and syncing
+the new weights (version k+1). Every row carries the version that generated it (`versions`), checked
+against run.max_staleness before the update. A checkpoint keeps the batch generated ahead, so a
+resumed run trains on exactly the samples the uninterrupted one would have (docs/async.md).
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -22,15 +31,16 @@ from rlhf.algorithms import (
     rollout_mismatch,
 )
 from rlhf.algorithms.sampling import informative_groups, select_groups
-from rlhf.config import RLHFConfig, TrainConfig, uses_critic, uses_reference
+from rlhf.config import RLHFConfig, TrainConfig, off_policy, rollout_is_mode, uses_critic, uses_reference
 from rlhf.data.batch import RolloutBatch, pad_sequences
 from rlhf.data.stream import PromptBatch
 from rlhf.engines.rollout import logprob_temperature
-from rlhf.errors import RolloutMismatchError
+from rlhf.errors import CheckpointError, RolloutMismatchError, StaleSampleError
 from rlhf.rewards import build_reward_pipeline
 from rlhf.trainers.controller import Controller
 from rlhf.trainers.prepare import EncodedPrompts, PreparedRun
 from rlhf.trainers.roles import (
+    PendingGeneration,
     RolloutSupervisor,
     check_shared_output_dir,
     connect_weight_sync,
@@ -51,6 +61,21 @@ from rlhf.workers.reference import ReferenceWorker
 
 logger = logging.getLogger(__name__)
 
+ROLLOUT_BUFFER_FILE = "rollout_buffer.pt"
+"""In a checkpoint of an off-policy run: the batch generated ahead for the next step (GeneratedBatch)."""
+
+
+@dataclass
+class GeneratedBatch:
+    """A step's first round of samples, generated and not yet scored (one_step_off: generated one step ahead)."""
+
+    step: int
+    prompts: PromptBatch
+    batch: RolloutBatch
+    stats: dict[str, Any]
+    seconds: float
+    """From the generate call to its outputs on the driver (an upper bound of the engines' time)."""
+
 
 class RLTrainer(Controller):
     def __init__(self, run: PreparedRun):
@@ -64,6 +89,14 @@ class RLTrainer(Controller):
         self.collect = self._collect_informative if cfg.algorithm.dynamic_sampling else self._collect_once
         self.contract_checked = False
         """The first step of this process has compared the engines' logprobs with the policy's (check_rollout_contract)."""
+        self.off_policy = off_policy(cfg)
+        self.max_staleness = cfg.run.max_staleness if self.off_policy else 0
+        self.rollout_is = rollout_is_mode(cfg)
+        """Rollout importance weights on the policy loss now (mismatch_action=correct may switch them on)."""
+        self.policy_version = 0
+        """Updates applied to the policy: the version a sample generated now is tagged with."""
+        self.ahead: Optional[GeneratedBatch] = None
+        """one_step_off: the next step's batch, generated while this one trained (a checkpoint keeps it)."""
         self.kl_in_reward = cfg.algorithm.kl_coef > 0 and not cfg.algorithm.use_kl_loss
         self.kl_ctl = (
             AdaptiveKLController(cfg.algorithm.kl_coef, cfg.algorithm.kl_target, cfg.algorithm.kl_horizon)
@@ -82,6 +115,7 @@ class RLTrainer(Controller):
             cfg.cluster,
             bucket_mb=cfg.rollout.weight_sync_bucket_mb,
             max_restarts=cfg.rollout.max_restarts,
+            policy_version=lambda: self.policy_version,
         )
 
     # ------------------------------------------------------------------ set-up
@@ -93,7 +127,9 @@ class RLTrainer(Controller):
     def _start_roles(self) -> None:
         cfg, path = self.cfg, self.run.model_path
         trained = dict(algo_cfg=cfg.algorithm, constant_normalizer=cfg.rollout.sampling.max_new_tokens)
-        self.policy = start_policy_group(cfg, PolicyWorker, start=self._group, **token_balance(cfg.policy), **trained)
+        self.policy = start_policy_group(
+            cfg, PolicyWorker, start=self._group, rollout_is=self.rollout_is, **token_balance(cfg.policy), **trained
+        )
         self.reference = (
             self._group(
                 ReferenceWorker,
@@ -149,6 +185,8 @@ class RLTrainer(Controller):
         timer = PhaseTimer()
         with timer("step"):
             batch, rollout_stats, reward_stats = self.collect(step, timer)
+            rollout_stats.update(self.check_staleness(batch, step))
+            ahead = self.generate_ahead(step + 1)
             with timer("logprobs"):
                 batch = self.logprobs(batch)
                 rollout_stats.update(self.check_rollout_contract(batch, step))
@@ -159,11 +197,17 @@ class RLTrainer(Controller):
                 batch, adv_stats = self.advantages(batch)
             with timer("update"):
                 train_stats = self.update(batch)
+            self.policy_version += 1
+            if ahead is not None:
+                with timer("generate"):  # the part of the next step's generation the update did not cover
+                    self.ahead = self.finish_generation(*ahead)
             with timer("sync"):
                 sync_stats = self.sync()
         tokens = float(batch.response_mask.sum())
+        # sync: the generate phase(s); one_step_off: the generation ahead from its start, of which the phase is a part
+        generate_s = max(timer.seconds["generate"], rollout_stats.pop("rollout/generate_s"))
         perf = {
-            "perf/tokens_per_s": tokens / timer.seconds["generate"],
+            "perf/tokens_per_s": tokens / max(generate_s, 1e-9),
             "perf/samples_per_s": len(batch) / timer.seconds["step"],
             # prompt + response tokens each PPO epoch trains on: the numerator of MFU (benchmarks/gpu_check.py)
             "perf/sequence_tokens": float(batch.prompt_mask.sum()) + tokens,
@@ -176,9 +220,14 @@ class RLTrainer(Controller):
 
         The first step of this process runs on weights the engines loaded from the same checkpoint (or got synced
         on resume), so a mismatch there is never noise: an error that names the likely causes. Later steps act by
-        algorithm.mismatch_action (warn or stop)."""
+        algorithm.mismatch_action (warn, stop or correct). A batch sampled by older weights (run.rollout_mode
+        one_step_off) is measured, not held to it: its gap includes the policy's updates since."""
         algo = self.cfg.algorithm
         stats = rollout_mismatch(batch.rollout_logprobs, batch.old_logprobs, batch.response_mask)
+        if bool((batch.versions != self.policy_version).any()):
+            # sampled by older weights (off-policy modes): the policy's own updates since are part of the gap, which
+            # the importance weights correct; the contract is held on batches of the current weights
+            return stats
         first, self.contract_checked = not self.contract_checked, True
         kl = float(stats["rollout/mismatch_kl"])
         if kl <= algo.mismatch_kl_threshold:
@@ -199,16 +248,63 @@ class RLTrainer(Controller):
             raise RolloutMismatchError(
                 f"{measured}; algorithm.mismatch_action=stop. Did the weight sync reach the engines?"
             )
-        logger.warning("%s; training goes on (algorithm.mismatch_action=warn)", measured)
+        if algo.mismatch_action == "correct" and self.rollout_is == "off":
+            self.set_rollout_is("truncate")
+            logger.warning(
+                "%s; truncated importance weights (cap %g) correct the policy loss from this step on "
+                "(algorithm.mismatch_action=correct)",
+                measured,
+                algo.rollout_is_cap,
+            )
+            return stats
+        logger.warning(
+            "%s; training goes on (algorithm.mismatch_action=%s, algorithm.rollout_is %s)",
+            measured,
+            algo.mismatch_action,
+            self.rollout_is,
+        )
         return stats
+
+    def set_rollout_is(self, mode: str) -> None:
+        """The rollout importance weights the policy's loss applies from its next update on (a checkpoint keeps it)."""
+        self.policy.call(PolicyWorker.set_rollout_is, mode)
+        self.rollout_is = mode
+
+    def check_staleness(self, batch: RolloutBatch, step: int) -> dict[str, Tensor]:
+        """rollout/staleness_mean and _max: policy updates between the weights that sampled each row and the
+        policy about to train on it; past run.max_staleness (0 in sync mode) a StaleSampleError."""
+        staleness = (self.policy_version - batch.versions).float()
+        worst = int(staleness.max())
+        if worst > self.max_staleness or int(staleness.min()) < 0:
+            raise StaleSampleError(
+                f"step {step + 1}: the policy at version {self.policy_version} would train on samples of versions "
+                f"{sorted(set(batch.versions.tolist()))}, {worst} updates old, past the bound of "
+                f"{self.max_staleness} (run.rollout_mode={self.cfg.run.rollout_mode}, run.max_staleness="
+                f"{self.cfg.run.max_staleness}); a sample newer than the policy is never valid"
+            )
+        return {"rollout/staleness_mean": staleness.mean(), "rollout/staleness_max": staleness.max()}
+
+    def generate_ahead(self, step: int) -> Optional[tuple[PromptBatch, int, float, PendingGeneration]]:
+        """one_step_off: start generating `step`'s prompts now, with the weights the engines hold (None in sync
+        mode, and after the last step)."""
+        if not self.off_policy or step >= self.cfg.run.total_steps:
+            return None
+        return self.start_generation(self.run.train.next_batch(), step)
 
     def _collect_once(
         self, step: int, timer: PhaseTimer, sampling_round: int = 0
     ) -> tuple[RolloutBatch, dict[str, Any], dict[str, Any]]:
-        """One round: run.rollout_batch_size prompts × n samples, generated and scored."""
-        prompts = self.run.train.next_batch()
-        with timer("generate"):
-            batch, rollout_stats = self.generate(prompts, step, sampling_round=sampling_round)
+        """One round: run.rollout_batch_size prompts × n samples, generated (or generated ahead) and scored."""
+        if sampling_round == 0 and self.ahead is not None:
+            with timer("generate"):  # generated during the last step's update: taking it costs nothing here
+                ahead, self.ahead = self.ahead, None
+            if ahead.step != step:
+                raise CheckpointError(f"the batch generated ahead is step {ahead.step + 1}'s, not step {step + 1}'s")
+            batch, rollout_stats = ahead.batch, {**ahead.stats, "rollout/generate_s": ahead.seconds}
+        else:
+            prompts = self.run.train.next_batch()
+            with timer("generate"):
+                batch, rollout_stats = self.generate(prompts, step, sampling_round=sampling_round)
         with timer("score"):
             batch, reward_stats = self.score(batch)
         return batch, rollout_stats, reward_stats
@@ -256,11 +352,33 @@ class RLTrainer(Controller):
         eval_mode: bool = False,
         sampling_round: int = 0,
     ):
+        generated = self.finish_generation(
+            *self.start_generation(prompts, step, n=n, eval_mode=eval_mode, sampling_round=sampling_round)
+        )
+        return generated.batch, {**generated.stats, "rollout/generate_s": generated.seconds}
+
+    def start_generation(
+        self,
+        prompts: PromptBatch,
+        step: int,
+        *,
+        n: int | None = None,
+        eval_mode: bool = False,
+        sampling_round: int = 0,
+    ) -> tuple[PromptBatch, int, float, PendingGeneration]:
+        """`generate` started on the engines; `finish_generation(*returned)` waits for it."""
         n = n or self.n
         sampling = self.cfg.rollout.eval_sampling if eval_mode else self.cfg.rollout.sampling
         seed = sample_seed(self.cfg.run.seed, step, sampling_round)
-        outputs = self.engines.generate(prompts.token_ids, sampling, n=n, seed=seed)
+        started = time.perf_counter()
+        return prompts, step, started, self.engines.generate_async(prompts.token_ids, sampling, n=n, seed=seed)
+
+    def finish_generation(
+        self, prompts: PromptBatch, step: int, started: float, job: PendingGeneration
+    ) -> GeneratedBatch:
+        outputs = self.engines.wait(job)
         batch = build_rollout_batch(prompts, outputs, pad_id=self.tokenizer.pad_token_id)
+        batch = batch.replace(versions=torch.full((len(batch),), job.version, dtype=torch.long))
         lengths = batch.response_mask.sum(-1).float()
         truncated = torch.tensor([g.finish_reason == "length" for gens in outputs for g in gens], dtype=torch.float)
         stats = {
@@ -268,7 +386,7 @@ class RLTrainer(Controller):
             "rollout/response_length_max": lengths.max(),
             "rollout/truncated_frac": truncated.mean(),
         }
-        return batch, stats
+        return GeneratedBatch(step, prompts, batch, stats, time.perf_counter() - started)
 
     def score(self, batch: RolloutBatch) -> tuple[RolloutBatch, dict[str, Any]]:
         """Every reward term (rlhf.rewards.pipeline), weighted and summed into batch.scores."""
@@ -366,23 +484,49 @@ class RLTrainer(Controller):
         }
 
     def save_checkpoint(self) -> Path:
+        ahead = self.ahead
         state = {
             "prompt_stream": self.run.train.state(),
             "kl_coef": self.kl_ctl.value,
             "rewards": self.run.rewards.state_dict(),
+            "policy_version": self.policy_version,
+            "rollout_is": self.rollout_is,
+            "rollout_buffer": ROLLOUT_BUFFER_FILE if ahead is not None else None,
             "config": config_container(self.cfg),
         }
-        return self.checkpoints.save(self.step_done, state, self.trained_roles())
+        files = (lambda directory: torch.save(ahead, directory / ROLLOUT_BUFFER_FILE)) if ahead is not None else None
+        return self.checkpoints.save(self.step_done, state, self.trained_roles(), files=files)
 
     def resume(self) -> None:
-        state = self.checkpoints.restore(self.cfg.run.resume, self.trained_roles())
+        state = self.checkpoints.restore(self.cfg.run.resume, self.trained_roles(), check=self._read_rollout_buffer)
         if state is None:
             return
         self.step_done = int(state["step"])
+        self.policy_version = int(state.get("policy_version", self.step_done))
         self.run.train.load_state(state["prompt_stream"])
         self.kl_ctl.value = float(state["kl_coef"])
         self.run.rewards.load_state_dict(state.get("rewards", {}))
+        if state.get("rollout_is", self.rollout_is) != self.rollout_is:
+            self.set_rollout_is(state["rollout_is"])  # mismatch_action=correct switched it on before the checkpoint
         self.sync()
+        if self.ahead is not None and not self.off_policy:
+            # an off-policy run's batch resumed in sync mode: the same prompts, sampled again by the current policy
+            logger.info("run.rollout_mode=sync: the checkpoint's batch generated ahead is sampled again")
+            self.ahead = self.finish_generation(*self.start_generation(self.ahead.prompts, self.ahead.step))
+
+    def _read_rollout_buffer(self, checkpoint: Path, state: dict[str, Any]) -> None:
+        """The batch an off-policy run generated ahead (None when the checkpoint has none): resume trains on it."""
+        name = state.get("rollout_buffer")
+        self.ahead = None
+        if not name:
+            return
+        path = checkpoint / name
+        if not path.is_file():
+            raise CheckpointError(
+                f"{checkpoint}: {name} is missing, the batch generated for step {int(state['step']) + 1} that "
+                "trainer_state.json names; resume from an earlier checkpoint (run.resume=<path>)"
+            )
+        self.ahead = torch.load(path, weights_only=False)
 
     def trained_roles(self) -> dict[str, WorkerGroup | None]:
         """The groups a checkpoint holds, by their directory in it."""

@@ -10,6 +10,7 @@ import logging
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Optional, TypeVar
@@ -245,13 +246,24 @@ class RolloutSupervisor:
     """
 
     def __init__(
-        self, rollout: RolloutGroup, policy: WorkerGroup, cluster: ClusterConfig, *, bucket_mb: int, max_restarts: int
+        self,
+        rollout: RolloutGroup,
+        policy: WorkerGroup,
+        cluster: ClusterConfig,
+        *,
+        bucket_mb: int,
+        max_restarts: int,
+        policy_version: Callable[[], int] = lambda: 0,
     ) -> None:
+        """`policy_version`: the policy's version now (updates applied), read at every push of its weights."""
         self.rollout = rollout
         self.policy = policy
         self.cluster = cluster
         self.bucket_mb = bucket_mb
         self.max_restarts = max_restarts
+        self.policy_version = policy_version
+        self.version = policy_version()
+        """The policy version of the weights the engines hold: set at every push of the policy's weights."""
         self.restarts = 0
         """Engines restarted so far in this run."""
         self._stale = False  # restarted engines are outside the weight-sync group and hold old weights
@@ -262,6 +274,34 @@ class RolloutSupervisor:
         """`RolloutGroup.generate`, retried on fresh engines (with the current weights) if one dies; the
         engines are awake for it and, with rollout.enable_sleep, asleep after it (`RolloutGroup.memory`)."""
         return self._call(lambda: self._generate(prompt_token_ids, sampling, n, seed), is_sync=False)
+
+    def generate_async(
+        self, prompt_token_ids: list[list[int]], sampling: SamplingConfig, n: int, seed: Optional[int] = None
+    ) -> PendingGeneration:
+        """Start `generate` and return at once (the policy trains meanwhile); `wait` for the outputs. The policy
+        must not sync (or restart engines) before then: the engines are busy."""
+
+        def start() -> Any:
+            self.rollout.memory.before_generate()
+            return self.rollout.generate_async(prompt_token_ids, sampling, n, seed)
+
+        pending = self._call(start, is_sync=False)
+        return PendingGeneration(pending, (prompt_token_ids, sampling, n, seed), self.version)
+
+    def wait(self, job: PendingGeneration) -> list[list[Generation]]:
+        """The outputs of `generate_async`. An engine that died meanwhile is restarted and the whole job generated
+        again with the policy's current weights (its prompts re-queued, none lost; `job.version` says so)."""
+        try:
+            outputs = self.rollout.wait(job.pending)
+        except WorkerDiedError as error:
+            if error.role != self.rollout.role:
+                raise
+            self._restart_dead(error)
+            outputs = self.generate(*job.args)
+            job.version = self.version
+            return outputs
+        self.rollout.memory.after_generate()
+        return outputs
 
     def sync(self) -> dict[str, float]:
         """`sync_weights` into every engine, replacing engines found dead first."""
@@ -280,6 +320,7 @@ class RolloutSupervisor:
                     if not is_sync:  # a sync call pushes the weights itself
                         self.rollout.memory.before_sync()
                         sync_weights(self.policy, self.rollout, self.bucket_mb)
+                        self.version = self.policy_version()
                     self._stale = False
                 return fn()
             except WorkerDiedError as error:
@@ -300,7 +341,9 @@ class RolloutSupervisor:
         if dead:
             raise WorkerDiedError(self.rollout.role, dead[0], "engine found dead before the weight sync")
         self.rollout.memory.before_sync()
-        return sync_weights(self.policy, self.rollout, self.bucket_mb)
+        stats = sync_weights(self.policy, self.rollout, self.bucket_mb)
+        self.version = self.policy_version()
+        return stats
 
     def _restart_dead(self, error: WorkerDiedError) -> None:
         dead = self.rollout.group.dead_ranks()
@@ -320,6 +363,17 @@ class RolloutSupervisor:
             self.rollout.group.restart(rank)
             self.restarts += 1
         self._stale = True
+
+
+@dataclass
+class PendingGeneration:
+    """A generate call in flight on the engines (RolloutSupervisor.generate_async)."""
+
+    pending: Any
+    args: tuple[Any, ...]
+    """generate's arguments, to run it again on restarted engines."""
+    version: int
+    """The policy version of the weights that generate (RolloutSupervisor.version when it started)."""
 
 
 @contextmanager

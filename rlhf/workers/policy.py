@@ -6,8 +6,9 @@ Loss of one micro-batch (each term aggregated with the minibatch's global counts
          + kl_coef · kl_loss(logprobs, ref_logprobs)        when use_kl_loss and kl_coef > 0
          - entropy_coef · aggregate(entropy)                 when entropy_coef > 0
 
-with truncated importance-sampling weights min(exp(old - rollout), cap) on the policy term when
-algorithm.rollout_is_cap is set and the batch carries the rollout engine's logprobs.
+with importance weights between the old policy and the rollout engine's (truncated or masked at
+algorithm.rollout_is_cap, rlhf.algorithms.compute_rollout_is_weights) on the policy term when the resolved
+algorithm.rollout_is is on (rlhf.config.rollout_is_mode) and the batch carries the engine's logprobs.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import Tensor
 from rlhf.algorithms import (
     POLICY_LOSSES,
     aggregate,
-    compute_truncated_is_weights,
+    compute_rollout_is_weights,
     entropy_from_logits,
     kl_loss,
     logprobs_from_logits,
@@ -188,10 +189,18 @@ class CausalLMWorker(TrainableWorker):
 class PolicyWorker(RLTrainableWorker, CausalLMWorker):
     """One data-parallel rank of the policy: the causal LM with the RL update (arguments: RLTrainableWorker's)."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, rollout_is: str = "off", **kwargs: Any):
+        """`rollout_is`: algorithm.rollout_is resolved (truncate, mask or off; rlhf.config.rollout_is_mode)."""
         super().__init__(*args, **kwargs)
         POLICY_LOSSES.check(self.algo_cfg.policy_loss, "algorithm.policy_loss")
         self.policy_loss = POLICY_LOSSES.get(self.algo_cfg.policy_loss)
+        self.rollout_is = rollout_is
+
+    @dispatch("broadcast", collect="first")
+    def set_rollout_is(self, mode: str) -> str:
+        """Switch the rollout importance weights (algorithm.mismatch_action=correct turns them on mid-run)."""
+        self.rollout_is = mode
+        return mode
 
     @dispatch("split_dp", collect="mean")
     def update(self, batch: RolloutBatch, temperature: float = 1.0) -> dict[str, float]:
@@ -229,10 +238,12 @@ class PolicyWorker(RLTrainableWorker, CausalLMWorker):
         logits, labels = response_token_logits(self._require_engine(), micro, temperature=temperature)
         logprobs = to_rows(micro, logprobs_from_logits(logits, labels))
         is_weights = None
-        if algo.rollout_is_cap is not None and rows.rollout_logprobs is not None:
-            is_weights = compute_truncated_is_weights(
-                rows.old_logprobs, rows.rollout_logprobs, mask, cap=algo.rollout_is_cap
+        if self.rollout_is != "off" and rows.rollout_logprobs is not None:
+            is_weights, bounded = compute_rollout_is_weights(
+                rows.old_logprobs, rows.rollout_logprobs, mask, cap=algo.rollout_is_cap, mode=self.rollout_is
             )
+            stats.add_share("policy/is_weight_mean", is_weights.sum() / tokens.clamp(min=1))
+            stats.add_share("policy/is_bounded_frac", bounded.sum() / tokens.clamp(min=1))
         loss, loss_stats = self.policy_loss(
             logprobs,
             rows.old_logprobs,

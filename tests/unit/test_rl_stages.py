@@ -132,10 +132,41 @@ def test_bad_reference_or_reward_group_is_refused(overrides, message):
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("algorithm.mismatch_action=correct", r"algorithm.mismatch_action='correct' is not one of warn, stop"),
+        ("algorithm.mismatch_action=fix", r"algorithm.mismatch_action='fix' is not one of warn, stop, correct"),
+        ("algorithm.rollout_is=clip", r"algorithm.rollout_is='clip' is not one of auto, truncate, mask, off"),
+        ("algorithm.rollout_is_cap=0", r"algorithm.rollout_is_cap"),
         ("algorithm.mismatch_kl_threshold=0", r"algorithm.mismatch_kl_threshold"),
     ],
 )
 def test_bad_rollout_contract_settings_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         validate(compose("stage=grpo", override))
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["run.rollout_mode=async_please"], r"run.rollout_mode='async_please' is not one of sync, one_step_off"),
+        (["run.rollout_mode=one_step_off", "run.max_staleness=0"], r"run.max_staleness must be >= 1 \(got 0\)"),
+        (["run.max_staleness=-1"], r"run.max_staleness"),
+        (["run.rollout_mode=one_step_off", "cluster=single_gpu"], r"rollout.enable_sleep=true .*colocated"),
+        (
+            ["run.rollout_mode=one_step_off", "cluster=single_gpu", "rollout.enable_sleep=false"],
+            r"cluster.policy.num_gpus=0.2, cluster.rollout.num_gpus=0.3 shares a GPU \(a colocated layout",
+        ),
+    ],
+)
+def test_off_policy_modes_refuse_colocated_layouts_and_bad_bounds(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose("stage=grpo", *overrides))
+
+
+def test_one_step_off_validates_on_disaggregated_layouts():
+    from rlhf.config import rollout_is_mode
+
+    for cluster in ("cpu_debug", "multi_node"):
+        cfg = compose("stage=grpo", f"cluster={cluster}", "run.rollout_mode=one_step_off")
+        validate(cfg)
+        assert rollout_is_mode(cfg) == "truncate"  # off-policy correction on by default
+    assert rollout_is_mode(compose("stage=grpo")) == "off"
+    assert rollout_is_mode(compose("stage=grpo", "run.rollout_mode=one_step_off", "algorithm.rollout_is=off")) == "off"

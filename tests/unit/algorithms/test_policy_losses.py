@@ -5,7 +5,12 @@ import math
 import pytest
 import torch
 
-from rlhf.algorithms.policy_losses import compute_truncated_is_weights, gspo_loss, ppo_policy_loss
+from rlhf.algorithms.policy_losses import (
+    compute_rollout_is_weights,
+    compute_truncated_is_weights,
+    gspo_loss,
+    ppo_policy_loss,
+)
 from rlhf.errors import ConfigError
 
 
@@ -115,3 +120,24 @@ def test_truncated_is_weights_hand_computed():
     assert not weights.requires_grad
     with pytest.raises(ConfigError, match="cap"):
         compute_truncated_is_weights(old, rollout, torch.ones(1, 3), cap=0.0)
+
+
+def test_masked_is_weights_drop_tokens_outside_the_band():
+    # ratios 3, 0.5, 0.4, 1.5 with cap 2: band [0.5, 2] keeps 0.5 and 1.5, masks 3 and 0.4; padded position -> 0
+    old = torch.log(torch.tensor([[3.0, 0.5, 0.4, 1.5, 7.0]]))
+    mask = torch.tensor([[1, 1, 1, 1, 0]])
+    weights, bounded = compute_rollout_is_weights(old, torch.zeros(1, 5), mask, cap=2.0, mode="mask")
+    torch.testing.assert_close(weights, torch.tensor([[0.0, 0.5, 0.0, 1.5, 0.0]]))
+    assert bounded.tolist() == [[True, False, True, False, False]]
+    weights, bounded = compute_rollout_is_weights(old, torch.zeros(1, 5), mask, cap=2.0, mode="truncate")
+    torch.testing.assert_close(weights, torch.tensor([[2.0, 0.5, 0.4, 1.5, 0.0]]))
+    assert bounded.tolist() == [[True, False, False, False, False]]
+    with pytest.raises(ConfigError, match="truncate or mask"):
+        compute_rollout_is_weights(old, old, mask, cap=2.0, mode="off")
+
+
+@pytest.mark.parametrize("mode", ["truncate", "mask"])
+def test_is_weights_are_exactly_one_when_engine_and_trainer_agree(mode):
+    logprobs = torch.randn(6, 9, generator=torch.Generator().manual_seed(0)) * 3 - 2  # not friendly: large spread
+    weights, bounded = compute_rollout_is_weights(logprobs, logprobs.clone(), torch.ones(6, 9), cap=1.5, mode=mode)
+    assert torch.equal(weights, torch.ones(6, 9)) and not bounded.any()

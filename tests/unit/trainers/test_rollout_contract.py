@@ -14,26 +14,34 @@ import pytest
 import torch
 
 from rlhf.config import RLHFConfig
-from rlhf.errors import RolloutMismatchError
+from rlhf.errors import RolloutMismatchError, StaleSampleError
 from rlhf.trainers.rl import RLTrainer
 
 APART = 0.5 + math.log(2) - 1
 
 
-def batch(gap: float) -> SimpleNamespace:
+def batch(gap: float, version: int = 0) -> SimpleNamespace:
     engine = torch.full((4, 3), -1.0)
-    return SimpleNamespace(rollout_logprobs=engine, old_logprobs=engine - gap, response_mask=torch.ones(4, 3))
+    return SimpleNamespace(
+        rollout_logprobs=engine,
+        old_logprobs=engine - gap,
+        response_mask=torch.ones(4, 3),
+        versions=torch.full((4,), version),
+    )
 
 
 def trainer(**algorithm) -> SimpleNamespace:
     cfg = RLHFConfig()
     for name, value in algorithm.items():
         setattr(cfg.algorithm, name, value)
-    return SimpleNamespace(cfg=cfg, contract_checked=False)
+    owner = SimpleNamespace(cfg=cfg, contract_checked=False, policy_version=0, rollout_is="off", switched=[])
+    owner.set_rollout_is = lambda mode: (owner.switched.append(mode), setattr(owner, "rollout_is", mode))
+    return owner
 
 
-def check(owner: SimpleNamespace, gap: float, step: int) -> dict:
-    return RLTrainer.check_rollout_contract(owner, batch(gap), step)
+def check(owner: SimpleNamespace, gap: float, step: int, version: int = 0) -> dict:
+    owner.policy_version = max(owner.policy_version, step)
+    return RLTrainer.check_rollout_contract(owner, batch(gap, version if version else owner.policy_version), step)
 
 
 def test_matching_logprobs_pass_and_are_reported():
@@ -64,3 +72,46 @@ def test_later_steps_warn_or_stop_by_mismatch_action(caplog):
     with pytest.raises(RolloutMismatchError, match="step 2: .*mismatch_action=stop. Did the weight sync reach"):
         check(stopped, math.log(2), 1)
     check(trainer(mismatch_kl_threshold=0.2), math.log(2), 0)  # 0.193 is within a looser threshold
+
+
+def test_correct_switches_truncated_importance_weights_on_once(caplog):
+    owner = trainer(mismatch_action="correct")
+    check(owner, 0.0, 0)
+    with caplog.at_level(logging.WARNING, logger="rlhf.trainers.rl"):
+        check(owner, math.log(2), 1)
+    assert owner.switched == ["truncate"] and owner.rollout_is == "truncate"
+    assert "truncated importance weights (cap 2) correct the policy loss" in caplog.text
+    check(owner, math.log(2), 2)  # already on: a warning, no second switch
+    assert owner.switched == ["truncate"]
+
+
+def test_samples_of_older_weights_are_measured_not_held_to_the_contract():
+    """one_step_off trains on samples of the previous weights: apart by an update, not a broken contract
+    (importance weights correct it); a batch of the current weights is held to it, the first one strictly."""
+    owner = trainer(mismatch_action="stop")
+    owner.policy_version = 5
+    stats = check(owner, math.log(2), 5, version=4)
+    assert float(stats["rollout/mismatch_kl"]) == pytest.approx(APART, rel=1e-5)
+    assert not owner.contract_checked
+    with pytest.raises(RolloutMismatchError, match="first step"):
+        check(owner, math.log(2), 6)
+
+
+def staleness(policy_version: int, versions: list[int], mode: str = "one_step_off", max_staleness: int = 1):
+    cfg = RLHFConfig()
+    cfg.run.rollout_mode, cfg.run.max_staleness = mode, max_staleness
+    owner = SimpleNamespace(
+        cfg=cfg, policy_version=policy_version, max_staleness=max_staleness if mode != "sync" else 0
+    )
+    return RLTrainer.check_staleness(owner, SimpleNamespace(versions=torch.tensor(versions)), 3)
+
+
+def test_staleness_is_reported_and_bounded_on_the_version_tags():
+    stats = staleness(4, [3, 3, 4, 4])
+    assert float(stats["rollout/staleness_mean"]) == 0.5 and float(stats["rollout/staleness_max"]) == 1.0
+    with pytest.raises(StaleSampleError, match=r"step 4: .*version 4 .*versions \[2, 4\], 2 updates old.*bound of 1"):
+        staleness(4, [2, 4])
+    with pytest.raises(StaleSampleError, match="bound of 0 .*rollout_mode=sync"):
+        staleness(4, [3], mode="sync")
+    with pytest.raises(StaleSampleError, match="newer than the policy"):
+        staleness(4, [5])
