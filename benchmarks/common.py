@@ -201,6 +201,8 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     "tiny": {},  # the shipped tiny world policy's shape (hidden 128, 2 layers)
     "1m": {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 512},
     "10m": {"hidden_size": 384, "num_layers": 6, "num_heads": 12, "num_kv_heads": 4, "intermediate_size": 1152},
+    # issue 20's shape (~25M with a 512-token vocab; ~21M with the tiny world's 263)
+    "25m": {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "num_kv_heads": 4, "intermediate_size": 1536},
     "30m": {"hidden_size": 512, "num_layers": 10, "num_heads": 8, "num_kv_heads": 4, "intermediate_size": 1536},
     "100m": {"hidden_size": 768, "num_layers": 14, "num_heads": 12, "num_kv_heads": 4, "intermediate_size": 2304},
     "300m": {"hidden_size": 1024, "num_layers": 26, "num_heads": 16, "num_kv_heads": 4, "intermediate_size": 2816},

@@ -67,15 +67,25 @@ def trl_dir() -> Path:
     return target
 
 
-def run_trl(model: str, task: str, steps: int, prompts: int, n: int, out: Path) -> dict:
+def run_trl(
+    model: str,
+    task: str,
+    steps: int,
+    prompts: int,
+    n: int,
+    out: Path,
+    *,
+    train_batch: int = TRAIN_BATCH,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(trl_dir()), str(BENCH_DIR.parent), env.get("PYTHONPATH", "")]).rstrip(
         os.pathsep
     )
     cmd = [
         sys.executable, "-m", "benchmarks.trl_grpo_runner", "--out", str(out), "--model", model, "--task", task,
-        "--steps", str(steps), "--prompts", str(prompts), "--n", str(n), "--train-batch", str(TRAIN_BATCH),
-        "--max-new-tokens", str(MAX_NEW_TOKENS), "--lr", str(LR),
+        "--steps", str(steps), "--prompts", str(prompts), "--n", str(n), "--train-batch", str(train_batch),
+        "--max-new-tokens", str(max_new_tokens), "--lr", str(LR),
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, cwd=BENCH_DIR.parent, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -86,7 +96,20 @@ def run_trl(model: str, task: str, steps: int, prompts: int, n: int, out: Path) 
             "torch_threads": data["torch_threads"], "trl_config": data["config"]}  # fmt: skip
 
 
-def run_ours(model: str, backend: str, task: str, steps: int, prompts: int, n: int, out: Path) -> dict:
+def run_ours(
+    model: str,
+    backend: str,
+    task: str,
+    steps: int,
+    prompts: int,
+    n: int,
+    out: Path,
+    *,
+    train_batch: int = TRAIN_BATCH,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    extra: tuple[str, ...] = (),
+) -> dict:
+    """`rlhf stage=grpo` on `model` in this process; per-step times, rewards and lengths from its metrics.jsonl."""
     import time
 
     from rlhf.cli import train
@@ -100,10 +123,10 @@ def run_ours(model: str, backend: str, task: str, steps: int, prompts: int, n: i
         f"run.rollout_batch_size={prompts}",
         f"rollout.n_samples_per_prompt={n}",
         f"rollout.backend={backend}",
-        f"rollout.sampling.max_new_tokens={MAX_NEW_TOKENS}",
+        f"rollout.sampling.max_new_tokens={max_new_tokens}",
         "policy.num_workers=1",
-        f"policy.train_batch_size={TRAIN_BATCH}",
-        f"policy.micro_batch_size={TRAIN_BATCH}",
+        f"policy.train_batch_size={train_batch}",
+        f"policy.micro_batch_size={train_batch}",
         f"policy.optim.lr={LR}",
         f"run.total_steps={steps}",
         "run.eval_every=0",
@@ -111,6 +134,7 @@ def run_ours(model: str, backend: str, task: str, steps: int, prompts: int, n: i
         "run.tensorboard=false",
         "run.plots=false",
         f"run.output_dir={out}",
+        *extra,
     ]
     start = time.perf_counter()
     train(compose(overrides))
@@ -120,6 +144,7 @@ def run_ours(model: str, backend: str, task: str, steps: int, prompts: int, n: i
         "step_s": [r["timing/step"] for r in rows],
         "rewards": [r["reward/tiny_world_mean"] for r in rows],
         "response_length": [r["rollout/response_length"] for r in rows],
+        "phases_s": [{k.removeprefix("timing/"): v for k, v in r.items() if k.startswith("timing/")} for r in rows],
         "total_s": total,
     }
 

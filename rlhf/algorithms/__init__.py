@@ -68,6 +68,7 @@ from rlhf.algorithms.kl import (
     kl_in_reward,
     kl_loss,
     rollout_mismatch,
+    rollout_mismatch_terms,
 )
 from rlhf.algorithms.policy_losses import (
     IS_MODES,
@@ -149,6 +150,7 @@ __all__ = [
     "kl_in_reward",
     "kl_loss",
     "rollout_mismatch",
+    "rollout_mismatch_terms",
     "FixedKLController",
     "AdaptiveKLController",
     # preference

@@ -97,14 +97,22 @@ def rollout_mismatch(engine_logprobs: Tensor, trainer_logprobs: Tensor, mask: Te
         ``rollout/logprob_diff``, ``rollout/mismatch_kl`` and ``rollout/mismatch_kl_max`` (0-d tensors; 0 for a
         batch without real tokens).
     """
-    real = mask.bool()
-    kl = torch.where(real, kl_estimate(engine_logprobs, trainer_logprobs, "k3"), torch.zeros_like(engine_logprobs))
+    diff, kl = rollout_mismatch_terms(engine_logprobs, trainer_logprobs, mask)
     per_sequence = masked_mean(kl, mask, dim=-1)
     return {
-        "rollout/logprob_diff": masked_mean((trainer_logprobs - engine_logprobs).abs(), mask),
+        "rollout/logprob_diff": masked_mean(diff, mask),
         "rollout/mismatch_kl": masked_mean(kl, mask),
         "rollout/mismatch_kl_max": per_sequence.max() if per_sequence.numel() else per_sequence.sum(),
     }
+
+
+def rollout_mismatch_terms(engine_logprobs: Tensor, trainer_logprobs: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Per token ``[B, R]``: |trainer - engine| and k3(engine, trainer), 0 where ``mask`` is 0 (`rollout_mismatch`
+    averages them; a trainer that sees the batch in pieces sums them with the global token count)."""
+    real = mask.bool()
+    zero = torch.zeros_like(engine_logprobs)
+    diff = torch.where(real, (trainer_logprobs - engine_logprobs).abs(), zero)
+    return diff, torch.where(real, kl_estimate(engine_logprobs, trainer_logprobs, "k3"), zero)
 
 
 @torch.no_grad()

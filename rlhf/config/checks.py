@@ -24,6 +24,7 @@ DEVICES = ("cpu", "cuda")
 ROLLOUT_BACKENDS = ("vllm", "hf")
 MISMATCH_ACTIONS = ("warn", "stop", "correct")
 ROLLOUT_MODES = ("sync", "one_step_off")
+OLD_LOGPROBS = ("auto", "recompute")
 """run.rollout_mode: when the engines generate relative to the update (docs/async.md)."""
 PLACEMENT_STRATEGIES = ("PACK", "STRICT_PACK", "SPREAD")
 
@@ -463,6 +464,12 @@ def check_rollout_mode(cfg: RLHFConfig) -> None:
             f"whole GPUs of its own; {', '.join(shared)} shares a GPU (a colocated layout, which stays "
             "run.rollout_mode=sync). Set num_gpus >= 1 for both (cluster=multi_node does), or use run.rollout_mode=sync",
         )
+
+
+def one_update_per_batch(cfg: RLHFConfig) -> bool:
+    """Each RL batch gets exactly one optimizer step of the policy: its update's forward is the old policy."""
+    sequences = cfg.run.rollout_batch_size * cfg.rollout.n_samples_per_prompt
+    return cfg.algorithm.ppo_epochs == 1 and cfg.policy.train_batch_size == sequences
 
 
 def uses_reference(cfg: RLHFConfig) -> bool:

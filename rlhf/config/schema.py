@@ -213,6 +213,11 @@ class AlgorithmConfig:
     """Critic value clipping range."""
     ppo_epochs: int = 1
     """Passes over each rollout batch."""
+    old_logprobs: str = "auto"
+    """Where the old policy's logprobs come from: auto (from the update's own forward, detached, when that forward is
+    the old policy's: ppo_epochs 1, one optimizer step per batch (policy.train_batch_size = rollout_batch_size ×
+    n_samples_per_prompt), no KL in the reward, no dropout in the policy; else a separate pass, as TRL does too) or
+    recompute (always a separate no-grad pass before the update)."""
     dynamic_sampling: bool = False
     """DAPO dynamic sampling: drop groups whose scores are all equal and generate more prompts until
     run.rollout_batch_size informative groups are collected (arXiv:2503.14476 §3.2)."""

@@ -56,7 +56,7 @@ import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Optional, Protocol
 
@@ -64,6 +64,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from rlhf.engines.checksum import Checksums, tensor_checksum
 from rlhf.engines.shm_sync import SHM_DIR, SegmentBuckets, ShmSegment, read_bucket, shm_available
 from rlhf.errors import WeightSyncError
 from rlhf.utils.distributed import free_port, node_id, node_ip
@@ -101,6 +102,8 @@ class SyncStats:
     """Flat buffers broadcast."""
     seconds: float = 0.0
     """Wall time from handshake to end-of-stream."""
+    checksums: Checksums = field(default_factory=list)
+    """(name, checksum) of every tensor as it was packed (sender) or as it arrived (receiver): rlhf.engines.checksum."""
 
     @property
     def gib_per_s(self) -> float:
@@ -295,7 +298,9 @@ class WeightSyncGroup:
             for name, shape, offset in header["entries"]:
                 numel = _numel(shape)
                 stats.num_tensors += 1
-                yield name, flat[offset : offset + numel].view(shape)
+                tensor = flat[offset : offset + numel].view(shape)
+                stats.checksums.append((name, tensor_checksum(tensor)))
+                yield name, tensor
         stats.seconds = time.perf_counter() - start
         self.last_stats = stats
 
@@ -392,6 +397,7 @@ class WeightSyncGroup:
                 stats.num_bytes += sum(t.numel() * t.element_size() for _, t in views)
                 for name, tensor in views:
                     stats.num_tensors += 1
+                    stats.checksums.append((name, tensor_checksum(tensor)))
                     yield name, tensor
             reason = ""
             stats.seconds = time.perf_counter() - start
@@ -501,7 +507,12 @@ def pack_buckets(
     def emit() -> None:  # stats count what was handed to the transport
         copy(pending)
         pending.clear()
+        flat = target.view(dtype, numel)  # type: ignore[arg-type]
         target.emit(dtype, numel, entries)  # type: ignore[arg-type]
+        # what was packed, read once the receivers have the bucket (shm: they read while this runs); the
+        # bucket is not written again before the next emit
+        for name, shape, start in entries:
+            stats.checksums.append((name, tensor_checksum(flat[start : start + _numel(shape)])))
         stats.num_buckets += 1
         stats.num_tensors += len(entries)
         stats.num_bytes += payload

@@ -12,6 +12,7 @@ from pathlib import Path
 from rlhf.config import (
     DTYPES,
     MISMATCH_ACTIONS,
+    OLD_LOGPROBS,
     ROLLOUT_BACKENDS,
     RLHFConfig,
     Stage,
@@ -56,6 +57,7 @@ def validate_rl(cfg: RLHFConfig) -> None:
     require_choice(algo.mismatch_action, MISMATCH_ACTIONS, "algorithm.mismatch_action")
     require_choice(algo.rollout_is, ("auto", *IS_MODES), "algorithm.rollout_is")
     check_rollout_mode(cfg)
+    require_choice(algo.old_logprobs, OLD_LOGPROBS, "algorithm.old_logprobs")
     require(0 <= algo.clip_low < 1, f"algorithm.clip_low must be in [0, 1) (got {algo.clip_low})")
     require(algo.clip_high >= 0, f"algorithm.clip_high must be >= 0 (got {algo.clip_high})")
     require(algo.dual_clip is None or algo.dual_clip > 1, f"algorithm.dual_clip must be > 1 (got {algo.dual_clip})")

@@ -31,7 +31,15 @@ from rlhf.algorithms import (
     rollout_mismatch,
 )
 from rlhf.algorithms.sampling import informative_groups, select_groups
-from rlhf.config import RLHFConfig, TrainConfig, off_policy, rollout_is_mode, uses_critic, uses_reference
+from rlhf.config import (
+    RLHFConfig,
+    TrainConfig,
+    off_policy,
+    one_update_per_batch,
+    rollout_is_mode,
+    uses_critic,
+    uses_reference,
+)
 from rlhf.data.batch import RolloutBatch, pad_sequences
 from rlhf.data.stream import PromptBatch
 from rlhf.engines.rollout import logprob_temperature
@@ -61,6 +69,8 @@ from rlhf.workers.reference import ReferenceWorker
 
 logger = logging.getLogger(__name__)
 
+ROLLOUT_MISMATCH_KEYS = ("rollout/logprob_diff", "rollout/mismatch_kl", "rollout/mismatch_kl_max")
+"""rlhf.algorithms.rollout_mismatch's stats: the update reports them when it computes the old logprobs."""
 ROLLOUT_BUFFER_FILE = "rollout_buffer.pt"
 """In a checkpoint of an off-policy run: the batch generated ahead for the next step (GeneratedBatch)."""
 
@@ -97,6 +107,7 @@ class RLTrainer(Controller):
         """Updates applied to the policy: the version a sample generated now is tagged with."""
         self.ahead: Optional[GeneratedBatch] = None
         """one_step_off: the next step's batch, generated while this one trained (a checkpoint keeps it)."""
+        self.logprobs_in_update = False  # decided in _start_roles, once the policy says whether it has dropout
         self.kl_in_reward = cfg.algorithm.kl_coef > 0 and not cfg.algorithm.use_kl_loss
         self.kl_ctl = (
             AdaptiveKLController(cfg.algorithm.kl_coef, cfg.algorithm.kl_target, cfg.algorithm.kl_horizon)
@@ -168,8 +179,14 @@ class RLTrainer(Controller):
                     CriticWorker.init_model, cfg.critic_model_path or path, optimizer_steps_total(cfg, cfg.critic)
                 )
             )
-        for group, p in zip([g for g in self.groups() if g is not None], pending):
-            group.wait(p)
+        loaded = [group.wait(p) for group, p in zip([g for g in self.groups() if g is not None], pending)]
+        self.logprobs_in_update = (
+            cfg.algorithm.old_logprobs == "auto"
+            and one_update_per_batch(cfg)
+            and not self.kl_in_reward
+            and not loaded[0]["dropout_layers"]
+        )
+        """The old logprobs come from the update's forward (algorithm.old_logprobs): no separate pass."""
         self.weight_sync = connect_weight_sync(self.policy, self.rollout, cfg.cluster)
 
     def _check_layout(self) -> dict[str, Any]:
@@ -187,16 +204,17 @@ class RLTrainer(Controller):
             batch, rollout_stats, reward_stats = self.collect(step, timer)
             rollout_stats.update(self.check_staleness(batch, step))
             ahead = self.generate_ahead(step + 1)
-            with timer("logprobs"):
+            with timer("logprobs"):  # old (unless the update computes them), reference and values side by side
                 batch = self.logprobs(batch)
-                rollout_stats.update(self.check_rollout_contract(batch, step))
-            if self.critic:
-                with timer("values"):
-                    batch = batch.replace(values=self.critic.call(CriticWorker.compute_values, batch))
+                if batch.old_logprobs is not None:
+                    rollout_stats.update(self.check_rollout_contract(batch, step))
             with timer("advantages"):
                 batch, adv_stats = self.advantages(batch)
             with timer("update"):
                 train_stats = self.update(batch)
+            if batch.old_logprobs is None:  # the update measured the engines against the policy's old logprobs
+                mismatch = {k: train_stats.pop(k) for k in ROLLOUT_MISMATCH_KEYS}
+                rollout_stats.update(self.check_rollout_contract(batch, step, mismatch))
             self.policy_version += 1
             if ahead is not None:
                 with timer("generate"):  # the part of the next step's generation the update did not cover
@@ -215,15 +233,18 @@ class RLTrainer(Controller):
         }
         return {**rollout_stats, **reward_stats, **adv_stats, **train_stats, **sync_stats, **timer.metrics(), **perf}
 
-    def check_rollout_contract(self, batch: RolloutBatch, step: int) -> dict[str, Tensor]:
+    def check_rollout_contract(
+        self, batch: RolloutBatch, step: int, measured: Optional[dict[str, float]] = None
+    ) -> dict[str, Any]:
         """rollout/mismatch_kl and friends (rlhf.algorithms.rollout_mismatch), with the contract enforced.
 
         The first step of this process runs on weights the engines loaded from the same checkpoint (or got synced
         on resume), so a mismatch there is never noise: an error that names the likely causes. Later steps act by
         algorithm.mismatch_action (warn, stop or correct). A batch sampled by older weights (run.rollout_mode
-        one_step_off) is measured, not held to it: its gap includes the policy's updates since."""
+        one_step_off) is measured, not held to it: its gap includes the policy's updates since. `measured`: the
+        stats as the update computed them (old logprobs from its forward), else they are computed from the batch."""
         algo = self.cfg.algorithm
-        stats = rollout_mismatch(batch.rollout_logprobs, batch.old_logprobs, batch.response_mask)
+        stats = measured or rollout_mismatch(batch.rollout_logprobs, batch.old_logprobs, batch.response_mask)
         if bool((batch.versions != self.policy_version).any()):
             # sampled by older weights (off-policy modes): the policy's own updates since are part of the gap, which
             # the importance weights correct; the contract is held on batches of the current weights
@@ -394,19 +415,30 @@ class RLTrainer(Controller):
         return batch.replace(scores=scores), stats
 
     def logprobs(self, batch: RolloutBatch) -> RolloutBatch:
-        old = self.policy.run(PolicyWorker.compute_logprobs, batch, self.temperature)
-        ref = self.reference.run(ReferenceWorker.compute_logprobs, batch, self.temperature) if self.reference else None
-        batch = batch.replace(old_logprobs=self.policy.wait(old))
-        if ref is not None:
-            batch = batch.replace(ref_logprobs=self.reference.wait(ref))
-        return batch
+        """The forward passes before the update, on their own actors at once: the policy's old logprobs (unless
+        `logprobs_in_update`), the reference's logprobs and the critic's values."""
+        calls = {}
+        if not self.logprobs_in_update:
+            calls["old_logprobs"] = (self.policy, PolicyWorker.compute_logprobs, self.temperature)
+        if self.reference:
+            calls["ref_logprobs"] = (self.reference, ReferenceWorker.compute_logprobs, self.temperature)
+        if self.critic:
+            calls["values"] = (self.critic, CriticWorker.compute_values)
+        pending = {name: (group, group.run(method, batch, *args)) for name, (group, method, *args) in calls.items()}
+        return batch.replace(**{name: group.wait(p) for name, (group, p) in pending.items()})
 
     def advantages(self, batch: RolloutBatch) -> tuple[RolloutBatch, dict[str, Any]]:
         algo = self.cfg.algorithm
         kl_coef = self.kl_ctl.value if self.kl_in_reward else 0.0
-        ref = batch.ref_logprobs if batch.ref_logprobs is not None else batch.old_logprobs
+        # without KL in the reward the token rewards are the scores alone: no logprobs needed (logprobs_in_update)
+        old = (
+            batch.old_logprobs
+            if batch.old_logprobs is not None
+            else torch.zeros_like(batch.response_mask, dtype=torch.float)
+        )
+        ref = batch.ref_logprobs if self.kl_in_reward else old
         token_rewards = kl_in_reward(
-            batch.scores, batch.old_logprobs, ref, batch.response_mask, kl_coef=kl_coef, kind=algo.kl_estimator
+            batch.scores, old, ref, batch.response_mask, kl_coef=kl_coef, kind=algo.kl_estimator
         )
         advantages, returns = self.estimate_advantages(
             token_rewards=token_rewards,
@@ -419,7 +451,7 @@ class RLTrainer(Controller):
             norm_by_std=algo.norm_adv_by_std,
         )
         stats: dict[str, Any] = {"policy/advantage_mean": masked_mean(advantages, batch.response_mask)}
-        if batch.ref_logprobs is not None:
+        if batch.ref_logprobs is not None and batch.old_logprobs is not None:
             kl = masked_mean(batch.old_logprobs - batch.ref_logprobs, batch.response_mask)
             self.kl_ctl.update(float(kl), len(batch))
             stats.update({"reward/kl_to_ref": kl, "reward/kl_coef": self.kl_ctl.value})

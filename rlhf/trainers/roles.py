@@ -7,6 +7,7 @@ cleanly when a rank dies (`stop_on_dead_rank`)."""
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,8 +25,9 @@ from rlhf.config import (
     weight_sync_backend,
     weight_sync_transport,
 )
+from rlhf.engines.checksum import Checksums, describe, differences
 from rlhf.engines.rollout import Generation
-from rlhf.errors import ConfigError, RunStoppedError, WorkerDiedError
+from rlhf.errors import ConfigError, RunStoppedError, WeightSyncError, WorkerDiedError
 from rlhf.trainers.checkpointing import CheckpointManager, write_json_atomic
 from rlhf.utils.distributed import node_id, node_ip
 from rlhf.utils.ray_session import runtime_env_vars
@@ -221,8 +223,36 @@ def sync_weights(policy: WorkerGroup, rollout: RolloutGroup, bucket_mb: int) -> 
     # the engines first: on shared memory rank 0 starts writing once every engine waits for the stream
     receivers = rollout.receive_weights_async()
     sender = policy.run(PolicyWorker.sync_weights, bucket_mb)
-    stats, _ = wait_all([(policy, sender), (rollout.group, receivers)])
-    return dict(stats or {})
+    stats, received = wait_all([(policy, sender), (rollout.group, receivers)])
+    stats = dict(stats or {})
+    start = time.perf_counter()
+    check_loaded_weights(stats.pop("checksums"), received)
+    stats["weight_sync/check_seconds"] = time.perf_counter() - start
+    return stats
+
+
+def check_loaded_weights(sent: Checksums, received: list[dict[str, Any]]) -> None:
+    """WeightSyncError naming the tensors unless every engine loaded exactly what rank 0 sent (per-tensor checksums,
+    rlhf.engines.checksum): a sync that ends without an error but leaves an engine on other weights would have the
+    engines sample from a policy the trainer does not train."""
+    for rank, answer in enumerate(received):
+        differ, missing, extra = differences(sent, answer["checksums"])
+        if not (differ or missing or extra):
+            continue
+        side = "loaded" if answer["read_back"] else "received"
+        problems = []
+        if differ:
+            problems.append(f"{len(differ)} tensor(s) {side} with other bytes than sent: {describe(differ)}")
+        if missing:
+            problems.append(f"{len(missing)} sent but not in the engine's model: {describe(missing)}")
+        if extra:
+            problems.append(f"{len(extra)} {side} but never sent: {describe(extra)}")
+        raise WeightSyncError(
+            f"weight sync: rollout engine {rank} holds other weights than the policy sent ({'; '.join(problems)}). "
+            "It would sample from a policy the trainer does not train. A corrupted transfer (shared memory written "
+            "while read, a broken link) or a loader that drops, renames or transposes tensors; an adapter must "
+            "reach the engines merged into the base weights under their checkpoint names"
+        )
 
 
 class RolloutSupervisor:

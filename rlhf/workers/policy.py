@@ -27,13 +27,15 @@ from rlhf.algorithms import (
     entropy_from_logits,
     kl_loss,
     logprobs_from_logits,
+    masked_mean,
+    rollout_mismatch_terms,
 )
 from rlhf.config import ClusterConfig, ModelConfig, TrainConfig
 from rlhf.data.batch import RolloutBatch
 from rlhf.data.token_budget import MicroBatch, rows_of
 from rlhf.engines.adapters import ADAPTER_DIR, has_adapter, save_adapter
 from rlhf.engines.weight_sync import WeightSyncGroup
-from rlhf.errors import WeightSyncError
+from rlhf.errors import DataError, WeightSyncError
 from rlhf.models.loading import load_tokenizer, resolve_model_path
 from rlhf.models.logprobs import response_logprobs, response_token_logits, to_rows
 from rlhf.models.peft_utils import load_base_model
@@ -153,13 +155,13 @@ class CausalLMWorker(TrainableWorker):
         return True
 
     @dispatch("broadcast", collect="first")
-    def sync_weights(self, bucket_mb: int = 64) -> dict[str, float]:
+    def sync_weights(self, bucket_mb: int = 64) -> dict[str, Any]:
         """Stream the full weights to the engines; every rank takes part in the ZeRO-3 gathers.
 
         Rank 0 feeds the gathered (LoRA-merged, plain-named) tensors, a gathered bucket at a time,
         straight into the sync group's buckets (on shm, copied on cluster.weight_sync_copy_threads
         threads); the engines must be in `receive` at the same time. Returns rank 0's transfer stats
-        (`weight_sync/...`).
+        (`weight_sync/...`) and "checksums", of every tensor sent (rlhf.engines.checksum).
         """
         engine = self._require_engine()
         bucket_bytes = bucket_mb << 20
@@ -183,6 +185,7 @@ class CausalLMWorker(TrainableWorker):
             "weight_sync/tensors": float(sent.num_tensors),
             "weight_sync/buckets": float(sent.num_buckets),
             "weight_sync/shm": float(self._weight_sync.transport == "shm"),
+            "checksums": sent.checksums,  # not a metric: rlhf.trainers.roles.sync_weights compares and drops it
         }
 
 
@@ -206,14 +209,23 @@ class PolicyWorker(RLTrainableWorker, CausalLMWorker):
     def update(self, batch: RolloutBatch, temperature: float = 1.0) -> dict[str, float]:
         """ppo_epochs × minibatches of PPO-style updates on this rank's shard; global stats `policy/...`.
 
-        Needs batch.old_logprobs and batch.advantages (and ref_logprobs with the KL loss), computed
-        at the same `temperature`, at which the new logprobs and the entropy are computed too.
+        Needs batch.advantages (and ref_logprobs with the KL loss), computed at the same `temperature`, at which
+        the new logprobs and the entropy are computed too, and batch.old_logprobs, unless the batch gets exactly
+        one optimizer step (one epoch, one minibatch): then the old policy is the one this forward runs, and its
+        logprobs are taken from it, detached (the controller's `logprobs_in_update`), with the engine-vs-trainer
+        `rollout/...` stats (rlhf.algorithms.rollout_mismatch) computed here, since only this pass sees both.
         """
         engine = self._require_engine()
-        needed = ["old_logprobs", "advantages"]
+        needed = ["advantages"]
         if self._use_kl_loss:
             needed.append("ref_logprobs")
         require_fields(self.role, batch, *needed)
+        if batch.old_logprobs is None and (self.algo_cfg.ppo_epochs != 1 or len(batch) != engine.minibatch_rows):
+            raise DataError(
+                f"{self.role}: a batch without old_logprobs takes them from the update's forward, which is the old "
+                f"policy only for one optimizer step per batch; this one gets {self.algo_cfg.ppo_epochs} epoch(s) "
+                f"of {len(batch) // engine.minibatch_rows} minibatch(es): compute old_logprobs first"
+            )
         engine.train()
         skipped_before = engine.nonfinite.total
         stats = StepStats()
@@ -237,16 +249,21 @@ class PolicyWorker(RLTrainableWorker, CausalLMWorker):
         mask = rows.response_mask
         logits, labels = response_token_logits(self._require_engine(), micro, temperature=temperature)
         logprobs = to_rows(micro, logprobs_from_logits(logits, labels))
+        old_logprobs = rows.old_logprobs
+        if old_logprobs is None:  # one optimizer step per batch: this forward is the old policy's (see `update`)
+            old_logprobs = logprobs.detach()
+            if rows.rollout_logprobs is not None:
+                self._mismatch_stats(rows.rollout_logprobs, old_logprobs, mask, tokens, stats)
         is_weights = None
         if self.rollout_is != "off" and rows.rollout_logprobs is not None:
             is_weights, bounded = compute_rollout_is_weights(
-                rows.old_logprobs, rows.rollout_logprobs, mask, cap=algo.rollout_is_cap, mode=self.rollout_is
+                old_logprobs, rows.rollout_logprobs, mask, cap=algo.rollout_is_cap, mode=self.rollout_is
             )
             stats.add_share("policy/is_weight_mean", is_weights.sum() / tokens.clamp(min=1))
             stats.add_share("policy/is_bounded_frac", bounded.sum() / tokens.clamp(min=1))
         loss, loss_stats = self.policy_loss(
             logprobs,
-            rows.old_logprobs,
+            old_logprobs,
             rows.advantages,
             mask,
             clip_low=algo.clip_low,
@@ -271,6 +288,14 @@ class PolicyWorker(RLTrainableWorker, CausalLMWorker):
         stats.add_share("policy/entropy", entropy)
         stats.add_share("policy/total_loss", loss)
         return loss
+
+    @staticmethod
+    def _mismatch_stats(engine: Tensor, trainer: Tensor, mask: Tensor, tokens: Tensor, stats: StepStats) -> None:
+        """This micro-batch's share of rollout_mismatch's stats over the whole (single) minibatch."""
+        diff, kl = rollout_mismatch_terms(engine, trainer, mask)
+        stats.add_share("rollout/logprob_diff", diff.sum() / tokens.clamp(min=1))
+        stats.add_share("rollout/mismatch_kl", kl.sum() / tokens.clamp(min=1))
+        stats.add_max("rollout/mismatch_kl_max", masked_mean(kl, mask, dim=-1).max())  # every rank: one collective
 
     @property
     def _use_kl_loss(self) -> bool:

@@ -88,7 +88,9 @@ class RolloutWorker(Worker):
 
     @dispatch("broadcast", collect="list")
     def receive_weights(self) -> dict[str, float]:
-        """Join rank 0's broadcast, load every tensor in place, reset the prefix cache."""
+        """Join rank 0's broadcast, load every tensor in place, reset the prefix cache; with the stats, the
+        checksums of what was loaded (read back from the model where the backend can, else of what arrived),
+        which the controller compares with what rank 0 sent (rlhf.trainers.roles.check_loaded_weights)."""
         if self.weight_sync is None:
             raise WeightSyncError("receive_weights before init_weight_sync; join the weight-sync group first")
         start = time.perf_counter()
@@ -96,11 +98,14 @@ class RolloutWorker(Worker):
         self.backend.load_weights(self.weight_sync.receive(), share=self.weight_sync.transport == "shm")
         self.backend.reset_prefix_cache()
         stats = self.weight_sync.last_stats
+        loaded = self.backend.loaded_checksums([name for name, _ in stats.checksums])
         return {
             "num_tensors": stats.num_tensors,
             "num_bytes": stats.num_bytes,
             "transfer_s": stats.seconds,
             "total_s": time.perf_counter() - start,
+            "checksums": stats.checksums if loaded is None else loaded,
+            "read_back": loaded is not None,
         }
 
     @dispatch("broadcast", collect="list")

@@ -79,7 +79,7 @@ class TrainableWorker(Worker):
         model.gradient_checkpointing, apply model.peft, start DeepSpeed (optimizer and LR schedule).
 
         `num_training_steps` (optimizer steps of the whole run) is needed by the cosine schedule.
-        Returns {"num_parameters", "num_trainable_parameters"}.
+        Returns {"num_parameters", "num_trainable_parameters", "dropout_layers"} (the count of `dropout_layers`).
         """
         self._setup_distributed()
         model = self._load_model(model_path)
@@ -87,6 +87,7 @@ class TrainableWorker(Worker):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = self._apply_peft(model)
         counts = parameter_counts(model)
+        counts["dropout_layers"] = len(dropout_layers(model))
         self._build_engine(model, num_training_steps)
         return counts
 
@@ -221,12 +222,14 @@ class StepStats:
     `add_share`: a micro-batch's share of a minibatch quantity (summed over micro-batches and
     ranks, then averaged over minibatches): losses aggregated with global counts.
     `add_mean`: averaged over every call and every rank (fractions, norms, learning rates).
+    `add_max`: the largest over every call and every rank.
     """
 
     def __init__(self) -> None:
         self.shares: dict[str, Tensor] = {}
         self.means: dict[str, Tensor] = {}
         self.mean_counts: dict[str, int] = {}
+        self.maxes: dict[str, Tensor] = {}
         self.minibatches = 0
 
     def add_share(self, key: str, value: Tensor) -> None:
@@ -237,17 +240,38 @@ class StepStats:
         self.means[key] = self.means.get(key, 0.0) + value
         self.mean_counts[key] = self.mean_counts.get(key, 0) + 1
 
+    def add_max(self, key: str, value: Tensor) -> None:
+        value = value.detach().float()
+        self.maxes[key] = torch.maximum(self.maxes[key], value) if key in self.maxes else value
+
     def reduce(self, world_size: int, device: torch.device) -> dict[str, float]:
-        """Global values on every rank: one all-reduce, one host sync."""
+        """Global values on every rank: one all-reduce (two with maxima), one host sync."""
         keys = sorted(self.shares) + sorted(self.means)
         local = [self.shares[k] / max(self.minibatches, 1) for k in sorted(self.shares)]
         local += [self.means[k] / self.mean_counts[k] / world_size for k in sorted(self.means)]
-        if not keys:
-            return {}
-        packed = torch.stack([torch.as_tensor(v, dtype=torch.float32).to(device) for v in local])
-        if world_size > 1:
-            dist.all_reduce(packed)
-        return dict(zip(keys, packed.tolist()))
+        values = {}
+        if keys:
+            packed = torch.stack([torch.as_tensor(v, dtype=torch.float32).to(device) for v in local])
+            if world_size > 1:
+                dist.all_reduce(packed)
+            values.update(zip(keys, packed.tolist()))
+        if self.maxes:
+            maxes = torch.stack([self.maxes[k].to(device) for k in sorted(self.maxes)])
+            if world_size > 1:
+                dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
+            values.update(zip(sorted(self.maxes), maxes.tolist()))
+        return values
+
+
+def dropout_layers(model: torch.nn.Module) -> list[str]:
+    """What makes a train-mode forward random: dropout modules with p > 0 (LoRA's included) and the model config's
+    dropout rates > 0 that attention kernels apply without a module (attention_dropout, attn_pdrop, ...)."""
+    found = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    config = getattr(model, "config", None)
+    for key, value in vars(config).items() if config is not None else ():
+        if ("dropout" in key or "pdrop" in key) and isinstance(value, (int, float)) and value > 0:
+            found.append(f"config.{key}")
+    return found
 
 
 def device_chunks(batch: RolloutBatch, size: int, device: torch.device) -> Iterator[RolloutBatch]:

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from rlhf.algorithms.registry import Registry
 from rlhf.config import ClusterConfig, ModelConfig, RolloutConfig, SamplingConfig
+from rlhf.engines.checksum import Checksums
 
 FINISH_REASONS = ("stop", "length")
 SLEEP_TAGS = ("weights", "kv_cache")
@@ -83,6 +84,11 @@ class RolloutBackend(Protocol):
         shared-memory weight sync), so a backend may adopt them as its weights instead of copying.
         Cached prompt prefixes still hold the old weights' KV: call `reset_prefix_cache` next.
         """
+        ...
+
+    def loaded_checksums(self, names: Sequence[str]) -> Checksums | None:
+        """Checksums (rlhf.engines.checksum) of the live weights named `names`, read back after `load_weights`;
+        None where the loader repacks them (vLLM fuses and reorders): the sync then compares what arrived."""
         ...
 
     def sleep(self) -> None:

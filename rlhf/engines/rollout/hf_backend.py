@@ -21,6 +21,7 @@ from torch import Tensor
 
 from rlhf.config import ClusterConfig, ModelConfig, RolloutConfig, SamplingConfig
 from rlhf.data.batch import pad_sequences
+from rlhf.engines.checksum import Checksums, tensor_checksum
 from rlhf.engines.rollout.base import GREEDY_BELOW, ROLLOUT_BACKENDS, Generation
 from rlhf.errors import ConfigError, WeightSyncError
 
@@ -103,6 +104,12 @@ class HFBackend:
 
     def reset_prefix_cache(self) -> None:
         """Nothing to reset: every generate call starts from an empty KV cache."""
+
+    def loaded_checksums(self, names: Sequence[str]) -> Checksums:
+        """The live parameters and buffers by their checkpoint names (one absent from the model is not listed)."""
+        tensors = dict(self.model.named_parameters(remove_duplicate=False))
+        tensors.update(self.model.named_buffers(remove_duplicate=False))
+        return [(name, tensor_checksum(tensors[name])) for name in names if name in tensors]
 
     @torch.inference_mode()
     def _generate_rows(

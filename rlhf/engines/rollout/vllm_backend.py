@@ -118,6 +118,9 @@ class VLLMBackend:
         else:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_tensors)})
 
+    def loaded_checksums(self, names: Sequence[str]) -> None:
+        return None  # vLLM repacks what it loads (fused qkv/gate-up, its CPU layouts): nothing to read back by name
+
     def sleep(self) -> None:
         if self.sleep_enabled:
             self.llm.sleep(level=1)  # KV cache discarded, weights offloaded to CPU; the scheduler pauses

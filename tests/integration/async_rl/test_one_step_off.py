@@ -8,39 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from rlhf.cli import CONF_DIR
 from rlhf.trainers.prepare import prepare
 from rlhf.trainers.rl import ROLLOUT_BUFFER_FILE, RLTrainer
-from rlhf.utils.metrics import read_metrics
+
+from .conftest import compose_config, step_metrics
 
 pytestmark = [pytest.mark.ray]
-
-# 2 prompts × 4 samples = 8 sequences per step, one optimizer step; lr 1e-3 so that one update moves the
-# policy's logprobs measurably (the stale batch's importance weights then differ from 1)
-ONE_STEP_OFF = [
-    "stage=grpo",
-    "algorithm.kl_coef=0",
-    "data.train=tiny:train:copy+reverse",
-    "data.eval=null",
-    "run.rollout_mode=one_step_off",
-    "run.rollout_batch_size=2",
-    "rollout.n_samples_per_prompt=4",
-    "rollout.backend=hf",
-    "rollout.sampling.max_new_tokens=6",
-    "policy.num_workers=1",
-    "policy.train_batch_size=8",
-    "policy.micro_batch_size=8",
-    "policy.optim.lr=1e-3",
-    "run.save_every=1",
-    "run.eval_every=0",
-    "run.progress_bar=false",
-    "run.tensorboard=false",
-    "run.plots=false",
-]
-CLOCK = ("timing/", "perf/", "weight_sync/seconds", "weight_sync/gb_per_s")
 
 
 class Preempted(Exception):
@@ -66,9 +40,8 @@ class PromptRecorder(RLTrainer):
 
 def fit(output_dir: Path, *, stop_at: int | None = None) -> list[list[str]]:
     """A 3-step run (stopped before step index `stop_at`); the prompts of the steps it trained."""
-    with initialize_config_dir(CONF_DIR, version_base=None):
-        raw = compose("config", overrides=[*ONE_STEP_OFF, f"run.output_dir={output_dir}", "run.total_steps=3"])
-    trainer = PromptRecorder(prepare(OmegaConf.to_object(raw)))
+    cfg = compose_config(output_dir, "run.rollout_mode=one_step_off", "run.save_every=1", "run.total_steps=3")
+    trainer = PromptRecorder(prepare(cfg))
     trainer.trained, trainer.stop_at = [], stop_at
     try:
         trainer.fit()
@@ -79,15 +52,10 @@ def fit(output_dir: Path, *, stop_at: int | None = None) -> list[list[str]]:
     return trainer.trained
 
 
-def steps(output_dir: Path) -> dict[int, dict[str, float]]:
-    rows = read_metrics(output_dir / "metrics.jsonl")
-    return {r["step"]: {k: v for k, v in r.items() if not k.startswith(CLOCK)} for r in rows if "policy/loss" in r}
-
-
 def test_one_step_off_trains_one_version_behind_and_resumes_exactly(ray_cluster, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     prompts_full = fit(full)
-    rows = steps(full)
+    rows = step_metrics(full)
     assert sorted(rows) == [1, 2, 3]
     # the first batch comes from the initial weights; every later one from the weights one update back
     assert [rows[s]["rollout/staleness_max"] for s in (1, 2, 3)] == [0.0, 1.0, 1.0]
@@ -112,6 +80,6 @@ def test_one_step_off_trains_one_version_behind_and_resumes_exactly(ray_cluster,
     assert prompts_part == prompts_full
     trained = [p for step in prompts_part for p in step]
     assert len(set(trained)) == len(trained) == 6  # no prompt dropped or repeated across the resume
-    resumed = steps(part)
+    resumed = step_metrics(part)
     assert sorted(resumed) == [1, 2, 3]
     assert resumed[3] == rows[3]

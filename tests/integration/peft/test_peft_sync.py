@@ -17,7 +17,7 @@ from rlhf.data.tokenizer import encode_chat_prompt
 from rlhf.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
 from rlhf.models.logprobs import response_logprobs
 from rlhf.trainers.rl import build_rollout_batch
-from rlhf.trainers.roles import start_policy_group
+from rlhf.trainers.roles import check_loaded_weights, start_policy_group
 from rlhf.workers.policy import PolicyWorker
 from rlhf.workers.rollout import RolloutGroup
 
@@ -68,8 +68,9 @@ def test_ia3_policy_syncs_merged_weights_into_vllm(ray_cluster):
 
         sending = policy.run(PolicyWorker.sync_weights, 1)
         receiving = rollout.receive_weights_async()
-        policy.wait(sending)
-        rollout.wait(receiving)
+        sent = policy.wait(sending)["checksums"]
+        check_loaded_weights(sent, rollout.wait(receiving))  # the merged weights under their base names, loaded
+        assert not any("lora" in name for name, _ in sent)
 
         fresh = build_rollout_batch(prompts, rollout.generate(prompts.token_ids, sampling, n=2, seed=2), pad_id=0)
         assert_close(fresh.rollout_logprobs, policy.call(PolicyWorker.compute_logprobs, fresh), fresh.response_mask)

@@ -20,7 +20,7 @@ from rlhf.data.tokenizer import encode_chat_prompt
 from rlhf.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
 from rlhf.models.logprobs import response_logprobs
 from rlhf.trainers.rl import build_rollout_batch
-from rlhf.trainers.roles import start_policy_group
+from rlhf.trainers.roles import check_loaded_weights, start_policy_group
 from rlhf.workers.policy import PolicyWorker
 from rlhf.workers.rollout import RolloutGroup
 
@@ -73,7 +73,10 @@ def test_trained_zero3_policy_syncs_into_vllm(ray_cluster, lora_rank, transport)
         sending = policy.run(PolicyWorker.sync_weights, 1)  # 1 MiB buckets: several buckets for 1.8 MiB
         receiving = rollout.receive_weights_async()
         stats = policy.wait(sending)
-        rollout.wait(receiving)
+        received = rollout.wait(receiving)
+        # every tensor vLLM was handed has the bytes rank 0 sent (LoRA merged under the base names, or full)
+        check_loaded_weights(stats.pop("checksums"), received)
+        assert [r["read_back"] for r in received] == [False]  # vLLM repacks: the received bytes are compared
         assert stats["weight_sync/buckets"] >= 2
         assert stats["weight_sync/shm"] == float(transport == "shm")
 

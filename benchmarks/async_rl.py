@@ -1,0 +1,172 @@
+"""Overlapped RL: `run.rollout_mode` sync vs one_step_off, and TRL's GRPOTrainer on the same model, prompts and batch.
+
+Issue 20's shape: 16 prompts × 4 samples per RL step, ≤ 64 new tokens, one policy rank, one vLLM engine, one thread
+per actor, one optimizer step of 64 sequences per RL step, on the ~25M Qwen2 (hidden 512, 8 layers, 8 heads / 4 KV
+heads, intermediate 1536; random init, so responses run to the token limit) and on the shipped tiny policy. Each
+round runs every system once, alternating. samples/s: 64 ÷ the median step time of steps 2..N of a run (step 1 of
+one_step_off generates its batch in line, as sync does); median [min–max] over rounds, the ratios per round.
+
+    python -m benchmarks.async_rl [--quick] [--sizes 25m,tiny] [--steps 8] [--rounds 2] [--no-trl]
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import tempfile
+from pathlib import Path
+
+from benchmarks.common import bench_model, finish, fmt, machine_info, parse_args, ray_cluster, summarize
+from benchmarks.trl_compare import TRL_VERSION, run_ours, run_trl
+
+logger = logging.getLogger("benchmarks.async_rl")
+
+NAME = "async_rl"
+PROMPTS, N, MAX_NEW_TOKENS, TRAIN_BATCH = 16, 4, 64, 64
+MODES = ("sync", "one_step_off")
+TASK = "sub_1d"
+TARGET_ONE_STEP_OFF = 1.6  # × sync samples/s (issue 20)
+TARGET_VS_TRL = 1.8  # best mode × TRL samples/s
+PHASES = ("generate", "score", "logprobs", "update", "sync")
+
+
+def run_system(system: str, model: str, steps: int, prompts: int, n: int, out: Path) -> dict:
+    shape = {"train_batch": prompts * n, "max_new_tokens": MAX_NEW_TOKENS}
+    if system == "trl":
+        return run_trl(model, TASK, steps, prompts, n, out / "trl.json", **shape)
+    return run_ours(model, "vllm", TASK, steps, prompts, n, out, extra=(f"run.rollout_mode={system}",), **shape)
+
+
+def digest(run: dict, sequences: int) -> dict:
+    timed = run["step_s"][1:] or run["step_s"]
+    step_s = statistics.median(timed)
+    phases = {}
+    for phase in PHASES:  # exposed seconds per phase (one_step_off: the generate the update did not cover)
+        values = [row.get(phase, 0.0) for row in run.get("phases_s", [])[1:]]
+        if values:
+            phases[phase] = statistics.median(values)
+    return {"step_s": step_s, "samples_per_s": sequences / step_s, "phases_s": phases}
+
+
+def main() -> None:
+    def options(parser):
+        parser.add_argument("--sizes", default="25m,tiny")
+        parser.add_argument("--steps", type=int, default=8)
+        parser.add_argument("--rounds", type=int, default=2)
+        parser.add_argument("--no-trl", action="store_true", help="our modes only")
+
+    args = parse_args(__doc__.splitlines()[0], options)
+    quick = args.quick
+    sizes = ["tiny"] if quick else args.sizes.split(",")
+    steps, rounds, prompts, n = (3, 1, 4, 2) if quick else (args.steps, args.rounds, PROMPTS, N)
+    systems = (*MODES, *(() if args.no_trl or quick else ("trl",)))
+    sequences = prompts * n
+    machine = machine_info()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench-async-") as tmp, ray_cluster():
+        for size in sizes:
+            model, num_params = bench_model(size)
+            runs: dict[str, list[dict]] = {s: [] for s in systems}
+            for r in range(rounds):
+                for system in systems:
+                    out = Path(tmp) / f"{size}-{system}-{r}"
+                    out.mkdir(parents=True)
+                    run = run_system(system, model, steps, prompts, n, out)
+                    run["digest"] = digest(run, sequences)
+                    runs[system].append(run)
+                    logger.info("%s round %d %s: %s", size, r, system, run["digest"])
+            speedup = [
+                runs["one_step_off"][i]["digest"]["samples_per_s"] / runs["sync"][i]["digest"]["samples_per_s"]
+                for i in range(rounds)
+            ]
+            best_vs_trl = (
+                [
+                    max(runs[m][i]["digest"]["samples_per_s"] for m in MODES)
+                    / runs["trl"][i]["digest"]["samples_per_s"]
+                    for i in range(rounds)
+                ]
+                if "trl" in runs
+                else []
+            )
+            results[size] = {
+                "num_params": num_params,
+                "summary": {
+                    s: {
+                        "samples_per_s": summarize([run["digest"]["samples_per_s"] for run in rs]),
+                        "step_s": summarize([run["digest"]["step_s"] for run in rs]),
+                        "phases_s": {
+                            p: summarize([run["digest"]["phases_s"][p] for run in rs])
+                            for p in PHASES
+                            if all(p in run["digest"]["phases_s"] for run in rs)
+                        },
+                    }
+                    for s, rs in runs.items()
+                },
+                "one_step_off_vs_sync": summarize(speedup),
+                "best_mode_vs_trl": summarize(best_vs_trl) if best_vs_trl else None,
+                "runs": runs,
+            }
+    headline = results[sizes[0]]
+    targets = {
+        "one_step_off_vs_sync": f">= {TARGET_ONE_STEP_OFF}",
+        "best_mode_vs_trl": f">= {TARGET_VS_TRL}",
+        "met": {
+            size: {
+                "one_step_off_vs_sync": res["one_step_off_vs_sync"]["median"] >= TARGET_ONE_STEP_OFF,
+                "best_mode_vs_trl": None
+                if res["best_mode_vs_trl"] is None
+                else res["best_mode_vs_trl"]["median"] >= TARGET_VS_TRL,
+            }
+            for size, res in results.items()
+        },
+    }
+    payload = {
+        "benchmark": NAME,
+        "quick": quick,
+        "machine": machine,
+        "settings": {"prompts": prompts, "n": n, "max_new_tokens": MAX_NEW_TOKENS, "train_batch": sequences,
+                     "steps": steps, "rounds": rounds, "task": TASK, "backend": "vllm", "trl_version": TRL_VERSION},
+        "targets": targets,
+        "results": results,
+    }  # fmt: skip
+    labels = {"sync": "ours, sync", "one_step_off": "ours, one_step_off", "trl": f"TRL {TRL_VERSION} GRPOTrainer"}
+    lines = [
+        "| model | system | samples/s | s / step | exposed generate, s | update, s | vs sync | vs TRL |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for size, res in results.items():
+        trl = res["summary"].get("trl")
+        for s, x in res["summary"].items():
+            ratio_sync = "1" if s == "sync" else (fmt(res["one_step_off_vs_sync"], 2) if s == "one_step_off" else "–")
+            ratio_trl = "–"
+            if trl is not None and s != "trl":
+                ratio_trl = f"{x['samples_per_s']['median'] / trl['samples_per_s']['median']:.2f}"
+            phases = x["phases_s"]
+            lines.append(
+                f"| {size} ({res['num_params'] / 1e6:.1f}M) | {labels[s]} | {fmt(x['samples_per_s'], 2)} "
+                f"| {fmt(x['step_s'], 2)} | {fmt(phases['generate'], 2) if 'generate' in phases else '–'} "
+                f"| {fmt(phases['update'], 2) if 'update' in phases else '–'} | {ratio_sync} | {ratio_trl} |"
+            )
+    markdown = f"""## Overlapped RL: sync vs one_step_off (CPU)
+
+`python -m benchmarks.async_rl` — {{machine}}
+
+GRPO on `tiny:train:{TASK}` with the tiny world's rule reward, {prompts} prompts × {n} samples per step, ≤
+{MAX_NEW_TOKENS} new tokens at temperature 1, one optimizer step of {sequences} sequences per step, one policy rank
+(DeepSpeed ZeRO-2, 1 thread) and one vLLM engine (1 thread) on the 2 cores; TRL {TRL_VERSION}'s GRPOTrainer in one
+process on the same model, prompts, reward and batch. {steps} steps per run, {rounds} rounds alternating the
+systems; samples/s from the median of steps 2..{steps}, then median [min–max] over rounds. *exposed generate*: the
+seconds a step waits for generation (one_step_off: the part of the next batch's generation the update did not
+cover). Targets (issue 20): one_step_off ≥ {TARGET_ONE_STEP_OFF}× sync, the best mode ≥ {TARGET_VS_TRL}× TRL.
+
+{chr(10).join(lines)}
+
+one_step_off trains every batch after step 1 on samples one update old, with truncated importance weights (cap
+2) between the policy and the engine that sampled (docs/async.md). Headline ({sizes[0]}): one_step_off ÷ sync
+{fmt(headline["one_step_off_vs_sync"], 2)}. Raw: `results/{NAME}.json`.
+"""
+    finish(NAME, payload, markdown, args)
+
+
+if __name__ == "__main__":
+    main()
