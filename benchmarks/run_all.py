@@ -18,7 +18,9 @@ from benchmarks.common import BENCH_DIR
 
 logger = logging.getLogger("benchmarks.run_all")
 
-SCRIPTS = ("weight_sync", "memory", "rl_step", "packing", "rollout_backends", "learning", "recipes", "trl_compare")
+SCRIPTS = (
+    "weight_sync", "memory", "rl_step", "async_rl", "packing", "rollout_backends", "learning", "recipes", "trl_compare",
+)  # fmt: skip
 
 
 def main() -> int:

@@ -227,7 +227,7 @@ def sync_weights(policy: WorkerGroup, rollout: RolloutGroup, bucket_mb: int) -> 
     stats = dict(stats or {})
     start = time.perf_counter()
     check_loaded_weights(stats.pop("checksums"), received)
-    stats["weight_sync/check_seconds"] = time.perf_counter() - start
+    stats["timing/sync_check"] = time.perf_counter() - start  # inside timing/sync
     return stats
 
 

@@ -22,18 +22,6 @@ pytestmark = [pytest.mark.ray]
 CORRUPTED = "model.layers.1.mlp.down_proj.weight"
 
 
-def corrupt_after_loading(host) -> None:
-    """On the engine: its backend's load_weights nudges one weight after loading the stream."""
-    backend = host.backend
-    load = backend.load_weights
-
-    def load_then_corrupt(named_tensors, share=False):
-        load(named_tensors, share=share)
-        dict(backend.model.named_parameters())[CORRUPTED].data.add_(1e-3)
-
-    backend.load_weights = load_then_corrupt
-
-
 @pytest.mark.parametrize("transport", ["shm", "collective"])
 def test_an_engine_that_loaded_other_bytes_stops_the_sync_naming_the_tensor(ray_cluster, transport):
     cfg = RLHFConfig()
@@ -47,7 +35,19 @@ def test_an_engine_that_loaded_other_bytes_stops_the_sync_naming_the_tensor(ray_
         policy.call(PolicyWorker.init_model, path)
         assert connect_weight_sync(policy, rollout, cfg.cluster)["transport"] == transport
         stats = sync_weights(policy, rollout, bucket_mb=1)  # every tensor read back equal: no error
-        assert "checksums" not in stats and stats["weight_sync/check_seconds"] >= 0
+        assert "checksums" not in stats and stats["timing/sync_check"] >= 0
+
+        def corrupt_after_loading(host) -> None:  # local, so Ray ships it by value to the engine's process
+            """On the engine: its backend's load_weights nudges one weight after loading the stream."""
+            backend = host.backend
+            load = backend.load_weights
+
+            def load_then_corrupt(named_tensors, share=False):
+                load(named_tensors, share=share)
+                dict(backend.model.named_parameters())[CORRUPTED].data.add_(1e-3)
+
+            backend.load_weights = load_then_corrupt
+
         ray.get([actor.__ray_call__.remote(corrupt_after_loading) for actor in rollout.group.actors])
         with pytest.raises(WeightSyncError, match=rf"rollout engine 0 holds other weights than the policy sent \(1 "
                            rf"tensor\(s\) loaded with other bytes than sent: {CORRUPTED}\)"):  # fmt: skip
