@@ -48,6 +48,31 @@ def digest(run: dict, sequences: int) -> dict:
     return {"step_s": step_s, "samples_per_s": sequences / step_s, "phases_s": phases}
 
 
+def checksum_seconds(model: str) -> float:
+    """One side's per-tensor checksums of the whole model (rlhf.engines.checksum) on one thread: the sync's
+    contract guard costs this on rank 0 and on each engine, every sync (median of 3)."""
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    from rlhf.engines.checksum import tensor_checksum
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tensors = [t for f in sorted(Path(model).glob("*.safetensors")) for t in load_file(f).values()]
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            for t in tensors:
+                tensor_checksum(t)
+            times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times)
+
+
 def main() -> None:
     def options(parser):
         parser.add_argument("--sizes", default="25m,tiny")
@@ -88,8 +113,13 @@ def main() -> None:
                 if "trl" in runs
                 else []
             )
+            guard_s = checksum_seconds(model)
+            sync_step = statistics.median([run["digest"]["step_s"] for run in runs["sync"]])
             results[size] = {
                 "num_params": num_params,
+                # both sides of the checksum, as if in series (they overlap in part), against a sync step
+                "checksum_s_per_side": guard_s,
+                "checksum_share_of_sync_step": 2 * guard_s / sync_step,
                 "summary": {
                     s: {
                         "samples_per_s": summarize([run["digest"]["samples_per_s"] for run in rs]),
@@ -147,6 +177,10 @@ def main() -> None:
                 f"| {fmt(x['step_s'], 2)} | {fmt(phases['generate'], 2) if 'generate' in phases else '–'} "
                 f"| {fmt(phases['update'], 2) if 'update' in phases else '–'} | {ratio_sync} | {ratio_trl} |"
             )
+    checksum_lines = ", ".join(
+        f"{size}: {2 * res['checksum_s_per_side']:.3f} s = {100 * res['checksum_share_of_sync_step']:.1f}%"
+        for size, res in results.items()
+    )
     markdown = f"""## Overlapped RL: sync vs one_step_off (CPU)
 
 `python -m benchmarks.async_rl` — {{machine}}
@@ -160,6 +194,9 @@ seconds a step waits for generation (one_step_off: the part of the next batch's 
 cover). Targets (issue 20): one_step_off ≥ {TARGET_ONE_STEP_OFF}× sync, the best mode ≥ {TARGET_VS_TRL}× TRL.
 
 {chr(10).join(lines)}
+
+Contract guards (every mode): the weight-sync checksums cost {checksum_lines} of a sync step (both sides
+counted in series, one thread each; the mismatch-KL check reads tensors the step has already).
 
 one_step_off trains every batch after step 1 on samples one update old, with truncated importance weights (cap
 2) between the policy and the engine that sampled (docs/async.md). Headline ({sizes[0]}): one_step_off ÷ sync

@@ -5,14 +5,16 @@ the loader skipped or transposed, a shared-memory bucket overwritten before it w
 sample from a policy the trainer does not train: nothing crashes, the run learns wrongly. Every sync
 therefore fingerprints each tensor on both sides (`weight_sync/checksums`) and the controller compares them.
 
-The checksum reads the tensor's bytes as integer words w_i (as wide as its elements) and sums, with int64 wrap-around,
+The checksum reads the tensor's bytes as integer words w_i (as wide as its elements) and sums them, and
+for two widths W (1024 and the prime 1021) the column sums of the words laid out W to a row, weighted by column:
 
-    s1 = Σ w_i        s2 = Σ w_i · (1 + i mod 65521)
+    s = Σ w_i        c_W = Σ_i w_i · (1 + i mod W)        (int64, wrap-around)
 
-so a changed word changes s1 and s2, and a permutation of the words (a transposed square matrix) changes s2.
-It runs with torch ops on the tensor's own device, in chunks (bounded temporaries), one host sync per tensor:
-a pass over the weights at memory bandwidth, next to the copy the sync makes anyway. Not a cryptographic
-hash: it guards against bugs, not adversaries.
+so a changed word changes s, and moved words (a transposed square matrix, swapped blocks) change c_1024 or
+c_1021. Each is one reduction pass with torch ops on the tensor's own device and no temporary the size of the
+tensor; integer sums do not depend on the summation order, so the CPU and a GPU agree. ~0.06 s per 27M float32
+parameters on one CPU thread, next to the copy the sync makes anyway. Not a cryptographic hash: it guards
+against bugs, not adversaries.
 """
 
 from __future__ import annotations
@@ -22,8 +24,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-_CHUNK = 1 << 22  # words per chunk: two int64 temporaries of 32 MiB
-_MODULUS = 65521  # the largest prime below 2^16 (Adler-32's): position weights stay small
+_WIDTHS = (1024, 1021)  # row widths of the column-weighted sums: a power of two and a prime near it
 
 _WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16}
 Checksums = list[tuple[str, str]]
@@ -31,22 +32,21 @@ Checksums = list[tuple[str, str]]
 
 
 def tensor_checksum(tensor: Tensor) -> str:
-    """ "<s1>:<s2>" in hex of the tensor's bytes (module docstring); equal bytes give equal checksums."""
+    """"<s>:<c_1024>:<c_1021>" in hex of the tensor's bytes (module docstring): equal bytes, equal checksums."""
     flat = tensor.detach().contiguous().reshape(-1)
-    if flat.numel() == 0:
-        return "0:0"
     # words as wide as the dtype's elements: a view into a bucket is always aligned to those, so the same bytes
     # give the same words wherever they sit
     words = flat.view(_WORDS.get(flat.element_size(), torch.uint8))
-    s1 = torch.zeros((), dtype=torch.int64, device=words.device)
-    s2 = torch.zeros((), dtype=torch.int64, device=words.device)
-    for start in range(0, words.numel(), _CHUNK):
-        chunk = words[start : start + _CHUNK].to(torch.int64)
-        position = torch.arange(start, start + chunk.numel(), dtype=torch.int64, device=words.device)
-        s1 += chunk.sum()
-        s2 += (chunk * (position % _MODULUS + 1)).sum()
-    both = torch.stack([s1, s2]).tolist()
-    return f"{both[0] & (2**64 - 1):x}:{both[1] & (2**64 - 1):x}"
+    total, weighted = None, []
+    for width in _WIDTHS:
+        rows = words.numel() // width
+        columns = words[: rows * width].view(rows, width).sum(0, dtype=torch.int64)
+        tail = words[rows * width :]
+        columns[: tail.numel()] += tail.to(torch.int64)
+        weighted.append((columns * torch.arange(1, width + 1, device=words.device)).sum())
+        total = columns.sum()
+    values = torch.stack([total, *weighted]).tolist()
+    return ":".join(f"{v & (2**64 - 1):x}" for v in values)
 
 
 def checksums(named_tensors: Iterable[tuple[str, Tensor]]) -> Checksums:
