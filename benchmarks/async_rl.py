@@ -24,6 +24,8 @@ logger = logging.getLogger("benchmarks.async_rl")
 NAME = "async_rl"
 PROMPTS, N, MAX_NEW_TOKENS, TRAIN_BATCH = 16, 4, 64, 64
 MODES = ("sync", "one_step_off")
+BASELINE = "sync_recompute"
+"""sync with the separate old-logprob pass every step (algorithm.old_logprobs=recompute): the loop before issue 20."""
 TASK = "sub_1d"
 TARGET_ONE_STEP_OFF = 1.6  # × sync samples/s (issue 20)
 TARGET_VS_TRL = 1.8  # best mode × TRL samples/s
@@ -34,7 +36,11 @@ def run_system(system: str, model: str, steps: int, prompts: int, n: int, out: P
     shape = {"train_batch": prompts * n, "max_new_tokens": MAX_NEW_TOKENS}
     if system == "trl":
         return run_trl(model, TASK, steps, prompts, n, out / "trl.json", **shape)
-    return run_ours(model, "vllm", TASK, steps, prompts, n, out, extra=(f"run.rollout_mode={system}",), **shape)
+    if system == BASELINE:
+        extra = ("run.rollout_mode=sync", "algorithm.old_logprobs=recompute")
+    else:
+        extra = (f"run.rollout_mode={system}",)
+    return run_ours(model, "vllm", TASK, steps, prompts, n, out, extra=extra, **shape)
 
 
 def digest(run: dict, sequences: int) -> dict:
@@ -46,6 +52,11 @@ def digest(run: dict, sequences: int) -> dict:
         if values:
             phases[phase] = statistics.median(values)
     return {"step_s": step_s, "samples_per_s": sequences / step_s, "phases_s": phases}
+
+
+def ratio(runs: dict[str, list[dict]], a: str, b: str) -> list[float]:
+    """Per round: system a's samples/s ÷ system b's."""
+    return [x["digest"]["samples_per_s"] / y["digest"]["samples_per_s"] for x, y in zip(runs[a], runs[b])]
 
 
 def checksum_seconds(model: str) -> float:
@@ -84,7 +95,7 @@ def main() -> None:
     quick = args.quick
     sizes = ["tiny"] if quick else args.sizes.split(",")
     steps, rounds, prompts, n = (3, 1, 4, 2) if quick else (args.steps, args.rounds, PROMPTS, N)
-    systems = (*MODES, *(() if args.no_trl or quick else ("trl",)))
+    systems = (*MODES, *(() if quick else (BASELINE,)), *(() if args.no_trl or quick else ("trl",)))
     sequences = prompts * n
     machine = machine_info()
     results = {}
@@ -100,19 +111,10 @@ def main() -> None:
                     run["digest"] = digest(run, sequences)
                     runs[system].append(run)
                     logger.info("%s round %d %s: %s", size, r, system, run["digest"])
-            speedup = [
-                runs["one_step_off"][i]["digest"]["samples_per_s"] / runs["sync"][i]["digest"]["samples_per_s"]
-                for i in range(rounds)
-            ]
-            best_vs_trl = (
-                [
-                    max(runs[m][i]["digest"]["samples_per_s"] for m in MODES)
-                    / runs["trl"][i]["digest"]["samples_per_s"]
-                    for i in range(rounds)
-                ]
-                if "trl" in runs
-                else []
-            )
+
+            speedup = ratio(runs, "one_step_off", "sync")
+            best = max(MODES, key=lambda m: statistics.median(r["digest"]["samples_per_s"] for r in runs[m]))
+            best_vs_trl = ratio(runs, best, "trl") if "trl" in runs else []
             guard_s = checksum_seconds(model)
             sync_step = statistics.median([run["digest"]["step_s"] for run in runs["sync"]])
             results[size] = {
@@ -133,6 +135,9 @@ def main() -> None:
                     for s, rs in runs.items()
                 },
                 "one_step_off_vs_sync": summarize(speedup),
+                "one_step_off_vs_sync_recompute": summarize(ratio(runs, "one_step_off", BASELINE))
+                if BASELINE in runs
+                else None,
                 "best_mode_vs_trl": summarize(best_vs_trl) if best_vs_trl else None,
                 "runs": runs,
             }
@@ -159,7 +164,12 @@ def main() -> None:
         "targets": targets,
         "results": results,
     }  # fmt: skip
-    labels = {"sync": "ours, sync", "one_step_off": "ours, one_step_off", "trl": f"TRL {TRL_VERSION} GRPOTrainer"}
+    labels = {
+        "sync": "ours, sync",
+        "one_step_off": "ours, one_step_off",
+        BASELINE: "ours, sync + separate old-logprob pass (before)",
+        "trl": f"TRL {TRL_VERSION} GRPOTrainer",
+    }
     lines = [
         "| model | system | samples/s | s / step | exposed generate, s | update, s | vs sync | vs TRL |",
         "|---|---|---|---|---|---|---|---|",
@@ -167,7 +177,7 @@ def main() -> None:
     for size, res in results.items():
         trl = res["summary"].get("trl")
         for s, x in res["summary"].items():
-            ratio_sync = "1" if s == "sync" else (fmt(res["one_step_off_vs_sync"], 2) if s == "one_step_off" else "–")
+            ratio_sync = f"{x['samples_per_s']['median'] / res['summary']['sync']['samples_per_s']['median']:.2f}"
             ratio_trl = "–"
             if trl is not None and s != "trl":
                 ratio_trl = f"{x['samples_per_s']['median'] / trl['samples_per_s']['median']:.2f}"
@@ -191,7 +201,10 @@ GRPO on `tiny:train:{TASK}` with the tiny world's rule reward, {prompts} prompts
 process on the same model, prompts, reward and batch. {steps} steps per run, {rounds} rounds alternating the
 systems; samples/s from the median of steps 2..{steps}, then median [min–max] over rounds. *exposed generate*: the
 seconds a step waits for generation (one_step_off: the part of the next batch's generation the update did not
-cover). Targets (issue 20): one_step_off ≥ {TARGET_ONE_STEP_OFF}× sync, the best mode ≥ {TARGET_VS_TRL}× TRL.
+cover). *sync + separate old-logprob pass*: the loop as it was before issue 20 (`algorithm.old_logprobs=recompute`;
+sync now takes the old logprobs from the update's forward when that is exact, docs/algorithms.md). Ratios of
+medians; the headline ratios below are per round. Targets (issue 20): one_step_off ≥ {TARGET_ONE_STEP_OFF}× sync,
+the best mode ≥ {TARGET_VS_TRL}× TRL.
 
 {chr(10).join(lines)}
 
@@ -200,7 +213,7 @@ counted in series, one thread each; the mismatch-KL check reads tensors the step
 
 one_step_off trains every batch after step 1 on samples one update old, with truncated importance weights (cap
 2) between the policy and the engine that sampled (docs/async.md). Headline ({sizes[0]}): one_step_off ÷ sync
-{fmt(headline["one_step_off_vs_sync"], 2)}. Raw: `results/{NAME}.json`.
+{fmt(headline["one_step_off_vs_sync"], 2)}; ÷ the loop before issue 20 {fmt(headline["one_step_off_vs_sync_recompute"], 2) if headline["one_step_off_vs_sync_recompute"] else "–"}. Raw: `results/{NAME}.json`.
 """
     finish(NAME, payload, markdown, args)
 

@@ -538,8 +538,8 @@ class RLTrainer(Controller):
         self.run.train.load_state(state["prompt_stream"])
         self.kl_ctl.value = float(state["kl_coef"])
         self.run.rewards.load_state_dict(state.get("rewards", {}))
-        if state.get("rollout_is", self.rollout_is) != self.rollout_is:
-            self.set_rollout_is(state["rollout_is"])  # mismatch_action=correct switched it on before the checkpoint
+        if self.cfg.algorithm.mismatch_action == "correct" and state.get("rollout_is", "off") != self.rollout_is:
+            self.set_rollout_is(state["rollout_is"])  # the correction switched on before the checkpoint holds
         self.sync()
         if self.ahead is not None and not self.off_policy:
             # an off-policy run's batch resumed in sync mode: the same prompts, sampled again by the current policy

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 
 from rlhf.trainers.prepare import prepare
@@ -83,3 +84,29 @@ def test_one_step_off_trains_one_version_behind_and_resumes_exactly(ray_cluster,
     resumed = step_metrics(part)
     assert sorted(resumed) == [1, 2, 3]
     assert resumed[3] == rows[3]
+
+
+class KillsEngineWhileGeneratingAhead(PromptRecorder):
+    """Kills the engine right after step 1 started generating step 2's batch (the update runs meanwhile)."""
+
+    def generate_ahead(self, step):
+        ahead = super().generate_ahead(step)
+        if step == 1:
+            ray.kill(self.rollout.group.actors[0], no_restart=True)
+        return ahead
+
+
+def test_an_engine_killed_while_generating_ahead_is_restarted_and_its_prompts_requeued(ray_cluster, tmp_path):
+    cfg = compose_config(tmp_path, "run.rollout_mode=one_step_off", "run.total_steps=3", "rollout.max_restarts=1")
+    trainer = KillsEngineWhileGeneratingAhead(prepare(cfg))
+    trainer.trained, trainer.stop_at = [], None
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    rows = step_metrics(tmp_path)
+    assert [rows[s]["faults/rollout_restarts"] for s in (1, 2, 3)] == [0.0, 1.0, 1.0]
+    # step 2's batch was generated again, on the restarted engine, by the weights of after step 1: not stale
+    assert [rows[s]["rollout/staleness_max"] for s in (1, 2, 3)] == [0.0, 0.0, 1.0]
+    trained = [p for step in trainer.trained for p in step]
+    assert len(set(trained)) == len(trained) == 6  # the killed batch's prompts trained once, none lost
