@@ -246,6 +246,11 @@ def validate(cfg: RLHFConfig, *, produced: Collection[Path] = ()) -> None:
         require_choice(optim.scheduler, SCHEDULERS, f"{role}.optim.scheduler")
         require(len(optim.betas) == 2, f"{role}.optim.betas must be two numbers [beta1, beta2] (got {optim.betas})")
     require_choice(cfg.run.tracking.wandb_mode, WANDB_MODES, "run.tracking.wandb_mode")
+    require(
+        stage.family == "rl" or cfg.run.rollout_mode == "sync",
+        f"run.rollout_mode={cfg.run.rollout_mode} overlaps generation with the RL update (stage=grpo, ppo, ...); "
+        f"stage={cfg.stage} runs its own loop: leave run.rollout_mode=sync",
+    )
     stage.validate(cfg, produced)
 
 

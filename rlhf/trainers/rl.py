@@ -364,18 +364,9 @@ class RLTrainer(Controller):
         )
         return batch, first_rollout_stats, first_reward_stats
 
-    def generate(
-        self,
-        prompts: PromptBatch,
-        step: int,
-        *,
-        n: int | None = None,
-        eval_mode: bool = False,
-        sampling_round: int = 0,
-    ):
-        generated = self.finish_generation(
-            *self.start_generation(prompts, step, n=n, eval_mode=eval_mode, sampling_round=sampling_round)
-        )
+    def generate(self, prompts: PromptBatch, step: int, **options: Any) -> tuple[RolloutBatch, dict[str, Any]]:
+        """`prompts` × n samples generated now (`start_generation`'s options), and their rollout/ stats."""
+        generated = self.finish_generation(*self.start_generation(prompts, step, **options))
         return generated.batch, {**generated.stats, "rollout/generate_s": generated.seconds}
 
     def start_generation(

@@ -170,3 +170,9 @@ def test_one_step_off_validates_on_disaggregated_layouts():
         assert rollout_is_mode(cfg) == "truncate"  # off-policy correction on by default
     assert rollout_is_mode(compose("stage=grpo")) == "off"
     assert rollout_is_mode(compose("stage=grpo", "run.rollout_mode=one_step_off", "algorithm.rollout_is=off")) == "off"
+
+
+@pytest.mark.parametrize("stage", ["online_dpo", "sft", "distill"])
+def test_the_rollout_mode_is_for_the_rl_stages(stage):
+    with pytest.raises(ConfigError, match=rf"run.rollout_mode=one_step_off .*stage={stage} runs its own loop"):
+        validate(compose(f"stage={stage}", "run.rollout_mode=one_step_off"))
