@@ -92,6 +92,7 @@ FIELD_BOUNDS: dict[str, str] = {
     "rollout.tensor_parallel_size": ">= 1",
     "rollout.weight_sync_bucket_mb": ">= 1",
     "cluster.threads_per_worker": ">= 1",
+    "cluster.*.threads": ">= 0",
     "cluster.collective_timeout_s": ">= 1",
     "cluster.weight_sync_copy_threads": ">= 1",
     "cluster.nodes.count": ">= 1",

@@ -455,6 +455,10 @@ class ResourceConfig:
     """CPUs per actor of this role."""
     num_gpus: float = 0.0
     """GPUs per actor of this role (fractions let roles share a GPU)."""
+    threads: int = 0
+    """OMP/torch threads per actor of this role; 0: cluster.threads_per_worker. On CPU with
+    run.rollout_mode=one_step_off the policy may take more threads than its share of cores: it has them
+    to itself once the engines finish generating (benchmarks/async_rl.py)."""
 
 
 @dataclass

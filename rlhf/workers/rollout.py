@@ -164,7 +164,7 @@ class RolloutGroup:
             init_args=(model_path, model_cfg, rollout_cfg, cluster_cfg, seed),
             env_vars=runtime_env_vars(cluster_cfg),
             device=cluster_cfg.device,
-            threads_per_worker=cluster_cfg.threads_per_worker,
+            threads_per_worker=cluster_cfg.rollout.threads or cluster_cfg.threads_per_worker,
             placement_group=placement_group,
             bundle_indices=bundle_indices,
             call_timeout_s=cluster_cfg.call_timeout_s,
