@@ -32,7 +32,7 @@ Checksums = list[tuple[str, str]]
 
 
 def tensor_checksum(tensor: Tensor) -> str:
-    """"<s>:<c_1024>:<c_1021>" in hex of the tensor's bytes (module docstring): equal bytes, equal checksums."""
+    """ "<s>:<c_1024>:<c_1021>" in hex of the tensor's bytes (module docstring): equal bytes, equal checksums."""
     flat = tensor.detach().contiguous().reshape(-1)
     # words as wide as the dtype's elements: a view into a bucket is always aligned to those, so the same bytes
     # give the same words wherever they sit

@@ -234,17 +234,17 @@ class RLTrainer(Controller):
         return {**rollout_stats, **reward_stats, **adv_stats, **train_stats, **sync_stats, **timer.metrics(), **perf}
 
     def check_rollout_contract(
-        self, batch: RolloutBatch, step: int, measured: Optional[dict[str, float]] = None
+        self, batch: RolloutBatch, step: int, from_update: Optional[dict[str, float]] = None
     ) -> dict[str, Any]:
         """rollout/mismatch_kl and friends (rlhf.algorithms.rollout_mismatch), with the contract enforced.
 
         The first step of this process runs on weights the engines loaded from the same checkpoint (or got synced
         on resume), so a mismatch there is never noise: an error that names the likely causes. Later steps act by
         algorithm.mismatch_action (warn, stop or correct). A batch sampled by older weights (run.rollout_mode
-        one_step_off) is measured, not held to it: its gap includes the policy's updates since. `measured`: the
+        one_step_off) is measured, not held to it: its gap includes the policy's updates since. `from_update`: the
         stats as the update computed them (old logprobs from its forward), else they are computed from the batch."""
         algo = self.cfg.algorithm
-        stats = measured or rollout_mismatch(batch.rollout_logprobs, batch.old_logprobs, batch.response_mask)
+        stats = from_update or rollout_mismatch(batch.rollout_logprobs, batch.old_logprobs, batch.response_mask)
         if bool((batch.versions != self.policy_version).any()):
             # sampled by older weights (off-policy modes): the policy's own updates since are part of the gap, which
             # the importance weights correct; the contract is held on batches of the current weights

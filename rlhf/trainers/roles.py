@@ -303,7 +303,7 @@ class RolloutSupervisor:
     ) -> list[list[Generation]]:
         """`RolloutGroup.generate`, retried on fresh engines (with the current weights) if one dies; the
         engines are awake for it and, with rollout.enable_sleep, asleep after it (`RolloutGroup.memory`)."""
-        return self._call(lambda: self._generate(prompt_token_ids, sampling, n, seed), is_sync=False)
+        return self.wait(self.generate_async(prompt_token_ids, sampling, n, seed))
 
     def generate_async(
         self, prompt_token_ids: list[list[int]], sampling: SamplingConfig, n: int, seed: Optional[int] = None
@@ -357,14 +357,6 @@ class RolloutSupervisor:
                 if error.role != self.rollout.role:
                     raise
                 self._restart_dead(error)
-
-    def _generate(
-        self, prompt_token_ids: list[list[int]], sampling: SamplingConfig, n: int, seed: Optional[int]
-    ) -> list[list[Generation]]:
-        self.rollout.memory.before_generate()
-        outputs = self.rollout.generate(prompt_token_ids, sampling, n, seed)
-        self.rollout.memory.after_generate()
-        return outputs
 
     def _sync_live_engines(self) -> dict[str, float]:
         dead = self.rollout.group.dead_ranks()

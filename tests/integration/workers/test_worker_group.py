@@ -15,10 +15,10 @@ import pytest
 import ray
 import torch
 
-from rlhf.config import ResourceConfig
+from rlhf.config import ClusterConfig, ResourceConfig
 from rlhf.data.batch import RolloutBatch
 from rlhf.errors import ConfigError, WorkerError
-from rlhf.trainers.roles import PLACEMENT_FILE, check_shared_output_dir, write_placement
+from rlhf.trainers.roles import PLACEMENT_FILE, check_shared_output_dir, start_group, write_placement
 from rlhf.workers.group import Worker, WorkerGroup, create_placement_group, dispatch
 
 # Ray workers cannot import test modules: ship the worker classes by value.
@@ -133,6 +133,15 @@ def echo_group(ray_session):
     )
     yield group
     group.shutdown()
+
+
+def test_a_role_can_take_more_threads_than_the_cluster_default(ray_session):
+    """cluster.<role>.threads (one_step_off's policy on CPU takes both cores once the engines are done)."""
+    group = start_group(ClusterConfig(), EchoWorker, "echo", 1, ResourceConfig(num_cpus=0.25, threads=2), tag="t")
+    try:
+        assert [e["OMP_NUM_THREADS"] for e in group.call(EchoWorker.env)] == ["2"]
+    finally:
+        group.shutdown()
 
 
 def test_rank_env_is_set_before_methods_run(echo_group):

@@ -44,3 +44,18 @@ def test_a_failing_check_stops_restore(tmp_path):
 
     with pytest.raises(CheckpointError, match="step_00000001 was written by another run"):
         manager.restore("auto", {}, check=refuse)
+
+
+def test_the_controllers_own_files_are_part_of_the_atomic_checkpoint(tmp_path):
+    """`files` (an off-policy run's rollout buffer) is written into the checkpoint before it is renamed into
+    place; a writer that fails leaves no checkpoint at all."""
+    manager = CheckpointManager(tmp_path / "checkpoints", keep_last=2)
+    saved = manager.save(1, {}, {}, files=lambda directory: (directory / "rollout_buffer.pt").write_text("batch"))
+    assert (saved / "rollout_buffer.pt").read_text() == "batch" and (saved / STATE_FILE).is_file()
+
+    def broken(directory):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        manager.save(2, {}, {}, files=broken)
+    assert manager.latest() == saved and not list((tmp_path / "checkpoints").glob(".step_*"))
