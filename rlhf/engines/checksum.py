@@ -19,6 +19,7 @@ against bugs, not adversaries.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -37,16 +38,28 @@ def tensor_checksum(tensor: Tensor) -> str:
     # words as wide as the dtype's elements: a view into a bucket is always aligned to those, so the same bytes
     # give the same words wherever they sit
     words = flat.view(_WORDS.get(flat.element_size(), torch.uint8))
-    total, weighted = None, []
-    for width in _WIDTHS:
-        rows = words.numel() // width
-        columns = words[: rows * width].view(rows, width).sum(0, dtype=torch.int64)
-        tail = words[rows * width :]
-        columns[: tail.numel()] += tail.to(torch.int64)
-        weighted.append((columns * torch.arange(1, width + 1, device=words.device)).sum())
-        total = columns.sum()
-    values = torch.stack([total, *weighted]).tolist()
+    n = words.numel()
+    if n <= min(_WIDTHS):  # one row at either width: c_1024 = c_1021, one pass (biases, norms)
+        wide = words.to(torch.int64)
+        values = torch.stack([wide.sum(), (wide * _positions(n, words.device)).sum()]).tolist()
+        values.append(values[1])
+    else:
+        total, weighted = None, []
+        for width in _WIDTHS:
+            rows = n // width
+            columns = words[: rows * width].view(rows, width).sum(0, dtype=torch.int64)
+            tail = words[rows * width :]
+            columns[: tail.numel()] += tail.to(torch.int64)
+            weighted.append((columns * _positions(width, words.device)).sum())
+            total = columns.sum()
+        values = torch.stack([total, *weighted]).tolist()
     return ":".join(f"{v & (2**64 - 1):x}" for v in values)
+
+
+@functools.lru_cache(maxsize=16)
+def _positions(count: int, device: torch.device) -> Tensor:
+    """1, 2, ..., count as int64 on `device` (cached: the same few lengths recur for every tensor)."""
+    return torch.arange(1, count + 1, dtype=torch.int64, device=device)
 
 
 def checksums(named_tensors: Iterable[tuple[str, Tensor]]) -> Checksums:
