@@ -4,6 +4,7 @@ checkpoint keeps the batch generated ahead, so a resumed run trains on exactly w
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,10 @@ class KillsEngineWhileGeneratingAhead(PromptRecorder):
         ahead = super().generate_ahead(step)
         if step == 1:
             ray.kill(self.rollout.group.actors[0], no_restart=True)
+            # gone for good before the step goes on: were it still answering the pre-sync ping, it would die
+            # inside the sync, which then waits out cluster.collective_timeout_s
+            while 0 not in self.rollout.group.dead_ranks(timeout=60):
+                time.sleep(0.1)
         return ahead
 
 
@@ -105,9 +110,11 @@ def test_an_engine_killed_while_generating_ahead_is_restarted_and_its_prompts_re
     finally:
         trainer.close()
     rows = step_metrics(tmp_path)
-    # the restart happens inside step 1, which waits for the batch generated ahead before its weight sync
+    # one restart, inside step 1: found by the wait for the batch generated ahead (which is then generated again
+    # by the weights after step 1's update: staleness 0 at step 2) or, when the engine had answered before it
+    # died, by the ping before step 1's sync (the batch keeps its tag: staleness 1); the kill races the answer
     assert [rows[s]["faults/rollout_restarts"] for s in (1, 2, 3)] == [1.0, 1.0, 1.0]
-    # step 2's batch was generated again, on the restarted engine, by the weights of after step 1: not stale
-    assert [rows[s]["rollout/staleness_max"] for s in (1, 2, 3)] == [0.0, 0.0, 1.0]
+    assert rows[1]["rollout/staleness_max"] == 0.0 and rows[3]["rollout/staleness_max"] == 1.0
+    assert rows[2]["rollout/staleness_max"] in (0.0, 1.0)
     trained = [p for step in trainer.trained for p in step]
     assert len(set(trained)) == len(trained) == 6  # the killed batch's prompts trained once, none lost
