@@ -75,7 +75,6 @@ from rlhf.algorithms.policy_losses import (
     POLICY_LOSSES,
     PolicyLoss,
     compute_rollout_is_weights,
-    compute_truncated_is_weights,
     gspo_loss,
     ppo_policy_loss,
 )
@@ -140,7 +139,6 @@ __all__ = [
     "gspo_loss",
     "IS_MODES",
     "compute_rollout_is_weights",
-    "compute_truncated_is_weights",
     "value_loss",
     # logits helpers
     "entropy_from_logits",

@@ -120,9 +120,9 @@ def ppo_policy_loss(
 
     PPO: arXiv:1707.06347 eq. 7. Asymmetric "clip-higher" (clip_high > clip_low, e.g. 0.28 vs
     0.2): DAPO arXiv:2503.14476 §3.1. Dual clip (Ye et al. arXiv:1912.09729, dual-clip PPO,
-    c = 3 there) bounds the loss of negative-advantage tokens whose ratio exploded. Truncated IS weights correct for the
+    c = 3 there) bounds the loss of negative-advantage tokens whose ratio exploded. Importance weights correct for the
     rollout engine's logprobs differing from the trainer's (see
-    :func:`compute_truncated_is_weights`). Follows verl ``compute_policy_loss_vanilla``
+    :func:`compute_rollout_is_weights`). Follows verl ``compute_policy_loss_vanilla``
     (verl 012be9d, ``verl/trainer/ppo/core_algos.py``).
 
     Args:
@@ -290,14 +290,3 @@ def compute_rollout_is_weights(
             bounded = real & ((ratio > cap) | (ratio < 1.0 / cap))
             weights = torch.where(bounded, torch.zeros_like(ratio), ratio)
         return torch.where(real, weights, torch.zeros_like(weights)), bounded
-
-
-def compute_truncated_is_weights(
-    old_logprobs: Tensor,
-    rollout_logprobs: Tensor,
-    mask: Tensor,
-    *,
-    cap: float,
-) -> Tensor:
-    """Truncated importance-sampling (TIS) weights min(exp(old - rollout), cap) (compute_rollout_is_weights)."""
-    return compute_rollout_is_weights(old_logprobs, rollout_logprobs, mask, cap=cap, mode="truncate")[0]

@@ -24,8 +24,9 @@ DEVICES = ("cpu", "cuda")
 ROLLOUT_BACKENDS = ("vllm", "hf")
 MISMATCH_ACTIONS = ("warn", "stop", "correct")
 ROLLOUT_MODES = ("sync", "one_step_off")
-OLD_LOGPROBS = ("auto", "recompute")
 """run.rollout_mode: when the engines generate relative to the update (docs/async.md)."""
+OLD_LOGPROBS = ("auto", "recompute")
+"""algorithm.old_logprobs: from the update's own forward where exact (auto), or a separate pass."""
 PLACEMENT_STRATEGIES = ("PACK", "STRICT_PACK", "SPREAD")
 
 

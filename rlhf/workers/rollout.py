@@ -31,12 +31,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any, Optional
 
 import torch
 from ray.util.placement_group import PlacementGroup
+from torch import Tensor
 
 from rlhf.config import ClusterConfig, ModelConfig, RolloutConfig, SamplingConfig, engine_resources
+from rlhf.engines.checksum import Checksums, tensor_checksum
 from rlhf.engines.rollout import ROLLOUT_BACKENDS, SLEEP_TAGS, Generation
 from rlhf.engines.rollout.hf_backend import HFBackend
 from rlhf.engines.weight_sync import WeightSyncGroup
@@ -94,18 +97,28 @@ class RolloutWorker(Worker):
         if self.weight_sync is None:
             raise WeightSyncError("receive_weights before init_weight_sync; join the weight-sync group first")
         start = time.perf_counter()
+        read_back = self.backend.reads_back_weights
+        names: list[str] = []
+        arrived: Checksums = []
+
+        def stream() -> Iterator[tuple[str, Tensor]]:
+            for name, tensor in self.weight_sync.receive():
+                names.append(name)
+                if not read_back:  # else read back once loaded: one checksum pass per tensor either way
+                    arrived.append((name, tensor_checksum(tensor)))
+                yield name, tensor
+
         # shm: the views stay valid until the next receive, so the hf backend adopts them (no copy)
-        self.backend.load_weights(self.weight_sync.receive(), share=self.weight_sync.transport == "shm")
+        self.backend.load_weights(stream(), share=self.weight_sync.transport == "shm")
         self.backend.reset_prefix_cache()
         stats = self.weight_sync.last_stats
-        loaded = self.backend.loaded_checksums([name for name, _ in stats.checksums])
         return {
             "num_tensors": stats.num_tensors,
             "num_bytes": stats.num_bytes,
             "transfer_s": stats.seconds,
             "total_s": time.perf_counter() - start,
-            "checksums": stats.checksums if loaded is None else loaded,
-            "read_back": loaded is not None,
+            "checksums": self.backend.loaded_checksums(names) if read_back else arrived,
+            "read_back": read_back,
         }
 
     @dispatch("broadcast", collect="list")

@@ -245,22 +245,23 @@ class StepStats:
         self.maxes[key] = torch.maximum(self.maxes[key], value) if key in self.maxes else value
 
     def reduce(self, world_size: int, device: torch.device) -> dict[str, float]:
-        """Global values on every rank: one all-reduce (two with maxima), one host sync."""
+        """Global values on every rank: one all-reduce (and one more, MAX, with maxima), one host sync."""
         keys = sorted(self.shares) + sorted(self.means)
         local = [self.shares[k] / max(self.minibatches, 1) for k in sorted(self.shares)]
         local += [self.means[k] / self.mean_counts[k] / world_size for k in sorted(self.means)]
-        values = {}
+        reduced = []
         if keys:
             packed = torch.stack([torch.as_tensor(v, dtype=torch.float32).to(device) for v in local])
             if world_size > 1:
                 dist.all_reduce(packed)
-            values.update(zip(keys, packed.tolist()))
+            reduced.append(packed)
         if self.maxes:
+            keys += sorted(self.maxes)
             maxes = torch.stack([self.maxes[k].to(device) for k in sorted(self.maxes)])
             if world_size > 1:
                 dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
-            values.update(zip(sorted(self.maxes), maxes.tolist()))
-        return values
+            reduced.append(maxes)
+        return dict(zip(keys, torch.cat(reduced).tolist())) if reduced else {}
 
 
 def dropout_layers(model: torch.nn.Module) -> list[str]:

@@ -86,9 +86,13 @@ class RolloutBackend(Protocol):
         """
         ...
 
-    def loaded_checksums(self, names: Sequence[str]) -> Checksums | None:
-        """Checksums (rlhf.engines.checksum) of the live weights named `names`, read back after `load_weights`;
-        None where the loader repacks them (vLLM fuses and reorders): the sync then compares what arrived."""
+    reads_back_weights: bool
+    """Whether `loaded_checksums` can read the live weights back by their checkpoint names; False where the loader
+    repacks them (vLLM fuses and reorders): the weight sync then checksums what arrived instead."""
+
+    def loaded_checksums(self, names: Sequence[str]) -> Checksums:
+        """Checksums (rlhf.engines.checksum) of the live weights named `names`, after `load_weights` (only where
+        `reads_back_weights`)."""
         ...
 
     def sleep(self) -> None:

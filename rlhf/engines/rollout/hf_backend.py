@@ -21,7 +21,7 @@ from torch import Tensor
 
 from rlhf.config import ClusterConfig, ModelConfig, RolloutConfig, SamplingConfig
 from rlhf.data.batch import pad_sequences
-from rlhf.engines.checksum import Checksums, tensor_checksum
+from rlhf.engines.checksum import Checksums, checksums
 from rlhf.engines.rollout.base import GREEDY_BELOW, ROLLOUT_BACKENDS, Generation
 from rlhf.errors import ConfigError, WeightSyncError
 
@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 @ROLLOUT_BACKENDS.register("hf")
 class HFBackend:
     """`RolloutBackend` on a `transformers` causal LM in this process."""
+
+    reads_back_weights = True
 
     def __init__(
         self, model_path: str, model_cfg: ModelConfig, rollout_cfg: RolloutConfig, cluster_cfg: ClusterConfig, seed: int
@@ -109,7 +111,7 @@ class HFBackend:
         """The live parameters and buffers by their checkpoint names (one absent from the model is not listed)."""
         tensors = dict(self.model.named_parameters(remove_duplicate=False))
         tensors.update(self.model.named_buffers(remove_duplicate=False))
-        return [(name, tensor_checksum(tensors[name])) for name in names if name in tensors]
+        return checksums((name, tensors[name]) for name in names if name in tensors)
 
     @torch.inference_mode()
     def _generate_rows(

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from torch import Tensor
 
 from rlhf.config import ClusterConfig, ModelConfig, RolloutConfig, SamplingConfig
+from rlhf.engines.checksum import Checksums
 from rlhf.engines.rollout.base import FINISH_REASONS, GREEDY_BELOW, ROLLOUT_BACKENDS, Generation
 from rlhf.errors import WorkerError
 
@@ -51,6 +52,8 @@ def _set_vllm_env(rollout_cfg: RolloutConfig, on_gpu: bool) -> None:
 @ROLLOUT_BACKENDS.register("vllm")
 class VLLMBackend:
     """`RolloutBackend` on vLLM (CPU build or CUDA)."""
+
+    reads_back_weights = False  # its loader repacks (fused qkv/gate-up, CPU layouts): the sync checksums arrivals
 
     def __init__(
         self, model_path: str, model_cfg: ModelConfig, rollout_cfg: RolloutConfig, cluster_cfg: ClusterConfig, seed: int
@@ -118,8 +121,8 @@ class VLLMBackend:
         else:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_tensors)})
 
-    def loaded_checksums(self, names: Sequence[str]) -> None:
-        return None  # vLLM repacks what it loads (fused qkv/gate-up, its CPU layouts): nothing to read back by name
+    def loaded_checksums(self, names: Sequence[str]) -> Checksums:
+        raise NotImplementedError("vLLM repacks what it loads (fused qkv/gate-up, its CPU layouts): nothing to read")
 
     def sleep(self) -> None:
         if self.sleep_enabled:

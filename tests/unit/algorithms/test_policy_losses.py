@@ -7,7 +7,6 @@ import torch
 
 from rlhf.algorithms.policy_losses import (
     compute_rollout_is_weights,
-    compute_truncated_is_weights,
     gspo_loss,
     ppo_policy_loss,
 )
@@ -115,11 +114,11 @@ def test_truncated_is_weights_hand_computed():
     # ratios 3 and 0.5 with cap 2 -> [2, 0.5]; padded position -> 0
     old = torch.log(torch.tensor([[3.0, 0.5, 7.0]]))
     rollout = torch.zeros(1, 3)
-    weights = compute_truncated_is_weights(old, rollout, torch.tensor([[1, 1, 0]]), cap=2.0)
+    weights, _ = compute_rollout_is_weights(old, rollout, torch.tensor([[1, 1, 0]]), cap=2.0)
     torch.testing.assert_close(weights, torch.tensor([[2.0, 0.5, 0.0]]))
     assert not weights.requires_grad
     with pytest.raises(ConfigError, match="cap"):
-        compute_truncated_is_weights(old, rollout, torch.ones(1, 3), cap=0.0)
+        compute_rollout_is_weights(old, rollout, torch.ones(1, 3), cap=0.0)
 
 
 def test_masked_is_weights_drop_tokens_outside_the_band():
