@@ -23,7 +23,7 @@ DTYPES = ("float32", "bfloat16")
 DEVICES = ("cpu", "cuda")
 ROLLOUT_BACKENDS = ("vllm", "hf")
 MISMATCH_ACTIONS = ("warn", "stop", "correct")
-ROLLOUT_MODES = ("sync", "one_step_off")
+ROLLOUT_MODES = ("sync", "one_step_off", "async")
 """run.rollout_mode: when the engines generate relative to the update (docs/async.md)."""
 OLD_LOGPROBS = ("auto", "recompute")
 """algorithm.old_logprobs: from the update's own forward where exact (auto), or a separate pass."""
@@ -104,6 +104,7 @@ FIELD_BOUNDS: dict[str, str] = {
     "algorithm.max_sampling_rounds": ">= 1",
     "run.keep_last": ">= 1",
     "run.max_staleness": ">= 0",
+    "run.async_requests_per_step": ">= 1",
     "eval.n_samples": ">= 1",
     "eval.k.#": ">= 1",
     "generate.shard_size": ">= 1",
@@ -449,9 +450,17 @@ def check_rollout_mode(cfg: RLHFConfig) -> None:
         return
     require(
         run.max_staleness >= 1,
-        f"run.rollout_mode={run.rollout_mode} trains every sample one policy update after the weights that "
-        f"generated it: run.max_staleness must be >= 1 (got {run.max_staleness}), or use run.rollout_mode=sync",
+        f"run.rollout_mode={run.rollout_mode} trains samples generated while the policy trained on earlier ones, so "
+        f"they are at least one update old: run.max_staleness must be >= 1 (got {run.max_staleness}), or use "
+        "run.rollout_mode=sync",
     )
+    if run.rollout_mode == "async":
+        require(
+            run.async_requests_per_step <= run.rollout_batch_size,
+            f"run.async_requests_per_step={run.async_requests_per_step} cuts each step's {run.rollout_batch_size} "
+            "prompts (run.rollout_batch_size) into that many engine requests: it must be at most "
+            "run.rollout_batch_size",
+        )
     require(
         not cfg.rollout.enable_sleep,
         f"run.rollout_mode={run.rollout_mode} generates while the policy trains, but rollout.enable_sleep=true puts "

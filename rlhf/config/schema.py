@@ -564,11 +564,18 @@ class RunConfig:
     """sync: each step generates, then trains, then syncs (the engines idle while the policy trains, and back).
     one_step_off: the engines generate step k+1's batch with the weights of step k while the policy trains on
     batch k, and the weights sync at the step boundary; every sample is one update old when trained, corrected by
-    algorithm.rollout_is (auto: truncate). Needs engines and trainers on their own resources (no rollout.enable_sleep,
-    whole GPUs each on cuda). docs/async.md."""
+    algorithm.rollout_is (auto: truncate). async: the engines work through the coming steps' prompts request by
+    request while the policy trains, as far ahead as run.max_staleness allows; weight syncs land between requests.
+    The off-policy modes need engines and trainers on their own resources (no rollout.enable_sleep, whole GPUs each
+    on cuda). docs/async.md."""
     max_staleness: int = 1
     """Off-policy modes: how many policy updates older than the policy that trains on it a sample may be (its
-    version tag against the policy's); one_step_off's are 1. A sample past it stops the run (a bug, not noise)."""
+    version tag against the policy's); one_step_off's are 1, async sends a request only while its samples will be
+    within it. A sample past it stops the run (a bug, not noise)."""
+    async_requests_per_step: int = 4
+    """run.rollout_mode=async: each step's prompts reach the engines in this many requests (contiguous slices). A
+    weight sync waits for the requests the engines are working on (at most two), so smaller requests let new weights
+    land sooner, and bigger ones batch better on the engines."""
     eval_every: int = 10
     """Evaluate on held-out prompts every N steps (0: only at the end)."""
     eval_size: int = 64

@@ -9,13 +9,16 @@ the policy trains on batch k meanwhile, and the step ends by waiting for that ge
 the new weights (version k+1). Every row carries the version that generated it (`versions`), checked
 against run.max_staleness before the update. A checkpoint keeps the batch generated ahead, so a
 resumed run trains on exactly the samples the uninterrupted one would have (docs/async.md).
+
+run.rollout_mode=async feeds the engines the coming steps' prompts request by request, as far ahead as
+run.max_staleness allows, whenever the controller waits (rlhf.trainers.rollout_buffer); weight syncs land
+between requests.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -59,6 +62,7 @@ from rlhf.trainers.roles import (
     stop_on_dead_rank,
     write_placement,
 )
+from rlhf.trainers.rollout_buffer import GeneratedBatch, RolloutBuffer, buffer_state
 from rlhf.utils.metrics import PhaseTimer, reward_trend
 from rlhf.utils.redact import config_container
 from rlhf.workers.critic import CriticWorker
@@ -72,19 +76,8 @@ logger = logging.getLogger(__name__)
 ROLLOUT_MISMATCH_KEYS = ("rollout/logprob_diff", "rollout/mismatch_kl", "rollout/mismatch_kl_max")
 """rlhf.algorithms.rollout_mismatch's stats: the update reports them when it computes the old logprobs."""
 ROLLOUT_BUFFER_FILE = "rollout_buffer.pt"
-"""In a checkpoint of an off-policy run: the batch generated ahead for the next step (GeneratedBatch)."""
-
-
-@dataclass
-class GeneratedBatch:
-    """A step's first round of samples, generated and not yet scored (one_step_off: generated one step ahead)."""
-
-    step: int
-    prompts: PromptBatch
-    batch: RolloutBatch
-    stats: dict[str, Any]
-    seconds: float
-    """From the generate call to its outputs on the driver (an upper bound of the engines' time)."""
+"""In a checkpoint of an off-policy run: what was generated (or drawn) ahead: one_step_off's GeneratedBatch for the
+next step, async's RolloutBuffer.state()."""
 
 
 class RLTrainer(Controller):
@@ -107,6 +100,17 @@ class RLTrainer(Controller):
         """Updates applied to the policy: the version a sample generated now is tagged with."""
         self.ahead: Optional[GeneratedBatch] = None
         """one_step_off: the next step's batch, generated while this one trained (a checkpoint keeps it)."""
+        self.buffer = (
+            RolloutBuffer(
+                self,
+                max_staleness=self.max_staleness,
+                requests_per_step=cfg.run.async_requests_per_step,
+                total_steps=cfg.run.total_steps,
+            )
+            if cfg.run.rollout_mode == "async"
+            else None
+        )
+        """async: the coming steps' requests and samples (a checkpoint keeps them)."""
         self.logprobs_in_update = False  # decided in _start_roles, once the policy says whether it has dropout
         self.kl_in_reward = cfg.algorithm.kl_coef > 0 and not cfg.algorithm.use_kl_loss
         self.kl_ctl = (
@@ -221,6 +225,8 @@ class RLTrainer(Controller):
                     self.ahead = self.finish_generation(*ahead)
             with timer("sync"):
                 sync_stats = self.sync()
+            if self.buffer is not None:
+                self.buffer.feed()  # the requests the new weights allow, sent before the bookkeeping
         tokens = float(batch.response_mask.sum())
         # sync: the generate phase(s); one_step_off: the generation ahead from its start, of which the phase is a part
         generate_s = max(timer.seconds["generate"], rollout_stats.pop("rollout/generate_s"))
@@ -306,9 +312,9 @@ class RLTrainer(Controller):
         return {"rollout/staleness_mean": staleness.mean(), "rollout/staleness_max": staleness.max()}
 
     def generate_ahead(self, step: int) -> Optional[tuple[PromptBatch, int, float, PendingGeneration]]:
-        """one_step_off: start generating `step`'s prompts now, with the weights the engines hold (None in sync
-        mode, and after the last step)."""
-        if not self.off_policy or step >= self.cfg.run.total_steps:
+        """one_step_off: start generating `step`'s prompts now, with the weights the engines hold (None in the other
+        modes, and after the last step)."""
+        if self.cfg.run.rollout_mode != "one_step_off" or step >= self.cfg.run.total_steps:
             return None
         return self.start_generation(self.run.train.next_batch(), step)
 
@@ -316,7 +322,11 @@ class RLTrainer(Controller):
         self, step: int, timer: PhaseTimer, sampling_round: int = 0
     ) -> tuple[RolloutBatch, dict[str, Any], dict[str, Any]]:
         """One round: run.rollout_batch_size prompts × n samples, generated (or generated ahead) and scored."""
-        if sampling_round == 0 and self.ahead is not None:
+        if sampling_round == 0 and self.buffer is not None:
+            with timer("generate"):  # what the requests in flight since the last step's update still need
+                generated = self.buffer.take(step)
+            batch, rollout_stats = generated.batch, {**generated.stats, "rollout/generate_s": generated.seconds}
+        elif sampling_round == 0 and self.ahead is not None:
             with timer("generate"):  # generated during the last step's update: taking it costs nothing here
                 ahead, self.ahead = self.ahead, None
             if ahead.step != step:
@@ -377,11 +387,13 @@ class RLTrainer(Controller):
         n: int | None = None,
         eval_mode: bool = False,
         sampling_round: int = 0,
+        seed_offset: int = 0,
     ) -> tuple[PromptBatch, int, float, PendingGeneration]:
-        """`generate` started on the engines; `finish_generation(*returned)` waits for it."""
+        """`generate` started on the engines; `finish_generation(*returned)` waits for it. `seed_offset`: the
+        prompts are a slice of the step's, starting at row seed_offset / n (the samples do not depend on the cut)."""
         n = n or self.n
         sampling = self.cfg.rollout.eval_sampling if eval_mode else self.cfg.rollout.sampling
-        seed = sample_seed(self.cfg.run.seed, step, sampling_round)
+        seed = sample_seed(self.cfg.run.seed, step, sampling_round) + seed_offset
         started = time.perf_counter()
         return prompts, step, started, self.engines.generate_async(prompts.token_ids, sampling, n=n, seed=seed)
 
@@ -398,7 +410,7 @@ class RLTrainer(Controller):
             "rollout/response_length_max": lengths.max(),
             "rollout/truncated_frac": truncated.mean(),
         }
-        return GeneratedBatch(step, prompts, batch, stats, time.perf_counter() - started)
+        return GeneratedBatch(step, prompts, batch, stats, time.perf_counter() - started, started)
 
     def score(self, batch: RolloutBatch) -> tuple[RolloutBatch, dict[str, Any]]:
         """Every reward term (rlhf.rewards.pipeline), weighted and summed into batch.scores."""
@@ -416,7 +428,7 @@ class RLTrainer(Controller):
         if self.critic:
             calls["values"] = (self.critic, CriticWorker.compute_values)
         pending = {name: (group, group.run(method, batch, *args)) for name, (group, method, *args) in calls.items()}
-        return batch.replace(**{name: group.wait(p) for name, (group, p) in pending.items()})
+        return batch.replace(**dict(zip(pending, self.wait(list(pending.values())))))
 
     def advantages(self, batch: RolloutBatch) -> tuple[RolloutBatch, dict[str, Any]]:
         algo = self.cfg.algorithm
@@ -453,9 +465,15 @@ class RLTrainer(Controller):
         if self.critic:
             pending.append((self.critic, self.critic.run(CriticWorker.update, batch)))
         stats: dict[str, float] = {}
-        for group, p in pending:
-            stats.update(group.wait(p))
+        for answer in self.wait(pending):
+            stats.update(answer)
         return stats
+
+    def wait(self, calls: list[tuple[WorkerGroup, Any]]) -> list[Any]:
+        """The trainers' answers to `calls`, in order; in async mode the engines are fed meanwhile."""
+        if self.buffer is not None:
+            self.buffer.pump(calls)
+        return [group.wait(pending) for group, pending in calls]
 
     def sync(self) -> dict[str, float]:
         """Stream the new policy weights into every rollout engine (bucketed, one collective)."""
@@ -507,7 +525,7 @@ class RLTrainer(Controller):
         }
 
     def save_checkpoint(self) -> Path:
-        ahead = self.ahead
+        ahead: Any = self.buffer.state() if self.buffer is not None else self.ahead
         state = {
             "prompt_stream": self.run.train.state(),
             "kl_coef": self.kl_ctl.value,
@@ -515,6 +533,7 @@ class RLTrainer(Controller):
             "policy_version": self.policy_version,
             "rollout_is": self.rollout_is,
             "rollout_buffer": ROLLOUT_BUFFER_FILE if ahead is not None else None,
+            "rollout_mode": self.cfg.run.rollout_mode,
             "config": config_container(self.cfg),
         }
         files = (lambda directory: torch.save(ahead, directory / ROLLOUT_BUFFER_FILE)) if ahead is not None else None
@@ -525,6 +544,10 @@ class RLTrainer(Controller):
         if state is None:
             return
         self.step_done = int(state["step"])
+        if self.buffer is not None:
+            ahead, self.ahead = self.ahead, None
+            # a one_step_off checkpoint's batch generated ahead is the next step's only request
+            self.buffer.load(buffer_state(ahead) if isinstance(ahead, GeneratedBatch) else ahead, self.step_done)
         self.policy_version = int(state.get("policy_version", self.step_done))
         self.run.train.load_state(state["prompt_stream"])
         self.kl_ctl.value = float(state["kl_coef"])
@@ -538,7 +561,7 @@ class RLTrainer(Controller):
             self.ahead = self.finish_generation(*self.start_generation(self.ahead.prompts, self.ahead.step))
 
     def _read_rollout_buffer(self, checkpoint: Path, state: dict[str, Any]) -> None:
-        """The batch an off-policy run generated ahead (None when the checkpoint has none): resume trains on it."""
+        """What an off-policy run generated ahead (None when the checkpoint has none): resume trains on it."""
         name = state.get("rollout_buffer")
         self.ahead = None
         if not name:
@@ -549,7 +572,14 @@ class RLTrainer(Controller):
                 f"{checkpoint}: {name} is missing, the batch generated for step {int(state['step']) + 1} that "
                 "trainer_state.json names; resume from an earlier checkpoint (run.resume=<path>)"
             )
-        self.ahead = torch.load(path, weights_only=False)
+        ahead = torch.load(path, weights_only=False)
+        if not isinstance(ahead, GeneratedBatch) and self.buffer is None:
+            raise CheckpointError(
+                f"{checkpoint} was written with run.rollout_mode=async: {name} holds the prompts drawn for the next "
+                f"steps (up to run.max_staleness ahead), which only that mode trains in order; resume it with "
+                f"run.rollout_mode=async (not {self.cfg.run.rollout_mode})"
+            )
+        self.ahead = ahead
 
     def trained_roles(self) -> dict[str, WorkerGroup | None]:
         """The groups a checkpoint holds, by their directory in it."""

@@ -316,17 +316,19 @@ class RolloutSupervisor:
             return self.rollout.generate_async(prompt_token_ids, sampling, n, seed)
 
         pending = self._call(start, is_sync=False)
-        return PendingGeneration(pending, (prompt_token_ids, sampling, n, seed), self.version)
+        return PendingGeneration(pending, (prompt_token_ids, sampling, n, seed), self.version, self.restarts)
 
     def wait(self, job: PendingGeneration) -> list[list[Generation]]:
         """The outputs of `generate_async`. An engine that died meanwhile is restarted and the whole job generated
-        again with the policy's current weights (its prompts re-queued, none lost; `job.version` says so)."""
+        again with the policy's current weights (its prompts re-queued, none lost; `job.version` says so). Call it
+        with no update in flight: the restart pushes the policy's weights and tags them with its version."""
         try:
             outputs = self.rollout.wait(job.pending)
         except WorkerDiedError as error:
             if error.role != self.rollout.role:
                 raise
-            self._restart_dead(error)
+            if job.restarts == self.restarts:  # else the engine was already replaced, for another job sent with it
+                self._restart_dead(error)
             outputs = self.generate(*job.args)
             job.version = self.version
             return outputs
@@ -396,6 +398,8 @@ class PendingGeneration:
     """generate's arguments, to run it again on restarted engines."""
     version: int
     """The policy version of the weights that generate (RolloutSupervisor.version when it started)."""
+    restarts: int = 0
+    """RolloutSupervisor.restarts when it started: a later restart replaced the engines it was sent to."""
 
 
 @contextmanager

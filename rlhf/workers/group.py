@@ -509,6 +509,22 @@ class WorkerGroup:
             raise WorkerError(actor, f"{method} failed: {type(e).__name__}", str(e)) from None
 
 
+def answered(pendings: Sequence[Pending], timeout: Optional[float] = None) -> list[int]:
+    """Indices of the `pendings` whose every rank has answered (returned or raised), waiting up to `timeout` seconds
+    (None: as long as it takes) until at least one has; [] if the time ran out. Their `wait` then returns at once."""
+    refs = [ref for pending in pendings for ref in pending.refs]
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while refs:
+        ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=0)
+        done = set(ready)
+        found = [i for i, pending in enumerate(pendings) if all(ref in done for ref in pending.refs)]
+        left = None if deadline is None else deadline - time.monotonic()
+        if found or (left is not None and left <= 0):
+            return found
+        ray.wait(waiting, num_returns=1, timeout=left)
+    return []
+
+
 def wait_all(calls: Sequence[tuple[WorkerGroup, Pending]], timeout: Optional[float] = None) -> list[Any]:
     """Wait for calls on one or more groups together; each call's answers collected per its mode.
 

@@ -146,10 +146,21 @@ def test_bad_rollout_contract_settings_are_refused(override, message):
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["run.rollout_mode=async_please"], r"run.rollout_mode='async_please' is not one of sync, one_step_off"),
+        (["run.rollout_mode=async_please"], r"run.rollout_mode='async_please' is not one of sync, one_step_off, async"),
         (["run.rollout_mode=one_step_off", "run.max_staleness=0"], r"run.max_staleness must be >= 1 \(got 0\)"),
+        (["run.rollout_mode=async", "run.max_staleness=0"], r"run.max_staleness must be >= 1 \(got 0\)"),
         (["run.max_staleness=-1"], r"run.max_staleness"),
+        (["run.rollout_mode=async", "run.async_requests_per_step=0"], r"run.async_requests_per_step"),
+        (
+            ["run.rollout_mode=async", "run.rollout_batch_size=4", "run.async_requests_per_step=5"],
+            r"run.async_requests_per_step=5 cuts each step's 4 prompts .* at most run.rollout_batch_size",
+        ),
         (["run.rollout_mode=one_step_off", "cluster=single_gpu"], r"rollout.enable_sleep=true .*colocated"),
+        (["run.rollout_mode=async", "cluster=single_gpu"], r"run.rollout_mode=async .*rollout.enable_sleep=true"),
+        (
+            ["run.rollout_mode=async", "cluster=single_gpu", "rollout.enable_sleep=false"],
+            r"cluster.policy.num_gpus=0.2, cluster.rollout.num_gpus=0.3 shares a GPU",
+        ),
         (
             ["run.rollout_mode=one_step_off", "cluster=single_gpu", "rollout.enable_sleep=false"],
             r"cluster.policy.num_gpus=0.2, cluster.rollout.num_gpus=0.3 shares a GPU \(a colocated layout",
@@ -161,18 +172,20 @@ def test_off_policy_modes_refuse_colocated_layouts_and_bad_bounds(overrides, mes
         validate(compose("stage=grpo", *overrides))
 
 
-def test_one_step_off_validates_on_disaggregated_layouts():
+def test_off_policy_modes_validate_on_disaggregated_layouts():
     from rlhf.config import rollout_is_mode
 
     for cluster in ("cpu_debug", "multi_node"):
-        cfg = compose("stage=grpo", f"cluster={cluster}", "run.rollout_mode=one_step_off")
-        validate(cfg)
-        assert rollout_is_mode(cfg) == "truncate"  # off-policy correction on by default
+        for mode in ("one_step_off", "async"):
+            cfg = compose("stage=grpo", f"cluster={cluster}", f"run.rollout_mode={mode}", "run.max_staleness=2")
+            validate(cfg)
+            assert rollout_is_mode(cfg) == "truncate"  # off-policy correction on by default
     assert rollout_is_mode(compose("stage=grpo")) == "off"
     assert rollout_is_mode(compose("stage=grpo", "run.rollout_mode=one_step_off", "algorithm.rollout_is=off")) == "off"
 
 
 @pytest.mark.parametrize("stage", ["online_dpo", "sft", "distill"])
-def test_the_rollout_mode_is_for_the_rl_stages(stage):
-    with pytest.raises(ConfigError, match=rf"run.rollout_mode=one_step_off .*stage={stage} runs its own loop"):
-        validate(compose(f"stage={stage}", "run.rollout_mode=one_step_off"))
+@pytest.mark.parametrize("mode", ["one_step_off", "async"])
+def test_the_rollout_mode_is_for_the_rl_stages(stage, mode):
+    with pytest.raises(ConfigError, match=rf"run.rollout_mode={mode} .*stage={stage} runs its own loop"):
+        validate(compose(f"stage={stage}", f"run.rollout_mode={mode}"))
