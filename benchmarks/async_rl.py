@@ -1,4 +1,5 @@
-"""Overlapped RL: `run.rollout_mode` sync vs one_step_off, and TRL's GRPOTrainer on the same model, prompts and batch.
+"""Overlapped RL: `run.rollout_mode` sync vs one_step_off vs async, and TRL's GRPOTrainer on the same model, prompts
+and batch.
 
 Issue 20's shape: 16 prompts × 4 samples per RL step, ≤ 64 new tokens, one policy rank, one vLLM engine, one thread
 per actor, one optimizer step of 64 sequences per RL step, on the ~25M Qwen2 (hidden 512, 8 layers, 8 heads / 4 KV
@@ -6,7 +7,7 @@ heads, intermediate 1536; random init, so responses run to the token limit) and 
 round runs every system once, alternating. samples/s: 64 ÷ the median step time of steps 2..N of a run (step 1 of
 one_step_off generates its batch in line, as sync does); median [min–max] over rounds, the ratios per round.
 
-    python -m benchmarks.async_rl [--quick] [--sizes 25m,tiny] [--steps 8] [--rounds 2] [--no-trl]
+    python -m benchmarks.async_rl [--quick] [--sizes 25m,tiny] [--steps 8] [--rounds 2] [--no-trl] [--systems a,b]
 """
 
 from __future__ import annotations
@@ -29,10 +30,21 @@ SYSTEMS = {
     "sync_2_threads": ("run.rollout_mode=sync", "cluster.threads_per_worker=2"),
     "one_step_off": ("run.rollout_mode=one_step_off",),
     "one_step_off_policy_2_threads": ("run.rollout_mode=one_step_off", "cluster.policy.threads=2"),
+    "async_staleness_1": ("run.rollout_mode=async", "run.max_staleness=1"),
+    "async_staleness_2": ("run.rollout_mode=async", "run.max_staleness=2"),
+    "async_staleness_2_policy_2_threads": ("run.rollout_mode=async", "run.max_staleness=2", "cluster.policy.threads=2"),
     # the loop before issue 20: a separate old-logprob pass every step
     "sync_recompute": ("run.rollout_mode=sync", "algorithm.old_logprobs=recompute"),
 }
-MODES = ("sync", "sync_2_threads", "one_step_off", "one_step_off_policy_2_threads")
+MODES = (
+    "sync",
+    "sync_2_threads",
+    "one_step_off",
+    "one_step_off_policy_2_threads",
+    "async_staleness_1",
+    "async_staleness_2",
+    "async_staleness_2_policy_2_threads",
+)
 """The systems the headline ratios compare: today's loop in each mode and thread layout."""
 BASELINE = "sync_recompute"
 TASK = "sub_1d"
@@ -95,12 +107,19 @@ def main() -> None:
         parser.add_argument("--steps", type=int, default=8)
         parser.add_argument("--rounds", type=int, default=2)
         parser.add_argument("--no-trl", action="store_true", help="our modes only")
+        parser.add_argument("--systems", default=None, help=f"a subset of {','.join([*SYSTEMS, 'trl'])} (sync always)")
 
     args = parse_args(__doc__.splitlines()[0], options)
     quick = args.quick
     sizes = ["tiny"] if quick else args.sizes.split(",")
     steps, rounds, prompts, n = (3, 1, 4, 2) if quick else (args.steps, args.rounds, PROMPTS, N)
-    systems = ("sync", "one_step_off") if quick else (*SYSTEMS, *(() if args.no_trl else ("trl",)))
+    systems = ("sync", "one_step_off", "async_staleness_2") if quick else (*SYSTEMS, *(() if args.no_trl else ("trl",)))
+    if args.systems:
+        chosen = ["sync", *(s for s in args.systems.split(",") if s != "sync")]
+        unknown = [s for s in chosen if s not in SYSTEMS and s != "trl"]
+        if unknown:
+            raise SystemExit(f"--systems: unknown {unknown}; choose from {', '.join([*SYSTEMS, 'trl'])}")
+        systems = tuple(chosen)
     sequences = prompts * n
     machine = machine_info()
     results = {}
@@ -125,6 +144,11 @@ def main() -> None:
                 ("one_step_off_policy_2_threads", "sync_2_threads"),
                 ("one_step_off", BASELINE),
                 ("one_step_off_policy_2_threads", BASELINE),
+                ("async_staleness_1", "sync"),
+                ("async_staleness_2", "sync"),
+                ("async_staleness_2_policy_2_threads", "sync"),
+                ("async_staleness_1", "one_step_off"),
+                ("async_staleness_2_policy_2_threads", "one_step_off_policy_2_threads"),
             ]
             ratios = {f"{a}/{b}": summarize(ratio(runs, a, b)) for a, b in pairs if a in runs and b in runs}
             ours = [m for m in MODES if m in runs]
@@ -160,7 +184,11 @@ def main() -> None:
         "best_mode_vs_trl": f">= {TARGET_VS_TRL}",
         "met": {
             size: {
-                **{k: v["median"] >= TARGET_ONE_STEP_OFF for k, v in res["ratios"].items() if "/sync" in k},
+                **{
+                    k: v["median"] >= TARGET_ONE_STEP_OFF
+                    for k, v in res["ratios"].items()
+                    if k.startswith("one_step_off") and "/sync" in k
+                },
                 "best_mode_vs_trl": None
                 if res["best_mode_vs_trl"] is None
                 else res["best_mode_vs_trl"]["median"] >= TARGET_VS_TRL,
@@ -182,6 +210,9 @@ def main() -> None:
         "sync_2_threads": "ours, sync, 2 threads per actor",
         "one_step_off": "ours, one_step_off",
         "one_step_off_policy_2_threads": "ours, one_step_off, policy 2 threads",
+        "async_staleness_1": "ours, async, max_staleness 1",
+        "async_staleness_2": "ours, async, max_staleness 2",
+        "async_staleness_2_policy_2_threads": "ours, async, max_staleness 2, policy 2 threads",
         BASELINE: "ours, sync + separate old-logprob pass (before)",
         "trl": f"TRL {TRL_VERSION} GRPOTrainer",
     }
@@ -207,7 +238,7 @@ def main() -> None:
         for size, res in results.items()
     )
     ratio_lines = "; ".join(f"{k.replace('/', ' ÷ ')} {fmt(v, 2)}" for k, v in headline["ratios"].items())
-    markdown = f"""## Overlapped RL: sync vs one_step_off (CPU)
+    markdown = f"""## Overlapped RL: sync vs one_step_off vs async (CPU)
 
 `python -m benchmarks.async_rl` — {{machine}}
 
@@ -230,7 +261,9 @@ Contract guards (every mode): the weight-sync checksums cost {checksum_lines} of
 counted in series, one thread each; the mismatch-KL check reads tensors the step has already).
 
 one_step_off trains every batch after step 1 on samples one update old, with truncated importance weights (cap
-2) between the policy and the engine that sampled (docs/async.md). Per-round ratios ({sizes[0]}): {ratio_lines}.
+2) between the policy and the engine that sampled (docs/async.md); async sends each step's prompts in
+4 requests (`run.async_requests_per_step`) as far ahead as `run.max_staleness` allows, weight syncs landing
+between requests. Per-round ratios ({sizes[0]}): {ratio_lines}.
 Best of ours ÷ TRL: {fmt(headline["best_mode_vs_trl"], 2) if headline["best_mode_vs_trl"] else "–"} ({headline["best_mode"]}). Raw: `results/{NAME}.json`.
 """
     finish(NAME, payload, markdown, args)
