@@ -428,7 +428,7 @@ class RLTrainer(Controller):
         if self.critic:
             calls["values"] = (self.critic, CriticWorker.compute_values)
         pending = {name: (group, group.run(method, batch, *args)) for name, (group, method, *args) in calls.items()}
-        return batch.replace(**dict(zip(pending, self.wait(list(pending.values())))))
+        return batch.replace(**dict(zip(pending, self.wait_trainers(list(pending.values())))))
 
     def advantages(self, batch: RolloutBatch) -> tuple[RolloutBatch, dict[str, Any]]:
         algo = self.cfg.algorithm
@@ -465,11 +465,11 @@ class RLTrainer(Controller):
         if self.critic:
             pending.append((self.critic, self.critic.run(CriticWorker.update, batch)))
         stats: dict[str, float] = {}
-        for answer in self.wait(pending):
+        for answer in self.wait_trainers(pending):
             stats.update(answer)
         return stats
 
-    def wait(self, calls: list[tuple[WorkerGroup, Any]]) -> list[Any]:
+    def wait_trainers(self, calls: list[tuple[WorkerGroup, Any]]) -> list[Any]:
         """The trainers' answers to `calls`, in order; in async mode the engines are fed meanwhile."""
         if self.buffer is not None:
             self.buffer.pump(calls)

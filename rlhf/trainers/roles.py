@@ -271,7 +271,8 @@ class RolloutSupervisor:
     Engines are pinged before each sync, so one that died while idle (during scoring or the
     update) is replaced before the trainer starts sending. One that dies inside the sync delays
     recovery by up to cluster.collective_timeout_s (the trainer's send has to time out before it
-    can join the new group). Restarts are counted over the run (`faults/rollout_restarts`); the
+    can join the new group). Restarts are counted over the run (`faults/rollout_restarts`, and the generate calls
+    lost with an engine and generated again, `faults/rollout_requests_regenerated`); the
     death after `max_restarts` restarts raises WorkerDiedError.
     """
 
@@ -296,6 +297,8 @@ class RolloutSupervisor:
         """The policy version of the weights the engines hold: set at every push of the policy's weights."""
         self.restarts = 0
         """Engines restarted so far in this run."""
+        self.regenerated = 0
+        """Generate calls lost with a dead engine and generated again, so far in this run."""
         self._stale = False  # restarted engines are outside the weight-sync group and hold old weights
 
     def generate(
@@ -330,6 +333,7 @@ class RolloutSupervisor:
             if job.restarts == self.restarts:  # else the engine was already replaced, for another job sent with it
                 self._restart_dead(error)
             outputs = self.generate(*job.args)
+            self.regenerated += 1
             job.version = self.version
             return outputs
         self.rollout.memory.after_generate()
@@ -340,7 +344,10 @@ class RolloutSupervisor:
         return self._call(self._sync_live_engines, is_sync=True)
 
     def metrics(self) -> dict[str, float]:
-        return {"faults/rollout_restarts": float(self.restarts)}
+        return {
+            "faults/rollout_restarts": float(self.restarts),
+            "faults/rollout_requests_regenerated": float(self.regenerated),
+        }
 
     # -- internals ----------------------------------------------------------------------------
 

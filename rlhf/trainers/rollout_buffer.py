@@ -101,8 +101,11 @@ class RolloutBuffer:
                 continue
             if request.step - version > self.max_staleness:
                 return
-            seed_offset = request.first_prompt * self.trainer.n
-            request.sent = self.trainer.start_generation(request.prompts, request.step, seed_offset=seed_offset)
+            self._send(request)
+
+    def _send(self, request: Request) -> None:
+        seed_offset = request.first_prompt * self.trainer.n  # the samples do not depend on how the step was cut
+        request.sent = self.trainer.start_generation(request.prompts, request.step, seed_offset=seed_offset)
 
     def in_flight(self) -> int:
         return sum(r.sent is not None and not r.answered for r in self.requests)
@@ -154,7 +157,7 @@ class RolloutBuffer:
             raise RuntimeError(f"rollout buffer: step {step + 1}'s requests are not the oldest ones")
         for request in mine:
             if request.sent is None and request.generated is None:
-                self.feed()  # every request before it is collected: it goes out now
+                self._send(request)  # the engines hold this step's weights: within any bound
             self._collect(request)
             self.feed()
         self.requests = self.requests[len(mine) :]
@@ -217,8 +220,6 @@ def buffer_state(ahead: GeneratedBatch) -> dict[str, Any]:
 def merge_generated(step: int, parts: list[GeneratedBatch]) -> GeneratedBatch:
     """One step's requests as one GeneratedBatch: rows in prompt order, group ids counted over the whole step.
     `seconds` spans the first request's start to the last one's answer (of those this process sent)."""
-    if len(parts) == 1:
-        return parts[0]
     batches, offset = [], 0
     for part in parts:
         batches.append(part.batch.replace(group_ids=part.batch.group_ids + offset))
