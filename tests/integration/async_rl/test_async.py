@@ -151,3 +151,30 @@ def test_async_engine_killed_with_requests_in_flight_is_restarted_and_they_are_g
     trained = [p for step in run.trained for p in step]
     assert len(set(trained)) == len(trained) == 8  # the requests lost with the engine trained once, none lost
     assert all(0 <= s <= 2 for step in staleness(run) for s in step)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        # PPO: critic values and GAE on samples up to two updates old, a LoRA policy (merged weights reach the
+        # engines, checked by the sync's checksums) and a model reward next to the rule
+        [
+            "stage=ppo",
+            "critic.train_batch_size=8",
+            "critic.micro_batch_size=8",
+            "critic.num_workers=1",
+            "model.peft.method=lora",
+            "model.lora.rank=4",
+        ],
+        ["reward.model_path=tiny", "reward.model_weight=0.5"],
+    ],
+    ids=["ppo-lora", "grpo-reward-model"],
+)
+def test_async_runs_ppo_lora_and_model_rewards(ray_cluster, tmp_path, overrides):
+    run = fit(tmp_path, "run.max_staleness=2", "run.total_steps=3", *overrides)
+    rows = step_metrics(tmp_path)
+    assert sorted(rows) == [1, 2, 3]
+    assert all(0 <= s <= 2 for step in staleness(run) for s in step)
+    assert max(rows[s]["rollout/staleness_max"] for s in (2, 3)) >= 1  # samples of older weights were trained
+    trained = [p for step in run.trained for p in step]
+    assert len(set(trained)) == len(trained) == 6
