@@ -4,50 +4,31 @@ version tag), and a checkpoint keeps the drawn requests, so every prompt trains 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 
 from rlhf.errors import CheckpointError
-from rlhf.trainers.prepare import prepare
-from rlhf.trainers.rl import ROLLOUT_BUFFER_FILE, RLTrainer
+from rlhf.trainers.rl import ROLLOUT_BUFFER_FILE
 
-from .conftest import compose_config, step_metrics
+from .conftest import Recorder, compose_config, fit, step_metrics
 
 pytestmark = [pytest.mark.ray]
 
 ASYNC = ("run.rollout_mode=async", "run.async_requests_per_step=2", "run.total_steps=4", "run.rollout_batch_size=2")
 
 
-class Preempted(Exception):
-    pass
+class AsyncRecorder(Recorder):
+    """`slow_update`: the engines finish every request the bound allows before each update starts (an update
+    slower than generation, by construction). `kill_engine_at`: the engine dies as that step's update starts."""
 
-
-class Recorder(RLTrainer):
-    """Records what each step trains on: its prompts (one per group, in row order) and every row's version tag
-    against the policy's version. `slow_update`: the engines finish every request the bound allows before each
-    update starts (an update slower than generation, by construction). Stops dead before step `stop_at`."""
-
-    trained: list[list[str]]
-    tags: list[tuple[int, list[int]]]
-    stop_at: int | None = None
     slow_update = False
     kill_engine_at: int | None = None
 
     def step(self, step):
-        if step == self.stop_at:
-            raise Preempted  # as a preempted job: the run ends between steps, its last checkpoint written
         self.current = step
         return super().step(step)
-
-    def _collect_once(self, step, timer, sampling_round=0):
-        batch, rollout_stats, reward_stats = super()._collect_once(step, timer, sampling_round)
-        self.trained.append([row["prompt_text"] for row in batch.metadata[:: self.n]])
-        self.tags.append((self.policy_version, batch.versions.tolist()))
-        return batch, rollout_stats, reward_stats
 
     def update(self, batch):
         if self.slow_update:
@@ -57,25 +38,12 @@ class Recorder(RLTrainer):
                     self.buffer._collect(request)
                 self.buffer.feed()
         if self.current == self.kill_engine_at:
-            ray.kill(self.rollout.group.actors[0], no_restart=True)  # requests of the next steps are on it
-            while 0 not in self.rollout.group.dead_ranks(timeout=60):
-                time.sleep(0.1)
+            self.kill_engine()
         return super().update(batch)
 
 
-def fit(output_dir: Path, *overrides: str, stop_at: int | None = None, **options) -> Recorder:
-    cfg = compose_config(output_dir, *ASYNC, *overrides)
-    trainer = Recorder(prepare(cfg))
-    trainer.trained, trainer.tags, trainer.stop_at = [], [], stop_at
-    for name, value in options.items():
-        setattr(trainer, name, value)
-    try:
-        trainer.fit()
-    except Preempted:
-        pass
-    finally:
-        trainer.close()
-    return trainer
+def run_async(output_dir: Path, *overrides: str, stop_at: int | None = None, **options) -> Recorder:
+    return fit(AsyncRecorder, compose_config(output_dir, *ASYNC, *overrides), stop_at=stop_at, **options)
 
 
 def staleness(trainer: Recorder) -> list[list[int]]:
@@ -86,7 +54,7 @@ def test_async_runs_ahead_up_to_max_staleness_and_resumes_exactly(ray_cluster, t
     full, part = tmp_path / "full", tmp_path / "part"
     # with every allowed request done before each update, step k+2's prompts are generated during step k's update
     # by version k: staleness 0, 1, then 2 on every sample, never more
-    run = fit(full, "run.max_staleness=2", "run.save_every=1", "run.keep_last=4", slow_update=True)
+    run = run_async(full, "run.max_staleness=2", "run.save_every=1", "run.keep_last=4", slow_update=True)
     assert staleness(run) == [[0] * 8, [1] * 8, [2] * 8, [2] * 8]
     rows = step_metrics(full)
     assert [rows[s]["rollout/staleness_max"] for s in (1, 2, 3, 4)] == [0.0, 1.0, 2.0, 2.0]
@@ -101,8 +69,8 @@ def test_async_runs_ahead_up_to_max_staleness_and_resumes_exactly(ray_cluster, t
     assert [r["generated"].batch.versions.tolist() for r in saved["requests"]] == [[0] * 4, [0] * 4, [1] * 4, [1] * 4]
 
     # stopped after step 2 and resumed: steps 3 and 4 train on the buffered samples, exactly as uninterrupted
-    first = fit(part, "run.max_staleness=2", "run.save_every=1", "run.keep_last=4", stop_at=2, slow_update=True)
-    second = fit(part, "run.max_staleness=2", "run.save_every=1", "run.keep_last=4", slow_update=True)
+    first = run_async(part, "run.max_staleness=2", "run.save_every=1", "run.keep_last=4", stop_at=2, slow_update=True)
+    second = run_async(part, "run.max_staleness=2", "run.save_every=1", "run.keep_last=4", slow_update=True)
     assert first.trained + second.trained == run.trained
     trained = [p for step in run.trained for p in step]
     assert len(set(trained)) == len(trained) == 8
@@ -111,7 +79,7 @@ def test_async_runs_ahead_up_to_max_staleness_and_resumes_exactly(ray_cluster, t
 
 
 def test_async_resume_sends_the_requests_in_flight_again_and_trains_every_prompt_once(ray_cluster, tmp_path):
-    first = fit(tmp_path, "run.max_staleness=1", "run.save_every=1", "run.keep_last=4", stop_at=2)
+    first = run_async(tmp_path, "run.max_staleness=1", "run.save_every=1", "run.keep_last=4", stop_at=2)
     # the checkpoint after step 2 holds the drawn requests of step 3 (and of step 4 when the engines were ahead);
     # as if none had been answered when it was written (they were in flight), drop their samples
     path = tmp_path / "checkpoints" / "step_00000002" / ROLLOUT_BUFFER_FILE
@@ -126,9 +94,9 @@ def test_async_resume_sends_the_requests_in_flight_again_and_trains_every_prompt
         CheckpointError,
         match=r"written with run.rollout_mode=async: .* resume it with run.rollout_mode=async \(not one_step_off\)",
     ):
-        fit(tmp_path, "run.max_staleness=1", "run.rollout_mode=one_step_off")
+        run_async(tmp_path, "run.max_staleness=1", "run.rollout_mode=one_step_off")
 
-    second = fit(tmp_path, "run.max_staleness=1", "run.save_every=1", "run.keep_last=4")
+    second = run_async(tmp_path, "run.max_staleness=1", "run.save_every=1", "run.keep_last=4")
     steps = first.trained + second.trained
     assert len(steps) == 4
     assert steps[2] == [text for r in saved["requests"][:2] for text in r["prompts"].texts]
@@ -144,7 +112,7 @@ def test_async_engine_killed_with_requests_in_flight_is_restarted_and_they_are_g
     # the engine dies as the first update starts, with step 2's requests sent; they are lost with it, or, if
     # answered by then, step 3's requests go out to the dead engine during the update: either way requests fail,
     # and once the engine is restarted they are generated again, by the weights of that moment
-    run = fit(tmp_path, "run.max_staleness=2", "rollout.max_restarts=1", kill_engine_at=0)
+    run = run_async(tmp_path, "run.max_staleness=2", "rollout.max_restarts=1", kill_engine_at=0)
     rows = step_metrics(tmp_path)
     assert [rows[s]["faults/rollout_restarts"] for s in (1, 2, 3, 4)] == [1.0] * 4
     assert rows[4]["faults/rollout_requests_regenerated"] >= 1
@@ -171,7 +139,7 @@ def test_async_engine_killed_with_requests_in_flight_is_restarted_and_they_are_g
     ids=["ppo-lora", "grpo-reward-model"],
 )
 def test_async_runs_ppo_lora_and_model_rewards(ray_cluster, tmp_path, overrides):
-    run = fit(tmp_path, "run.max_staleness=2", "run.total_steps=3", *overrides)
+    run = run_async(tmp_path, "run.max_staleness=2", "run.total_steps=3", *overrides)
     rows = step_metrics(tmp_path)
     assert sorted(rows) == [1, 2, 3]
     assert all(0 <= s <= 2 for step in staleness(run) for s in step)

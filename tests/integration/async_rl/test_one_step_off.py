@@ -4,59 +4,27 @@ checkpoint keeps the batch generated ahead, so a resumed run trains on exactly w
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 
-from rlhf.trainers.prepare import prepare
-from rlhf.trainers.rl import ROLLOUT_BUFFER_FILE, RLTrainer
+from rlhf.trainers.rl import ROLLOUT_BUFFER_FILE
 
-from .conftest import compose_config, step_metrics
+from .conftest import Recorder, compose_config, fit, step_metrics
 
 pytestmark = [pytest.mark.ray]
 
 
-class Preempted(Exception):
-    pass
-
-
-class PromptRecorder(RLTrainer):
-    """Records the prompts each step trains on (one per group, in row order); stops dead before step `stop_at`."""
-
-    trained: list[list[str]]
-    stop_at: int | None = None
-
-    def step(self, step):
-        if step == self.stop_at:
-            raise Preempted  # as a preempted job: the run ends between steps, its last checkpoint written
-        return super().step(step)
-
-    def _collect_once(self, step, timer, sampling_round=0):
-        batch, rollout_stats, reward_stats = super()._collect_once(step, timer, sampling_round)
-        self.trained.append([row["prompt_text"] for row in batch.metadata[:: self.n]])
-        return batch, rollout_stats, reward_stats
-
-
-def fit(output_dir: Path, *, stop_at: int | None = None) -> list[list[str]]:
+def fit_prompts(output_dir: Path, *, stop_at: int | None = None) -> list[list[str]]:
     """A 3-step run (stopped before step index `stop_at`); the prompts of the steps it trained."""
     cfg = compose_config(output_dir, "run.rollout_mode=one_step_off", "run.save_every=1", "run.total_steps=3")
-    trainer = PromptRecorder(prepare(cfg))
-    trainer.trained, trainer.stop_at = [], stop_at
-    try:
-        trainer.fit()
-    except Preempted:
-        pass
-    finally:
-        trainer.close()
-    return trainer.trained
+    return fit(Recorder, cfg, stop_at=stop_at).trained
 
 
 def test_one_step_off_trains_one_version_behind_and_resumes_exactly(ray_cluster, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
-    prompts_full = fit(full)
+    prompts_full = fit_prompts(full)
     rows = step_metrics(full)
     assert sorted(rows) == [1, 2, 3]
     # the first batch comes from the initial weights; every later one from the weights one update back
@@ -77,8 +45,8 @@ def test_one_step_off_trains_one_version_behind_and_resumes_exactly(ray_cluster,
     assert not (full / "checkpoints" / "step_00000003" / ROLLOUT_BUFFER_FILE).exists()  # nothing after the last
 
     # stopped after step 2 and resumed: step 3 trains on the same buffered prompts and samples, exactly
-    prompts_part = fit(part, stop_at=2)
-    prompts_part += fit(part)
+    prompts_part = fit_prompts(part, stop_at=2)
+    prompts_part += fit_prompts(part)
     assert prompts_part == prompts_full
     trained = [p for step in prompts_part for p in step]
     assert len(set(trained)) == len(trained) == 6  # no prompt dropped or repeated across the resume
@@ -87,28 +55,19 @@ def test_one_step_off_trains_one_version_behind_and_resumes_exactly(ray_cluster,
     assert resumed[3] == rows[3]
 
 
-class KillsEngineWhileGeneratingAhead(PromptRecorder):
+class KillsEngineWhileGeneratingAhead(Recorder):
     """Kills the engine right after step 1 started generating step 2's batch (the update runs meanwhile)."""
 
     def generate_ahead(self, step):
         ahead = super().generate_ahead(step)
         if step == 1:
-            ray.kill(self.rollout.group.actors[0], no_restart=True)
-            # gone for good before the step goes on: were it still answering the pre-sync ping, it would die
-            # inside the sync, which then waits out cluster.collective_timeout_s
-            while 0 not in self.rollout.group.dead_ranks(timeout=60):
-                time.sleep(0.1)
+            self.kill_engine()
         return ahead
 
 
 def test_an_engine_killed_while_generating_ahead_is_restarted_and_its_prompts_requeued(ray_cluster, tmp_path):
     cfg = compose_config(tmp_path, "run.rollout_mode=one_step_off", "run.total_steps=3", "rollout.max_restarts=1")
-    trainer = KillsEngineWhileGeneratingAhead(prepare(cfg))
-    trainer.trained, trainer.stop_at = [], None
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
+    trainer = fit(KillsEngineWhileGeneratingAhead, cfg)
     rows = step_metrics(tmp_path)
     # one restart, inside step 1: found by the wait for the batch generated ahead (which is then generated again
     # by the weights after step 1's update: staleness 0 at step 2) or, when the engine had answered before it
