@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("engines", ("rlhf.engines",)),
     ("workers", ("rlhf.workers",)),
     ("rewards", ("rlhf.rewards",)),
+    ("environments", ("rlhf.environments",)),
     ("trainers", ("rlhf.trainers",)),
     ("plan", ("rlhf.plan",)),
     ("stages", ("rlhf.stages",)),
