@@ -47,6 +47,7 @@ from rlhf.config.checks import (
     weight_sync_transport,
 )
 from rlhf.config.schema import (
+    AgentConfig,
     AlgorithmConfig,
     ClusterConfig,
     DataConfig,
@@ -122,6 +123,7 @@ __all__ = [
     "ClusterConfig",
     "DataConfig",
     "DatasetSpec",
+    "AgentConfig",
     "DistillConfig",
     "EvalConfig",
     "ExpandConfig",

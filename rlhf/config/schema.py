@@ -802,6 +802,27 @@ class OnlineDPOConfig:
 
 
 @dataclass
+class AgentConfig:
+    """Multi-turn (agentic) rollouts: the policy acts in an environment over several turns (docs/agents.md)."""
+
+    env: Optional[str] = None
+    """An environment by registered name (calculator, python) or "pkg.module:Class", built per trajectory from its
+    prompt row; None: one prompt, one completion."""
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the environment's constructor (on the command line: +agent.env_kwargs.NAME=VALUE)."""
+    max_turns: int = 4
+    """Model turns per trajectory."""
+    max_tokens: int = 256
+    """Response tokens per trajectory, model and environment together (the last turn is cut to fit)."""
+    step_timeout_s: float = 30.0
+    """Seconds an environment's reset or step may take; past it the turn ends with an error observation."""
+    observation_template: str = "{observation}"
+    """How an observation is written into the trajectory, tokenized once: the turn markers of the policy's format
+    around "{observation}" (the bare text for the tiny-world tool task; a tool turn of its chat template for a
+    chat model)."""
+
+
+@dataclass
 class RLHFConfig:
     stage: str = "grpo"
     """What to run; conf/stage/<name>.yaml sets the algorithm's defaults (grpo, ppo, ...)."""
@@ -817,6 +838,7 @@ class RLHFConfig:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     """The RL stages' reference model: actors and ZeRO-3 partitioning."""
     reward: RewardConfig = field(default_factory=RewardConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     offline: OfflineConfig = field(default_factory=OfflineConfig)

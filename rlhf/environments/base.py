@@ -53,6 +53,9 @@ class StepResult:
 class Environment:
     """Base class of environments (any class with these methods works; subclassing documents the contract)."""
 
+    stop: tuple[str, ...] = ()
+    """Strings that end a model turn (a tool call's closing tag): the rollout adds them to its stop strings."""
+
     def reset(self, row: dict[str, Any]) -> str:
         """Start a trajectory for the prompt row (its fields: "prompt", "answer", ... as the dataset gave them);
         return text to append after the prompt before the model's first turn ("" for none)."""

@@ -86,6 +86,8 @@ class CalculatorEnv(Environment):
     """Answers each `<calc>EXPRESSION</calc>` call with the value (or "error: ..."); a turn without a call ends
     the trajectory (the reward pipeline scores the answer). Tool calls and errors are counted."""
 
+    stop = (CALL_END,)
+
     def __init__(self, error_prefix: str = "error: ") -> None:
         self.error_prefix = error_prefix
 

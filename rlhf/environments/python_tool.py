@@ -24,6 +24,8 @@ class PythonEnv(Environment):
     "error: ..." (the exception's last line, the limit hit, what the sandbox refused). Counts tool calls, errors,
     limits hit ("tool_timeouts" for CPU and wall-clock time, "tool_killed" for any limit) and refusals."""
 
+    stop = (CALL_END,)
+
     def __init__(
         self, cpu_seconds: int = 5, wall_seconds: float = 10.0, memory_mb: int = 512, output_bytes: int = 4096
     ):

@@ -48,6 +48,7 @@ from rlhf.data.stream import PromptBatch
 from rlhf.engines.rollout import logprob_temperature
 from rlhf.errors import CheckpointError, RolloutMismatchError, StaleSampleError
 from rlhf.rewards import build_reward_pipeline
+from rlhf.trainers.agent import AgentRollout
 from rlhf.trainers.controller import Controller
 from rlhf.trainers.prepare import EncodedPrompts, PreparedRun
 from rlhf.trainers.roles import (
@@ -111,6 +112,8 @@ class RLTrainer(Controller):
             else None
         )
         """async: the coming steps' requests and samples (a checkpoint keeps them)."""
+        self.agent = AgentRollout(cfg, self.tokenizer) if cfg.agent.env is not None else None
+        """agent.env: multi-turn trajectories instead of single completions (rlhf.trainers.agent)."""
         self.logprobs_in_update = False  # decided in _start_roles, once the policy says whether it has dropout
         self.kl_in_reward = cfg.algorithm.kl_coef > 0 and not cfg.algorithm.use_kl_loss
         self.kl_ctl = (
@@ -250,7 +253,7 @@ class RLTrainer(Controller):
         one_step_off) is measured, not held to it: its gap includes the policy's updates since. `from_update`: the
         stats as the update computed them (old logprobs from its forward), else they are computed from the batch."""
         algo = self.cfg.algorithm
-        stats = from_update or rollout_mismatch(batch.rollout_logprobs, batch.old_logprobs, batch.response_mask)
+        stats = from_update or rollout_mismatch(batch.rollout_logprobs, batch.old_logprobs, batch.effective_loss_mask)
         if bool((batch.versions != self.policy_version).any()):
             # sampled by older weights (off-policy modes): the policy's own updates since are part of the gap, which
             # the importance weights correct; the contract is held on batches of the current weights
@@ -335,7 +338,10 @@ class RLTrainer(Controller):
         else:
             prompts = self.run.train.next_batch()
             with timer("generate"):
-                batch, rollout_stats = self.generate(prompts, step, sampling_round=sampling_round)
+                if self.agent is not None:
+                    batch, rollout_stats = self.generate_trajectories(prompts, step)
+                else:
+                    batch, rollout_stats = self.generate(prompts, step, sampling_round=sampling_round)
         with timer("score"):
             batch, reward_stats = self.score(batch)
         return batch, rollout_stats, reward_stats
@@ -379,6 +385,18 @@ class RLTrainer(Controller):
         generated = self.finish_generation(*self.start_generation(prompts, step, **options))
         return generated.batch, {**generated.stats, "rollout/generate_s": generated.seconds}
 
+    def generate_trajectories(self, prompts: PromptBatch, step: int) -> tuple[RolloutBatch, dict[str, Any]]:
+        """agent.env: n multi-turn trajectories per prompt (rlhf.trainers.agent), and their rollout/ and agent/ stats."""
+        started = time.perf_counter()
+        batch, stats = self.agent.generate(
+            prompts,
+            self.n,
+            lambda contexts, sampling, n, seed: self.engines.generate(contexts, sampling, n=n, seed=seed),
+            seed=sample_seed(self.cfg.run.seed, step),
+            version=self.engines.version,
+        )
+        return batch, {**stats, "rollout/generate_s": time.perf_counter() - started}
+
     def start_generation(
         self,
         prompts: PromptBatch,
@@ -415,6 +433,12 @@ class RLTrainer(Controller):
     def score(self, batch: RolloutBatch) -> tuple[RolloutBatch, dict[str, Any]]:
         """Every reward term (rlhf.rewards.pipeline), weighted and summed into batch.scores."""
         scores, stats = self.rewards.score(batch)
+        if self.agent is not None:  # the environment's turn rewards join the pipeline's score of the text
+            env = torch.tensor([row["env_reward"] for row in batch.metadata], dtype=scores.dtype)
+            scores = scores + env
+            std = scores.std() if len(scores) > 1 else torch.zeros(())
+            totals = {"reward/mean": scores.mean(), "reward/std": std, "reward/max": scores.max()}
+            stats = {**stats, **totals, "reward/env_mean": env.mean()}
         return batch.replace(scores=scores), stats
 
     def logprobs(self, batch: RolloutBatch) -> RolloutBatch:
@@ -440,22 +464,21 @@ class RLTrainer(Controller):
             else torch.zeros_like(batch.response_mask, dtype=torch.float)
         )
         ref = batch.ref_logprobs if self.kl_in_reward else old
-        token_rewards = kl_in_reward(
-            batch.scores, old, ref, batch.response_mask, kl_coef=kl_coef, kind=algo.kl_estimator
-        )
+        mask = batch.effective_loss_mask  # multi-turn: the model's tokens, not the environment's
+        token_rewards = kl_in_reward(batch.scores, old, ref, mask, kl_coef=kl_coef, kind=algo.kl_estimator)
         advantages, returns = self.estimate_advantages(
             token_rewards=token_rewards,
             scores=batch.scores,
             values=batch.values,
-            mask=batch.response_mask,
+            mask=mask,
             group_ids=batch.group_ids,
             gamma=algo.gamma,
             lam=algo.lam,
             norm_by_std=algo.norm_adv_by_std,
         )
-        stats: dict[str, Any] = {"policy/advantage_mean": masked_mean(advantages, batch.response_mask)}
+        stats: dict[str, Any] = {"policy/advantage_mean": masked_mean(advantages, mask)}
         if batch.ref_logprobs is not None and batch.old_logprobs is not None:
-            kl = masked_mean(batch.old_logprobs - batch.ref_logprobs, batch.response_mask)
+            kl = masked_mean(batch.old_logprobs - batch.ref_logprobs, mask)
             self.kl_ctl.update(float(kl), len(batch))
             stats.update({"reward/kl_to_ref": kl, "reward/kl_coef": self.kl_ctl.value})
         return batch.replace(token_rewards=token_rewards, advantages=advantages, returns=returns), stats

@@ -230,7 +230,7 @@ class PolicyWorker(RLTrainableWorker, CausalLMWorker):
         skipped_before = engine.nonfinite.total
         stats = StepStats()
         for minibatch in self._minibatches(batch, self.algo_cfg.ppo_epochs):
-            tokens, seqs = self._global_counts(minibatch.response_mask)
+            tokens, seqs = self._global_counts(minibatch.effective_loss_mask)
             micros = self._micro_batches(minibatch)
             for i, (_, micro) in enumerate(micros):
                 loss = self._micro_batch_loss(micro, tokens, seqs, temperature, stats)
@@ -246,7 +246,7 @@ class PolicyWorker(RLTrainableWorker, CausalLMWorker):
         algo = self.algo_cfg
         counts = {"global_tokens": tokens, "global_seqs": seqs, "constant_normalizer": self.constant_normalizer}
         rows = rows_of(micro)  # old logprobs, advantages, ... in the [b, R] layout
-        mask = rows.response_mask
+        mask = rows.effective_loss_mask  # multi-turn trajectories: the environment's tokens carry no loss
         logits, labels = response_token_logits(self._require_engine(), micro, temperature=temperature)
         logprobs = to_rows(micro, logprobs_from_logits(logits, labels))
         old_logprobs = rows.old_logprobs

@@ -73,6 +73,7 @@ def placeholders(model_dir: str, jsonl: str, parquet: str) -> dict[str, str]:
         "/shared/data/prompts.jsonl": jsonl,
         "data/prompts.parquet": parquet,
         "my_project.rewards:score": "tests.fixtures.my_reward:score",  # docs/rewards.md's plugin example
+        "my_pkg.envs:Guess": "tests.fixtures.two_turn_env:TwoTurns",  # docs/agents.md's environment example
     }
 
 

@@ -1,0 +1,165 @@
+"""Multi-turn rollouts in the RL loop (agent.env): trajectories from rlhf.environments.loop on the rollout engines,
+turned into a RolloutBatch whose loss_mask keeps the environment's tokens out of the loss.
+
+The policy samples each turn on the engines (one call for every trajectory that waits for it, with the
+environment's stop strings added to rollout.sampling.stop); the environments answer in threads of the driver.
+A row of the batch is one trajectory: its prompt, then every model and environment token as sampled and rendered
+(never re-tokenized). `response_mask` marks all of them (the trainer's forward reads them all), `loss_mask` the
+model's, which alone get loss, KL, entropy and importance weights; `rollout_logprobs` is 0 on environment tokens.
+The score is the reward pipeline's on the whole response text plus the environment's turn rewards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from rlhf.config import RLHFConfig, SamplingConfig, require
+from rlhf.data.batch import RolloutBatch, pad_sequences
+from rlhf.data.stream import PromptBatch
+from rlhf.environments import AgentLimits, ObservationRenderer, Trajectory, load_environment, run_trajectories
+from rlhf.environments.trajectory import TRAJECTORY_ENDS
+from rlhf.errors import ConfigError
+
+COUNTERS = ("tool_calls", "tool_errors", "tool_timeouts", "env_errors")
+"""Per-trajectory counters the rollout reports as agent/<name> (mean per trajectory)."""
+
+
+def validate_agent(cfg: RLHFConfig) -> None:
+    """agent.* at start-up, before any cluster work: the environment builds, the limits are sane, and the run
+    is one the multi-turn rollout supports."""
+    agent = cfg.agent
+    if agent.env is None:
+        return
+    load_environment(agent.env, dict(agent.env_kwargs), field_name="agent.env")
+    require(agent.max_turns >= 1, f"agent.max_turns must be >= 1 (got {agent.max_turns})")
+    require(agent.max_tokens >= 1, f"agent.max_tokens must be >= 1 (got {agent.max_tokens})")
+    require(agent.step_timeout_s > 0, f"agent.step_timeout_s must be > 0 (got {agent.step_timeout_s})")
+    require(
+        "{observation}" in agent.observation_template,
+        f"agent.observation_template must contain {{observation}} (got {agent.observation_template!r})",
+    )
+    require(
+        cfg.algorithm.advantage != "gae",
+        f"agent.env={agent.env} with algorithm.advantage=gae (PPO): values and GAE over the model's tokens only "
+        "(skipping the environment's) are not built yet; use the GRPO family (stage=grpo, dr_grpo, rloo, ...)",
+    )
+    require(
+        cfg.run.rollout_mode == "sync",
+        f"agent.env={agent.env} runs with run.rollout_mode=sync only for now (got {cfg.run.rollout_mode}): "
+        "trajectories are not buffered across steps yet",
+    )
+    require(
+        not cfg.algorithm.dynamic_sampling,
+        "agent.env with algorithm.dynamic_sampling: extra sampling rounds of trajectories are not built yet",
+    )
+
+
+class AgentRollout:
+    """The multi-turn rollout of one run: its environment factory, limits, renderer and sampling."""
+
+    def __init__(self, cfg: RLHFConfig, tokenizer: Any) -> None:
+        agent = cfg.agent
+        if agent.env is None:
+            raise ConfigError("AgentRollout needs agent.env")
+        self.make_env = load_environment(agent.env, dict(agent.env_kwargs), field_name="agent.env")
+        stops = list(getattr(self.make_env(), "stop", ()) or ())
+        self.sampling = dataclasses.replace(
+            cfg.rollout.sampling,
+            stop=[*cfg.rollout.sampling.stop, *(s for s in stops if s not in cfg.rollout.sampling.stop)],
+        )
+        self.limits = AgentLimits(agent.max_turns, agent.max_tokens, agent.step_timeout_s)
+        self.tokenizer = tokenizer
+        self.render = ObservationRenderer(
+            lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], agent.observation_template
+        )
+
+    def generate(
+        self,
+        prompts: PromptBatch,
+        n: int,
+        engine_generate: Callable[[list[list[int]], SamplingConfig, int, int | None], list[list[Any]]],
+        *,
+        seed: int | None,
+        version: int,
+    ) -> tuple[RolloutBatch, dict[str, Any]]:
+        """`n` trajectories per prompt; `engine_generate(contexts, sampling, n, seed)` samples a turn."""
+        rows = [{**meta, "prompt": text} for meta, text in zip(prompts.metadata, prompts.texts)]
+        trajectories = run_trajectories(
+            rows,
+            prompts.token_ids,
+            n,
+            generate=lambda contexts, turn_seed: [g[0] for g in engine_generate(contexts, self.sampling, 1, turn_seed)],
+            make_env=self.make_env,
+            render=self.render,
+            decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False),
+            limits=self.limits,
+            seed=seed,
+        )
+        batch = build_trajectory_batch(prompts, trajectories, n, pad_id=self.tokenizer.pad_token_id)
+        batch = batch.replace(versions=torch.full((len(batch),), version, dtype=torch.long))
+        return batch, trajectory_stats(trajectories)
+
+
+def build_trajectory_batch(
+    prompts: PromptBatch, trajectories: list[Trajectory], n: int, *, pad_id: int
+) -> RolloutBatch:
+    """Rows are prompt-major (trajectory j of prompt i is row i * n + j, group id i). A trajectory without a token
+    (its environment failed before the first turn) gets one padding token that carries no loss."""
+    prompt_rows, response_rows, mask_rows, logprob_rows, metadata = [], [], [], [], []
+    for k, trajectory in enumerate(trajectories):
+        i = k // n
+        response, loss_mask, logprobs = trajectory.response_ids, trajectory.loss_mask, trajectory.logprobs
+        if not response:
+            response, loss_mask, logprobs = [pad_id], [0], [0.0]
+        prompt_rows.append(trajectory.prompt_ids)
+        response_rows.append(response)
+        mask_rows.append(loss_mask)
+        logprob_rows.append(logprobs)
+        metadata.append(
+            {
+                **prompts.metadata[i],
+                "prompt_text": prompts.texts[i],
+                "env_reward": float(sum(trajectory.turn_rewards)),
+                "turns": trajectory.turns,
+            }
+        )
+    prompt_ids, prompt_mask = pad_sequences(prompt_rows, pad_id=pad_id, left=True)
+    response_ids, response_mask = pad_sequences(response_rows, pad_id=pad_id, left=False)
+    loss_mask, _ = pad_sequences(mask_rows, pad_id=0, left=False)
+    rollout_logprobs, _ = pad_sequences(logprob_rows, pad_id=0, left=False, dtype=torch.float)
+    return RolloutBatch(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response_ids=response_ids,
+        response_mask=response_mask,
+        loss_mask=loss_mask,
+        rollout_logprobs=rollout_logprobs,
+        group_ids=torch.tensor([k // n for k in range(len(trajectories))]),
+        metadata=metadata,
+    )
+
+
+def trajectory_stats(trajectories: list[Trajectory]) -> dict[str, Any]:
+    """agent/ metrics of one batch: turns, tool use, the environment's share of the tokens, reward per turn and
+    how the trajectories ended; rollout/ response lengths (model and environment tokens)."""
+    count = max(len(trajectories), 1)
+    lengths = torch.tensor([float(len(t.response_ids)) for t in trajectories])
+    env_tokens = sum(t.environment_tokens for t in trajectories)
+    turn_rewards = [r for t in trajectories for r in t.turn_rewards]
+    stats: dict[str, Any] = {
+        "agent/turns_mean": sum(t.turns for t in trajectories) / count,
+        "agent/env_token_frac": env_tokens / max(float(lengths.sum()), 1.0),
+        "agent/reward_per_turn": sum(turn_rewards) / max(len(turn_rewards), 1),
+        "rollout/response_length": lengths.mean(),
+        "rollout/response_length_max": lengths.max(),
+        "rollout/truncated_frac": sum(t.end == "max_tokens" for t in trajectories) / count,
+    }
+    for name in COUNTERS:
+        stats[f"agent/{name}"] = sum(t.counters[name] for t in trajectories) / count
+    for end in TRAJECTORY_ENDS:
+        stats[f"agent/end_{end}_frac"] = sum(t.end == end for t in trajectories) / count
+    return stats
