@@ -212,3 +212,31 @@ def pad_sequences(rows: list[list[int]], *, pad_id: int, left: bool, dtype=torch
         ids[i, sl] = torch.as_tensor(row, dtype=dtype)
         mask[i, sl] = 1
     return ids, mask
+
+
+def rollout_rows(
+    prompt_rows: list[list[int]],
+    response_rows: list[list[int]],
+    logprob_rows: list[list[float]],
+    group_ids: list[int],
+    metadata: list[dict[str, Any]],
+    *,
+    pad_id: int,
+    loss_mask_rows: list[list[int]] | None = None,
+) -> RolloutBatch:
+    """Sampled rows as a RolloutBatch: prompts left-padded, responses with their engine logprobs (and loss mask, for
+    multi-turn rows) right-padded."""
+    prompt_ids, prompt_mask = pad_sequences(prompt_rows, pad_id=pad_id, left=True)
+    response_ids, response_mask = pad_sequences(response_rows, pad_id=pad_id, left=False)
+    rollout_logprobs, _ = pad_sequences(logprob_rows, pad_id=0, left=False, dtype=torch.float)
+    loss_mask = None if loss_mask_rows is None else pad_sequences(loss_mask_rows, pad_id=0, left=False)[0]
+    return RolloutBatch(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response_ids=response_ids,
+        response_mask=response_mask,
+        loss_mask=loss_mask,
+        rollout_logprobs=rollout_logprobs,
+        group_ids=torch.tensor(group_ids),
+        metadata=metadata,
+    )

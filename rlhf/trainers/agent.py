@@ -18,9 +18,10 @@ from typing import Any
 import torch
 
 from rlhf.config import RLHFConfig, SamplingConfig, require
-from rlhf.data.batch import RolloutBatch, pad_sequences
+from rlhf.data.batch import RolloutBatch, rollout_rows
 from rlhf.data.stream import PromptBatch
 from rlhf.environments import AgentLimits, ObservationRenderer, Trajectory, load_environment, run_trajectories
+from rlhf.environments.base import close_quietly
 from rlhf.environments.trajectory import TRAJECTORY_ENDS
 from rlhf.errors import ConfigError
 
@@ -66,10 +67,12 @@ class AgentRollout:
         if agent.env is None:
             raise ConfigError("AgentRollout needs agent.env")
         self.make_env = load_environment(agent.env, dict(agent.env_kwargs), field_name="agent.env")
-        stops = list(getattr(self.make_env(), "stop", ()) or ())
-        self.sampling = dataclasses.replace(
-            cfg.rollout.sampling,
-            stop=[*cfg.rollout.sampling.stop, *(s for s in stops if s not in cfg.rollout.sampling.stop)],
+        probe = self.make_env()
+        stops = list(getattr(probe, "stop", ()) or ())
+        close_quietly(probe)
+        self.sampling, self.eval_sampling = (
+            dataclasses.replace(sampling, stop=[*sampling.stop, *(s for s in stops if s not in sampling.stop)])
+            for sampling in (cfg.rollout.sampling, cfg.rollout.eval_sampling)
         )
         self.limits = AgentLimits(agent.max_turns, agent.max_tokens, agent.step_timeout_s)
         self.tokenizer = tokenizer
@@ -85,17 +88,20 @@ class AgentRollout:
         *,
         seed: int | None,
         version: int,
+        eval_mode: bool = False,
     ) -> tuple[RolloutBatch, dict[str, Any]]:
-        """`n` trajectories per prompt; `engine_generate(contexts, sampling, n, seed)` samples a turn."""
+        """`n` trajectories per prompt; `engine_generate(contexts, sampling, n, seed)` samples a turn (with
+        rollout.eval_sampling in `eval_mode`)."""
+        sampling = self.eval_sampling if eval_mode else self.sampling
         rows = [{**meta, "prompt": text} for meta, text in zip(prompts.metadata, prompts.texts)]
         trajectories = run_trajectories(
             rows,
             prompts.token_ids,
             n,
-            generate=lambda contexts, turn_seed: [g[0] for g in engine_generate(contexts, self.sampling, 1, turn_seed)],
+            generate=lambda contexts, turn_seed: [g[0] for g in engine_generate(contexts, sampling, 1, turn_seed)],
             make_env=self.make_env,
             render=self.render,
-            decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False),
+            decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
             limits=self.limits,
             seed=seed,
         )
@@ -127,19 +133,9 @@ def build_trajectory_batch(
                 "turns": trajectory.turns,
             }
         )
-    prompt_ids, prompt_mask = pad_sequences(prompt_rows, pad_id=pad_id, left=True)
-    response_ids, response_mask = pad_sequences(response_rows, pad_id=pad_id, left=False)
-    loss_mask, _ = pad_sequences(mask_rows, pad_id=0, left=False)
-    rollout_logprobs, _ = pad_sequences(logprob_rows, pad_id=0, left=False, dtype=torch.float)
-    return RolloutBatch(
-        prompt_ids=prompt_ids,
-        prompt_mask=prompt_mask,
-        response_ids=response_ids,
-        response_mask=response_mask,
-        loss_mask=loss_mask,
-        rollout_logprobs=rollout_logprobs,
-        group_ids=torch.tensor([k // n for k in range(len(trajectories))]),
-        metadata=metadata,
+    group_ids = [k // n for k in range(len(trajectories))]
+    return rollout_rows(
+        prompt_rows, response_rows, logprob_rows, group_ids, metadata, pad_id=pad_id, loss_mask_rows=mask_rows
     )
 
 

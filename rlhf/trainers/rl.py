@@ -43,7 +43,7 @@ from rlhf.config import (
     uses_critic,
     uses_reference,
 )
-from rlhf.data.batch import RolloutBatch, pad_sequences
+from rlhf.data.batch import RolloutBatch, rollout_rows
 from rlhf.data.stream import PromptBatch
 from rlhf.engines.rollout import logprob_temperature
 from rlhf.errors import CheckpointError, RolloutMismatchError, StaleSampleError
@@ -385,15 +385,19 @@ class RLTrainer(Controller):
         generated = self.finish_generation(*self.start_generation(prompts, step, **options))
         return generated.batch, {**generated.stats, "rollout/generate_s": generated.seconds}
 
-    def generate_trajectories(self, prompts: PromptBatch, step: int) -> tuple[RolloutBatch, dict[str, Any]]:
+    def generate_trajectories(
+        self, prompts: PromptBatch, step: int, *, n: int | None = None, eval_mode: bool = False
+    ) -> tuple[RolloutBatch, dict[str, Any]]:
         """agent.env: n multi-turn trajectories per prompt (rlhf.trainers.agent), and their rollout/ and agent/ stats."""
+        assert self.agent is not None
         started = time.perf_counter()
         batch, stats = self.agent.generate(
             prompts,
-            self.n,
+            n or self.n,
             lambda contexts, sampling, n, seed: self.engines.generate(contexts, sampling, n=n, seed=seed),
             seed=sample_seed(self.cfg.run.seed, step),
             version=self.engines.version,
+            eval_mode=eval_mode,
         )
         return batch, {**stats, "rollout/generate_s": time.perf_counter() - started}
 
@@ -536,7 +540,10 @@ class RLTrainer(Controller):
         if ev is None or self.run.reward_fn is None:
             return {}
         prompts = PromptBatch(ev.token_ids, ev.texts, ev.metadata)
-        batch, stats = self.generate(prompts, step=0, n=1, eval_mode=True)
+        if self.agent is not None:  # the held-out prompts as trajectories, the tools at hand
+            batch, stats = self.generate_trajectories(prompts, step=0, n=1, eval_mode=True)
+        else:
+            batch, stats = self.generate(prompts, step=0, n=1, eval_mode=True)
         batch, reward_stats = self.score(batch)
         # accuracy from the rule reward alone: penalties and weights of other terms would skew "total >= 1"
         inputs = self.run.rewards.inputs(batch)
@@ -634,18 +641,7 @@ def build_rollout_batch(prompts: PromptBatch, outputs, *, pad_id: int) -> Rollou
             logprob_rows.append(list(gen.logprobs))
             group_ids.append(i)
             metadata.append({**prompts.metadata[i], "prompt_text": prompts.texts[i]})
-    prompt_ids, prompt_mask = pad_sequences(prompt_rows, pad_id=pad_id, left=True)
-    response_ids, response_mask = pad_sequences(response_rows, pad_id=pad_id, left=False)
-    rollout_logprobs, _ = pad_sequences(logprob_rows, pad_id=0, left=False, dtype=torch.float)
-    return RolloutBatch(
-        prompt_ids=prompt_ids,
-        prompt_mask=prompt_mask,
-        response_ids=response_ids,
-        response_mask=response_mask,
-        rollout_logprobs=rollout_logprobs,
-        group_ids=torch.tensor(group_ids),
-        metadata=metadata,
-    )
+    return rollout_rows(prompt_rows, response_rows, logprob_rows, group_ids, metadata, pad_id=pad_id)
 
 
 def reward_trend_key(cfg: RLHFConfig) -> str:

@@ -11,6 +11,7 @@ from rlhf.config import validate
 from rlhf.errors import ConfigError
 from rlhf.trainers.prepare import prepare
 from rlhf.trainers.rl import RLTrainer
+from rlhf.utils.metrics import read_metrics
 from tests.integration.async_rl.conftest import compose_config, step_metrics
 
 pytestmark = [pytest.mark.ray]
@@ -20,6 +21,8 @@ AGENT = (
     "+agent.env_kwargs.reply='=7'",
     "agent.max_turns=3",
     "run.total_steps=2",
+    "data.eval=tiny:eval:copy+reverse",
+    "run.eval_size=4",
 )
 
 
@@ -52,6 +55,8 @@ def test_grpo_trains_on_two_turn_trajectories_with_the_environment_out_of_the_lo
             assert (batch.rollout_logprobs[row, first : first + len(observation)] == 0).all()
         assert torch.isfinite(batch.advantages).all()
     rows = step_metrics(tmp_path)
+    evaluation = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "eval/accuracy" in r]
+    assert evaluation and 0.0 <= evaluation[-1]["eval/accuracy"] <= 1.0  # held-out prompts as trajectories too
     for step in (1, 2):
         assert rows[step]["agent/turns_mean"] == 2.0 and rows[step]["agent/tool_calls"] == 1.0
         assert rows[step]["agent/end_done_frac"] == 1.0
