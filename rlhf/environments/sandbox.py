@@ -2,8 +2,8 @@
 
 Each run gets a fresh scratch directory (its working directory and HOME) and a new process session, and runs
 under resource limits set before the interpreter starts: CPU seconds, address space (memory), the size of any
-file it writes (stdout and stderr included, which go to files), open files; the parent kills the whole session
-after `wall_seconds`. Inside, an audit hook (PEP 578, installed before the code runs and impossible to remove)
+file it writes (stdout and stderr included, which go to files; a write past it fails), open files; the parent
+kills the whole session after `wall_seconds`. Inside, an audit hook (PEP 578, installed before the code runs and impossible to remove)
 refuses: opening files outside the scratch directory (reading the Python installation and its import path
 stays allowed, or nothing could be imported), changing files outside it, sockets, new processes (fork, exec,
 subprocess, os.system), signals to other processes and ctypes. Each refusal raises PermissionError in the code
@@ -15,6 +15,7 @@ out (CPython's audit hooks are not one): run untrusted code inside a container o
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import secrets
@@ -100,7 +101,7 @@ class SandboxLimits:
     memory_mb: int = 512
     """Address space; an allocation past it fails (MemoryError)."""
     output_bytes: int = 65536
-    """Size of any file the code writes, stdout and stderr included; past it the kernel stops it (SIGXFSZ)."""
+    """Size of any file the code writes, stdout and stderr included; a write past it fails (EFBIG)."""
     open_files: int = 64
     """File descriptors."""
 
@@ -177,7 +178,8 @@ def _killed(exit_code: Optional[int], stderr: str) -> Optional[str]:
         return "wall"
     if exit_code in (-signal.SIGXCPU, -signal.SIGKILL):  # the soft CPU limit sends SIGXCPU, the hard one SIGKILL
         return "cpu"
-    if exit_code == -signal.SIGXFSZ:
+    # CPython ignores SIGXFSZ, so a write past RLIMIT_FSIZE fails with EFBIG ("[Errno 27] File too large") instead
+    if exit_code == -signal.SIGXFSZ or (exit_code != 0 and f"[Errno {errno.EFBIG}]" in stderr):
         return "output"
     if exit_code != 0 and "MemoryError" in stderr:
         return "memory"
