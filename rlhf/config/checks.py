@@ -254,6 +254,11 @@ def validate(cfg: RLHFConfig, *, produced: Collection[Path] = ()) -> None:
         f"run.rollout_mode={cfg.run.rollout_mode} overlaps generation with the RL update (stage=grpo, ppo, ...); "
         f"stage={cfg.stage} runs its own loop: leave run.rollout_mode=sync",
     )
+    require(
+        stage.family == "rl" or cfg.agent.env is None,
+        f"agent.env={cfg.agent.env} makes the RL stages' rollouts multi-turn (stage=grpo, dr_grpo, rloo, ...); "
+        f"stage={cfg.stage} has no such rollout: leave agent.env unset (null)",
+    )
     stage.validate(cfg, produced)
 
 

@@ -77,6 +77,7 @@ def test_grpo_trains_on_two_turn_trajectories_with_the_environment_out_of_the_lo
         (["agent.env=calculator", "agent.observation_template=tool"], r"must contain \{observation\}"),
         (["agent.env=calculator", "stage=ppo"], r"algorithm.advantage=gae .*not built yet"),
         (["agent.env=calculator", "run.rollout_mode=one_step_off"], r"run.rollout_mode=sync only for now"),
+        (["agent.env=calculator", "stage=sft"], r"stage=sft has no such rollout: leave agent.env unset"),
     ],
 )
 def test_bad_agent_settings_fail_before_any_cluster_work(tmp_path, overrides, message):
