@@ -20,12 +20,13 @@ from rlhf.trainers.rl import RLTrainer
 APART = 0.5 + math.log(2) - 1
 
 
-def batch(gap: float, version: int = 0) -> SimpleNamespace:
+def batch(gap: float, version: int = 0, loss_mask: torch.Tensor | None = None) -> SimpleNamespace:
     engine = torch.full((4, 3), -1.0)
     return SimpleNamespace(
         rollout_logprobs=engine,
         old_logprobs=engine - gap,
         response_mask=torch.ones(4, 3),
+        effective_loss_mask=torch.ones(4, 3) if loss_mask is None else loss_mask,
         versions=torch.full((4,), version),
     )
 
@@ -115,3 +116,11 @@ def test_staleness_is_reported_and_bounded_on_the_version_tags():
         staleness(4, [3], mode="sync")
     with pytest.raises(StaleSampleError, match="newer than the policy"):
         staleness(4, [5])
+
+
+def test_environment_tokens_are_outside_the_contract():
+    """Multi-turn rows: the environment's tokens (loss_mask 0) carry engine logprob 0, which is no mismatch."""
+    rows = batch(0.0, loss_mask=torch.tensor([[1.0, 0.0, 1.0]] * 4))
+    rows.rollout_logprobs[:, 1] = 0.0  # an environment token: no engine logprob
+    stats = RLTrainer.check_rollout_contract(trainer(), rows, 0)
+    assert float(stats["rollout/mismatch_kl"]) == 0.0
