@@ -427,6 +427,65 @@ def grid_file(kind: str = "rl", split: str = "train", *, task: str = "add_2d", s
     return path
 
 
+TOOL_TASK = "mul_3x2"
+"""The tool world's task: a 3-digit times a 2-digit number ("347*28="), beyond what the tiny policy computes."""
+TOOL_KINDS = ("sft_tool", "sft_plain", "rl")
+TOOL_TRAIN, TOOL_EVAL = 1000, 200
+TOOL_DEMO_SHARE = 0.5
+"""Share of the "sft_tool" demonstrations that call the calculator; the others write the answer directly, so the
+warmed policy calls the tool only some of the time and RL with the tool has something to raise."""
+
+
+def tool_problems(seed: int = 0) -> dict[str, list[Problem]]:
+    """TOOL_TRAIN train and TOOL_EVAL held-out products "a*b=" (a in 100..999, b in 10..99), disjoint by prompt."""
+    rng = _rng(seed, "tool", TOOL_TASK)
+    pairs = rng.sample([(a, b) for a in range(100, 1000) for b in range(10, 100)], TOOL_TRAIN + TOOL_EVAL)
+    problems = [Problem(TOOL_TASK, "tool", f"{a}*{b}=", str(a * b)) for a, b in pairs]
+    return {"train": problems[TOOL_EVAL:], "eval": problems[:TOOL_EVAL]}
+
+
+def tool_call(problem: Problem) -> str:
+    """The calculator call that solves a tool-world problem: "347*28=" -> "<calc>347*28</calc>"."""
+    return f"<calc>{problem.prompt.rstrip('=')}</calc>"
+
+
+def tool_sft_rows(problems: Sequence[Problem], *, seed: int = 0, tool_share: float = TOOL_DEMO_SHARE) -> list[dict]:
+    """SFT rows of the tool world: a `tool_share` of the problems (drawn with `seed`) demonstrate the call and the
+    value it returns ("<calc>347*28</calc>9716": in a multi-turn rollout the model writes the call, the calculator
+    the value, rlhf.environments.calculator); the others the answer alone ("9716")."""
+    rng = _rng(seed, "tool-demos")
+    rows = []
+    for p in problems:
+        response = tool_call(p) + p.answer if rng.random() < tool_share else p.answer
+        rows.append({"prompt": p.prompt, "response": response, "answer": p.answer, "task": p.task})
+    return rows
+
+
+def tool_file(kind: str = "rl", split: str = "train", *, seed: int = 0) -> Path:
+    """The tool world's rows of `kind` and `split` as jsonl, written on first use (under extra/, like `grid_file`).
+
+    kind: "sft_tool" (`tool_sft_rows`: half the demonstrations call the calculator), "sft_plain" (the answer alone,
+    the warm-up of a run without tools) or "rl" (prompts + reference answers for the `tiny_world` reward).
+    """
+    if kind not in TOOL_KINDS or split not in SPLITS:
+        raise DataError(
+            f"unknown tiny-world tool data {kind!r}/{split!r}; kinds: {', '.join(TOOL_KINDS)}; splits: train, eval"
+        )
+    path = tiny_world_dir(seed).root / "extra" / f"tool_{TOOL_TASK}_{kind}_{split}.jsonl"
+    if not path.exists():
+        problems = tool_problems(seed)[split]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        if kind == "sft_tool":
+            write_jsonl(tmp, tool_sft_rows(problems, seed=seed))
+        elif kind == "sft_plain":
+            write_jsonl(tmp, tool_sft_rows(problems, seed=seed, tool_share=0.0))
+        else:
+            write_jsonl(tmp, rl_rows(problems))
+        tmp.replace(path)
+    return path
+
+
 def carry_mistake(problem: Problem) -> str:
     """The carry world's wrong answer: the carry forgotten (`carry_slip`), or else one added where none belongs."""
     return carry_slip(problem) or str(int(problem.answer) + 10)
