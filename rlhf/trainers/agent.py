@@ -12,6 +12,7 @@ The score is the reward pipeline's on the whole response text plus the environme
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,8 @@ from rlhf.environments import AgentLimits, ObservationRenderer, Trajectory, load
 from rlhf.environments.base import close_quietly
 from rlhf.environments.trajectory import TRAJECTORY_ENDS
 from rlhf.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 COUNTERS = ("tool_calls", "tool_errors", "tool_timeouts", "env_errors")
 """Per-trajectory counters the rollout reports as agent/<name> (mean per trajectory)."""
@@ -74,6 +77,13 @@ class AgentRollout:
             dataclasses.replace(sampling, stop=[*sampling.stop, *(s for s in stops if s not in sampling.stop)])
             for sampling in (cfg.rollout.sampling, cfg.rollout.eval_sampling)
         )
+        if cfg.rollout.eval_sampling.max_new_tokens < cfg.rollout.sampling.max_new_tokens:
+            logger.warning(
+                "rollout.eval_sampling.max_new_tokens=%d < rollout.sampling.max_new_tokens=%d: evaluation turns are "
+                "cut shorter than training turns, which can cut a tool call before its stop string",
+                cfg.rollout.eval_sampling.max_new_tokens,
+                cfg.rollout.sampling.max_new_tokens,
+            )
         self.limits = AgentLimits(agent.max_turns, agent.max_tokens, agent.step_timeout_s)
         self.tokenizer = tokenizer
         self.render = ObservationRenderer(
