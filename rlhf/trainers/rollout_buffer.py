@@ -151,6 +151,7 @@ class RolloutBuffer:
         if not any(r.step == step for r in self.requests):
             if self.next_step != step:
                 raise RuntimeError(f"rollout buffer: step {step + 1} taken, but step {self.next_step + 1} is next")
+            self._draw()
             self.feed()
         mine = [r for r in self.requests if r.step == step]
         if not mine or mine[0] is not self.requests[0]:
