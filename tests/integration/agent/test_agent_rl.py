@@ -34,8 +34,9 @@ class BatchRecorder(RLTrainer):
         return super().update(batch)
 
 
-def test_grpo_trains_on_two_turn_trajectories_with_the_environment_out_of_the_loss(ray_cluster, tmp_path):
-    trainer = BatchRecorder(prepare(compose_config(tmp_path, *AGENT)))
+@pytest.mark.parametrize("backend", ["hf", "vllm"])
+def test_grpo_trains_on_two_turn_trajectories_with_the_environment_out_of_the_loss(ray_cluster, tmp_path, backend):
+    trainer = BatchRecorder(prepare(compose_config(tmp_path, *AGENT, f"rollout.backend={backend}")))
     trainer.batches = []
     try:
         trainer.fit()
