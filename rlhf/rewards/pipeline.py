@@ -343,9 +343,16 @@ def build_reward_pipeline(cfg: RLHFConfig, tokenizer: Any) -> RewardPipeline:
             reward.judge, model_cfg=cfg.model, rollout_cfg=cfg.rollout, cluster_cfg=cfg.cluster, seed=cfg.run.seed
         )
         terms.append(JudgeTerm(name="judge", weight=reward.judge.weight, judge=judge))
+    if cfg.agent.env is not None:  # multi-turn rollouts: the environment's turn rewards join the total
+        terms.append(FunctionTerm(name="env", weight=1.0, fn=environment_rewards))
     pipeline = RewardPipeline(terms, tokenizer)
     logger.info("reward: %s", " + ".join(f"{t.weight:g} × {t.name}" for t in terms))
     return pipeline
+
+
+def environment_rewards(prompts: list[str], responses: list[str], metadata: list[dict[str, Any]], /) -> list[float]:
+    """Each trajectory's environment turn rewards, summed (metadata "env_reward", rlhf.trainers.agent)."""
+    return [float(row["env_reward"]) for row in metadata]
 
 
 def function_term(

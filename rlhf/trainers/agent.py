@@ -6,7 +6,8 @@ environment's stop strings added to rollout.sampling.stop); the environments ans
 A row of the batch is one trajectory: its prompt, then every model and environment token as sampled and rendered
 (never re-tokenized). `response_mask` marks all of them (the trainer's forward reads them all), `loss_mask` the
 model's, which alone get loss, KL, entropy and importance weights; `rollout_logprobs` is 0 on environment tokens.
-The score is the reward pipeline's on the whole response text plus the environment's turn rewards.
+The score is the reward pipeline's: its terms on the whole response text, plus the environment's turn rewards as
+its "env" term (rlhf.rewards.pipeline).
 """
 
 from __future__ import annotations

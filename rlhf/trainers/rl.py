@@ -394,7 +394,7 @@ class RLTrainer(Controller):
         batch, stats = self.agent.generate(
             prompts,
             n or self.n,
-            lambda contexts, sampling, n, seed: self.engines.generate(contexts, sampling, n=n, seed=seed),
+            self.engines.generate,
             seed=sample_seed(self.cfg.run.seed, step),
             version=self.engines.version,
             eval_mode=eval_mode,
@@ -437,12 +437,6 @@ class RLTrainer(Controller):
     def score(self, batch: RolloutBatch) -> tuple[RolloutBatch, dict[str, Any]]:
         """Every reward term (rlhf.rewards.pipeline), weighted and summed into batch.scores."""
         scores, stats = self.rewards.score(batch)
-        if self.agent is not None:  # the environment's turn rewards join the pipeline's score of the text
-            env = torch.tensor([row["env_reward"] for row in batch.metadata], dtype=scores.dtype)
-            scores = scores + env
-            std = scores.std() if len(scores) > 1 else torch.zeros(())
-            totals = {"reward/mean": scores.mean(), "reward/std": std, "reward/max": scores.max()}
-            stats = {**stats, **totals, "reward/env_mean": env.mean()}
         return batch.replace(scores=scores), stats
 
     def logprobs(self, batch: RolloutBatch) -> RolloutBatch:
