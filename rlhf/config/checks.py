@@ -414,6 +414,11 @@ def weight_sync_backend(cluster: ClusterConfig) -> str:
     return "nccl" if cluster.device == "cuda" and whole_gpus else "gloo"
 
 
+def role_threads(resources: ResourceConfig, cluster_cfg: ClusterConfig) -> int:
+    """OMP/torch threads of one actor of a role: its `threads`, or cluster.threads_per_worker when 0."""
+    return resources.threads or cluster_cfg.threads_per_worker
+
+
 def engine_resources(rollout_cfg: RolloutConfig, cluster_cfg: ClusterConfig) -> ResourceConfig:
     """One engine's placement bundle: `cluster.rollout`, with tensor_parallel_size whole GPUs for TP > 1."""
     tp, resources = rollout_cfg.tensor_parallel_size, cluster_cfg.rollout

@@ -22,6 +22,7 @@ from rlhf.config import (
     RLHFConfig,
     SamplingConfig,
     TrainConfig,
+    role_threads,
     weight_sync_backend,
     weight_sync_transport,
 )
@@ -71,7 +72,7 @@ def start_group(
         init_kwargs=init_kwargs,
         env_vars=runtime_env_vars(cluster),
         device=cluster.device,
-        threads_per_worker=resources.threads or cluster.threads_per_worker,
+        threads_per_worker=role_threads(resources, cluster),
         call_timeout_s=cluster.call_timeout_s,
         balance_tokens=balance_tokens,
         minibatch_rows=minibatch_rows,

@@ -38,7 +38,7 @@ import torch
 from ray.util.placement_group import PlacementGroup
 from torch import Tensor
 
-from rlhf.config import ClusterConfig, ModelConfig, RolloutConfig, SamplingConfig, engine_resources
+from rlhf.config import ClusterConfig, ModelConfig, RolloutConfig, SamplingConfig, engine_resources, role_threads
 from rlhf.engines.checksum import Checksums, tensor_checksum
 from rlhf.engines.rollout import ROLLOUT_BACKENDS, SLEEP_TAGS, Generation
 from rlhf.engines.rollout.hf_backend import HFBackend
@@ -177,7 +177,7 @@ class RolloutGroup:
             init_args=(model_path, model_cfg, rollout_cfg, cluster_cfg, seed),
             env_vars=runtime_env_vars(cluster_cfg),
             device=cluster_cfg.device,
-            threads_per_worker=cluster_cfg.rollout.threads or cluster_cfg.threads_per_worker,
+            threads_per_worker=role_threads(cluster_cfg.rollout, cluster_cfg),
             placement_group=placement_group,
             bundle_indices=bundle_indices,
             call_timeout_s=cluster_cfg.call_timeout_s,
