@@ -111,8 +111,11 @@ def test_a_slow_tool_delays_only_its_own_trajectory(merging_tokenizer):
     x, y, z = (merging_tokenizer.encode(p).ids[0] for p in "xyz")
     assert [t.end for t in trajectories] == ["done"] * 3
     assert policy.calls[0] == [x, y, z]
-    # y and z finish their three turns while x's tool sleeps; x's second turn comes alone at the end
-    assert policy.calls[1:] == [[y, z], [y, z], [x]]
+    # y and z finish their three turns while x's tool sleeps (batched together or not, as their tools answer);
+    # x's second turn comes alone at the end
+    later = policy.calls[1:]
+    assert later[-1] == [x] and all(x not in call for call in later[:-1])
+    assert sum(y in call for call in later) == 2 and sum(z in call for call in later) == 2
 
 
 def test_a_tool_past_its_timeout_ends_the_turn_with_an_error_and_nothing_hangs(merging_tokenizer):
