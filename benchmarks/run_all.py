@@ -19,7 +19,8 @@ from benchmarks.common import BENCH_DIR
 logger = logging.getLogger("benchmarks.run_all")
 
 SCRIPTS = (
-    "weight_sync", "memory", "rl_step", "async_rl", "packing", "rollout_backends", "learning", "recipes", "trl_compare",
+    "weight_sync", "memory", "rl_step", "async_rl", "packing", "rollout_backends", "learning", "agentic", "recipes",
+    "trl_compare",
 )  # fmt: skip
 
 

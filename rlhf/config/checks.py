@@ -255,9 +255,9 @@ def validate(cfg: RLHFConfig, *, produced: Collection[Path] = ()) -> None:
         f"stage={cfg.stage} runs its own loop: leave run.rollout_mode=sync",
     )
     require(
-        stage.family == "rl" or cfg.agent.env is None,
-        f"agent.env={cfg.agent.env} makes the RL stages' rollouts multi-turn (stage=grpo, dr_grpo, rloo, ...); "
-        f"stage={cfg.stage} has no such rollout: leave agent.env unset (null)",
+        stage.family == "rl" or cfg.stage == "eval" or cfg.agent.env is None,
+        f"agent.env={cfg.agent.env} makes rollouts multi-turn in the RL stages (stage=grpo, dr_grpo, rloo, ...) "
+        f"and stage=eval; stage={cfg.stage} has no such rollout: leave agent.env unset (null)",
     )
     stage.validate(cfg, produced)
 

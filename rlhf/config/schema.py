@@ -816,10 +816,11 @@ class AgentConfig:
     """Response tokens per trajectory, model and environment together (the last turn is cut to fit)."""
     step_timeout_s: float = 30.0
     """Seconds an environment's reset or step may take; past it the turn ends with an error observation."""
-    observation_template: str = "{observation}"
-    """How an observation is written into the trajectory, tokenized once: the turn markers of the policy's format
-    around "{observation}" (the bare text for the tiny-world tool task; a tool turn of its chat template for a
-    chat model)."""
+    observation_template: str = "auto"
+    """How an observation is written into the trajectory, tokenized once. "chat": a tool turn of the tokenizer's
+    chat template (rlhf.data.tokenizer.tool_turn_template; an error if the template has no tool role); a string with
+    "{observation}": exactly that, e.g. "{observation}" for the bare text (the tiny-world tool task); "auto": "chat"
+    when the chat template has a tool role, else the bare text."""
 
 
 @dataclass

@@ -148,3 +148,34 @@ def tokenizer_differences(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase
 def _special_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple:
     named = {name: getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
     return tuple(sorted(named.items())), tuple(sorted(tokenizer.all_special_tokens))
+
+
+_MODEL_TURN = "ASSISTANTTURN7c1e"
+_OBSERVATION = "TOOLOUTPUT3b9d"
+
+
+def tool_turn_template(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The text the chat template writes after a model turn to hand it a tool's output and give the turn back, with
+    "{observation}" in place of the output: for a Qwen-style template
+    "<|im_end|>\\n<|im_start|>tool\\n{observation}<|im_end|>\\n<|im_start|>assistant\\n".
+
+    Read off the template itself: a conversation (user, assistant) rendered with and without a following "tool"
+    message and the generation prompt; what follows the assistant's content in the longer rendering is the
+    template. None when the tokenizer has no chat template or it cannot render a tool message (it raises, drops the
+    message, or renders the assistant's turn differently once one follows).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    conversation = [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": _MODEL_TURN}]
+    try:
+        rendered = tokenizer.apply_chat_template(
+            [*conversation, {"role": "tool", "content": _OBSERVATION}], add_generation_prompt=True, tokenize=False
+        )
+    except Exception:  # noqa: BLE001 - a template without a tool role raises whatever its author chose
+        return None
+    if not isinstance(rendered, str) or rendered.count(_MODEL_TURN) != 1:
+        return None
+    after = rendered[rendered.index(_MODEL_TURN) + len(_MODEL_TURN) :]
+    if after.count(_OBSERVATION) != 1:
+        return None
+    return after.replace(_OBSERVATION, "{observation}")

@@ -50,7 +50,7 @@ def run_trajectories(
     *,
     generate: Generate,
     make_env: Callable[[], Any],
-    render: Callable[[str], list[int]],
+    render: Callable[[str, Optional[int]], list[int]],
     decode: Callable[[list[int]], str],
     limits: AgentLimits,
     seed: Optional[int] = None,
@@ -175,7 +175,7 @@ class _Loop:
 
     def _observe(self, trajectory: Trajectory, observation: str) -> bool:
         """Append the observation's ids; True if the trajectory waits for the model now."""
-        trajectory.add_observation(self.render(observation))
+        trajectory.add_observation(self.render(observation, (trajectory.context() or [None])[-1]))
         if trajectory.truncate(self.limits.max_tokens) or len(trajectory.response_ids) >= self.limits.max_tokens:
             trajectory.end = "max_tokens"
             return False

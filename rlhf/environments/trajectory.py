@@ -13,7 +13,7 @@ would then score tokens the policy never sampled (the drift that makes multi-tur
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,15 +82,24 @@ class ObservationRenderer:
     The template carries the turn markers the policy was trained with: "{observation}" appends the bare text
     (the calculator task's "37*48=<calc>37*48</calc>1776"), a chat model wants its tool turn, for a Qwen-style
     template "<|im_end|>\\n<|im_start|>tool\\n{observation}<|im_end|>\\n<|im_start|>assistant\\n" when the model
-    turn stops on the tool call's stop string."""
+    turn stops on the tool call's stop string (rlhf.data.tokenizer.tool_turn_template derives it from the chat
+    template). Such a rendering opens by closing the model's turn; when the model closed it itself (its last token
+    is that same special token, e.g. it ended on <|im_end|>), the token is not written twice."""
 
-    def __init__(self, encode: Callable[[str], list[int]], template: str = "{observation}") -> None:
+    def __init__(
+        self, encode: Callable[[str], list[int]], template: str = "{observation}", special_ids: Collection[int] = ()
+    ) -> None:
         if "{observation}" not in template:
             raise ConfigError(f"agent.observation_template must contain {{observation}} (got {template!r})")
         self.encode = encode
         self.template = template
+        self.special_ids = frozenset(special_ids)
 
-    def __call__(self, observation: str) -> list[int]:
+    def __call__(self, observation: str, previous: int | None = None) -> list[int]:
+        """The ids to append after a context whose last token is `previous`."""
         if not observation:
             return []
-        return self.encode(self.template.replace("{observation}", observation))
+        ids = self.encode(self.template.replace("{observation}", observation))
+        if ids and ids[0] == previous and previous in self.special_ids:
+            return ids[1:]
+        return ids

@@ -40,7 +40,7 @@ def validate(cfg: RLHFConfig, produced: Collection[Path]) -> None:
 def validate_rl(cfg: RLHFConfig) -> None:
     """The RL stages' fields (rollout, algorithm, reward, batch arithmetic of policy and critic)."""
     from rlhf.algorithms import ADVANTAGE_ESTIMATORS, IS_MODES, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
-    from rlhf.trainers.agent import validate_agent
+    from rlhf.trainers.agent import check_agent
 
     run, algo, rollout = cfg.run, cfg.algorithm, cfg.rollout
     require(run.total_steps >= 1, f"run.total_steps must be >= 1 (got {run.total_steps})")
@@ -58,7 +58,7 @@ def validate_rl(cfg: RLHFConfig) -> None:
     require_choice(algo.mismatch_action, MISMATCH_ACTIONS, "algorithm.mismatch_action")
     require_choice(algo.rollout_is, ("auto", *IS_MODES), "algorithm.rollout_is")
     check_rollout_mode(cfg)
-    validate_agent(cfg)
+    check_agent(cfg)
     require_choice(algo.old_logprobs, OLD_LOGPROBS, "algorithm.old_logprobs")
     require(0 <= algo.clip_low < 1, f"algorithm.clip_low must be in [0, 1) (got {algo.clip_low})")
     require(algo.clip_high >= 0, f"algorithm.clip_high must be >= 0 (got {algo.clip_high})")

@@ -2,7 +2,10 @@
 turned into a RolloutBatch whose loss_mask keeps the environment's tokens out of the loss.
 
 The policy samples each turn on the engines (one call for every trajectory that waits for it, with the
-environment's stop strings added to rollout.sampling.stop); the environments answer in threads of the driver.
+environment's stop strings added to rollout.sampling.stop); the environments answer in threads of the driver. A
+batch's trajectory loop runs in a driver thread of its own (`AgentRollout.start`/`finish`), so the overlapped modes
+(run.rollout_mode=one_step_off, async) run trajectories while the policy trains; a sync landing between two turns
+makes the later turns newer (each token keeps its own logprob) and the batch keeps the version that started it.
 A row of the batch is one trajectory: its prompt, then every model and environment token as sampled and rendered
 (never re-tokenized). `response_mask` marks all of them (the trainer's forward reads them all), `loss_mask` the
 model's, which alone get loss, KL, entropy and importance weights; `rollout_logprobs` is 0 on environment tokens.
@@ -15,17 +18,29 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from rlhf.config import RLHFConfig, SamplingConfig, require
 from rlhf.data.batch import RolloutBatch, rollout_rows
 from rlhf.data.stream import PromptBatch
-from rlhf.environments import AgentLimits, ObservationRenderer, Trajectory, load_environment, run_trajectories
+from rlhf.environments import (
+    AgentLimits,
+    ObservationRenderer,
+    Trajectory,
+    check_environment,
+    load_environment,
+    run_trajectories,
+)
 from rlhf.environments.base import close_quietly
 from rlhf.environments.trajectory import TRAJECTORY_ENDS
-from rlhf.errors import ConfigError
+from rlhf.errors import ConfigError, WorkerDiedError
+
+if TYPE_CHECKING:
+    from rlhf.trainers.roles import RolloutSupervisor
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +48,9 @@ COUNTERS = ("tool_calls", "tool_errors", "tool_timeouts", "env_errors")
 """Per-trajectory counters the rollout reports as agent/<name> (mean per trajectory)."""
 
 
-def validate_agent(cfg: RLHFConfig) -> None:
-    """agent.* at start-up, before any cluster work: the environment builds, the limits are sane, and the run
-    is one the multi-turn rollout supports."""
+def check_agent(cfg: RLHFConfig) -> None:
+    """agent.* at start-up, before any cluster work, for a stage that runs trajectories (the RL stages, stage=eval;
+    nothing to check without agent.env): the environment builds, the limits are sane."""
     agent = cfg.agent
     if agent.env is None:
         return
@@ -44,23 +59,55 @@ def validate_agent(cfg: RLHFConfig) -> None:
     require(agent.max_tokens >= 1, f"agent.max_tokens must be >= 1 (got {agent.max_tokens})")
     require(agent.step_timeout_s > 0, f"agent.step_timeout_s must be > 0 (got {agent.step_timeout_s})")
     require(
-        "{observation}" in agent.observation_template,
-        f"agent.observation_template must contain {{observation}} (got {agent.observation_template!r})",
+        agent.observation_template in OBSERVATION_MODES or "{observation}" in agent.observation_template,
+        f"agent.observation_template must be auto, chat or a string containing {{observation}} "
+        f"(got {agent.observation_template!r})",
     )
-    require(
-        cfg.algorithm.advantage != "gae",
-        f"agent.env={agent.env} with algorithm.advantage=gae (PPO): values and GAE over the model's tokens only "
-        "(skipping the environment's) are not built yet; use the GRPO family (stage=grpo, dr_grpo, rloo, ...)",
-    )
-    require(
-        cfg.run.rollout_mode == "sync",
-        f"agent.env={agent.env} runs with run.rollout_mode=sync only for now (got {cfg.run.rollout_mode}): "
-        "trajectories are not buffered across steps yet",
-    )
-    require(
-        not cfg.algorithm.dynamic_sampling,
-        "agent.env with algorithm.dynamic_sampling: extra sampling rounds of trajectories are not built yet",
-    )
+
+
+OBSERVATION_MODES = ("auto", "chat")
+"""agent.observation_template values that derive the template from the tokenizer (`observation_template`)."""
+
+
+def observation_template(cfg: RLHFConfig, tokenizer: Any) -> str:
+    """agent.observation_template resolved for this tokenizer: "chat" is the chat template's tool turn, "auto" that
+    when prompts are chat-rendered and the template has a tool role, else the bare text; any other value as is."""
+    from rlhf.data.tokenizer import tool_turn_template
+
+    mode = cfg.agent.observation_template
+    if mode not in OBSERVATION_MODES:
+        return mode
+    chat = tool_turn_template(tokenizer) if cfg.data.use_chat_template or mode == "chat" else None
+    if chat is None and mode == "chat":
+        raise ConfigError(
+            "agent.observation_template=chat: the tokenizer's chat template cannot render a message of role 'tool' "
+            "after the model's turn; set agent.observation_template to the tool turn's text with {observation} in "
+            "place of the output (in a YAML config, where a double-quoted \\n is a newline), or to '{observation}' "
+            "for the bare text"
+        )
+    template = chat or "{observation}"
+    logger.info("agent.observation_template=%s: observations are written as %r", mode, template)
+    return template
+
+
+def dry_reset(cfg: RLHFConfig, tokenizer: Any, metadata: dict[str, Any], prompt_text: str, source: str) -> None:
+    """Before any cluster work: the observation template resolves for this tokenizer, and the environment resets
+    on the first prompt row of `source` (a ConfigError naming agent.env when it cannot start from the run's rows)."""
+    observation_template(cfg, tokenizer)
+    factory = load_environment(cfg.agent.env, dict(cfg.agent.env_kwargs), field_name="agent.env")
+    row = {**metadata, "prompt": prompt_text}
+    check_environment(factory, row, field_name="agent.env", where=f"the first prompt of {source}")
+
+
+@dataclass
+class AgentJob:
+    """Trajectories being generated in the driver's thread (`AgentRollout.start`), and what generates them again."""
+
+    future: Future
+    prompts: PromptBatch
+    n: int
+    seed: int | None
+    eval_mode: bool
 
 
 class AgentRollout:
@@ -86,10 +133,40 @@ class AgentRollout:
                 cfg.rollout.sampling.max_new_tokens,
             )
         self.limits = AgentLimits(agent.max_turns, agent.max_tokens, agent.step_timeout_s)
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agent-rollout")
+        """Runs the trajectory loops (`start`), one job at a time."""
         self.tokenizer = tokenizer
         self.render = ObservationRenderer(
-            lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], agent.observation_template
+            lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+            observation_template(cfg, tokenizer),
+            special_ids=tokenizer.all_special_ids,
         )
+
+    def start(
+        self, prompts: PromptBatch, n: int, engines: RolloutSupervisor, *, seed: int | None, eval_mode: bool = False
+    ) -> AgentJob:
+        """`generate` in a driver thread (the policy may train meanwhile, as in run.rollout_mode=one_step_off) on
+        `engines` with the weights they hold now; `finish` waits for it."""
+        version = engines.version
+        future = self.thread.submit(
+            self.generate, prompts, n, engines.generate_unsupervised, seed=seed, version=version, eval_mode=eval_mode
+        )
+        return AgentJob(future, prompts, n, seed, eval_mode)
+
+    def finish(self, job: AgentJob, engines: RolloutSupervisor) -> tuple[RolloutBatch, dict[str, Any]]:
+        """The job's batch and stats. Call it with no update in flight: if an engine died, it is restarted with the
+        policy's weights and every trajectory of the job generated again (none half-counted)."""
+        try:
+            return job.future.result()
+        except WorkerDiedError as error:
+            engines.recover(error)
+        logger.warning(
+            "an engine died during a multi-turn rollout; its %d prompts are generated again", len(job.prompts.token_ids)
+        )
+        return self.finish(self.start(job.prompts, job.n, engines, seed=job.seed, eval_mode=job.eval_mode), engines)
+
+    def close(self) -> None:
+        self.thread.shutdown(wait=False, cancel_futures=True)
 
     def generate(
         self,

@@ -18,6 +18,10 @@ rollout.eval_sampling (eval.greedy). Metrics (all means over prompts):
                            both counts 1, a split or unparseable verdict 0.5, a loss in both 0
   eval/response_length, eval/truncated_frac
 
+With agent.env set, every response is a trajectory: the model acts in the environment over turns, exactly as
+the RL stages train it (rlhf.trainers.agent; docs/agents.md), and the sampled ones also report
+eval/agent_<metric> (turns_mean, tool_calls, tool_errors, ...).
+
 Results go to <eval.output or run.output_dir/eval>/eval_results.json (metrics, per-task metrics
 when rows carry a "task" field, settings) and eval_results.md (the same as tables).
 `evaluate_model(cfg, path)` is the entry for trainers at the end of a run (it joins the running
@@ -31,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -73,6 +78,15 @@ def validate_eval(cfg: RLHFConfig) -> None:
         "eval.reference_model needs a judge for the win rate: set reward.judge.model_path",
     )
     require(not (e.samples and e.reference_model), "eval.reference_model needs generation; unset eval.samples")
+    if cfg.agent.env is not None:
+        from rlhf.trainers.agent import check_agent
+
+        check_agent(cfg)
+        require(
+            not e.samples,
+            f"agent.env={cfg.agent.env} evaluates the model as trajectories with the environment at hand; "
+            "eval.samples re-scores saved responses: unset one of them",
+        )
 
 
 def run_eval(cfg: RLHFConfig) -> dict[str, float]:
@@ -153,6 +167,10 @@ def evaluate_model(cfg: RLHFConfig, model_path: str, output: Optional[Path] = No
     tokenizer = load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code)
     source = cfg.eval.data or cfg.data.eval
     prompts = load_prompt_set(source, cfg, tokenizer, limit=cfg.eval.max_prompts)
+    if cfg.agent.env is not None:
+        from rlhf.trainers.agent import dry_reset
+
+        dry_reset(cfg, tokenizer, prompts.metadata[0], prompts.texts[0], source)
     rewards = build_reward_pipeline(cfg, tokenizer) if has_reward(cfg) else None
     with ray_session(cfg.cluster, deterministic=cfg.run.deterministic):
         engines = SampleEngines(cfg, path, tokenizer, rewards)
@@ -212,29 +230,71 @@ def run_final_eval(cfg: RLHFConfig) -> dict[str, float]:
 
 
 def sample_and_score(cfg: RLHFConfig, engines: SampleEngines, prompts: PromptSet) -> tuple[Tally, list[str]]:
-    """Per chunk of prompts: n sampled and one greedy response, scored; the greedy responses' texts."""
+    """Per chunk of prompts: n sampled and one greedy response (with agent.env: trajectory), scored; the greedy
+    responses' texts."""
     e, tally, greedy_texts = cfg.eval, Tally(), []
     correct_fn = engines.rewards.primary_fn if engines.rewards is not None else None
+    sample = agent_sampler(cfg, engines) if cfg.agent.env is not None else single_turn_sampler(cfg, engines)
     for start in range(0, len(prompts), CHUNK):
         end = min(start + CHUNK, len(prompts))
-        sampled = engines.wait(engines.sample_async(prompts, start, end, cfg.rollout.sampling, e.n_samples))
-        batch, _, stats = engines.score(prompts, start, sampled)
+        batch, _, truncated, extra = sample(prompts, start, end, e.n_samples, False)
+        scores, stats = engines.rewards.score(batch) if engines.rewards is not None else (None, {})
         rows = len(batch)
         tally.rows += rows
-        for key, value in reward_means(stats).items():
+        for key, value in {**reward_means(stats), **extra}.items():
             tally.add(key, value, rows)
         tally.add("eval/response_length", batch.response_mask.sum(-1).float().mean(), rows)
-        tally.add("eval/truncated_frac", sum(g.finish_reason == "length" for gs in sampled for g in gs) / rows, rows)
+        tally.add("eval/truncated_frac", truncated, rows)
         if correct_fn is not None:
             correct = is_correct(engines, correct_fn, batch, e.correct_threshold)
             tally.counts += [(e.n_samples, sum(correct[i : i + e.n_samples])) for i in range(0, rows, e.n_samples)]
         if e.greedy:
-            greedy = engines.wait(engines.sample_async(prompts, start, end, cfg.rollout.eval_sampling, 1))
-            greedy_texts += [gs[0].text for gs in greedy]
+            greedy_batch, texts, _, _ = sample(prompts, start, end, 1, True)
+            greedy_texts += texts
             if correct_fn is not None:
-                greedy_batch = engines.batch(prompts, start, greedy)
                 tally.greedy += is_correct(engines, correct_fn, greedy_batch, e.correct_threshold)
     return tally, greedy_texts
+
+
+Sampler = Callable[[PromptSet, int, int, int, bool], tuple[Any, list[str], float, dict[str, float]]]
+"""(prompts, start, end, n, greedy) -> (RolloutBatch of prompts [start, end) × n, its response texts, the share
+cut by a length limit, extra metric means)."""
+
+
+def single_turn_sampler(cfg: RLHFConfig, engines: SampleEngines) -> Sampler:
+    def sample(prompts: PromptSet, start: int, end: int, n: int, greedy: bool):
+        sampling = cfg.rollout.eval_sampling if greedy else cfg.rollout.sampling
+        outputs = engines.wait(engines.sample_async(prompts, start, end, sampling, n))
+        truncated = sum(g.finish_reason == "length" for gs in outputs for g in gs) / max(1, (end - start) * n)
+        return engines.batch(prompts, start, outputs), [g.text for gs in outputs for g in gs], truncated, {}
+
+    return sample
+
+
+def agent_sampler(cfg: RLHFConfig, engines: SampleEngines) -> Sampler:
+    """agent.env: trajectories with the environment at hand, as the RL stages train them (rlhf.trainers.agent); the
+    sampled ones also report eval/agent_<metric> (turns, tool calls, errors)."""
+    from rlhf.trainers.agent import AgentRollout
+
+    rollout = AgentRollout(cfg, engines.tokenizer)
+
+    def sample(prompts: PromptSet, start: int, end: int, n: int, greedy: bool):
+        batch, stats = rollout.generate(
+            prompts.batch(start, end),
+            n,
+            engines.rollout.generate,
+            seed=engines.base_seed + start * n,
+            version=0,
+            eval_mode=greedy,
+        )
+        extra = {"eval/" + k.replace("/", "_", 1): float(v) for k, v in stats.items() if k.startswith("agent/")}
+        texts = engines.tokenizer.batch_decode(
+            [ids[: int(k)] for ids, k in zip(batch.response_ids.tolist(), batch.response_mask.sum(-1).tolist())],
+            skip_special_tokens=True,
+        )
+        return batch, texts, float(stats["rollout/truncated_frac"]), extra
+
+    return sample
 
 
 def is_correct(engines: SampleEngines, fn: Any, batch: Any, threshold: float) -> list[bool]:

@@ -60,12 +60,10 @@ def prepare(cfg: RLHFConfig) -> PreparedRun:
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
     check_critic_tokenizer(cfg, tokenizer)
     train = encode_dataset(cfg.data.train, cfg, tokenizer)
-    if cfg.agent.env is not None:  # a dry reset on a real row, before any cluster work
-        from rlhf.environments import check_environment, load_environment
+    if cfg.agent.env is not None:
+        from rlhf.trainers.agent import dry_reset
 
-        factory = load_environment(cfg.agent.env, dict(cfg.agent.env_kwargs), field_name="agent.env")
-        row = {**train.metadata[0], "prompt": train.texts[0]}
-        check_environment(factory, row, field_name="agent.env", where=f"the first prompt of {cfg.data.train}")
+        dry_reset(cfg, tokenizer, train.metadata[0], train.texts[0], cfg.data.train)
     evaluation = encode_dataset(cfg.data.eval, cfg, tokenizer, limit=cfg.run.eval_size) if cfg.data.eval else None
     rewards = build_reward_pipeline(cfg, tokenizer)
     stream = PromptStream(

@@ -48,7 +48,7 @@ from rlhf.data.stream import PromptBatch
 from rlhf.engines.rollout import logprob_temperature
 from rlhf.errors import CheckpointError, RolloutMismatchError, StaleSampleError
 from rlhf.rewards import build_reward_pipeline
-from rlhf.trainers.agent import AgentRollout
+from rlhf.trainers.agent import AgentJob, AgentRollout
 from rlhf.trainers.controller import Controller
 from rlhf.trainers.prepare import EncodedPrompts, PreparedRun
 from rlhf.trainers.roles import (
@@ -338,10 +338,7 @@ class RLTrainer(Controller):
         else:
             prompts = self.run.train.next_batch()
             with timer("generate"):
-                if self.agent is not None:
-                    batch, rollout_stats = self.generate_trajectories(prompts, step)
-                else:
-                    batch, rollout_stats = self.generate(prompts, step, sampling_round=sampling_round)
+                batch, rollout_stats = self.generate(prompts, step, sampling_round=sampling_round)
         with timer("score"):
             batch, reward_stats = self.score(batch)
         return batch, rollout_stats, reward_stats
@@ -385,22 +382,6 @@ class RLTrainer(Controller):
         generated = self.finish_generation(*self.start_generation(prompts, step, **options))
         return generated.batch, {**generated.stats, "rollout/generate_s": generated.seconds}
 
-    def generate_trajectories(
-        self, prompts: PromptBatch, step: int, *, n: int | None = None, eval_mode: bool = False
-    ) -> tuple[RolloutBatch, dict[str, Any]]:
-        """agent.env: n multi-turn trajectories per prompt (rlhf.trainers.agent), and their rollout/ and agent/ stats."""
-        assert self.agent is not None
-        started = time.perf_counter()
-        batch, stats = self.agent.generate(
-            prompts,
-            n or self.n,
-            self.engines.generate,
-            seed=sample_seed(self.cfg.run.seed, step),
-            version=self.engines.version,
-            eval_mode=eval_mode,
-        )
-        return batch, {**stats, "rollout/generate_s": time.perf_counter() - started}
-
     def start_generation(
         self,
         prompts: PromptBatch,
@@ -417,11 +398,16 @@ class RLTrainer(Controller):
         sampling = self.cfg.rollout.eval_sampling if eval_mode else self.cfg.rollout.sampling
         seed = sample_seed(self.cfg.run.seed, step, sampling_round) + seed_offset
         started = time.perf_counter()
+        if self.agent is not None:  # multi-turn trajectories, in a driver thread
+            return prompts, step, started, self.agent.start(prompts, n, self.engines, seed=seed, eval_mode=eval_mode)
         return prompts, step, started, self.engines.generate_async(prompts.token_ids, sampling, n=n, seed=seed)
 
     def finish_generation(
-        self, prompts: PromptBatch, step: int, started: float, job: PendingGeneration
+        self, prompts: PromptBatch, step: int, started: float, job: PendingGeneration | AgentJob
     ) -> GeneratedBatch:
+        if isinstance(job, AgentJob):
+            batch, stats = self.agent.finish(job, self.engines)  # type: ignore[union-attr]
+            return GeneratedBatch(step, prompts, batch, stats, time.perf_counter() - started, started)
         outputs = self.engines.wait(job)
         batch = build_rollout_batch(prompts, outputs, pad_id=self.tokenizer.pad_token_id)
         batch = batch.replace(versions=torch.full((len(batch),), job.version, dtype=torch.long))
@@ -534,10 +520,7 @@ class RLTrainer(Controller):
         if ev is None or self.run.reward_fn is None:
             return {}
         prompts = PromptBatch(ev.token_ids, ev.texts, ev.metadata)
-        if self.agent is not None:  # the held-out prompts as trajectories, the tools at hand
-            batch, stats = self.generate_trajectories(prompts, step=0, n=1, eval_mode=True)
-        else:
-            batch, stats = self.generate(prompts, step=0, n=1, eval_mode=True)
+        batch, stats = self.generate(prompts, step=0, n=1, eval_mode=True)  # agent.env: trajectories, tools at hand
         batch, reward_stats = self.score(batch)
         # accuracy from the rule reward alone: penalties and weights of other terms would skew "total >= 1"
         inputs = self.run.rewards.inputs(batch)
@@ -617,6 +600,8 @@ class RLTrainer(Controller):
         return final
 
     def close(self) -> None:
+        if self.agent is not None:
+            self.agent.close()
         self.metrics.close()
         self.rewards.close()
         self.rollout.shutdown()

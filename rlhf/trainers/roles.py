@@ -340,6 +340,26 @@ class RolloutSupervisor:
         self.rollout.memory.after_generate()
         return outputs
 
+    def generate_unsupervised(
+        self, prompt_token_ids: list[list[int]], sampling: SamplingConfig, n: int, seed: Optional[int] = None
+    ) -> list[list[Generation]]:
+        """`RolloutGroup.generate` that restarts nothing: a dead engine's WorkerDiedError goes to the caller, which
+        passes it to `recover` once no update is in flight. For a driver thread that generates while the policy
+        trains (multi-turn rollouts, rlhf.trainers.agent), where a restart's weight push would race the update."""
+        self.rollout.memory.before_generate()
+        outputs = self.rollout.generate(prompt_token_ids, sampling, n, seed)
+        self.rollout.memory.after_generate()
+        return outputs
+
+    def recover(self, error: WorkerDiedError) -> None:
+        """After `generate_unsupervised` failed: restart the dead engines and push the policy's weights to all now
+        (call it with no update in flight); the caller generates its lost work again."""
+        if error.role != self.rollout.role:
+            raise error
+        self._restart_dead(error)
+        self.regenerated += 1
+        self._call(lambda: None, is_sync=False)  # re-forms the weight-sync group and pushes the weights
+
     def sync(self) -> dict[str, float]:
         """`sync_weights` into every engine, replacing engines found dead first."""
         return self._call(self._sync_live_engines, is_sync=True)

@@ -20,6 +20,7 @@ generates a request depends on how long the update takes, so async runs are not 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -27,6 +28,7 @@ import torch
 
 from rlhf.data.batch import RolloutBatch
 from rlhf.data.stream import PromptBatch
+from rlhf.trainers.agent import AgentJob
 from rlhf.workers.group import Pending, WorkerGroup, answered
 
 if TYPE_CHECKING:
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+THREAD_POLL_S = 0.05
+"""How often `pump` looks at multi-turn requests, which run in a driver thread rather than on Ray."""
 REQUESTS_IN_FLIGHT = 2
 """Requests on the engines at once: one generating and the next queued, so the engines never wait for the
 controller between requests; a weight sync waits behind them, so more would delay every sync."""
@@ -69,7 +73,7 @@ class Request:
     generated: Optional[GeneratedBatch] = None
 
     @property
-    def job(self) -> PendingGeneration:
+    def job(self) -> PendingGeneration | AgentJob:
         assert self.sent is not None
         return self.sent[-1]
 
@@ -122,24 +126,37 @@ class RolloutBuffer:
 
     def pump(self, calls: list[tuple[WorkerGroup, Pending]]) -> None:
         """Return once every call has answered (the caller's `wait` then returns at once), feeding the engines as
-        their requests finish. Gives up after the calls' longest call_timeout_s; the caller's wait then times out."""
+        their requests finish. Gives up after the calls' longest call_timeout_s; the caller's wait then times out.
+        Multi-turn requests run in a driver thread (AgentJob), which Ray cannot wait on: while one is in flight the
+        wait wakes every THREAD_POLL_S to look at it."""
         limits = [group.call_timeout_s for group, _ in calls]
         timeout = None if None in limits else max(limits, default=None)
+        deadline = None if timeout is None else time.monotonic() + timeout
         waiting = [pending for _, pending in calls]
         while waiting:
             self.feed()
             on_engines = [r for r in self.requests if r.sent is not None and not r.answered]
-            done = set(answered(waiting + [r.job.pending for r in on_engines], timeout=timeout))
-            if not done:
-                return
-            for i, request in enumerate(on_engines, start=len(waiting)):
+            threads = [r for r in on_engines if isinstance(r.job, AgentJob)]
+            remote = [r for r in on_engines if not isinstance(r.job, AgentJob)]
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            wait_s = min(THREAD_POLL_S, left if left is not None else THREAD_POLL_S) if threads else left
+            done = set(answered(waiting + [r.job.pending for r in remote], timeout=wait_s))
+            for request in threads:
+                if request.job.future.done():
+                    self._settle(request)
+            for i, request in enumerate(remote, start=len(waiting)):
                 if i in done:
                     self._settle(request)
             waiting = [pending for i, pending in enumerate(waiting) if i not in done]
+            if not done and deadline is not None and time.monotonic() >= deadline:
+                return
 
     def _settle(self, request: Request) -> None:
         """The engines answered `request`; a failure stops the sending until `take` handles it (a restart)."""
         request.answered = True
+        if isinstance(request.job, AgentJob):
+            self.broken = self.broken or request.job.future.exception() is not None
+            return
         try:
             self.trainer.engines.rollout.wait(request.job.pending, timeout=0)
         except Exception:  # noqa: BLE001 - `take` raises it or recovers (RolloutSupervisor.wait)
@@ -177,8 +194,11 @@ class RolloutBuffer:
         if not self.requests:
             return None
         on_engines = [r for r in self.requests if r.sent is not None and r.generated is None]
-        for i in answered([r.job.pending for r in on_engines], timeout=0):
-            self._collect(on_engines[i])
+        remote = [r for r in on_engines if not isinstance(r.job, AgentJob)]
+        done = [remote[i] for i in answered([r.job.pending for r in remote], timeout=0)]
+        done += [r for r in on_engines if isinstance(r.job, AgentJob) and r.job.future.done()]
+        for request in done:
+            self._collect(request)
         records = [
             {"step": r.step, "first_prompt": r.first_prompt, "prompts": r.prompts, "generated": r.generated}
             for r in self.requests
@@ -240,6 +260,8 @@ def merge_generated(step: int, parts: list[GeneratedBatch]) -> GeneratedBatch:
         "rollout/truncated_frac": (truncated * rows).sum() / rows.sum(),
         "rollout/requests": float(len(parts)),
     }
+    for key in [k for k in parts[0].stats if k.startswith("agent/")]:  # multi-turn: means over the trajectories
+        stats[key] = sum(float(part.stats[key]) * len(part.batch) for part in parts) / float(rows.sum())
     timed = [part for part in parts if part.started is not None]
     seconds = (
         max(part.started + part.seconds for part in timed) - min(part.started for part in timed)

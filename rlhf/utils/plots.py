@@ -30,6 +30,15 @@ FIGURES: dict[str, tuple[str, ...]] = {
     "entropy": ("policy/entropy",),
     "response_length": ("rollout/response_length", "rollout/response_length_max", "eval/response_length"),
     "loss": ("policy/loss", "critic/loss", "train/loss", "eval/loss"),
+    # multi-turn rollouts (agent.env): per trajectory, then the environment's rewards and share of the tokens
+    "agent_turns": (
+        "agent/turns_mean",
+        "agent/tool_calls",
+        "agent/tool_errors",
+        "agent/tool_timeouts",
+        "agent/env_errors",
+    ),  # fmt: skip
+    "agent_rewards": ("agent/reward_per_turn", "reward/env_mean", "agent/env_token_frac"),
 }
 """Figure name → the metrics it may show (every one the run logged is drawn)."""
 

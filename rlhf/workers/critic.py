@@ -67,7 +67,7 @@ class CriticWorker(RLTrainableWorker):
         skipped_before = engine.nonfinite.total
         stats = StepStats()
         for minibatch in self._minibatches(batch, algo.ppo_epochs):
-            tokens, seqs = self._global_counts(minibatch.response_mask)
+            tokens, seqs = self._global_counts(minibatch.effective_loss_mask)
             micros = self._micro_batches(minibatch)
             for i, (_, micro) in enumerate(micros):
                 rows = rows_of(micro)  # old values and returns in the [b, R] layout
@@ -75,7 +75,7 @@ class CriticWorker(RLTrainableWorker):
                     response_values(engine, micro),
                     rows.values,
                     rows.returns,
-                    rows.response_mask,
+                    rows.effective_loss_mask,  # multi-turn: the environment's tokens have no value target
                     clip_range=algo.value_clip,
                     agg=algo.loss_agg,
                     global_tokens=tokens,

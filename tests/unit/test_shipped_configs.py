@@ -66,6 +66,7 @@ def placeholders(model_dir: str, jsonl: str, parquet: str) -> dict[str, str]:
     return {
         "Qwen/Qwen2.5-0.5B-Instruct": model_dir,  # a Hub model: the tiny checkpoint stands in
         "/ckpts/sft": model_dir,
+        "runs/calc/final": model_dir,  # docs/agents.md: an agentic run's final model
         "/ckpt/sft": model_dir,
         "/shared/ckpt/sft": model_dir,
         "data/prompts.jsonl": jsonl,

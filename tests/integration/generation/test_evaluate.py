@@ -86,3 +86,28 @@ def test_win_rate_runs_the_pairwise_judge(ray_cluster, tmp_path):
     metrics = evaluate_model(cfg, "tiny")
     assert 0.0 <= metrics["eval/win_rate"] <= 1.0 and 0.0 <= metrics["eval/judge_consistent_frac"] <= 1.0
     assert "eval/reward_judge_mean" in metrics and "eval/pass@2" in metrics
+
+
+@pytest.mark.ray
+def test_eval_with_agent_env_scores_trajectories(ray_cluster, tmp_path):
+    """agent.env in stage=eval: every response is a trajectory with the environment at hand (as the RL stages train
+    it); TwoTurns answers each first turn and ends the second, so by construction every trajectory has two model
+    turns and the environment's rewards 0.25 + 0.5."""
+    agent = ["agent.env=tests.fixtures.two_turn_env:TwoTurns", "agent.max_turns=3"]
+    prompts = ["eval.data=tiny:eval", "eval.max_prompts=6", "eval.n_samples=2", "eval.k=[1,2]"]
+    metrics = evaluate_model(compose_config("eval", tmp_path, *agent, *prompts), "tiny")
+    assert metrics["eval/agent_turns_mean"] == 2.0 and metrics["eval/agent_tool_calls"] == 1.0
+    assert metrics["eval/agent_end_done_frac"] == 1.0
+    assert metrics["eval/reward_env_mean"] == pytest.approx(0.75)
+    assert 0.0 <= metrics["eval/accuracy"] <= 1.0 and metrics["eval/pass@1"] <= metrics["eval/pass@2"]
+    results = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
+    assert results["prompts"] == 6
+
+
+def test_eval_agent_env_errors(tmp_path):
+    with pytest.raises(ConfigError, match="eval.samples re-scores saved responses"):
+        run_eval(compose_config("eval", tmp_path, "agent.env=calculator", f"eval.samples={tmp_path}"))
+    with pytest.raises(ConfigError, match="agent.max_turns must be >= 1"):
+        run_eval(compose_config("eval", tmp_path, "agent.env=calculator", "agent.max_turns=0"))
+    with pytest.raises(ConfigError, match="stage=generate has no such rollout"):
+        run_generate(compose_config("generate", tmp_path, "agent.env=calculator"))

@@ -145,3 +145,74 @@ def test_turn_and_token_limits(merging_tokenizer):
     limits = AgentLimits(max_turns=3, max_tokens=3, step_timeout_s=5.0)
     (tokens,), _ = run(merging_tokenizer, [{"prompt": "y"}], {"y": ["a", "cccc"]}, limits=limits)
     assert tokens.end == "max_tokens" and len(tokens.response_ids) == 3 and tokens.loss_mask == [1, 0, 1]
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+"""A Qwen-style (ChatML) template with any role, tool included."""
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    """A ChatML tokenizer whose BPE has "\\na" as one token: the model's "a" sampled right after the template's
+    "assistant\\n" becomes "\\na" when the conversation's text is tokenized again."""
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="[UNK]"))
+    backend.decoder = decoders.Fuse()
+    specials = ["[UNK]", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=60, special_tokens=specials, initial_alphabet=list("abcdefilmnorstuxyz=!\n")
+    )
+    backend.train_from_iterator(["\na"] * 50 + ["user", "assistant", "tool", "c="], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="<|im_end|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    tokenizer.chat_template = CHATML
+    assert tokenizer.tokenize("\na") == ["\na"]
+    return tokenizer
+
+
+def test_the_chat_templates_tool_turn_is_read_off_the_template(chat_tokenizer):
+    from rlhf.data.tokenizer import tool_turn_template
+
+    assert tool_turn_template(chat_tokenizer) == "<|im_end|>\n<|im_start|>tool\n{observation}<|im_end|>\n<|im_start|>assistant\n"  # fmt: skip
+    chat_tokenizer.chat_template = CHATML.replace("{% for m in messages %}", "{% for m in messages if m['role'] != 'tool' %}")  # fmt: skip
+    try:
+        assert tool_turn_template(chat_tokenizer) is None  # a template that drops tool messages has no tool turn
+    finally:
+        chat_tokenizer.chat_template = CHATML
+
+
+def test_no_tool_turn_without_a_tool_role():
+    from rlhf.data.tokenizer import tool_turn_template, train_tiny_tokenizer
+
+    tokenizer = train_tiny_tokenizer(["3+4=7", "reverse abc"])
+    assert tool_turn_template(tokenizer) is None  # the tiny template raises on any role but system/user/assistant
+    tokenizer.chat_template = None
+    assert tool_turn_template(tokenizer) is None
+
+
+def test_chat_tool_turns_are_appended_as_ids_and_close_the_model_turn_once(chat_tokenizer):
+    """Turn 1 stops on its stop string (the tool turn closes it), turn 2 ends on <|im_end|> itself (not written
+    twice), turn 3 ends the trajectory; the trained ids are the sampled ids plus the rendered tool turns, which a
+    re-tokenized conversation would not give back."""
+    from rlhf.data.tokenizer import tool_turn_template
+
+    tok = chat_tokenizer
+    encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompt = encode(tok.apply_chat_template([{"role": "user", "content": "c="}], add_generation_prompt=True, tokenize=False))  # fmt: skip
+    end, a, c, bang = tok.convert_tokens_to_ids(["<|im_end|>", "a", "c", "!"])
+    policy = Scripted({prompt[0]: [[a], [a, end], [c, bang, end]]})
+    renderer = ObservationRenderer(encode, tool_turn_template(tok), special_ids=tok.all_special_ids)
+    (trajectory,) = run_trajectories(
+        [{"prompt": "c="}], [prompt], 1, generate=policy, make_env=lambda: Echo("b"), render=renderer,
+        decode=tok.decode, limits=LIMITS, seed=0,
+    )  # fmt: skip
+    tool_turn = encode("<|im_end|>\n<|im_start|>tool\nb<|im_end|>\n<|im_start|>assistant\n")
+    assert tool_turn[0] == end
+    assert trajectory.response_ids == [a, *tool_turn, a, end, *tool_turn[1:], c, bang, end]
+    assert trajectory.loss_mask == [1] + [0] * len(tool_turn) + [1, 1] + [0] * (len(tool_turn) - 1) + [1, 1, 1]
+    text = tok.decode(trajectory.prompt_ids + trajectory.response_ids)
+    assert encode(text) != trajectory.prompt_ids + trajectory.response_ids  # "assistant\n" + "a" re-tokenizes as "\na"

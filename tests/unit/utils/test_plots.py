@@ -44,6 +44,12 @@ def test_offline_run_gets_only_the_figures_it_has_metrics_for(tmp_path):
     assert [p.name for p in plot_run(tmp_path)] == ["loss.png"]
 
 
+def test_agentic_run_gets_turn_and_environment_reward_plots(tmp_path):
+    keys = ("agent/turns_mean", "agent/tool_calls", "agent/reward_per_turn", "reward/env_mean", "agent/env_token_frac")
+    write_metrics(tmp_path, [{"step": s, **{k: 0.1 * s for k in keys}} for s in range(1, 4)])
+    assert sorted(p.name for p in plot_run(tmp_path)) == ["agent_rewards.png", "agent_turns.png"]
+
+
 def test_sweep_plot_skips_runs_without_metrics(tmp_path):
     write_metrics(tmp_path / "0", [{"step": 1, "reward/mean": 0.1}, {"step": 2, "reward/mean": 0.3}])
     (tmp_path / "1").mkdir()
