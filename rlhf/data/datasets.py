@@ -38,7 +38,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-TINY_OFFLINE_KINDS = ("pretrain", "sft", "preference", "preference_hard", "kto", "carry_sft", "carry_cot", "cot")
+TINY_OFFLINE_KINDS = (
+    "pretrain", "sft", "preference", "preference_hard", "kto", "carry_sft", "carry_cot", "cot", "tool_sft", "tool_plain",
+)  # fmt: skip
+"""tool_sft / tool_plain: the tool world's demonstrations with and without calculator calls (tiny_world.tool_file)."""
 TINY_KIND_OF_FORMAT = {
     "text": "pretrain",
     "instruction": "sft",

@@ -32,6 +32,8 @@ TINY_SOURCES = ("tiny", "tiny:train", "tiny:eval")
 `load_prompt_dataset`), e.g. "tiny:train:copy+reverse+add_1d+sub_1d"."""
 TINY_CARRY_SOURCES = {"tiny:carry:train": "train", "tiny:carry:eval": "eval"}
 """The carry world's prompts (rlhf.data.tiny_world: the add_2d grid split, 720 train / 180 held out)."""
+TINY_TOOL_SOURCES = {"tiny:tool:train": "train", "tiny:tool:eval": "eval"}
+"""The tool world's prompts (rlhf.data.tiny_world.tool_file: 3-digit × 2-digit products, 1000 train / 200 held out)."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,10 @@ def load_prompt_dataset(
         from rlhf.data.tiny_world import tiny_world_dir
 
         source = tiny_world_dir().data("carry", TINY_CARRY_SOURCES[str(source)])
+    elif str(source) in TINY_TOOL_SOURCES:
+        from rlhf.data.tiny_world import tool_file
+
+        source = tool_file("rl", TINY_TOOL_SOURCES[str(source)])
     elif str(source).startswith("tiny:"):
         return _tiny_task_subset(str(source), prompt_key, answer_key)
     examples = [_prompt_example(r, prompt_key, answer_key) for r in read_records(source, split=split)]
@@ -94,7 +100,7 @@ def _tiny_task_subset(source: str, prompt_key: str, answer_key: str | None) -> l
     known = [t.name for t in TASKS]
     if len(parts) != 3 or parts[1] not in ("train", "eval") or not parts[2]:
         raise ConfigError(
-            f"unknown tiny prompt source {source!r}; use one of {', '.join((*TINY_SOURCES, *TINY_CARRY_SOURCES))} or "
+            f"unknown tiny prompt source {source!r}; use one of {', '.join((*TINY_SOURCES, *TINY_CARRY_SOURCES, *TINY_TOOL_SOURCES))} or "
             f"'tiny:<train|eval>:<task>+<task>...' with tasks from {', '.join(known)}"
         )
     tasks = parts[2].split("+")

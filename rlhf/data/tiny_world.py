@@ -602,9 +602,12 @@ def materialize_tiny_world(out_dir: str | Path, *, seed: int = 0) -> TinyWorldPa
 
 
 def tiny_data_file(kind: str, split: str = "train", *, seed: int = 0) -> Path:
-    """The jsonl file of a tiny-world data kind (DATA_KINDS, or "cot"), built if needed."""
+    """The jsonl file of a tiny-world data kind (DATA_KINDS, "cot", or the tool world's "tool_sft" and "tool_plain"),
+    built if needed."""
     if kind == "cot":
         return cot_file(split, seed=seed)
+    if kind in ("tool_sft", "tool_plain"):
+        return tool_file("sft_tool" if kind == "tool_sft" else "sft_plain", split, seed=seed)
     return tiny_world_dir(seed).data(kind, split)
 
 

@@ -108,6 +108,8 @@ class AgentJob:
     n: int
     seed: int | None
     eval_mode: bool
+    restarts: int
+    """RolloutSupervisor.restarts when it started."""
 
 
 class AgentRollout:
@@ -151,7 +153,7 @@ class AgentRollout:
         future = self.thread.submit(
             self.generate, prompts, n, engines.generate_unsupervised, seed=seed, version=version, eval_mode=eval_mode
         )
-        return AgentJob(future, prompts, n, seed, eval_mode)
+        return AgentJob(future, prompts, n, seed, eval_mode, engines.restarts)
 
     def finish(self, job: AgentJob, engines: RolloutSupervisor) -> tuple[RolloutBatch, dict[str, Any]]:
         """The job's batch and stats. Call it with no update in flight: if an engine died, it is restarted with the
@@ -159,7 +161,7 @@ class AgentRollout:
         try:
             return job.future.result()
         except WorkerDiedError as error:
-            engines.recover(error)
+            engines.recover(error, job.restarts)
         logger.warning(
             "an engine died during a multi-turn rollout; its %d prompts are generated again", len(job.prompts.token_ids)
         )

@@ -351,12 +351,15 @@ class RolloutSupervisor:
         self.rollout.memory.after_generate()
         return outputs
 
-    def recover(self, error: WorkerDiedError) -> None:
+    def recover(self, error: WorkerDiedError, restarts_then: int) -> None:
         """After `generate_unsupervised` failed: restart the dead engines and push the policy's weights to all now
-        (call it with no update in flight); the caller generates its lost work again."""
+        (call it with no update in flight); the caller generates its lost work again. `restarts_then`: `restarts`
+        when the failed work was sent; a restart since then already replaced the engine (for other work lost with
+        it)."""
         if error.role != self.rollout.role:
             raise error
-        self._restart_dead(error)
+        if restarts_then == self.restarts:
+            self._restart_dead(error)
         self.regenerated += 1
         self._call(lambda: None, is_sync=False)  # re-forms the weight-sync group and pushes the weights
 

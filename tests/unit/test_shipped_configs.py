@@ -67,6 +67,8 @@ def placeholders(model_dir: str, jsonl: str, parquet: str) -> dict[str, str]:
         "Qwen/Qwen2.5-0.5B-Instruct": model_dir,  # a Hub model: the tiny checkpoint stands in
         "/ckpts/sft": model_dir,
         "runs/calc/final": model_dir,  # docs/agents.md: an agentic run's final model
+        "runs/tool-sft/final": model_dir,  # docs/agents.md's worked example: the SFT warm-up, then GRPO
+        "runs/tool-grpo/final": model_dir,
         "/ckpt/sft": model_dir,
         "/shared/ckpt/sft": model_dir,
         "data/prompts.jsonl": jsonl,

@@ -13,6 +13,7 @@ from rlhf.trainers.prepare import prepare
 from rlhf.trainers.rl import RLTrainer
 from rlhf.utils.metrics import read_metrics
 from tests.integration.async_rl.conftest import Recorder, compose_config, fit, step_metrics
+from tests.integration.async_rl.test_async import run_async
 
 pytestmark = [pytest.mark.ray]
 
@@ -120,6 +121,20 @@ def test_async_runs_trajectories_ahead_within_the_bound_and_resumes_every_prompt
         assert rows[step]["rollout/requests"] in (1.0, 2.0)  # a resumed step may have had one request answered
         assert rows[step]["agent/turns_mean"] == 2.0 and rows[step]["agent/end_done_frac"] == 1.0
         assert rows[step]["reward/env_mean"] == pytest.approx(0.75)
+
+
+def test_async_engine_killed_with_trajectories_in_flight_is_restarted_once_and_they_run_again(ray_cluster, tmp_path):
+    """The engine dies as the first update starts, with trajectory requests running or queued in the driver's
+    thread: each request fails, the first failure restarts the engine (once no update is in flight), the others
+    find it replaced and only run again; every prompt trains once, every trajectory whole."""
+    agent = (*AGENT, "run.total_steps=4", "run.max_staleness=2", "rollout.max_restarts=1")
+    run = run_async(tmp_path, *agent, kill_engine_at=0)
+    rows = step_metrics(tmp_path)
+    assert [rows[s]["faults/rollout_restarts"] for s in (1, 2, 3, 4)] == [1.0] * 4
+    trained = [p for step in run.trained for p in step]
+    assert len(set(trained)) == len(trained) == 8
+    assert all(0 <= version - tag <= 2 for version, tags in run.tags for tag in tags)
+    assert all(rows[s]["agent/turns_mean"] == 2.0 for s in (1, 2, 3, 4))
 
 
 def test_dynamic_sampling_draws_more_trajectories_for_uninformative_groups(ray_cluster, tmp_path):

@@ -55,3 +55,16 @@ def test_tool_files_are_written_once(monkeypatch, tmp_path):
     assert tool_file("rl", "eval") == path
     with pytest.raises(DataError, match="kinds: sft_tool, sft_plain, rl"):
         tool_file("sft", "train")
+
+
+def test_tool_world_names_for_the_command_line():
+    """data.train=tiny:tool_sft:train / tiny:tool_plain:train (SFT) and tiny:tool:<split> (RL prompts)."""
+    from rlhf.data.datasets import load_records
+    from rlhf.data.prompts import load_prompt_dataset
+
+    demos = [r.fields for r in load_records("tiny:tool_sft:train")]
+    plain = [r.fields for r in load_records("tiny:tool_plain:eval")]
+    assert len(demos) == TOOL_TRAIN and any("<calc>" in r["response"] for r in demos)
+    assert len(plain) == TOOL_EVAL and not any("<calc>" in r["response"] for r in plain)
+    prompts = load_prompt_dataset("tiny:tool:eval", prompt_key="prompt", answer_key="answer")
+    assert len(prompts) == TOOL_EVAL and prompts[0].metadata["task"] == tiny_world.TOOL_TASK
