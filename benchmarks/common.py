@@ -167,6 +167,15 @@ def finish(name: str, payload: dict[str, Any], markdown: str, args: argparse.Nam
     return path
 
 
+def rerender(name: str, args: argparse.Namespace, render: Callable[[dict[str, Any]], str]) -> bool:
+    """--render: rewrite the README section from results/<name>.json (no rerun); True when it did."""
+    if not getattr(args, "render", False):
+        return False
+    payload = json.loads(((args.out or RESULTS_DIR) / f"{name}.json").read_text())
+    finish(name, payload, render(payload), args)
+    return True
+
+
 @contextmanager
 def ray_cluster(num_cpus: int = 8):
     """A local Ray cluster with the CPU-mode env for every actor (logical CPUs so all roles fit)."""

@@ -33,13 +33,21 @@ results/learning_reward.png.
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import RESULTS_DIR, Stopwatch, compose, finish, machine_info, parse_args, ray_cluster
+from benchmarks.common import (
+    RESULTS_DIR,
+    Stopwatch,
+    compose,
+    finish,
+    machine_info,
+    parse_args,
+    ray_cluster,
+    rerender,
+)
 
 logger = logging.getLogger("benchmarks.learning")
 
@@ -432,9 +440,7 @@ def main() -> None:
         parser.add_argument("--render", action="store_true", help="only rewrite the README section from the JSON")
 
     args = parse_args(__doc__.splitlines()[0], options)
-    if args.render:
-        payload = json.loads(((args.out or RESULTS_DIR) / f"{NAME}.json").read_text())
-        finish(NAME, payload, render(payload), args)
+    if rerender(NAME, args, render):
         return
     args.algorithms = ["grpo", "grpo:one_step_off", "grpo:async"] if args.quick else args.algorithms.split(",")
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
