@@ -20,7 +20,7 @@ logger = logging.getLogger("benchmarks.run_all")
 
 SCRIPTS = (
     "weight_sync", "memory", "rl_step", "async_rl", "packing", "rollout_backends", "learning", "agentic", "recipes",
-    "trl_compare",
+    "trl_compare", "compute_ceiling",
 )  # fmt: skip
 
 

@@ -238,7 +238,7 @@ def sample_and_score(cfg: RLHFConfig, engines: SampleEngines, prompts: PromptSet
     for start in range(0, len(prompts), CHUNK):
         end = min(start + CHUNK, len(prompts))
         batch, _, truncated, extra = sample(prompts, start, end, e.n_samples, False)
-        scores, stats = engines.rewards.score(batch) if engines.rewards is not None else (None, {})
+        _, stats = engines.rewards.score(batch) if engines.rewards is not None else (None, {})
         rows = len(batch)
         tally.rows += rows
         for key, value in {**reward_means(stats), **extra}.items():

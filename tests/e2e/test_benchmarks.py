@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = [
     "weight_sync", "memory", "rl_step", "packing", "rollout_backends", "learning", "recipes", "trl_compare", "soak", "gpu_check",
-    "async_rl", "agentic",
+    "async_rl", "agentic", "compute_ceiling",
 ]  # fmt: skip
 EXTRA_ARGS = {"gpu_check": ["--device", "cpu"]}  # the GPU check's own path on the CPU debug cluster
 
