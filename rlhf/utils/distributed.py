@@ -21,7 +21,7 @@ from pathlib import Path
 
 DEVICES = ("cpu", "cuda")
 MMAP_THRESHOLD_BYTES = 1 << 20
-"""CPU workers: glibc's MALLOC_MMAP_THRESHOLD_ (see `process_env`)."""
+"""CPU ranks of a ZeRO-3 trained group: glibc's mmap threshold (`set_mmap_threshold`)."""
 ZERO3_INFERENCE_MMAP_THRESHOLD_BYTES = 256 << 10
 """CPU ranks of a ZeRO-3 inference group (reference, reward model): see `set_mmap_threshold`."""
 M_MMAP_THRESHOLD = -3
@@ -208,11 +208,8 @@ def process_env(*, device: str, threads: int) -> dict[str, str]:
 
     OMP/MKL thread counts stop ranks sharing a node from oversubscribing its cores (10-100x
     slower steps on CPU otherwise); DS_ACCELERATOR picks DeepSpeed's CPU path (gloo) or CUDA.
-    On CPU, where the tensors live in host memory, glibc gives every allocation of 1 MiB or more
-    its own mapping, returned to the system when freed: with its adaptive default, the buffers
-    that ZeRO-3 gathers and frees a module at a time stay in a fragmented heap, and a rank's
-    resident memory creeps towards the whole model it partitions (benchmarks/memory.py). ZeRO-3
-    inference ranks go lower (`set_mmap_threshold`).
+    glibc's malloc keeps its adaptive default here: ZeRO-3 ranks on CPU lower its mmap threshold
+    themselves (`set_mmap_threshold`), since every mapping costs page faults when touched.
     """
     return {
         "PATH": interpreter_bin_first(),
@@ -221,7 +218,6 @@ def process_env(*, device: str, threads: int) -> dict[str, str]:
         "DS_ACCELERATOR": "cpu" if device == "cpu" else "cuda",
         "TORCH_EXTENSIONS_DIR": torch_extensions_dir(),
         "TOKENIZERS_PARALLELISM": "false",
-        **({"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BYTES)} if device == "cpu" else {}),
     }
 
 
@@ -241,12 +237,16 @@ def set_mmap_threshold(nbytes: int) -> bool:
     """From now on, glibc maps every allocation of `nbytes` or more on its own and unmaps it when freed
     (mallopt M_MMAP_THRESHOLD); False where the C library has no mallopt (not glibc).
 
-    A ZeRO-3 inference rank on CPU calls it with 256 KiB before it loads its partition: at the workers'
-    1 MiB, the activations and half-megabyte partitions of each module's pass left 80 MiB of free heap
-    per rank of a 2-rank 294M reference group (peak - baseline 734 -> 666 MiB, benchmarks/memory.py;
-    its forward passes as fast). Not for every worker: each mapping costs page faults when it is touched,
-    and a process that trains tiny models allocates many such tensors (the SFT -> DPO recipe test took
-    110 s against 98 s with every worker at 256 KiB, mean of four alternated runs).
+    ZeRO-3 ranks on CPU call it before they load their partition: with glibc's adaptive default the
+    buffers that ZeRO-3 gathers and frees a module at a time stay in a fragmented heap, and a rank's
+    resident memory creeps towards the whole model it partitions (benchmarks/memory.py). Trained ranks
+    use 1 MiB (MMAP_THRESHOLD_BYTES); inference ranks 256 KiB: at 1 MiB the activations and half-megabyte
+    partitions of each module's pass left 80 MiB of free heap per rank of a 2-rank 294M reference group
+    (peak - baseline 734 -> 666 MiB; its forward passes as fast).
+    Not for every worker: each mapping costs page faults when it is touched. Every CPU worker had 1 MiB
+    until 2026-12-07: the ~25M policy's update (64 sequences × 74 tokens, one thread, the same TrainEngine
+    and loss in one process) took 14.7-15.5 s at 1 MiB against 11.0-11.5 s with the default; at 256 KiB
+    the SFT -> DPO recipe test took 110 s against 98 s.
     """
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

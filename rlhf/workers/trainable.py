@@ -46,7 +46,7 @@ from rlhf.engines.train_engine import TrainEngine, deepspeed_config, gradient_ac
 from rlhf.errors import CheckpointError, ConfigError, DataError
 from rlhf.models.peft_utils import apply_peft
 from rlhf.models.zero3 import parameter_counts
-from rlhf.utils.distributed import torch_backend
+from rlhf.utils.distributed import MMAP_THRESHOLD_BYTES, set_mmap_threshold, torch_backend
 from rlhf.utils.seeding import seed_everything
 from rlhf.workers.group import Worker, dispatch
 
@@ -112,6 +112,8 @@ class TrainableWorker(Worker):
         """
         if self.train_cfg.zero_stage != 3:
             return None
+        if self.cluster_cfg.device == "cpu":
+            set_mmap_threshold(MMAP_THRESHOLD_BYTES)  # gathered buffers go back to the system when freed
         return deepspeed_config(
             self.train_cfg, dp=self.world_size, bf16=self.dtype == torch.bfloat16, device=self.cluster_cfg.device
         )
