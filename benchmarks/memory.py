@@ -294,8 +294,8 @@ Reference: a frozen model on 2 ranks at best halves the model's part, and the li
 sides, so whole-process peaks cannot go below about (0.5 + 0.55) / (0.5 + 1.1) GiB ≈ 0.66 on 2 ranks; it is judged on
 peak − baseline, what the model costs a rank. A rank holds its partition, a 64th of the model gathered at a time
 (`zero3_gather_limits`), and one 32 MiB bucket while the checkpoint streams in. Its ranks hand every allocation of
-256 KiB or more back to the system when it is freed (`rlhf.utils.distributed.set_mmap_threshold`; other CPU workers
-1 MiB): at 1 MiB, the activations and half-megabyte partitions of each module's pass left a fragmented heap, 80 MiB
+256 KiB or more back to the system when it is freed (`rlhf.utils.distributed.set_mmap_threshold`; ZeRO-3 trained ranks
+1 MiB; every other CPU worker also had 1 MiB when these numbers were taken, glibc's default since 2026-12-07): at 1 MiB, the activations and half-megabyte partitions of each module's pass left a fragmented heap, 80 MiB
 above the live memory per rank (peak − baseline 0.64 then). The whole-model reference's start-up peak is low because
 its weights stay memory-mapped from the safetensors file until the first forward reads them; its step peak holds them.
 Raw: `results/{NAME}.json`.
