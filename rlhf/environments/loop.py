@@ -175,7 +175,7 @@ class _Loop:
 
     def _observe(self, trajectory: Trajectory, observation: str) -> bool:
         """Append the observation's ids; True if the trajectory waits for the model now."""
-        trajectory.add_observation(self.render(observation, (trajectory.context() or [None])[-1]))
+        trajectory.add_observation(self.render(observation, trajectory.last_token))
         if trajectory.truncate(self.limits.max_tokens) or len(trajectory.response_ids) >= self.limits.max_tokens:
             trajectory.end = "max_tokens"
             return False

@@ -51,6 +51,11 @@ class Trajectory:
         """The ids the next model turn continues: the prompt and every turn so far, as sampled and rendered."""
         return self.prompt_ids + self.response_ids
 
+    @property
+    def last_token(self) -> int | None:
+        """The context's last id (what an observation is appended after), without building the context."""
+        return (self.response_ids or self.prompt_ids or [None])[-1]
+
     def add_model_turn(self, token_ids: list[int], logprobs: list[float]) -> None:
         if len(token_ids) != len(logprobs):
             raise ValueError(f"a model turn of {len(token_ids)} tokens came with {len(logprobs)} logprobs")

@@ -85,9 +85,7 @@ def observation_template(cfg: RLHFConfig, tokenizer: Any) -> str:
             "place of the output (in a YAML config, where a double-quoted \\n is a newline), or to '{observation}' "
             "for the bare text"
         )
-    template = chat or "{observation}"
-    logger.info("agent.observation_template=%s: observations are written as %r", mode, template)
-    return template
+    return chat or "{observation}"
 
 
 def dry_reset(cfg: RLHFConfig, tokenizer: Any, metadata: dict[str, Any], prompt_text: str, source: str) -> None:
@@ -138,9 +136,13 @@ class AgentRollout:
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agent-rollout")
         """Runs the trajectory loops (`start`), one job at a time."""
         self.tokenizer = tokenizer
+        template = observation_template(cfg, tokenizer)
+        logger.info(
+            "agent.observation_template=%s: observations are written as %r", agent.observation_template, template
+        )
         self.render = ObservationRenderer(
             lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
-            observation_template(cfg, tokenizer),
+            template,
             special_ids=tokenizer.all_special_ids,
         )
 
